@@ -1,0 +1,41 @@
+"""Per-sequence state: a KV cache for attention layers, a conv state for conv layers."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+
+class KVCache:
+    """Keys and values of one attention layer, preallocated for n_ctx positions."""
+
+    def __init__(self, n_ctx: int, n_kv_heads: int, head_dim: int):
+        self.keys = np.zeros((n_ctx, n_kv_heads, head_dim), dtype=np.float32)  # [n_ctx, n_kv, d]
+        self.values = np.zeros((n_ctx, n_kv_heads, head_dim), dtype=np.float32)
+
+    def append(self, start: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store k, v [T, n_kv, d] at positions start.. and return all keys and values so far."""
+        end = start + k.shape[0]
+        self.keys[start:end] = k
+        self.values[start:end] = v
+        return self.keys[:end], self.values[:end]
+
+
+class ConvState:
+    """The last L-1 gated inputs (B*x) of one short-conv layer."""
+
+    def __init__(self, kernel_size: int, hidden: int):
+        self.window = np.zeros((kernel_size - 1, hidden), dtype=np.float32)  # [L-1, H]
+
+
+class Cache:
+    """Everything one sequence needs to continue: per-layer state and its length."""
+
+    def __init__(self, layers: list[KVCache | ConvState], n_ctx: int):
+        self.layers = layers
+        self.n_ctx = n_ctx
+        self.pos = 0  # tokens consumed so far
+
+    def copy(self) -> Cache:
+        return copy.deepcopy(self)

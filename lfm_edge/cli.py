@@ -1,0 +1,58 @@
+"""The `lfm-edge` command: `lfm-edge <subcommand> ...` or `python -m lfm_edge ...`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import LfmEdgeError
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "info": ("lfm_edge.commands.info", "describe a GGUF model file"),
+    "quantize": ("lfm_edge.quantize", "convert a Hugging Face checkpoint to GGUF"),
+}
+
+
+def version_string() -> str:
+    try:
+        from . import native
+
+        isa = native.isa()
+    except LfmEdgeError as e:
+        isa = f"unavailable ({e})"
+    return f"lfm-edge {__version__} (kernels: {isa})"
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(prog="lfm-edge", description="Run Liquid AI LFM2 models on the CPU.")
+    parser.add_argument("--version", action="version", version=version_string())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.configure_parser(sub.add_parser(name, help=help_text, description=help_text))
+        modules[name] = module
+    return parser, modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser, modules = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return modules[args.command].main(args) or 0
+    except LfmEdgeError as e:
+        print(f"lfm-edge: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lfm-edge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

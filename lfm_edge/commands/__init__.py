@@ -1,0 +1,1 @@
+"""`lfm-edge` subcommands: each module has configure_parser() and main()."""

@@ -1,0 +1,33 @@
+"""`lfm-edge info FILE`: what a GGUF model file holds, checked as a load would."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+from ..gguf_file import GGUFFile
+from ..models import build_model
+from ..tokenizer import GGUFTokenizer
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a .gguf file")
+
+
+def main(args: argparse.Namespace) -> int:
+    f = GGUFFile(args.model)
+    model = build_model(f)
+    tok = GGUFTokenizer(f)
+    a = model.args
+    kinds = Counter(t.qtype.name for t in f.tensors.values())
+    layers = "".join("A" if a.is_attention(i) else "c" for i in range(a.n_layer))
+    print(f"file:        {f.path}")
+    print(f"arch:        {a.arch}  ({a.n_layer} layers: {layers}; A = attention, c = short conv)")
+    print(f"hidden:      {a.hidden}, heads {a.n_head}, head_dim {a.head_dim}, ffn {a.ffn_dim}")
+    if hasattr(a, "n_expert"):
+        print(f"experts:     {a.n_expert} (top {a.n_expert_used}), width {a.expert_ffn_dim}, "
+              f"dense layers {a.n_dense_layers}")
+    print(f"vocab:       {tok.n_vocab}, bos {tok.bos_id}, eos {tok.eos_id}")
+    print(f"context:     {a.n_ctx_train}, rope base {a.rope_base:g}")
+    print(f"tensors:     {len(f.tensors)} ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})")
+    return 0

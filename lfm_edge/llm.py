@@ -1,0 +1,192 @@
+"""The Python API: load a model, tokenize, compute logits, generate, chat.
+
+The generation loop is written in named steps (`prefill`, `decode_one_token`,
+`decode_tokens`); `generate` and `chat` turn the token stream into text.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import native
+from .cache import Cache
+from .chat_template import ChatTemplate
+from .errors import LfmEdgeError
+from .gguf_file import GGUFFile
+from .models import build_model
+from .sampling import Sampler, SamplingParams
+from .tokenizer import GGUFTokenizer
+
+
+class LLM:
+    """A loaded model with its tokenizer and chat template."""
+
+    def __init__(self, path: str | os.PathLike[str], n_threads: int | None = None, n_ctx: int = 4096):
+        if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
+            raise LfmEdgeError(f"n_threads must be a positive integer, got {n_threads!r}")
+        if not isinstance(n_ctx, int) or n_ctx < 1:
+            raise LfmEdgeError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+        self.file = GGUFFile(path)
+        self.model = build_model(self.file)
+        self.args = self.model.args
+        self.tokenizer = GGUFTokenizer(self.file)
+        if self.tokenizer.n_vocab != self.args.n_vocab:
+            raise self.file.error(
+                f"the tokenizer has {self.tokenizer.n_vocab} tokens but the model's vocabulary is {self.args.n_vocab}"
+            )
+        if n_ctx > self.args.n_ctx_train:
+            raise LfmEdgeError(f"n_ctx = {n_ctx} is more than the {self.args.n_ctx_train} tokens the model was trained for")
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or os.cpu_count() or 1
+        source = self.file.metadata.get("tokenizer.chat_template")
+        tok = self.tokenizer
+        self.chat_template = (
+            ChatTemplate(
+                source,
+                bos_token=tok.decode([tok.bos_id]) if tok.bos_id is not None else "",
+                eos_token=tok.decode([tok.eos_id]) if tok.eos_id is not None else "",
+            )
+            if isinstance(source, str)
+            else None
+        )
+
+    # -- text <-> tokens ---------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def _check_ids(self, ids: Sequence[int]) -> np.ndarray:
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.ndim != 1 or arr.size == 0:
+            raise LfmEdgeError("expected a non-empty list of token ids")
+        bad = arr[(arr < 0) | (arr >= self.args.n_vocab)]
+        if bad.size:
+            raise LfmEdgeError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.args.n_vocab - 1})")
+        if arr.size > self.n_ctx:
+            raise LfmEdgeError(f"the prompt is {arr.size} tokens but the context holds {self.n_ctx} (raise n_ctx)")
+        return arr.astype(np.int32)
+
+    # -- the model ---------------------------------------------------------------
+    def new_cache(self) -> Cache:
+        return self.model.make_cache(self.n_ctx)
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits [len(ids), n_vocab] of every position, from a fresh state."""
+        return self.model(self._check_ids(ids), self.new_cache())
+
+    def prefill(self, ids: Sequence[int], cache: Cache) -> np.ndarray:
+        """Consume the prompt in one call; the logits [V] of its last token."""
+        arr = self._check_ids(ids)
+        if cache.pos + arr.size > cache.n_ctx:
+            raise LfmEdgeError(f"the prompt does not fit: {cache.pos + arr.size} tokens for a context of {cache.n_ctx}")
+        return self.model(arr, cache, all_logits=False)[0]
+
+    def decode_one_token(self, token: int, cache: Cache) -> np.ndarray:
+        return self.model(np.array([token], dtype=np.int32), cache, all_logits=False)[0]
+
+    def decode_tokens(
+        self, prompt: Sequence[int], max_tokens: int, sampler: Sampler, cache: Cache | None = None
+    ) -> Iterator[int]:
+        """Sampled tokens after `prompt`, until an end-of-generation token, max_tokens or a full context."""
+        cache = cache if cache is not None else self.new_cache()
+        history = list(prompt)
+        logits = self.prefill(prompt, cache)
+        for _ in range(max_tokens):
+            token = sampler(logits, history)
+            if token in self.tokenizer.eog_ids:
+                return
+            yield token
+            history.append(token)
+            if cache.pos >= cache.n_ctx:
+                return
+            logits = self.decode_one_token(token, cache)
+
+    # -- text generation -------------------------------------------------------
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int = 256,
+        stop: Sequence[str] | None = None,
+        **sampling: Any,
+    ) -> Iterator[str]:
+        """Text pieces continuing `prompt` (text or token ids); stops at any `stop` string."""
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        sampler = Sampler(make_sampling_params(sampling))
+        if not isinstance(max_tokens, int) or max_tokens < 0:
+            raise LfmEdgeError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
+        self._check_ids(ids)
+        pieces = self.tokenizer.stream(self.decode_tokens(ids, max_tokens, sampler))
+        return stop_at(pieces, list(stop or []))
+
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> str:
+        if self.chat_template is None:
+            raise LfmEdgeError(f"{self.file.path}: the model file has no chat template (tokenizer.chat_template)")
+        return self.chat_template.render(messages, tools=tools, add_generation_prompt=True)
+
+    def chat_tokens(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
+        text = self.render_chat(messages, tools)
+        tok = self.tokenizer
+        bos = tok.decode([tok.bos_id]) if tok.bos_id is not None else None
+        # the template writes the BOS token itself; do not add a second one
+        return self.tokenize(text, add_special=not (bos and text.startswith(bos)))
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict] | None = None,
+        stream: bool = True,
+        max_tokens: int = 1024,
+        stop: Sequence[str] | None = None,
+        **sampling: Any,
+    ) -> Iterator[str] | str:
+        """The assistant's reply to `messages`: text pieces, or the whole text with stream=False."""
+        pieces = self.generate(self.chat_tokens(messages, tools), max_tokens=max_tokens, stop=stop, **sampling)
+        return pieces if stream else "".join(pieces)
+
+
+def make_sampling_params(options: dict[str, Any]) -> SamplingParams:
+    unknown = set(options) - SamplingParams.names()
+    if unknown:
+        raise LfmEdgeError(f"unknown sampling option {sorted(unknown)[0]!r}; options: {', '.join(sorted(SamplingParams.names()))}")
+    return SamplingParams(**options)
+
+
+def stop_at(pieces: Iterator[str], stop: list[str]) -> Iterator[str]:
+    """Pass text through until one of the `stop` strings appears; the stop string is not emitted.
+
+    Text that could be the start of a stop string is held back until it is
+    known not to be.
+    """
+    if not stop:
+        yield from pieces
+        return
+    held = ""
+    longest = max(len(s) for s in stop)
+    for piece in pieces:
+        held += piece
+        hits = [i for i in (held.find(s) for s in stop) if i >= 0]
+        if hits:
+            if min(hits):
+                yield held[: min(hits)]
+            return
+        # keep the tail that might still grow into a stop string
+        keep = next((k for k in range(min(longest - 1, len(held)), 0, -1) if any(s.startswith(held[-k:]) for s in stop)), 0)
+        if len(held) > keep:
+            yield held[: len(held) - keep]
+            held = held[len(held) - keep :]
+    if held:
+        yield held
+
+
+def load(path: str | os.PathLike[str], n_threads: int | None = None, n_ctx: int = 4096) -> LLM:
+    """Open a GGUF model file for inference."""
+    return LLM(path, n_threads=n_threads, n_ctx=n_ctx)
+
+
+__all__ = ["LLM", "load", "native"]

@@ -1,0 +1,21 @@
+"""The architectures lfm-edge runs, keyed by their GGUF `general.architecture`."""
+
+from __future__ import annotations
+
+from ..gguf_file import GGUFFile
+from . import lfm2, lfm2_moe
+
+ARCHITECTURES = {
+    "lfm2": lfm2,
+    "lfm2moe": lfm2_moe,
+}
+
+
+def build_model(f: GGUFFile) -> lfm2.Model:
+    """The model a GGUF file describes, its tensors checked against its metadata."""
+    module = ARCHITECTURES.get(f.arch)
+    if module is None:
+        names = ", ".join(sorted(ARCHITECTURES))
+        raise f.error(f"architecture '{f.arch}' is not supported (lfm-edge runs: {names})")
+    args = module.ModelArgs.from_gguf(f)
+    return module.Model(args, lfm2.Weights(f))

@@ -1,0 +1,193 @@
+"""LFM2 (dense): gated short-conv and GQA attention layers, SwiGLU FFN.
+
+Reads like transformers' `modeling_lfm2.py`; tensor and metadata names are
+llama.cpp's (`lfm2` in GGUF). The blocks here are shared with `lfm2_moe.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import ops
+from ..cache import Cache, ConvState, KVCache
+from ..gguf_file import GGUFFile, Tensor
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    arch: str
+    n_layer: int
+    hidden: int
+    n_vocab: int
+    n_ctx_train: int
+    n_head: int
+    n_kv_heads: tuple[int, ...]  # per layer; 0 marks a short-conv layer
+    head_dim: int
+    norm_eps: float
+    rope_base: float
+    conv_kernel: int  # L: the conv sees the current token and L-1 before it
+    ffn_dim: int  # dense SwiGLU width
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile, **extra) -> ModelArgs:
+        a = f.arch
+        n_layer = f.get(f"{a}.block_count", int)
+        hidden = f.get(f"{a}.embedding_length", int)
+        n_head = f.get(f"{a}.attention.head_count", int)
+        kv = f.get(f"{a}.attention.head_count_kv", (int, list))
+        n_kv_heads = tuple(kv) if isinstance(kv, list) else (kv,) * n_layer
+        if len(n_kv_heads) != n_layer:
+            raise f.error(f"{a}.attention.head_count_kv has {len(n_kv_heads)} entries for {n_layer} layers")
+        if n_head <= 0 or hidden % n_head:
+            raise f.error(f"{a}.attention.head_count = {n_head} does not divide the hidden size {hidden}")
+        if any(h and (h < 0 or n_head % h) for h in n_kv_heads):
+            raise f.error(f"{a}.attention.head_count_kv {list(n_kv_heads)} must divide head_count {n_head}")
+        embd = f.tensors.get("token_embd.weight")
+        n_vocab = f.get(f"{a}.vocab_size", int, embd.shape[0] if embd is not None else 0)
+        return cls(
+            arch=a,
+            n_layer=n_layer,
+            hidden=hidden,
+            n_vocab=n_vocab,
+            n_ctx_train=f.get(f"{a}.context_length", int),
+            n_head=n_head,
+            n_kv_heads=n_kv_heads,
+            head_dim=f.get(f"{a}.attention.key_length", int, hidden // n_head),
+            norm_eps=f.get(f"{a}.attention.layer_norm_rms_epsilon", float),
+            rope_base=f.get(f"{a}.rope.freq_base", float, 10000.0),
+            conv_kernel=f.get(f"{a}.shortconv.l_cache", int),
+            ffn_dim=f.get(f"{a}.feed_forward_length", int),
+            **extra,
+        )
+
+    def is_attention(self, layer: int) -> bool:
+        return self.n_kv_heads[layer] > 0
+
+
+class Weights:
+    """Looks up a model's tensors, checking each against the shape it must have."""
+
+    def __init__(self, f: GGUFFile):
+        self.file = f
+
+    def get(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        t = self.file.tensors.get(name)
+        if t is None:
+            raise self.file.error(f"tensor {name} is missing")
+        if t.shape != shape:
+            raise self.file.error(
+                f"tensor {name} has shape {list(t.shape)} but the metadata implies {list(shape)}"
+            )
+        return t
+
+    def optional(self, name: str, shape: tuple[int, ...]) -> Tensor | None:
+        return self.get(name, shape) if name in self.file.tensors else None
+
+    def vector(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        return ops.to_float(self.get(name, shape))
+
+
+class ShortConv:
+    """Gated short conv: in_proj -> (B, C, x); y = C * conv(B * x); out_proj."""
+
+    def __init__(self, args: ModelArgs, w: Weights, i: int):
+        h = args.hidden
+        self.kernel = w.vector(f"blk.{i}.shortconv.conv.weight", (h, args.conv_kernel))  # [H, L]
+        self.in_proj = w.get(f"blk.{i}.shortconv.in_proj.weight", (3 * h, h))
+        self.out_proj = w.get(f"blk.{i}.shortconv.out_proj.weight", (h, h))
+
+    def __call__(self, x: np.ndarray, state: ConvState, start: int) -> np.ndarray:
+        b, c, xx = np.split(ops.linear(x, self.in_proj), 3, axis=-1)  # each [T, H]
+        y = ops.short_conv(b * xx, state.window, self.kernel)
+        return ops.linear(c * y, self.out_proj)
+
+
+class Attention:
+    """GQA with per-head RMSNorm on q and k, NeoX RoPE, causal softmax."""
+
+    def __init__(self, args: ModelArgs, w: Weights, i: int):
+        d, h = args.head_dim, args.hidden
+        self.n_head, self.n_kv, self.head_dim = args.n_head, args.n_kv_heads[i], d
+        self.eps, self.rope_base = args.norm_eps, args.rope_base
+        self.wq = w.get(f"blk.{i}.attn_q.weight", (self.n_head * d, h))
+        self.wk = w.get(f"blk.{i}.attn_k.weight", (self.n_kv * d, h))
+        self.wv = w.get(f"blk.{i}.attn_v.weight", (self.n_kv * d, h))
+        self.wo = w.get(f"blk.{i}.attn_output.weight", (h, self.n_head * d))
+        self.q_norm = w.vector(f"blk.{i}.attn_q_norm.weight", (d,))
+        self.k_norm = w.vector(f"blk.{i}.attn_k_norm.weight", (d,))
+
+    def __call__(self, x: np.ndarray, cache: KVCache, start: int) -> np.ndarray:
+        t = x.shape[0]
+        q = ops.linear(x, self.wq).reshape(t, self.n_head, self.head_dim)
+        k = ops.linear(x, self.wk).reshape(t, self.n_kv, self.head_dim)
+        v = ops.linear(x, self.wv).reshape(t, self.n_kv, self.head_dim)
+        positions = np.arange(start, start + t)
+        q = ops.rope(ops.rms_norm(q, self.q_norm, self.eps), positions, self.rope_base)
+        k = ops.rope(ops.rms_norm(k, self.k_norm, self.eps), positions, self.rope_base)
+        keys, values = cache.append(start, k, v)
+        return ops.linear(ops.attention(q, keys, values, start), self.wo)
+
+
+class MLP:
+    """Dense SwiGLU: w2(silu(w1 x) * w3 x), stored as ffn_gate/ffn_up/ffn_down."""
+
+    def __init__(self, args: ModelArgs, w: Weights, i: int):
+        h, f = args.hidden, args.ffn_dim
+        self.gate = w.get(f"blk.{i}.ffn_gate.weight", (f, h))
+        self.up = w.get(f"blk.{i}.ffn_up.weight", (f, h))
+        self.down = w.get(f"blk.{i}.ffn_down.weight", (h, f))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return ops.swiglu(x, self.gate, self.up, self.down)
+
+
+class DecoderLayer:
+    """Pre-norm residual layer: operator (conv or attention), then the FFN."""
+
+    def __init__(self, args: ModelArgs, w: Weights, i: int, feed_forward):
+        self.eps = args.norm_eps
+        self.operator_norm = w.vector(f"blk.{i}.attn_norm.weight", (args.hidden,))
+        self.ffn_norm = w.vector(f"blk.{i}.ffn_norm.weight", (args.hidden,))
+        self.operator = Attention(args, w, i) if args.is_attention(i) else ShortConv(args, w, i)
+        self.feed_forward = feed_forward
+
+    def __call__(self, x: np.ndarray, state: KVCache | ConvState, start: int) -> np.ndarray:
+        x = x + self.operator(ops.rms_norm(x, self.operator_norm, self.eps), state, start)
+        return x + self.feed_forward(ops.rms_norm(x, self.ffn_norm, self.eps))
+
+
+class Model:
+    """Embedding, the decoder layers, the final norm and the (usually tied) output head."""
+
+    def __init__(self, args: ModelArgs, w: Weights):
+        self.args = args
+        h, v = args.hidden, args.n_vocab
+        self.embed = w.get("token_embd.weight", (v, h))
+        # llama.cpp stores LFM2's final norm (`embedding_norm`) as token_embd_norm
+        self.norm = w.vector("token_embd_norm.weight", (h,))
+        self.output = w.optional("output.weight", (v, h)) or self.embed
+        self.layers = [DecoderLayer(args, w, i, self.feed_forward(args, w, i)) for i in range(args.n_layer)]
+
+    def feed_forward(self, args: ModelArgs, w: Weights, i: int):
+        return MLP(args, w, i)
+
+    def make_cache(self, n_ctx: int) -> Cache:
+        a = self.args
+        layers: list[KVCache | ConvState] = [
+            KVCache(n_ctx, a.n_kv_heads[i], a.head_dim) if a.is_attention(i) else ConvState(a.conv_kernel, a.hidden)
+            for i in range(a.n_layer)
+        ]
+        return Cache(layers, n_ctx)
+
+    def __call__(self, ids: np.ndarray, cache: Cache, all_logits: bool = True) -> np.ndarray:
+        """Run tokens `ids` [T] after what `cache` holds; returns logits [T, V] (or [1, V])."""
+        start = cache.pos
+        x = ops.embedding(self.embed, ids)  # [T, H]
+        for layer, state in zip(self.layers, cache.layers):
+            x = layer(x, state, start)
+        cache.pos = start + len(ids)
+        if not all_logits:
+            x = x[-1:]
+        return ops.linear(ops.rms_norm(x, self.norm, self.args.norm_eps), self.output)

@@ -1,0 +1,107 @@
+"""Choosing the next token from logits.
+
+The steps and their order are transformers' (repetition penalty, then
+temperature, top-k, top-p, min-p), each matching its logits processor;
+llama.cpp's samplers of the same names compute the same filters. Temperature
+0 is greedy decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from .errors import LfmEdgeError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.3
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off
+    repeat_last_n: int = 64  # how many recent tokens the penalty looks at; -1: all
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not (self.temperature >= 0):
+            raise LfmEdgeError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise LfmEdgeError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise LfmEdgeError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise LfmEdgeError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise LfmEdgeError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.repeat_last_n < -1:
+            raise LfmEdgeError(f"repeat_last_n must be >= -1, got {self.repeat_last_n}")
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+def apply_repetition_penalty(logits: np.ndarray, history: Sequence[int], penalty: float) -> np.ndarray:
+    """Make tokens already seen less likely: positive logits divided, negative multiplied."""
+    if penalty == 1.0 or not len(history):
+        return logits
+    ids = np.unique(np.asarray(history, dtype=np.int64))
+    seen = logits[ids]
+    logits = logits.copy()
+    logits[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
+    if k <= 0 or k >= logits.size:
+        return logits
+    kth = np.partition(logits, -k)[-k]
+    return np.where(logits < kth, -np.inf, logits)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - np.max(logits))
+    return z / z.sum()
+
+
+def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep the most likely tokens whose probabilities add up to at least p."""
+    if p >= 1.0:
+        return logits
+    order = np.argsort(logits, kind="stable")  # ascending, as transformers sorts
+    cumulative = np.cumsum(softmax(logits[order]))
+    drop = cumulative <= 1.0 - p
+    drop[-1] = False  # always keep the most likely token
+    out = logits.copy()
+    out[order[drop]] = -np.inf
+    return out
+
+
+def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """Drop tokens less likely than min_p times the most likely one."""
+    if min_p <= 0.0:
+        return logits
+    probs = softmax(logits)
+    return np.where(probs < min_p * probs.max(), -np.inf, logits)
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
+        """The next token for logits [V], given the ids so far."""
+        p = self.params
+        window = history if p.repeat_last_n == -1 else history[len(history) - p.repeat_last_n :] if p.repeat_last_n else []
+        logits = apply_repetition_penalty(logits.astype(np.float32), window, p.repetition_penalty)
+        if p.temperature == 0.0:
+            return int(np.argmax(logits))
+        logits = logits / np.float32(p.temperature)
+        logits = min_p_filter(top_p_filter(top_k_filter(logits, p.top_k), p.top_p), p.min_p)
+        probs = softmax(logits.astype(np.float64))
+        return int(self.rng.choice(probs.size, p=probs))

@@ -1,0 +1,129 @@
+"""The tokenizer stored in a GGUF file, rebuilt with the `tokenizers` library.
+
+LFM2 uses byte-level BPE (`tokenizer.ggml.model = gpt2`). Its pre-tokenizer
+`lfm2` is llama-3's split regex, and, as in llama.cpp, a pre-token that is a
+whole vocabulary entry is taken as is before any merge (`ignore_merges`).
+Tokens of type CONTROL or USER_DEFINED are matched whole, never split.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterable, Iterator
+
+from gguf import TokenType
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from .gguf_file import GGUFFile
+
+# llama-3's pre-tokenizer regex, as written in its tokenizer.json
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# GGUF pre-tokenizer names that mean llama-3's regex with whole-word lookup
+LLAMA3_LIKE = {"lfm2", "llama3", "llama-v3", "llama-bpe"}
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's printable stand-in character for each byte, inverted."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+class GGUFTokenizer:
+    def __init__(self, f: GGUFFile):
+        model = f.get("tokenizer.ggml.model", str)
+        if model != "gpt2":
+            raise f.error(f"tokenizer type '{model}' is not supported (LFM2 uses byte-level BPE, 'gpt2')")
+        pre = f.get("tokenizer.ggml.pre", str, "default")
+        if pre not in LLAMA3_LIKE:
+            raise f.error(f"pre-tokenizer '{pre}' is not supported (expected 'lfm2')")
+        tokens: list[str] = f.get("tokenizer.ggml.tokens", list)
+        types: list[int] = f.get("tokenizer.ggml.token_type", list, [TokenType.NORMAL] * len(tokens))
+        merges: list[str] = f.get("tokenizer.ggml.merges", list)
+        if len(types) != len(tokens):
+            raise f.error(f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+        self.n_vocab = len(tokens)
+        self.bos_id: int | None = f.get("tokenizer.ggml.bos_token_id", int, None)
+        self.eos_id: int | None = f.get("tokenizer.ggml.eos_token_id", int, None)
+        self.add_bos = f.get("tokenizer.ggml.add_bos_token", bool, True) and self.bos_id is not None
+        for name, tid in (("bos", self.bos_id), ("eos", self.eos_id)):
+            if tid is not None and not 0 <= tid < self.n_vocab:
+                raise f.error(f"tokenizer.ggml.{name}_token_id = {tid} is outside the vocabulary")
+
+        vocab = {t: i for i, t in enumerate(tokens)}
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=True, fuse_unk=False, byte_fallback=False)
+        tok = Tokenizer(bpe)
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+            ]
+        )
+        tok.decoder = decoders.ByteLevel()
+        # Special tokens are in the BPE vocabulary too, so `tokenizers` keeps
+        # their GGUF ids; adding them makes them match whole before splitting.
+        self.special_ids: set[int] = set()
+        for i, (t, ty) in enumerate(zip(tokens, types)):
+            if ty in (TokenType.CONTROL, TokenType.USER_DEFINED):
+                tok.add_special_tokens([AddedToken(t, special=True, normalized=False)])
+                self.special_ids.add(i)
+        self._tok = tok
+        self._check_ids(f, tokens)
+        if self.add_bos:
+            bos = tokens[self.bos_id]
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, self.bos_id)]
+            )
+        decoder = _byte_decoder()
+        self._bytes: list[bytes] = []
+        for i, t in enumerate(tokens):
+            if i in self.special_ids or types[i] not in (TokenType.NORMAL, TokenType.BYTE):
+                self._bytes.append(t.encode("utf-8"))
+            else:
+                self._bytes.append(bytes(decoder.get(c, ord("?")) for c in t))
+        self.eog_ids = {i for i in (self.eos_id,) if i is not None}
+        eot = tokens.index("<|im_end|>") if "<|im_end|>" in tokens else None
+        if eot is not None:
+            self.eog_ids.add(eot)
+
+    def _check_ids(self, f: GGUFFile, tokens: list[str]) -> None:
+        for i in sorted(self.special_ids):
+            if self._tok.token_to_id(tokens[i]) != i:
+                raise f.error(f"special token {tokens[i]!r} (id {i}) is listed twice in the vocabulary")
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        """Token ids of `text`; special-token text in it is read as those tokens."""
+        return self._tok.encode(text, add_special_tokens=add_special).ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._bytes[token_id]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        out = b"".join(
+            self._bytes[i] for i in ids if 0 <= i < self.n_vocab and not (skip_special and i in self.special_ids)
+        )
+        return out.decode("utf-8", errors="replace")
+
+    def stream(self, ids: Iterable[int], skip_special: bool = False) -> Iterator[str]:
+        """Text pieces for a stream of ids, never splitting a UTF-8 character."""
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for i in ids:
+            if skip_special and i in self.special_ids:
+                continue
+            piece = utf8.decode(self._bytes[i])
+            if piece:
+                yield piece
+        tail = utf8.decode(b"", final=True)
+        if tail:
+            yield tail

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny checkpoints written by tests/tiny_models.py and
+converted to GGUF by the project's own quantize tool, once per session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TESTS = Path(__file__).parent
+GOLDEN = TESTS / "golden"
+sys.path.insert(0, str(TESTS))
+
+import tiny_models  # noqa: E402
+
+from lfm_edge.quantize.convert import convert  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(name) -> the Hugging Face directory of tiny model `name`."""
+    root = tmp_path_factory.mktemp("hf")
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = tiny_models.write_checkpoint(name, root / name)
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def gguf_path(checkpoint, tmp_path_factory):
+    """gguf_path(name, type) -> that checkpoint converted to a GGUF file of `type`."""
+    root = tmp_path_factory.mktemp("gguf")
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(name: str, out_type: str = "f32") -> Path:
+        key = (name, out_type)
+        if key not in made:
+            made[key] = convert(checkpoint(name), root / f"{name}-{out_type}.gguf", out_type, log=lambda *_: None)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def golden():
+    """golden(name) -> the committed transformers outputs for tiny model `name`."""
+
+    def get(name: str) -> dict[str, np.ndarray]:
+        with np.load(GOLDEN / f"{name}.npz") as z:
+            return {k: z[k] for k in z.files}
+
+    return get

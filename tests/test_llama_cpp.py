@@ -1,0 +1,44 @@
+"""Files written by `lfm-edge quantize` load and run in llama.cpp (through llama-cpp-python).
+
+Same file, same prompt: llama.cpp's tokens must equal ours and its logits must
+agree with ours. llama.cpp does not read `routed_scaling_factor` for lfm2moe
+(it assumes 1.0, true of the published models), so logits are compared only
+on checkpoints whose factor is 1.0; the others must still load and tokenize.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lfm_edge
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+TEXT = "The quick brown fox, 東京 😀, def f(x):\n    return x  <|im_end|>"
+SCALED = {"moe"}  # tiny models with routed_scaling_factor != 1
+
+
+def run_llama_cpp(path, text):
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+    ids = llm.tokenize(text.encode(), add_bos=True, special=True)
+    llm.eval(ids)
+    logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    return ids, logits
+
+
+@pytest.mark.parametrize("name", ["dense", "moe_alt", "moe"])
+@pytest.mark.parametrize("out_type", ["f32", "q8_0", "q4_0"])
+def test_llama_cpp_loads_and_agrees(name, out_type, gguf_path):
+    path = gguf_path(name, out_type)
+    ids, theirs = run_llama_cpp(path, TEXT)
+    ours_llm = lfm_edge.load(path)
+    assert ours_llm.tokenize(TEXT) == ids
+    if name in SCALED:
+        return
+    ours = ours_llm.logits(ids)
+    err = float(np.max(np.abs(ours - theirs)) / np.max(np.abs(ours)))
+    # llama.cpp quantizes activations to 8 bits for Q8_0/Q4_0 matmuls and keeps
+    # an f16 KV cache, so it is close to, not equal to, our f32-activation path
+    assert err < (1e-2 if out_type == "f32" else 5e-2), f"{name} {out_type}: {err:.3e}"
+    assert np.mean(ours.argmax(-1) == theirs.argmax(-1)) > 0.9

@@ -1,0 +1,93 @@
+"""The forward pass against transformers' outputs on tiny random checkpoints.
+
+Goldens in tests/golden/ were computed by transformers (tests/make_goldens.py;
+tests/test_goldens_live.py recomputes them); these tests need no torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lfm_edge
+from lfm_edge.sampling import Sampler, SamplingParams
+
+MODELS = ["moe", "moe_alt", "dense"]
+
+# Quantized files against the f32 file, as the largest |logit difference|
+# relative to the largest |logit|, over a 200-token prompt. Measured on the tiny
+# models (see the README); the limits leave ~2x headroom.
+QUANT_LIMITS = {"f16": 2e-3, "bf16": 2e-2, "q8_0": 2e-2, "q4_0": 1.5e-1}
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_f32_logits_match_transformers(name, gguf_path, golden):
+    g = golden(name)
+    llm = lfm_edge.load(gguf_path(name, "f32"))
+    logits = llm.logits(g["prompt_ids"].tolist())
+    assert logits.shape == g["logits"].shape
+    assert logits.dtype == np.float32
+    err_per_position = np.max(np.abs(logits - g["logits"]), axis=-1) / np.max(np.abs(g["logits"]))
+    assert err_per_position.max() < 1e-4, f"worst position {int(err_per_position.argmax())}: {err_per_position.max():.2e}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_greedy_tokens_match_transformers(name, gguf_path, golden):
+    g = golden(name)
+    llm = lfm_edge.load(gguf_path(name, "f32"))
+    sampler = Sampler(SamplingParams(temperature=0.0))
+    # no end-of-generation stop: the golden was made with eos disabled
+    llm.tokenizer.eog_ids = set()
+    ids = list(llm.decode_tokens(g["greedy_prompt_ids"].tolist(), len(g["greedy_ids"]), sampler))
+    assert ids == g["greedy_ids"].tolist()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_prefill_then_decode_equals_full_forward(name, gguf_path, golden):
+    llm = lfm_edge.load(gguf_path(name, "f32"))
+    ids = golden(name)["prompt_ids"][:40].tolist()
+    full = llm.logits(ids)
+    cache = llm.new_cache()
+    # an uneven split exercises a prefill that starts mid-sequence, then single steps
+    chunks = [ids[:17], ids[17:30]] + [[t] for t in ids[30:]]
+    rows = []
+    for chunk in chunks:
+        rows.append(llm.model(np.array(chunk, dtype=np.int32), cache))
+    stepped = np.concatenate(rows)
+    assert cache.pos == len(ids)
+    assert relative_error(stepped, full) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["moe", "dense"])
+@pytest.mark.parametrize("out_type", list(QUANT_LIMITS))
+def test_quantized_files_stay_close_to_f32(name, out_type, gguf_path, golden):
+    ids = golden(name)["prompt_ids"].tolist()
+    reference = lfm_edge.load(gguf_path(name, "f32")).logits(ids)
+    quantized = lfm_edge.load(gguf_path(name, out_type)).logits(ids)
+    err = relative_error(quantized, reference)
+    assert err < QUANT_LIMITS[out_type], f"{out_type}: {err:.3e}"
+    # and the quantization is not a no-op: the file really holds other numbers
+    assert err > 0
+
+
+def test_quantized_files_are_smaller(gguf_path):
+    sizes = {t: gguf_path("moe", t).stat().st_size for t in ("f32", "f16", "q8_0", "q4_0")}
+    assert sizes["f32"] > sizes["f16"] > sizes["q8_0"] > sizes["q4_0"]
+
+
+def test_every_isa_gives_the_same_logits(gguf_path, golden):
+    from lfm_edge import native
+
+    ids = golden("moe")["prompt_ids"][:64].tolist()
+    llm = lfm_edge.load(gguf_path("moe", "q4_0"))
+    results = {}
+    for isa in native.available_isas():
+        with native.use_isa(isa):
+            results[isa] = llm.logits(ids)
+    reference = results["scalar"]
+    for isa, logits in results.items():
+        assert relative_error(logits, reference) < 1e-5, isa

@@ -1,0 +1,91 @@
+"""The tokenizer rebuilt from GGUF metadata against the checkpoint's own tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizers import Tokenizer
+
+from lfm_edge.gguf_file import GGUFFile
+from lfm_edge.tokenizer import GGUFTokenizer
+
+from conftest import GOLDEN
+
+TEXTS = [
+    "Hello, world!",
+    "The quick brown fox jumps over the lazy dog. It's 2026; we'll see.",
+    "Ça va très bien, merci. Größe und Übermut. ¿Dónde está?",
+    "東京は日本の首都です。北京是中国的首都。",
+    "안녕하세요, 만나서 반갑습니다.",
+    "مرحبا بالعالم",
+    "emoji: 😀🎉👍🏽 👨‍👩‍👧 and flags 🇫🇷",
+    "def f(x):\n    return x**2  # square\n\n\nclass A:\n\tpass\n",
+    "spaces:     five, tabs:\t\t\ttwo, newlines:\n\n\n\nend",
+    "   leading and trailing   ",
+    "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
+    "<|tool_call_start|>[get_weather(city=\"Paris\")]<|tool_call_end|>",
+    "a<|im_end|>b<|startoftext|>c",
+    "numbers 1234567890 3.14159 -42 1e-5",
+    "",
+    "\n",
+    " ",
+    "'s 't 're 've 'm 'll 'd 'S 'T",
+]
+
+
+@pytest.fixture(scope="module")
+def pair(checkpoint, gguf_path):
+    ours = GGUFTokenizer(GGUFFile(gguf_path("moe", "q8_0")))
+    theirs = Tokenizer.from_file(str(checkpoint("moe") / "tokenizer.json"))
+    return ours, theirs
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_ids_equal_tokenizer_json(pair, text):
+    ours, theirs = pair
+    assert ours.encode(text, add_special=True) == theirs.encode(text, add_special_tokens=True).ids
+    assert ours.encode(text, add_special=False) == theirs.encode(text, add_special_tokens=False).ids
+
+
+def test_ids_equal_committed_golden(pair):
+    ours, _ = pair
+    cases = json.loads((GOLDEN / "tokenizer.json").read_text(encoding="utf-8"))
+    assert len(cases) >= 10
+    for case in cases:
+        assert ours.encode(case["text"], add_special=True) == case["ids_with_special"], case["text"]
+        assert ours.encode(case["text"], add_special=False) == case["ids_without_special"], case["text"]
+
+
+def test_bos_and_special_tokens(pair):
+    ours, _ = pair
+    assert ours.bos_id == 1 and ours.eos_id == 7
+    ids = ours.encode("<|im_start|>user", add_special=True)
+    assert ids[:2] == [1, 6]  # BOS, then <|im_start|> whole
+    assert 7 in ours.eog_ids
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_decode_round_trips(pair, text):
+    ours, _ = pair
+    ids = ours.encode(text, add_special=False)
+    assert ours.decode(ids) == text
+
+
+def test_stream_never_splits_a_character(pair):
+    ours, _ = pair
+    text = "naïve 東京 😀🎉 done"
+    ids = ours.encode(text, add_special=False)
+    pieces = list(ours.stream(ids))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+    def whole_characters(b: bytes) -> bool:
+        try:
+            b.decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            return False
+
+    # the text must hold a token that is only part of a character, or this test proves nothing
+    assert any(not whole_characters(ours.token_bytes(i)) for i in ids)
