@@ -1,0 +1,77 @@
+// Compiled with baseline flags: this file only asks the CPU what it supports.
+#include "dispatch.h"
+
+#include <atomic>
+
+namespace lfm {
+namespace {
+
+// CMake defines LFM_EDGE_HAVE_AVX2 / _AVX512 only on x86-64, for the tables it compiled.
+#if defined(LFM_EDGE_HAVE_AVX2) || defined(LFM_EDGE_HAVE_AVX512)
+// gcc's __builtin_cpu_supports also checks (via XGETBV) that the OS saves the AVX / AVX-512
+// register state, so a feature reported here is safe to use.
+bool cpu_runs_avx2_table() {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+}
+#endif
+
+#if defined(LFM_EDGE_HAVE_AVX512)
+// Everything kernels_avx512.cpp is compiled with (DQ included: the compiler may emit it).
+bool cpu_runs_avx512_table() {
+    return cpu_runs_avx2_table() && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni");
+}
+#endif
+
+std::vector<const KernelTable*> detect_usable_tables() {
+    std::vector<const KernelTable*> tables = {&scalar_kernels()};
+#if defined(LFM_EDGE_HAVE_AVX2) || defined(LFM_EDGE_HAVE_AVX512)
+    __builtin_cpu_init();  // harmless if already done; needed if we run before libgcc's init
+#endif
+#if defined(LFM_EDGE_HAVE_AVX2)
+    if (cpu_runs_avx2_table()) tables.push_back(&avx2_kernels());
+#endif
+#if defined(LFM_EDGE_HAVE_AVX512)
+    if (cpu_runs_avx512_table()) tables.push_back(&avx512_kernels());
+#endif
+    return tables;
+}
+
+std::atomic<const KernelTable*>& active_table() {
+    static std::atomic<const KernelTable*> active{usable_kernel_tables().back()};
+    return active;
+}
+
+}  // namespace
+
+const std::vector<const KernelTable*>& usable_kernel_tables() {
+    static const std::vector<const KernelTable*> tables = detect_usable_tables();
+    return tables;
+}
+
+const KernelTable& active_kernels() { return *active_table().load(); }
+
+bool set_active_kernels(const std::string& isa) {
+    for (const KernelTable* table : usable_kernel_tables()) {
+        if (isa == table->isa) {
+            active_table().store(table);
+            return true;
+        }
+    }
+    return false;
+}
+
+const QTypeKernels* kernels_for(const KernelTable& table, QType qtype) {
+    switch (qtype) {
+        case QType::F32: return &table.f32;
+        case QType::F16: return &table.f16;
+        case QType::BF16: return &table.bf16;
+        case QType::Q8_0: return &table.q8_0;
+        case QType::Q4_0: return &table.q4_0;
+    }
+    return nullptr;
+}
+
+}  // namespace lfm

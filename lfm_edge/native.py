@@ -1,0 +1,95 @@
+"""The compiled kernels (``lfm_edge._C``) and the choice of instruction set they run on.
+
+At import the best instruction set this CPU supports is active, unless the environment variable
+``LFM_EDGE_ISA`` (scalar | avx2 | avx512) asks for another one.
+
+Weight types are GGML ids (``gguf.GGMLQuantizationType`` values work): F32=0, F16=1, Q4_0=2,
+Q8_0=8, BF16=30. A weight matrix is n rows of k values in GGUF's on-disk row layout, handed over
+as a C-contiguous buffer of exactly ``n * row_bytes(qtype, k)`` bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+from lfm_edge.errors import LfmEdgeError
+
+try:
+    from lfm_edge import _C
+except ImportError as error:
+    raise LfmEdgeError(
+        f"the lfm-edge C++ extension (lfm_edge._C) is not built or cannot load ({error}); "
+        "run `pip install .` in the lfm-edge source folder"
+    ) from error
+
+__all__ = [
+    "ISA_ENV_VAR",
+    "KNOWN_ISAS",
+    "available_isas",
+    "dequantize",
+    "get_rows",
+    "isa",
+    "matmul",
+    "row_bytes",
+    "use_isa",
+]
+
+ISA_ENV_VAR = "LFM_EDGE_ISA"
+KNOWN_ISAS = ("scalar", "avx2", "avx512")  # lowest first
+
+# y = x @ W.T -> float32 [T, n]; x: float32 C-contiguous [T, k]
+matmul = _C.matmul
+# W -> float32 [n, k]
+dequantize = _C.dequantize
+# W[ids] -> float32 [len(ids), k]; ids: 1-D int32/int64
+get_rows = _C.get_rows
+# bytes in one row of k weights of a type
+row_bytes = _C.row_bytes
+
+
+def available_isas() -> list[str]:
+    """Instruction sets compiled in and supported by this CPU, lowest first."""
+    return _C.cpu_isas()
+
+
+def isa() -> str:
+    """The instruction set the kernels use now."""
+    return _C.isa()
+
+
+def _set_isa(name: str, described_as: str) -> None:
+    """Makes ``name`` active, or raises LfmEdgeError that starts with ``described_as``."""
+    if name not in KNOWN_ISAS:
+        raise LfmEdgeError(
+            f"{described_as} is not an instruction set lfm-edge knows; "
+            f"use one of {', '.join(KNOWN_ISAS)}"
+        )
+    if name not in available_isas():
+        raise LfmEdgeError(
+            f"{described_as} is not available here; "
+            f"this CPU and build support {', '.join(available_isas())}"
+        )
+    _C.set_isa(name)
+
+
+@contextlib.contextmanager
+def use_isa(name: str) -> Iterator[None]:
+    """Run the kernels on instruction set ``name`` inside the block (process-wide, so not for
+    use while another thread is calling kernels)."""
+    previous = isa()
+    _set_isa(name, f"instruction set {name!r}")
+    try:
+        yield
+    finally:
+        _C.set_isa(previous)
+
+
+def _apply_isa_from_environment() -> None:
+    value = os.environ.get(ISA_ENV_VAR, "")
+    if value.strip():
+        _set_isa(value.strip().lower(), f"{ISA_ENV_VAR}={value!r}")
+
+
+_apply_isa_from_environment()

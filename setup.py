@@ -1,0 +1,96 @@
+"""Builds lfm-edge: the Python package plus one C++ extension, lfm_edge._C, built with CMake.
+
+pip install .        # a wheel (build isolation fetches setuptools, pybind11 and cmake)
+pip install -e .     # editable: the extension lands in lfm_edge/ next to the sources
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def read_version() -> str:
+    init = (ROOT / "lfm_edge" / "__init__.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"', init, re.MULTILINE).group(1)
+
+
+class CMakeExtension(Extension):
+    """An extension whose sources CMakeLists.txt in source_dir lists, not setuptools."""
+
+    def __init__(self, name: str, source_dir: Path):
+        super().__init__(name, sources=[])
+        self.source_dir = source_dir
+
+
+class CMakeBuild(build_ext):
+    """Configures and builds with CMake in the build temp dir, then copies the module to where
+    setuptools expects it (inside the source tree for editable installs)."""
+
+    def build_extension(self, ext: Extension) -> None:
+        if not isinstance(ext, CMakeExtension):
+            super().build_extension(ext)
+            return
+        import pybind11
+
+        config = "Debug" if self.debug else "Release"
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cmake = cmake_command()
+        subprocess.run(
+            [
+                cmake,
+                "-S", str(ext.source_dir),
+                "-B", str(build_dir),
+                f"-DCMAKE_BUILD_TYPE={config}",
+                f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+                f"-DPython_EXECUTABLE={sys.executable}",
+                f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={build_dir / 'out'}",
+            ],
+            check=True,
+        )
+        jobs = str(os.cpu_count() or 1)
+        subprocess.run(
+            [cmake, "--build", str(build_dir), "--config", config, "--parallel", jobs],
+            check=True,
+        )
+
+        built = sorted((build_dir / "out").glob("_C.*"))
+        if len(built) != 1:
+            raise RuntimeError(f"expected one built _C module in {build_dir / 'out'}: {built}")
+        destination = Path(self.get_ext_fullpath(ext.name))
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(built[0], destination)
+
+
+def cmake_command() -> str:
+    """The cmake from the PyPI package (build isolation installs it), else the one on PATH."""
+    try:
+        import cmake
+
+        return str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
+    except (ImportError, AttributeError):
+        return "cmake"
+
+
+setup(
+    name="lfm-edge",
+    version=read_version(),
+    description="A CPU inference runtime for Liquid AI's LFM2 and LFM2-MoE models",
+    python_requires=">=3.10",
+    packages=["lfm_edge", "lfm_edge.commands", "lfm_edge.models", "lfm_edge.quantize"],
+    package_dir={"lfm_edge.quantize": "quantize"},
+    ext_modules=[CMakeExtension("lfm_edge._C", ROOT)],
+    cmdclass={"build_ext": CMakeBuild},
+    install_requires=["numpy", "gguf", "tokenizers", "jinja2"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "safetensors"]},
+    entry_points={"console_scripts": ["lfm-edge = lfm_edge.cli:main"]},
+    zip_safe=False,
+)
