@@ -51,7 +51,8 @@ def test_generate_seeded_sampling_reproduces(llm):
 
 def test_generate_max_tokens_and_stop(llm):
     full = "".join(llm.generate("Once upon a time", max_tokens=20, temperature=0.0))
-    assert len(llm.tokenize(full, add_special=False)) <= 20
+    ids = greedy_ids(llm, llm.tokenize("Once upon a time"), 20)
+    assert len(ids) <= 20 and full == llm.detokenize(ids)
     assert "".join(llm.generate("Once upon a time", max_tokens=0)) == ""
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     if stop:

@@ -19,6 +19,27 @@ TEXT = "The quick brown fox, 東京 😀, def f(x):\n    return x  <|im_end|>"
 SCALED = {"moe"}  # tiny models with routed_scaling_factor != 1
 
 
+@pytest.fixture(autouse=True)
+def no_extra_buffer_types(monkeypatch):
+    """Keep llama.cpp on its plain CPU buffers.
+
+    A native build on a CPU with AMX repacks Q8_0/Q4_0 weights for AMX, and that
+    path crashes on the tiny models' 64-wide rows (a llama.cpp limitation, not
+    a problem of the file: the same file runs on the plain CPU path).
+    Llama() does not expose `use_extra_bufts`, so the default params are patched.
+    """
+    import llama_cpp.llama_cpp as lib
+
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    monkeypatch.setattr(lib, "llama_model_default_params", params)
+
+
 def run_llama_cpp(path, text):
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
     ids = llm.tokenize(text.encode(), add_bos=True, special=True)
