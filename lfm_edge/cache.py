@@ -39,3 +39,30 @@ class Cache:
 
     def copy(self) -> Cache:
         return copy.deepcopy(self)
+
+    def checkpoint(self) -> Checkpoint:
+        """What it takes to come back to this position later.
+
+        Keys and values past a position are simply overwritten, so rewinding
+        attention needs only the position; a conv state is recurrent and must
+        be saved. That is [L-1, H] floats per conv layer, a few hundred KB.
+        """
+        return Checkpoint(self.pos, [s.window.copy() if isinstance(s, ConvState) else None for s in self.layers])
+
+    def restore(self, cp: Checkpoint) -> None:
+        for state, window in zip(self.layers, cp.windows):
+            if window is not None:
+                state.window[...] = window
+        self.pos = cp.pos
+
+    def reset(self) -> None:
+        for state in self.layers:
+            if isinstance(state, ConvState):
+                state.window[...] = 0.0
+        self.pos = 0
+
+
+class Checkpoint:
+    def __init__(self, pos: int, windows: list[np.ndarray | None]):
+        self.pos = pos
+        self.windows = windows

@@ -7,12 +7,14 @@ The generation loop is written in named steps (`prefill`, `decode_one_token`,
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import native
 from .cache import Cache
 from .chat_template import ChatTemplate
 from .errors import LfmEdgeError
@@ -22,8 +24,28 @@ from .sampling import Sampler, SamplingParams
 from .tokenizer import GGUFTokenizer
 
 
+@dataclass
+class GenerationStats:
+    """What one generation did; filled in as it runs."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose state was reused, not recomputed
+    completion_tokens: int = 0
+    prefill_s: float = 0.0  # time to first token, prompt processing included
+    decode_s: float = 0.0
+    finish_reason: str | None = None  # "stop", "length" or "cancelled"
+
+    @property
+    def decode_tps(self) -> float:
+        return self.completion_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
 class LLM:
-    """A loaded model with its tokenizer and chat template."""
+    """A loaded model with its tokenizer and chat template.
+
+    Several threads may share one LLM (one Session each): model calls are
+    serialised by a lock, so their steps interleave but never mix.
+    """
 
     def __init__(self, path: str | os.PathLike[str], n_threads: int | None = None, n_ctx: int = 4096):
         if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
@@ -41,6 +63,7 @@ class LLM:
         if n_ctx > self.args.n_ctx_train:
             raise LfmEdgeError(f"n_ctx = {n_ctx} is more than the {self.args.n_ctx_train} tokens the model was trained for")
         self.n_ctx = n_ctx
+        self._compute = threading.Lock()
         self.n_threads = n_threads or os.cpu_count() or 1
         source = self.file.metadata.get("tokenizer.chat_template")
         tok = self.tokenizer
@@ -85,27 +108,67 @@ class LLM:
         arr = self._check_ids(ids)
         if cache.pos + arr.size > cache.n_ctx:
             raise LfmEdgeError(f"the prompt does not fit: {cache.pos + arr.size} tokens for a context of {cache.n_ctx}")
-        return self.model(arr, cache, all_logits=False)[0]
+        with self._compute:
+            return self.model(arr, cache, all_logits=False)[0]
 
     def decode_one_token(self, token: int, cache: Cache) -> np.ndarray:
-        return self.model(np.array([token], dtype=np.int32), cache, all_logits=False)[0]
+        with self._compute:
+            return self.model(np.array([token], dtype=np.int32), cache, all_logits=False)[0]
 
-    def decode_tokens(
-        self, prompt: Sequence[int], max_tokens: int, sampler: Sampler, cache: Cache | None = None
+    def sample_tokens(
+        self,
+        logits: np.ndarray,
+        history: list[int],
+        max_tokens: int,
+        sampler: Sampler,
+        cache: Cache,
+        stats: GenerationStats | None = None,
+        cancel: threading.Event | None = None,
     ) -> Iterator[int]:
-        """Sampled tokens after `prompt`, until an end-of-generation token, max_tokens or a full context."""
-        cache = cache if cache is not None else self.new_cache()
-        history = list(prompt)
-        logits = self.prefill(prompt, cache)
+        """Tokens sampled after a prefill that gave `logits`; each is fed back into `cache`.
+
+        Ends at an end-of-generation token ("stop"), after max_tokens or when the
+        context is full ("length"), or when `cancel` is set ("cancelled").
+        `history` (the ids so far) grows as tokens are made.
+        """
+        stats = stats if stats is not None else GenerationStats()
+        stats.finish_reason = "length"
         for _ in range(max_tokens):
+            if cancel is not None and cancel.is_set():
+                stats.finish_reason = "cancelled"
+                return
             token = sampler(logits, history)
             if token in self.tokenizer.eog_ids:
+                stats.finish_reason = "stop"
                 return
-            yield token
+            stats.completion_tokens += 1
             history.append(token)
+            yield token
             if cache.pos >= cache.n_ctx:
                 return
             logits = self.decode_one_token(token, cache)
+
+    def decode_tokens(
+        self,
+        prompt: Sequence[int],
+        max_tokens: int,
+        sampler: Sampler,
+        cache: Cache | None = None,
+        stats: GenerationStats | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[int]:
+        """Prefill `prompt`, then sample up to max_tokens tokens (see sample_tokens)."""
+        cache = cache if cache is not None else self.new_cache()
+        stats = stats if stats is not None else GenerationStats()
+        stats.prompt_tokens = len(prompt)
+        start = time.perf_counter()
+        logits = self.prefill(prompt, cache)
+        stats.prefill_s = time.perf_counter() - start
+        history = list(prompt)
+        start = time.perf_counter()
+        for token in self.sample_tokens(logits, history, max_tokens, sampler, cache, stats, cancel):
+            yield token
+        stats.decode_s = time.perf_counter() - start
 
     # -- text generation -------------------------------------------------------
     def generate(
@@ -113,16 +176,22 @@ class LLM:
         prompt: str | Sequence[int],
         max_tokens: int = 256,
         stop: Sequence[str] | None = None,
+        stats: GenerationStats | None = None,
+        cancel: threading.Event | None = None,
         **sampling: Any,
     ) -> Iterator[str]:
-        """Text pieces continuing `prompt` (text or token ids); stops at any `stop` string."""
+        """Text pieces continuing `prompt` (text or token ids); stops at any `stop` string.
+
+        Pass a GenerationStats to read token counts and timings afterwards, and
+        a threading.Event to stop the generation from another thread.
+        """
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         sampler = Sampler(make_sampling_params(sampling))
-        if not isinstance(max_tokens, int) or max_tokens < 0:
-            raise LfmEdgeError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
+        check_max_tokens(max_tokens)
         self._check_ids(ids)
-        pieces = self.tokenizer.stream(self.decode_tokens(ids, max_tokens, sampler))
-        return stop_at(pieces, list(stop or []))
+        stats = stats if stats is not None else GenerationStats()
+        pieces = self.tokenizer.stream(self.decode_tokens(ids, max_tokens, sampler, stats=stats, cancel=cancel))
+        return stop_at(pieces, list(stop or []), stats)
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> str:
         if self.chat_template is None:
@@ -157,7 +226,12 @@ def make_sampling_params(options: dict[str, Any]) -> SamplingParams:
     return SamplingParams(**options)
 
 
-def stop_at(pieces: Iterator[str], stop: list[str]) -> Iterator[str]:
+def check_max_tokens(max_tokens: Any) -> None:
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+        raise LfmEdgeError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
+
+
+def stop_at(pieces: Iterator[str], stop: list[str], stats: GenerationStats | None = None) -> Iterator[str]:
     """Pass text through until one of the `stop` strings appears; the stop string is not emitted.
 
     Text that could be the start of a stop string is held back until it is
@@ -174,6 +248,8 @@ def stop_at(pieces: Iterator[str], stop: list[str]) -> Iterator[str]:
         if hits:
             if min(hits):
                 yield held[: min(hits)]
+            if stats is not None:
+                stats.finish_reason = "stop"
             return
         # keep the tail that might still grow into a stop string
         keep = next((k for k in range(min(longest - 1, len(held)), 0, -1) if any(s.startswith(held[-k:]) for s in stop)), 0)
@@ -189,4 +265,4 @@ def load(path: str | os.PathLike[str], n_threads: int | None = None, n_ctx: int 
     return LLM(path, n_threads=n_threads, n_ctx=n_ctx)
 
 
-__all__ = ["LLM", "load", "native"]
+__all__ = ["LLM", "GenerationStats", "load"]

@@ -1,0 +1,262 @@
+"""A conversation with its own state, for apps: prefix reuse, cancelling, callbacks, save/restore.
+
+Several sessions share one loaded LLM; each keeps its own cache. A follow-up
+turn reuses the state of everything the cache already holds that the new
+prompt starts with, so the history is not recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .cache import Checkpoint
+from .chat_template import check_messages
+from .errors import LfmEdgeError
+from .llm import LLM, GenerationStats, check_max_tokens, make_sampling_params, stop_at
+from .sampling import Sampler
+
+SAVE_FORMAT = "lfm-edge-session/1"
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class Session:
+    """One conversation: its messages, its cache, its sampling settings.
+
+        s = Session(llm, system="Be brief.", temperature=0.3)
+        for piece in s.send("Hi!"):
+            print(piece, end="")
+        s.send("And then?", stream=False)
+
+    `send` runs on the calling thread; `cancel()` may be called from any other
+    thread. `start()` runs a turn on a worker thread and reports through
+    callbacks, for GUI toolkits.
+    """
+
+    def __init__(
+        self,
+        llm: LLM,
+        system: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        tools: list[dict] | None = None,
+        max_tokens: int = 1024,
+        **sampling: Any,
+    ):
+        self.llm = llm
+        self.messages: list[dict[str, Any]] = list(messages or [])
+        check_messages(self.messages)
+        if system is not None:
+            self.set_system(system)
+        self.tools = tools
+        check_max_tokens(max_tokens)
+        self.max_tokens = max_tokens
+        make_sampling_params(sampling)  # validate now, not at the first turn
+        self.sampling: dict[str, Any] = dict(sampling)
+        self.last_stats = GenerationStats()
+        self._cache = llm.new_cache()
+        self._cached: list[int] = []  # the ids whose state the cache holds, in order
+        self._mark: tuple[Checkpoint, list[int]] | None = None  # state near the end of the last prompt
+        self._busy = threading.Lock()
+        self._cancel = threading.Event()
+
+    # -- the conversation ------------------------------------------------------
+    def set_system(self, text: str) -> None:
+        if self.messages and self.messages[0]["role"] == "system":
+            self.messages[0] = {"role": "system", "content": text}
+        else:
+            self.messages.insert(0, {"role": "system", "content": text})
+
+    def clear(self) -> None:
+        """Forget the conversation but keep the system prompt and settings."""
+        self.messages = [m for m in self.messages[:1] if m["role"] == "system"]
+
+    def set(self, **sampling: Any) -> None:
+        """Change sampling settings for the next turns (validated)."""
+        merged = {**self.sampling, **sampling}
+        make_sampling_params(merged)
+        self.sampling = merged
+
+    def cancel(self) -> None:
+        """Stop the running turn after the current token; safe from any thread."""
+        self._cancel.set()
+
+    # -- one turn --------------------------------------------------------------
+    def send(
+        self,
+        content: str | None = None,
+        role: str = "user",
+        stream: bool = True,
+        on_text: Callable[[str], None] | None = None,
+        max_tokens: int | None = None,
+        stop: Sequence[str] | None = None,
+        **sampling: Any,
+    ) -> Iterator[str] | str:
+        """Add a message (unless content is None) and generate the assistant's reply.
+
+        The reply, complete or cut short by cancel(), joins the history. With
+        stream=True the pieces are yielded; otherwise the whole reply is returned.
+        `on_text` is called with each piece as well.
+        """
+        if content is not None:
+            message = {"role": role, "content": content}
+            check_messages([message])
+            self.messages.append(message)
+        params = make_sampling_params({**self.sampling, **sampling})
+        max_tokens = self.max_tokens if max_tokens is None else max_tokens
+        check_max_tokens(max_tokens)
+        pieces = self._turn(Sampler(params), max_tokens, list(stop or []), on_text)
+        return pieces if stream else "".join(pieces)
+
+    def _turn(self, sampler: Sampler, max_tokens: int, stop: list[str], on_text) -> Iterator[str]:
+        if not self._busy.acquire(blocking=False):
+            raise LfmEdgeError("this session is already generating a reply; cancel it or wait")
+        self._cancel.clear()
+        reply: list[str] = []
+        try:
+            prompt = self.llm.chat_tokens(self.messages, self.tools)
+            stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt))
+            logits = self._prefill(prompt, stats)
+            history = list(prompt)
+            tokens = self.llm.sample_tokens(logits, history, max_tokens, sampler, self._cache, stats, self._cancel)
+            fed = self._track(tokens)
+            for piece in stop_at(self.llm.tokenizer.stream(fed), stop, stats):
+                reply.append(piece)
+                if on_text is not None:
+                    on_text(piece)
+                yield piece
+        finally:
+            if reply or self.messages[-1]["role"] != "assistant":
+                self.messages.append({"role": "assistant", "content": "".join(reply)})
+            self._busy.release()
+
+    def _track(self, tokens: Iterator[int]) -> Iterator[int]:
+        """Pass tokens on, keeping `_cached` equal to what the cache holds.
+
+        Every token but the last of a turn is fed back into the cache; the last
+        one is fed at the start of the next turn, as part of its prompt.
+        """
+        start = time.perf_counter()
+        pending: int | None = None
+        for t in tokens:
+            if pending is not None:
+                self._cached.append(pending)
+            pending = t
+            yield t
+        self.last_stats.decode_s = time.perf_counter() - start
+        if pending is not None and self._cache.pos == len(self._cached) + 1:
+            self._cached.append(pending)
+
+    def _prefill(self, prompt: list[int], stats: GenerationStats):
+        start = time.perf_counter()
+        reuse = common_prefix(self._cached, prompt)
+        if reuse == len(self._cached) and reuse < len(prompt):
+            pass  # the cache holds a prefix of the prompt: continue from it
+        elif self._mark is not None and len(self._mark[1]) <= reuse and len(self._mark[1]) < len(prompt):
+            # the prompt leaves the cached path after the last prompt ended: go back there
+            cp, ids = self._mark
+            self._cache.restore(cp)
+            self._cached = list(ids)
+            reuse = len(ids)
+        else:
+            self._cache.reset()
+            self._cached = []
+            reuse = 0
+        stats.cached_tokens = reuse
+        # The checkpoint is taken one token before the prompt's end: the prompt
+        # ends in "<|im_start|>assistant\n", and that last "\n" often merges with
+        # the reply's first characters when the history is re-tokenized next turn.
+        if reuse < len(prompt) - 1:
+            self.llm.prefill(prompt[reuse:-1], self._cache)
+        self._mark = (self._cache.checkpoint(), prompt[:-1])
+        logits = self.llm.prefill(prompt[-1:], self._cache)
+        self._cached = list(prompt)
+        stats.prefill_s = time.perf_counter() - start
+        return logits
+
+    # -- for GUI toolkits ------------------------------------------------------
+    def start(
+        self,
+        content: str | None,
+        on_text: Callable[[str], None],
+        on_done: Callable[[GenerationStats, BaseException | None], None] | None = None,
+        **kwargs: Any,
+    ) -> threading.Thread:
+        """Run a turn on a worker thread; callbacks run on that thread.
+
+        GUI code should hand them to its own event loop (e.g. Qt signals,
+        tkinter's after()). on_done gets the stats and the error, if any.
+        """
+
+        def work() -> None:
+            error: BaseException | None = None
+            try:
+                for _ in self.send(content, stream=True, on_text=on_text, **kwargs):
+                    pass
+            except BaseException as e:  # reported to on_done, not lost in the thread
+                error = e
+            if on_done is not None:
+                on_done(self.last_stats, error)
+
+        thread = threading.Thread(target=work, name="lfm-edge-session", daemon=True)
+        thread.start()
+        return thread
+
+    # -- save and restore ------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": SAVE_FORMAT,
+            "messages": self.messages,
+            "tools": self.tools,
+            "sampling": self.sampling,
+            "max_tokens": self.max_tokens,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the conversation as JSON, atomically: a crash never leaves half a file."""
+        save_json_atomic(Path(path), self.to_dict())
+
+    @classmethod
+    def load(cls, llm: LLM, path: str | os.PathLike[str]) -> Session:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise LfmEdgeError(f"{path}: no such file") from None
+        except (OSError, ValueError) as e:
+            raise LfmEdgeError(f"{path}: is not a saved conversation ({e})") from None
+        if not isinstance(data, dict) or data.get("format") != SAVE_FORMAT:
+            raise LfmEdgeError(f"{path}: is not a saved lfm-edge conversation")
+        return cls(
+            llm,
+            messages=data.get("messages") or [],
+            tools=data.get("tools"),
+            max_tokens=data.get("max_tokens", 1024),
+            **(data.get("sampling") or {}),
+        )
+
+
+def save_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

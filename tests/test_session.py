@@ -1,0 +1,152 @@
+"""Sessions: prefix reuse, cancelling from another thread, GUI callbacks, save/restore."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+import lfm_edge
+from lfm_edge.errors import LfmEdgeError
+from lfm_edge.session import Session
+
+GREEDY = dict(temperature=0.0, max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def llm(gguf_path):
+    m = lfm_edge.load(gguf_path("moe", "q8_0"), n_ctx=512)
+    m.tokenizer.eog_ids = set()  # random weights: keep replies a fixed length
+    return m
+
+
+def test_follow_up_reuses_the_history_and_matches_a_fresh_session(llm):
+    s = Session(llm, system="Be brief.", **GREEDY)
+    first = s.send("Hello there", stream=False)
+    assert s.last_stats.cached_tokens == 0
+    second = s.send("Tell me more", stream=False)
+    stats = s.last_stats
+    # turn one's prompt was reused (all but its last token, "\n", which may merge
+    # with the reply when the history is re-tokenized); so was the reply where it
+    # re-tokenizes the same
+    assert stats.cached_tokens >= len(llm.chat_tokens(s.messages[:2])) - 1
+    # the same conversation computed from scratch gives the same reply
+    fresh = Session(llm, messages=s.messages[:-1], **GREEDY)
+    assert fresh.send(stream=False) == second
+    assert fresh.last_stats.cached_tokens == 0
+    assert [m["role"] for m in s.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert s.messages[2]["content"] == first
+
+
+def test_a_prompt_that_extends_the_cache_reuses_all_of_it(llm):
+    s = Session(llm, **GREEDY)
+    s.send("One", stream=False, max_tokens=0)  # an empty reply: the cache holds exactly the prompt
+    first_prompt = s.last_stats.prompt_tokens
+    s.send("Two", stream=False)
+    assert s.last_stats.cached_tokens == first_prompt
+    assert Session(llm, messages=s.messages[:-1], **GREEDY).send(stream=False) == s.messages[-1]["content"]
+
+
+def test_editing_history_falls_back_without_wrong_state(llm):
+    s = Session(llm, **GREEDY)
+    s.send("One", stream=False)
+    s.messages[-1]["content"] = "an edited reply"
+    reply = s.send("Two", stream=False)
+    fresh = Session(llm, messages=s.messages[:-1], **GREEDY)
+    assert fresh.send(stream=False) == reply
+
+
+def test_cancel_from_another_thread(llm):
+    s = Session(llm, temperature=0.0, max_tokens=400)
+    pieces = []
+    for i, piece in enumerate(s.send("Go on forever")):
+        pieces.append(piece)
+        if i == 3:
+            threading.Thread(target=s.cancel).start()
+    assert s.last_stats.finish_reason == "cancelled"
+    assert s.last_stats.completion_tokens < 400
+    # the partial reply is kept, and the session still works
+    assert s.messages[-1] == {"role": "assistant", "content": "".join(pieces)}
+    assert isinstance(s.send("again", stream=False, max_tokens=3), str)
+
+
+def test_start_runs_on_a_worker_and_reports_through_callbacks(llm):
+    s = Session(llm, **GREEDY)
+    expected = Session(llm, **GREEDY).send("Hi", stream=False)
+    seen, done = [], threading.Event()
+    result = {}
+
+    def on_text(piece):
+        seen.append((threading.current_thread().name, piece))
+
+    def on_done(stats, error):
+        result.update(stats=stats, error=error)
+        done.set()
+
+    thread = s.start("Hi", on_text=on_text, on_done=on_done)
+    assert thread is not threading.current_thread()
+    assert done.wait(120)
+    assert result["error"] is None and result["stats"].completion_tokens == 12
+    assert {name for name, _ in seen} == {"lfm-edge-session"}
+    assert "".join(p for _, p in seen) == expected
+
+
+def test_two_sessions_share_one_model_without_mixing(llm):
+    a_alone = Session(llm, **GREEDY).send("apples", stream=False)
+    b_alone = Session(llm, **GREEDY).send("bananas", stream=False)
+    out = {}
+
+    def run(name, text):
+        out[name] = Session(llm, **GREEDY).send(text, stream=False)
+
+    threads = [threading.Thread(target=run, args=("a", "apples")), threading.Thread(target=run, args=("b", "bananas"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert out == {"a": a_alone, "b": b_alone}
+
+
+def test_a_busy_session_refuses_a_second_turn(llm):
+    s = Session(llm, **GREEDY)
+    it = s.send("first")
+    next(it)
+    with pytest.raises(LfmEdgeError, match="already generating"):
+        next(s.send("second"))
+    it.close()
+
+
+def test_save_and_restore(llm, tmp_path):
+    s = Session(llm, system="sys", temperature=0.0, max_tokens=8, top_k=5)
+    s.send("Hello", stream=False)
+    path = tmp_path / "chat.json"
+    s.save(path)
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+    data = json.loads(path.read_text())
+    assert data["messages"] == s.messages and data["sampling"]["top_k"] == 5
+    restored = Session.load(llm, path)
+    assert restored.messages == s.messages and restored.max_tokens == 8
+    assert restored.send("Next", stream=False) == s.send("Next", stream=False)
+
+
+def test_save_is_atomic_when_writing_fails(llm, tmp_path, monkeypatch):
+    s = Session(llm)
+    s.messages.append({"role": "user", "content": "keep me"})
+    path = tmp_path / "chat.json"
+    s.save(path)
+    before = path.read_text()
+    s.messages.append({"role": "user", "content": object()})  # not JSON-serialisable
+    with pytest.raises(TypeError):
+        s.save(path)
+    assert path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json"]
+
+
+def test_load_rejects_other_files(llm, tmp_path):
+    p = tmp_path / "x.json"
+    p.write_text("[1, 2]")
+    with pytest.raises(LfmEdgeError, match="not a saved lfm-edge conversation"):
+        Session.load(llm, p)
+    with pytest.raises(LfmEdgeError, match="no such file"):
+        Session.load(llm, tmp_path / "missing.json")
