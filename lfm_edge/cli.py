@@ -11,8 +11,11 @@ from .errors import LfmEdgeError
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
+    "chat": ("lfm_edge.commands.chat", "chat with a model in the terminal"),
+    "run": ("lfm_edge.commands.run", "generate a reply to one prompt, for scripts"),
     "info": ("lfm_edge.commands.info", "describe a GGUF model file"),
     "quantize": ("lfm_edge.quantize", "convert a Hugging Face checkpoint to GGUF"),
+    "bench": ("lfm_edge.commands.bench", "measure prompt and generation speed (like llama-bench)"),
 }
 
 

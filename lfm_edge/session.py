@@ -125,9 +125,11 @@ class Session:
             raise LfmEdgeError("this session is already generating a reply; cancel it or wait")
         self._cancel.clear()
         reply: list[str] = []
+        stats = self.last_stats = GenerationStats()
+        completed = False
         try:
             prompt = self.llm.chat_tokens(self.messages, self.tools)
-            stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt))
+            stats.prompt_tokens = len(prompt)
             logits = self._prefill(prompt, stats)
             history = list(prompt)
             tokens = self.llm.sample_tokens(logits, history, max_tokens, sampler, self._cache, stats, self._cancel)
@@ -137,7 +139,10 @@ class Session:
                 if on_text is not None:
                     on_text(piece)
                 yield piece
+            completed = True
         finally:
+            if not completed:  # the consumer stopped early, or Ctrl-C, or an error
+                stats.finish_reason = "cancelled"
             if reply or self.messages[-1]["role"] != "assistant":
                 self.messages.append({"role": "assistant", "content": "".join(reply)})
             self._busy.release()

@@ -1,0 +1,235 @@
+"""`lfm-edge chat`: a streaming multi-turn chat in the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from ..errors import LfmEdgeError
+from ..sampling import SamplingParams
+from ..session import Session
+from ..tool_calls import CALL_END, CALL_START, THINK_END, THINK_START, parse_tool_calls
+from .common import add_model_args, add_sampling_args, load_model, sampling_from_args
+
+HELP = """commands:
+  /exit                 leave (or Ctrl-D)
+  /clear                forget the conversation (keeps the system prompt)
+  /system TEXT          set the system prompt
+  /set PARAM VALUE      change a setting: temperature, top_k, top_p, min_p,
+                        repetition_penalty, repeat_last_n, seed, max_tokens
+  /stats                tokens and speed of the last reply
+  /save FILE            save the conversation (JSON)
+  /load FILE            load a saved conversation
+  /help                 this text
+Multi-line input: start and end it with \"\"\", or end a line with a backslash.
+Ctrl-C stops a reply without leaving the chat."""
+
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+MARKERS = (THINK_START, THINK_END, CALL_START, CALL_END)
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("-s", "--system", default=None, help="a system prompt")
+    p.add_argument("--show-reasoning", action="store_true", help="show LFM2.5's <think> reasoning (dimmed)")
+    p.add_argument("-v", "--verbose", action="store_true", help="time to first token and tokens/s after each reply")
+    p.add_argument("--load", default=None, metavar="FILE", help="start from a saved conversation")
+
+
+class ReplyView:
+    """Turns the raw reply stream into what the terminal shows.
+
+    Reasoning is hidden or dimmed; tool-call blocks are hidden while they
+    stream and shown as calls at the end. A marker split across pieces is
+    held back until it is complete.
+    """
+
+    def __init__(self, out, show_reasoning: bool, color: bool):
+        self.out, self.show_reasoning, self.color = out, show_reasoning, color
+        self.text = ""
+        self.shown = 0  # characters of render(self.text) already written
+
+    def render(self, text: str) -> str:
+        out, i, mode = [], 0, "text"
+        while i < len(text):
+            marker = next((m for m in MARKERS if text.startswith(m, i)), None)
+            if marker == THINK_START and mode == "text":
+                mode = "think"
+                if self.show_reasoning:
+                    out.append(DIM if self.color else "[thinking] ")
+            elif marker == THINK_END and mode == "think":
+                mode = "text"
+                if self.show_reasoning:
+                    out.append(RESET if self.color else "\n[/thinking]\n")
+            elif marker == CALL_START and mode == "text":
+                mode = "call"
+            elif marker == CALL_END and mode == "call":
+                mode = "text"
+            elif marker is None:
+                if mode == "text" or (mode == "think" and self.show_reasoning):
+                    out.append(text[i])
+                i += 1
+                continue
+            i += len(marker)
+        return "".join(out)
+
+    def feed(self, piece: str) -> None:
+        self.text += piece
+        text = self.text
+        # hold back a tail that may be the start of a marker
+        for k in range(min(len(text), max(map(len, MARKERS)) - 1), 0, -1):
+            if any(m.startswith(text[-k:]) for m in MARKERS):
+                text = text[:-k]
+                break
+        self._write(self.render(text))
+
+    def finish(self) -> None:
+        self._write(self.render(self.text))
+        if self.color and self.show_reasoning and THINK_START in self.text and THINK_END not in self.text:
+            self.out.write(RESET)
+        _, calls = parse_tool_calls(self.text.split(THINK_END)[-1])
+        for call in calls:
+            self.out.write(f"\n→ tool call: {call}")
+        self.out.write("\n")
+        self.out.flush()
+
+    def _write(self, rendered: str) -> None:
+        if len(rendered) > self.shown:
+            self.out.write(rendered[self.shown :])
+            self.out.flush()
+            self.shown = len(rendered)
+
+
+def read_message(interactive: bool) -> str:
+    """One user message: a line, a backslash-continued block, or a \"\"\"-fenced block."""
+    more = "... " if interactive else ""
+    line = input(">>> " if interactive else "")
+    if line.startswith('"""'):
+        lines = [line[3:]]
+        while not lines[-1].endswith('"""'):
+            lines.append(input(more))
+        return "\n".join(lines)[: -3].strip("\n")
+    lines = [line]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        lines.append(input(more))
+    return "\n".join(lines)
+
+
+def parse_setting(name: str, value: str):
+    kinds = {f.name: f.type for f in fields(SamplingParams)} | {"max_tokens": "int"}
+    if name not in kinds:
+        raise LfmEdgeError(f"unknown setting {name!r}; settings: {', '.join(sorted(kinds))}")
+    kind = str(kinds[name])
+    try:
+        return int(value) if "int" in kind else float(value)
+    except ValueError:
+        raise LfmEdgeError(f"{name} needs a number, got {value!r}") from None
+
+
+def print_stats(session: Session, out) -> None:
+    s = session.last_stats
+    out.write(
+        f"{s.prompt_tokens} prompt tokens ({s.cached_tokens} reused), {s.completion_tokens} generated, "
+        f"time to first token {s.prefill_s:.2f} s, {s.decode_tps:.1f} tokens/s, finish: {s.finish_reason}\n"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    out = sys.stdout
+    llm = load_model(args)
+    sampling = sampling_from_args(llm, args)
+    if args.load:
+        session = Session.load(llm, args.load)
+    else:
+        session = Session(llm, system=args.system, max_tokens=args.max_tokens, **sampling)
+    color = out.isatty()
+    interactive = sys.stdin.isatty()
+    if interactive:
+        out.write(f"lfm-edge chat with {llm.file.path.name}. /help for commands, Ctrl-D to leave.\n")
+    while True:
+        try:
+            text = read_message(interactive)
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            out.write("\n(Ctrl-D or /exit to leave)\n")
+            continue
+        if not text.strip():
+            continue
+        try:
+            if text.startswith("/"):
+                if handle_command(text, session, out) == "exit":
+                    break
+            else:
+                reply(session, text, out, args, color)
+        except LfmEdgeError as e:
+            out.write(f"error: {e}\n")
+        except KeyboardInterrupt:  # between two steps, outside a reply
+            out.write("\n[stopped]\n")
+    return 0
+
+
+def reply(session: Session, text: str, out, args, color: bool) -> None:
+    view = ReplyView(out, args.show_reasoning, color)
+    pieces = session.send(text)
+    try:
+        for piece in pieces:
+            view.feed(piece)
+    except KeyboardInterrupt:
+        view.finish()
+        out.write("[stopped]\n")
+        return
+    finally:
+        pieces.close()  # a partial reply stays in the history
+    view.finish()
+    if args.verbose:
+        print_stats(session, out)
+
+
+def handle_command(text: str, session: Session, out) -> str | None:
+    name, _, rest = text.partition(" ")
+    rest = rest.strip()
+    if name in ("/exit", "/quit", "/bye"):
+        return "exit"
+    if name == "/help":
+        out.write(HELP + "\n")
+    elif name == "/clear":
+        session.clear()
+        out.write("conversation cleared\n")
+    elif name == "/system":
+        if not rest:
+            raise LfmEdgeError("usage: /system TEXT")
+        session.set_system(rest)
+        out.write("system prompt set\n")
+    elif name == "/set":
+        parts = rest.split()
+        if len(parts) != 2:
+            raise LfmEdgeError("usage: /set PARAM VALUE")
+        value = parse_setting(parts[0], parts[1])
+        if parts[0] == "max_tokens":
+            if value < 0:
+                raise LfmEdgeError("max_tokens must be >= 0")
+            session.max_tokens = int(value)
+        else:
+            session.set(**{parts[0]: value})
+        out.write(f"{parts[0]} = {value}\n")
+    elif name == "/stats":
+        print_stats(session, out)
+    elif name == "/save":
+        if not rest:
+            raise LfmEdgeError("usage: /save FILE")
+        session.save(rest)
+        out.write(f"saved {len(session.messages)} messages to {rest}\n")
+    elif name == "/load":
+        if not rest:
+            raise LfmEdgeError("usage: /load FILE")
+        loaded = Session.load(session.llm, rest)
+        session.messages, session.tools = loaded.messages, loaded.tools
+        session.sampling, session.max_tokens = loaded.sampling, loaded.max_tokens
+        out.write(f"loaded {len(session.messages)} messages from {rest}\n")
+    else:
+        raise LfmEdgeError(f"unknown command {name}; /help lists them")
+    return None

@@ -1,0 +1,73 @@
+"""Options shared by the commands that load a model and generate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..hub import DEFAULT_MODEL, resolve_model
+from ..llm import LLM
+
+# The model cards' recommended sampling (../shared/seeds)
+LFM2_DEFAULTS = dict(temperature=0.3, min_p=0.15, repetition_penalty=1.05)
+LFM25_DEFAULTS = dict(temperature=0.2, top_k=80, repetition_penalty=1.05)
+SAMPLING_FLAGS = {
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+    "min_p": float,
+    "repetition_penalty": float,
+    "repeat_last_n": int,
+    "seed": int,
+}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-m", "--model", default=None,
+        help=f"a .gguf file or a hub reference such as {DEFAULT_MODEL}[:Q8_0] (default: {DEFAULT_MODEL}, Q4_0)",
+    )
+    p.add_argument("-t", "--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("-c", "--n-ctx", type=positive_int, default=4096, help="context length in tokens (default 4096)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults: the model card's recommendation)")
+    for name, kind in SAMPLING_FLAGS.items():
+        g.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, dest=name)
+    g.add_argument("-n", "--max-tokens", type=non_negative_int, default=1024, help="most tokens to generate")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def load_model(args: argparse.Namespace) -> LLM:
+    llm = LLM(resolve_model(args.model), n_threads=args.threads, n_ctx=args.n_ctx)
+    if llm.file.metadata.get("lfm_edge.demo"):
+        print("note: this is an lfm-edge demo model with random weights; its output is gibberish.", file=sys.stderr)
+    return llm
+
+
+def card_defaults(llm: LLM) -> dict[str, Any]:
+    """LFM2.5 and LFM2 recommend different sampling; tell them apart by name or vocabulary."""
+    name = str(llm.file.metadata.get("general.name", "")) + str(llm.file.metadata.get("general.basename", ""))
+    is_25 = "2.5" in name or llm.args.n_vocab == 128_000
+    return dict(LFM25_DEFAULTS if is_25 else LFM2_DEFAULTS)
+
+
+def sampling_from_args(llm: LLM, args: argparse.Namespace) -> dict[str, Any]:
+    options = card_defaults(llm)
+    options.update({k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None})
+    return options

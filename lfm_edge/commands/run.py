@@ -1,0 +1,68 @@
+"""`lfm-edge run -m MODEL "prompt"`: one-shot generation to stdout, for scripts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ..errors import LfmEdgeError
+from ..llm import GenerationStats
+from ..tool_calls import parse_tool_calls, split_reasoning
+from .common import add_model_args, add_sampling_args, load_model, sampling_from_args
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the prompt; '-' reads it from standard input")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("-s", "--system", default=None, help="a system prompt")
+    p.add_argument("--raw", action="store_true", help="continue the text as is, without the chat template")
+    p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON record: text, token counts, timings")
+
+
+def main(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise LfmEdgeError("the prompt is empty")
+    start = time.perf_counter()
+    llm = load_model(args)
+    load_s = time.perf_counter() - start
+    sampling = sampling_from_args(llm, args)
+    if args.raw:
+        ids = llm.tokenize(prompt)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        ids = llm.chat_tokens(messages)
+    stats = GenerationStats()
+    pieces = llm.generate(ids, max_tokens=args.max_tokens, stop=args.stop, stats=stats, **sampling)
+    if args.json:
+        text = "".join(pieces)
+        reasoning, answer = split_reasoning(text)
+        content, calls = parse_tool_calls(answer)
+        record = {
+            "model": str(llm.file.path),
+            "text": text,
+            "content": content,
+            "reasoning": reasoning,
+            "tool_calls": [{"name": c.name, "arguments": c.arguments} for c in calls],
+            "prompt_tokens": stats.prompt_tokens,
+            "completion_tokens": stats.completion_tokens,
+            "finish_reason": stats.finish_reason,
+            "load_s": round(load_s, 4),
+            "ttft_s": round(stats.prefill_s, 4),
+            "decode_s": round(stats.decode_s, 4),
+            "decode_tps": round(stats.decode_tps, 2),
+            "sampling": sampling,
+        }
+        print(json.dumps(record, ensure_ascii=False))
+        return 0
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
