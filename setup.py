@@ -89,8 +89,9 @@ setup(
     package_dir={"lfm_edge.quantize": "quantize"},
     ext_modules=[CMakeExtension("lfm_edge._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
-    install_requires=["numpy", "gguf", "tokenizers", "jinja2"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "safetensors"]},
+    # huggingface_hub: hub downloads into the shared cache, with resume and progress bars
+    install_requires=["numpy", "gguf", "tokenizers", "jinja2", "huggingface_hub"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "safetensors", "pexpect", "openai"]},
     entry_points={"console_scripts": ["lfm-edge = lfm_edge.cli:main"]},
     zip_safe=False,
 )
