@@ -6,13 +6,19 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "dispatch.h"
 #include "kernels.h"
+#include "ops.h"
+#include "pack.h"
+#include "threadpool.h"
 
 namespace py = pybind11;
 
@@ -218,6 +224,267 @@ void set_isa(const std::string& name) {
                           "' is not available; this CPU and build support: " + usable);
 }
 
+
+// ------------------------------------------------------------------ packed weights and ops
+
+// A weight matrix (or a stack of them) ready for the kernels: Q4_0 / Q8_0 repacked into an
+// aligned buffer it owns, float types as the caller's buffer, kept alive by a reference.
+class PackedMatrix {
+   public:
+    PackedMatrix(const py::buffer& w, QType qtype, int64_t n, int64_t k, int64_t n_mats) {
+        if (n_mats <= 0) throw py::value_error("n_mats must be positive, got " + std::to_string(n_mats));
+        const py::buffer_info info = checked_weights(w, qtype, checked_mul(n, n_mats, "n * n_mats"), k);
+        matrix_ = {qtype, n, k, n_mats, 0, nullptr};
+        const auto* src = static_cast<const uint8_t*>(info.ptr);
+        if (matrix_.packed()) {
+            matrix_.mat_bytes = lfm::packed_bytes(qtype, n, k);
+            const int64_t total = checked_mul(matrix_.mat_bytes, n_mats, "the packed size");
+            const auto rounded = static_cast<size_t>((total + 63) / 64 * 64);
+            storage_.reset(static_cast<uint8_t*>(std::aligned_alloc(64, rounded)));
+            if (!storage_) throw std::bad_alloc();
+            {
+                py::gil_scoped_release release;
+                lfm::pack_matrices(qtype, src, n, k, n_mats, storage_.get());
+            }
+            matrix_.data = storage_.get();
+        } else {
+            matrix_.mat_bytes = checked_row_bytes(qtype, k) * n;
+            matrix_.data = src;
+            owner_ = w;  // the kernels read the caller's bytes
+        }
+    }
+
+    const lfm::Matrix& matrix() const { return matrix_; }
+    int64_t nbytes() const { return matrix_.mat_bytes * matrix_.n_mats; }
+
+   private:
+    struct Free {
+        void operator()(uint8_t* p) const { std::free(p); }
+    };
+    lfm::Matrix matrix_{};
+    std::unique_ptr<uint8_t, Free> storage_;
+    py::object owner_;
+};
+
+// a must be float32, C-contiguous, aligned; returns its shape.
+std::vector<int64_t> checked_f32(const py::array& a, const std::string& name) {
+    if (!a.dtype().equal(py::dtype::of<float>())) {
+        throw py::value_error(name + " must be float32, got " + dtype_name(a));
+    }
+    if (!(a.flags() & py::array::c_style)) throw py::value_error(name + " must be C-contiguous");
+    if (reinterpret_cast<uintptr_t>(a.data()) % alignof(float) != 0) {
+        throw py::value_error(name + " must be aligned to 4 bytes");
+    }
+    return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
+}
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+    std::string s = "[";
+    for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+    return s + "]";
+}
+
+void expect_shape(const std::vector<int64_t>& shape, const std::vector<int64_t>& want,
+                  const std::string& name) {
+    if (shape != want) {
+        throw py::value_error(name + " has shape " + shape_str(shape) + ", expected " + shape_str(want));
+    }
+}
+
+py::array_t<float> linear(const py::array& x, const PackedMatrix& w, int64_t index) {
+    const lfm::Matrix& m = w.matrix();
+    check_activations(x, m.k);
+    if (index < 0 || index >= m.n_mats) {
+        throw py::value_error("index " + std::to_string(index) + " is out of range for " +
+                              std::to_string(m.n_mats) + " stacked matrices");
+    }
+    const int64_t n_tokens = x.shape(0);
+    py::array_t<float> y({n_tokens, m.n});  // [T, n]
+    const auto* x_data = static_cast<const float*>(x.data());
+    float* y_data = y.mutable_data();
+    if (n_tokens > 0) {
+        py::gil_scoped_release release;
+        lfm::linear(m, index, x_data, n_tokens, y_data);
+    }
+    return y;
+}
+
+// ids [T, top_k] of int32 / int64 as int32, each in [0, n).
+std::vector<int32_t> checked_expert_ids(const py::array& ids, int64_t n_tokens, int64_t n) {
+    const bool is_int32 = ids.dtype().equal(py::dtype::of<int32_t>());
+    const bool is_int64 = ids.dtype().equal(py::dtype::of<int64_t>());
+    if (!is_int32 && !is_int64) throw py::value_error("experts must be int32 or int64, got " + dtype_name(ids));
+    if (ids.ndim() != 2 || ids.shape(0) != n_tokens) {
+        throw py::value_error("experts must be [T, top_k] with T = " + std::to_string(n_tokens));
+    }
+    py::array_t<int64_t, py::array::c_style | py::array::forcecast> as64(ids);
+    std::vector<int32_t> out(static_cast<size_t>(as64.size()));
+    for (py::ssize_t i = 0; i < as64.size(); ++i) {
+        const int64_t e = as64.data()[i];
+        if (e < 0 || e >= n) {
+            throw py::value_error("expert id " + std::to_string(e) + " is out of range for " +
+                                  std::to_string(n) + " experts");
+        }
+        out[static_cast<size_t>(i)] = static_cast<int32_t>(e);
+    }
+    return out;
+}
+
+py::array_t<float> moe(const py::array& x, const py::array& experts, const py::array& weights,
+                       const PackedMatrix& gate, const PackedMatrix& up, const PackedMatrix& down) {
+    const lfm::Matrix &g = gate.matrix(), &u = up.matrix(), &d = down.matrix();
+    if (u.n != g.n || u.k != g.k || u.n_mats != g.n_mats || d.n != g.k || d.k != g.n || d.n_mats != g.n_mats) {
+        throw py::value_error("gate/up must be [E, F, H] and down [E, H, F] with the same E, F, H");
+    }
+    if (u.qtype != g.qtype) throw py::value_error("gate and up must have the same type");
+    check_activations(x, g.k);
+    const int64_t n_tokens = x.shape(0);
+    const std::vector<int32_t> ids = checked_expert_ids(experts, n_tokens, g.n_mats);
+    const int64_t top_k = experts.shape(1);
+    expect_shape(checked_f32(weights, "weights"), {n_tokens, top_k}, "weights");
+    py::array_t<float> out({n_tokens, g.k});  // [T, H]
+    const auto* x_data = static_cast<const float*>(x.data());
+    const auto* w_data = static_cast<const float*>(weights.data());
+    float* out_data = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        lfm::moe(x_data, n_tokens, ids.data(), w_data, top_k, g, u, d, out_data);
+    }
+    return out;
+}
+
+py::array_t<float> rms_norm(const py::array& x, const py::array& w, double eps) {
+    const std::vector<int64_t> shape = checked_f32(x, "x");
+    if (shape.empty()) throw py::value_error("x must have at least one dimension");
+    const int64_t n = shape.back();
+    expect_shape(checked_f32(w, "weight"), {n}, "weight");
+    int64_t rows = 1;
+    for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+    py::array_t<float> out(shape);
+    const auto* x_data = static_cast<const float*>(x.data());
+    const auto* w_data = static_cast<const float*>(w.data());
+    float* out_data = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        lfm::rms_norm(x_data, rows, n, w_data, static_cast<float>(eps), out_data);
+    }
+    return out;
+}
+
+// state [L-1, H] (written), kernel [H, L]: checked against `hidden`; returns L.
+int64_t checked_conv_state(const py::array& state, const py::array& kernel, int64_t hidden) {
+    const std::vector<int64_t> ks = checked_f32(kernel, "kernel");
+    if (ks.size() != 2 || ks[0] != hidden || ks[1] < 1) {
+        throw py::value_error("kernel has shape " + shape_str(ks) + ", expected [" + std::to_string(hidden) + ", L]");
+    }
+    expect_shape(checked_f32(state, "state"), {ks[1] - 1, hidden}, "state");
+    if (!state.writeable()) throw py::value_error("state must be writeable");
+    return ks[1];
+}
+
+py::array_t<float> short_conv(const py::array& bx, py::array& state, const py::array& kernel,
+                              bool gated) {
+    const std::vector<int64_t> shape = checked_f32(bx, gated ? "bcx" : "bx");
+    if (shape.size() != 2 || (gated && shape[1] % 3 != 0)) {
+        throw py::value_error(gated ? "bcx must be [T, 3H]" : "bx must be [T, H]");
+    }
+    const int64_t n_tokens = shape[0], hidden = gated ? shape[1] / 3 : shape[1];
+    const int64_t width = checked_conv_state(state, kernel, hidden);
+    py::array_t<float> y({n_tokens, hidden});  // [T, H]
+    const auto* in = static_cast<const float*>(bx.data());
+    auto* st = static_cast<float*>(state.mutable_data());
+    const auto* kern = static_cast<const float*>(kernel.data());
+    float* y_data = y.mutable_data();
+    {
+        py::gil_scoped_release release;
+        if (gated) {
+            lfm::gated_short_conv(in, n_tokens, hidden, st, kern, width, y_data);
+        } else {
+            lfm::short_conv(in, n_tokens, hidden, st, kern, width, y_data);
+        }
+    }
+    return y;
+}
+
+py::array_t<float> rope(const py::array& x, const py::array& positions, double base) {
+    const std::vector<int64_t> shape = checked_f32(x, "x");
+    if (shape.size() != 3 || shape[2] % 2 != 0) throw py::value_error("x must be [T, n_heads, d] with d even");
+    py::array_t<int64_t, py::array::c_style | py::array::forcecast> pos(positions);
+    if (pos.ndim() != 1 || pos.shape(0) != shape[0]) throw py::value_error("positions must be [T]");
+    py::array_t<float> out(shape);
+    std::memcpy(out.mutable_data(), x.data(), static_cast<size_t>(x.nbytes()));
+    float* out_data = out.mutable_data();
+    const int64_t* p = pos.data();
+    {
+        py::gil_scoped_release release;
+        lfm::rope(out_data, shape[0], shape[1], shape[2], p, base);
+    }
+    return out;
+}
+
+py::array_t<float> attention(const py::array& q, const py::array& k, const py::array& v, int64_t q_start) {
+    const std::vector<int64_t> qs = checked_f32(q, "q"), ks = checked_f32(k, "k");
+    if (qs.size() != 3 || ks.size() != 3) throw py::value_error("q must be [T, n_heads, d] and k, v [S, n_kv, d]");
+    expect_shape(checked_f32(v, "v"), ks, "v");
+    const int64_t n_tokens = qs[0], n_heads = qs[1], d = qs[2], n_kv = ks[1];
+    if (ks[2] != d) throw py::value_error("q and k have different head sizes");
+    if (n_kv <= 0 || n_heads % n_kv != 0 || n_heads / n_kv > 16) {
+        throw py::value_error("n_heads must be a multiple of n_kv, at most 16 per KV head");
+    }
+    if (d > 256) throw py::value_error("head_dim above 256 is not supported");
+    if (q_start < 0 || ks[0] != q_start + n_tokens) {
+        throw py::value_error("k must hold q_start + T = " + std::to_string(q_start + n_tokens) + " positions");
+    }
+    py::array_t<float> out({n_tokens, n_heads * d});  // [T, n_heads * d]
+    lfm::AttentionArgs args{static_cast<const float*>(q.data()), static_cast<const float*>(k.data()),
+                            static_cast<const float*>(v.data()), out.mutable_data(), n_heads, n_kv, d,
+                            q_start, static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)))};
+    {
+        py::gil_scoped_release release;
+        lfm::attention(args, n_tokens);
+    }
+    return out;
+}
+
+py::tuple route(const py::array& logits, const py::object& bias, int64_t top_k, bool normalize, double scale) {
+    const std::vector<int64_t> shape = checked_f32(logits, "logits");
+    if (shape.size() != 2) throw py::value_error("logits must be [T, E]");
+    const int64_t n_tokens = shape[0], n_expert = shape[1];
+    if (top_k < 1 || top_k > n_expert) throw py::value_error("top_k must be in 1 .. E");
+    const float* bias_data = nullptr;
+    py::array bias_array;
+    if (!bias.is_none()) {
+        bias_array = bias.cast<py::array>();
+        expect_shape(checked_f32(bias_array, "expert_bias"), {n_expert}, "expert_bias");
+        bias_data = static_cast<const float*>(bias_array.data());
+    }
+    py::array_t<int32_t> experts({n_tokens, top_k});
+    py::array_t<float> weights({n_tokens, top_k});
+    const auto* l = static_cast<const float*>(logits.data());
+    int32_t* e = experts.mutable_data();
+    float* w = weights.mutable_data();
+    {
+        py::gil_scoped_release release;
+        lfm::route(l, n_tokens, n_expert, bias_data, top_k, normalize, static_cast<float>(scale), e, w);
+    }
+    return py::make_tuple(experts, weights);
+}
+
+py::tuple quantize_activations(const py::array& x) {
+    const std::vector<int64_t> shape = checked_f32(x, "x");
+    if (shape.size() != 2 || shape[1] % 32 != 0) throw py::value_error("x must be [T, k] with k a multiple of 32");
+    const int64_t n_tokens = shape[0], k = shape[1];
+    py::array_t<int8_t> q({n_tokens, k});
+    py::array_t<float> d({n_tokens, k / 32});
+    py::array_t<int32_t> sum({n_tokens, k / 32});
+    const lfm::KernelTable& table = lfm::active_kernels();
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        table.quantize_row(static_cast<const float*>(x.data()) + t * k, k, q.mutable_data() + t * k,
+                           d.mutable_data() + t * (k / 32), sum.mutable_data() + t * (k / 32));
+    }
+    return py::make_tuple(q, d, sum);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -243,4 +510,51 @@ PYBIND11_MODULE(_C, m) {
           "Instruction sets compiled in and supported by this CPU, lowest first.");
     m.def("set_isa", &set_isa, py::arg("name"),
           "Use the kernels of one of cpu_isas() from now on (process-wide).");
+
+    py::class_<PackedMatrix>(m, "PackedMatrix",
+                             "A weight matrix (or a stack of n_mats) in the layout the kernels "
+                             "stream: Q4_0 / Q8_0 repacked into 16-row groups, float types "
+                             "borrowed as stored.")
+        .def(py::init([](const py::buffer& w, int64_t qtype, int64_t n, int64_t k, int64_t n_mats) {
+                 return std::make_unique<PackedMatrix>(w, checked_qtype(qtype), n, k, n_mats);
+             }),
+             py::arg("w"), py::arg("qtype"), py::arg("n"), py::arg("k"), py::arg("n_mats") = 1)
+        .def_property_readonly("qtype", [](const PackedMatrix& p) { return static_cast<int>(p.matrix().qtype); })
+        .def_property_readonly("n", [](const PackedMatrix& p) { return p.matrix().n; })
+        .def_property_readonly("k", [](const PackedMatrix& p) { return p.matrix().k; })
+        .def_property_readonly("n_mats", [](const PackedMatrix& p) { return p.matrix().n_mats; })
+        .def_property_readonly("nbytes", &PackedMatrix::nbytes, "bytes the kernels read for all matrices")
+        .def_property_readonly("int8_activations", [](const PackedMatrix& p) { return p.matrix().packed(); });
+
+    m.def("linear", &linear, py::arg("x"), py::arg("w"), py::arg("index") = 0,
+          "y = x @ W[index].T as float32 [T, n] for a PackedMatrix; int8 activations for Q4_0 / "
+          "Q8_0, exact float32 for float types.");
+    m.def("moe", &moe, py::arg("x"), py::arg("experts"), py::arg("weights"), py::arg("gate"),
+          py::arg("up"), py::arg("down"),
+          "sum_j weights[t, j] * down_e(silu(gate_e(x)) * up_e(x)), e = experts[t, j]: [T, H].");
+    m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
+          "x / sqrt(mean(x^2) + eps) * weight over the last axis.");
+    m.def("short_conv",
+          [](const py::array& bx, py::array& state, const py::array& kernel) { return short_conv(bx, state, kernel, false); },
+          py::arg("bx"), py::arg("state"), py::arg("kernel"),
+          "Causal depthwise conv of bx [T, H] with state [L-1, H] (updated in place), kernel [H, L].");
+    m.def("gated_short_conv",
+          [](const py::array& bcx, py::array& state, const py::array& kernel) { return short_conv(bcx, state, kernel, true); },
+          py::arg("bcx"), py::arg("state"), py::arg("kernel"),
+          "C * conv(B * x) for bcx [T, 3H] = (B, C, x); state and kernel as short_conv.");
+    m.def("rope", &rope, py::arg("x"), py::arg("positions"), py::arg("base"),
+          "NeoX RoPE of x [T, n_heads, d] at positions [T] (a new array).");
+    m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_start"),
+          "Causal GQA attention, online softmax: q [T, n_heads, d], k/v [q_start + T, n_kv, d] -> [T, n_heads * d].");
+    m.def("route", &route, py::arg("logits"), py::arg("expert_bias"), py::arg("top_k"),
+          py::arg("normalize"), py::arg("scale"),
+          "Sigmoid top-k routing: (experts int32 [T, k], weights float32 [T, k]).");
+    m.def("quantize_activations", &quantize_activations, py::arg("x"),
+          "The int8 activations the Q4_0 / Q8_0 kernels use: (q int8 [T, k], d [T, k/32], sum int32 [T, k/32]).");
+    m.def("set_threads", [](int n) {
+              if (n < 1) throw py::value_error("n_threads must be at least 1, got " + std::to_string(n));
+              py::gil_scoped_release release;
+              lfm::set_num_threads(n);
+          }, py::arg("n"), "Use n threads (the caller included) for every kernel from now on.");
+    m.def("threads", [] { return lfm::num_threads(); }, "Threads the kernels use.");
 }

@@ -36,11 +36,52 @@ using DequantizeRowFn = void (*)(const uint8_t* row, int64_t k, float* out);
 using MatmulFn = void (*)(const float* x, int64_t n_tokens, const uint8_t* w, int64_t k,
                           int64_t row_begin, int64_t row_end, float* y, int64_t ldy);
 
-// The kernels for one weight type. Later kernels (int8-activation VNNI matmuls) join as fields.
+// Activations quantized for the int8 kernels, in blocks of 32 along k:
+// x[t, i] ~ d[t, i / 32] * q[t, i], with d = max|x| / 127 over the block and q = rint(x / d)
+// computed as rint(x * (1 / d)) in float32 (0 for an all-zero block).
+struct QuantizedRows {
+    const int8_t* q;     // [n_tokens, k]
+    const float* d;      // [n_tokens, k / 32]
+    const int32_t* sum;  // [n_tokens, k / 32] sum of q over each block
+    int64_t n_tokens;
+    int64_t k;  // a multiple of 32
+};
+
+// Quantizes one row of k values (k % 32 == 0) as QuantizedRows describes. Bit-identical on
+// every instruction set: each step is one correctly rounded float32 operation.
+using QuantizeRowFn = void (*)(const float* x, int64_t k, int8_t* q, float* d, int32_t* sum);
+
+// y[t, r] = sum over blocks b of (d_w[r, b] * d_x[t, b]) * dot_int(w[r, b], q[t, b]), the
+// products of scales and the float32 sums taken in block order with one fused multiply-add
+// per block, so every instruction set gives the same bits.
+//   x: the quantized activations [n_tokens, k]
+//   w: a packed matrix (packed.h) of n_rows rows; row groups [group_begin, group_end) are done
+//   y: [n_tokens, ldy]; only columns of rows < n_rows are written
+using PackedMatmulFn = void (*)(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
+                                int64_t group_begin, int64_t group_end, float* y, int64_t ldy);
+
+// The kernels for one weight type.
 struct QTypeKernels {
     DequantizeRowFn dequantize_row;
-    MatmulFn matmul_f32;  // float32 activations, weights dequantized on the fly
+    MatmulFn matmul_f32;           // float32 activations, weights dequantized on the fly
+    PackedMatmulFn matmul_packed;  // int8 activations, packed weights; nullptr for float types
 };
+
+// Causal grouped-query attention with an online softmax, for the queries of one KV head:
+// out[t, h, :] = sum_j softmax_j(q[t, h] . k[j] * scale) v[j] over keys j <= q_start + t.
+// Computes query rows [t_begin, t_end) and query heads [h_begin, h_end) of one KV head kvh;
+// memory is O(head_dim) per query whatever the context length.
+//   q: [T, n_heads, d]; k, v: [S, n_kv, d] (rows of a KV cache); out: [T, n_heads, d]
+struct AttentionArgs {
+    const float* q;
+    const float* k;
+    const float* v;
+    float* out;
+    int64_t n_heads, n_kv, head_dim, q_start;
+    float scale;
+};
+using AttentionFn = void (*)(const AttentionArgs& a, int64_t kv_head, int64_t t_begin,
+                             int64_t t_end);
 
 struct KernelTable {
     const char* isa;  // "scalar" | "avx2" | "avx512"
@@ -49,6 +90,8 @@ struct KernelTable {
     QTypeKernels bf16;
     QTypeKernels q8_0;
     QTypeKernels q4_0;
+    QuantizeRowFn quantize_row;
+    AttentionFn attention;
 };
 
 // One getter per instruction set. Only the scalar one exists on every build; dispatch.cpp

@@ -5,6 +5,7 @@
 
 #include "formats.h"
 #include "kernels.h"
+#include "qmatmul.h"
 
 namespace lfm {
 namespace {
@@ -157,8 +158,8 @@ void matmul(const float* x, int64_t n_tokens, const uint8_t* w, int64_t k, int64
 }
 
 template <class Format>
-constexpr QTypeKernels kernels_of() {
-    return {dequantize_row<Format>, matmul<Format>};
+constexpr QTypeKernels kernels_of(PackedMatmulFn matmul_packed = nullptr) {
+    return {dequantize_row<Format>, matmul<Format>, matmul_packed};
 }
 
 constexpr KernelTable kTable = {
@@ -166,8 +167,10 @@ constexpr KernelTable kTable = {
     kernels_of<F32>(),
     kernels_of<F16>(),
     kernels_of<BF16>(),
-    kernels_of<Q8_0>(),
-    kernels_of<Q4_0>(),
+    kernels_of<Q8_0>(avx2::matmul_q8_0_packed),
+    kernels_of<Q4_0>(avx2::matmul_q4_0_packed),
+    avx2::quantize_row,
+    avx2::attention,
 };
 
 }  // namespace

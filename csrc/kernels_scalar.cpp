@@ -2,6 +2,7 @@
 // kernels_avx2.cpp / kernels_avx512.cpp has the same shape and must agree with this one.
 #include "formats.h"
 #include "kernels.h"
+#include "qmatmul.h"
 
 namespace lfm {
 namespace {
@@ -113,8 +114,8 @@ void matmul(const float* x, int64_t n_tokens, const uint8_t* w, int64_t k, int64
 }
 
 template <class Format>
-constexpr QTypeKernels kernels_of() {
-    return {dequantize_row<Format>, matmul<Format>};
+constexpr QTypeKernels kernels_of(PackedMatmulFn matmul_packed = nullptr) {
+    return {dequantize_row<Format>, matmul<Format>, matmul_packed};
 }
 
 constexpr KernelTable kTable = {
@@ -122,8 +123,10 @@ constexpr KernelTable kTable = {
     kernels_of<F32>(),
     kernels_of<F16>(),
     kernels_of<BF16>(),
-    kernels_of<Q8_0>(),
-    kernels_of<Q4_0>(),
+    kernels_of<Q8_0>(scalar::matmul_q8_0_packed),
+    kernels_of<Q4_0>(scalar::matmul_q4_0_packed),
+    scalar::quantize_row,
+    scalar::attention,
 };
 
 }  // namespace

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from . import native
 from .cache import Cache
 from .chat_template import ChatTemplate
 from .errors import LfmEdgeError
@@ -64,7 +65,8 @@ class LLM:
             raise LfmEdgeError(f"n_ctx = {n_ctx} is more than the {self.args.n_ctx_train} tokens the model was trained for")
         self.n_ctx = n_ctx
         self._compute = threading.Lock()
-        self.n_threads = n_threads or os.cpu_count() or 1
+        self.n_threads = n_threads or usable_cores()
+        native.set_threads(self.n_threads)  # one pool for the process: the last load sets its size
         source = self.file.metadata.get("tokenizer.chat_template")
         tok = self.tokenizer
         self.chat_template = (
@@ -217,6 +219,12 @@ class LLM:
         """The assistant's reply to `messages`: text pieces, or the whole text with stream=False."""
         pieces = self.generate(self.chat_tokens(messages, tools), max_tokens=max_tokens, stop=stop, **sampling)
         return pieces if stream else "".join(pieces)
+
+
+def usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def make_sampling_params(options: dict[str, Any]) -> SamplingParams:

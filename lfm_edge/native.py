@@ -27,12 +27,24 @@ except ImportError as error:
 __all__ = [
     "ISA_ENV_VAR",
     "KNOWN_ISAS",
+    "PackedMatrix",
+    "attention",
     "available_isas",
     "dequantize",
+    "gated_short_conv",
     "get_rows",
     "isa",
+    "linear",
     "matmul",
+    "moe",
+    "quantize_activations",
+    "rms_norm",
+    "rope",
+    "route",
     "row_bytes",
+    "set_threads",
+    "short_conv",
+    "threads",
     "use_isa",
 ]
 
@@ -47,6 +59,36 @@ dequantize = _C.dequantize
 get_rows = _C.get_rows
 # bytes in one row of k weights of a type
 row_bytes = _C.row_bytes
+
+# A matrix (or a stack of n_mats, e.g. experts) ready for `linear` / `moe`:
+# PackedMatrix(w, qtype, n, k, n_mats=1). Q4_0 / Q8_0 are repacked once into 16-row groups
+# (csrc/packed.h); float types are borrowed as stored.
+PackedMatrix = _C.PackedMatrix
+# y = x @ W[index].T -> float32 [T, n]; int8 activations for Q4_0 / Q8_0, exact float32 otherwise
+linear = _C.linear
+# sum_j weights[t, j] * SwiGLU_{experts[t, j]}(x[t]) -> [T, H]; gate/up/down: PackedMatrix stacks
+moe = _C.moe
+# the int8 activations the Q4_0 / Q8_0 kernels use: (q int8 [T, k], d [T, k/32], sum int32 [T, k/32])
+quantize_activations = _C.quantize_activations
+# the small ops, as lfm_edge.ops documents them
+rms_norm = _C.rms_norm
+short_conv = _C.short_conv
+gated_short_conv = _C.gated_short_conv
+rope = _C.rope
+attention = _C.attention
+route = _C.route
+
+
+def set_threads(n: int) -> None:
+    """Run every kernel on n threads (the caller's included); the pool is made once and kept."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise LfmEdgeError(f"n_threads must be a positive integer, got {n!r}")
+    _C.set_threads(n)
+
+
+def threads() -> int:
+    """Threads the kernels use (by default one per core this process may run on)."""
+    return _C.threads()
 
 
 def available_isas() -> list[str]:

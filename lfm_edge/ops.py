@@ -1,32 +1,40 @@
 """The operations the architecture files are built from.
 
-Each op takes float32 activations (tokens first) and weights as stored in
-the GGUF file. The architecture files call only these functions, so a faster
-kernel replaces an op here without touching the model code. Matrix products
-and embedding lookups run in the native extension (`native`); the rest is
-numpy, written for clarity.
+Each op takes float32 activations (tokens first) and weights as `packed.Linear`
+matrices (made once at load) or float32 vectors. The architecture files call
+only these functions, so a faster kernel replaces an op here without touching
+the model code. Everything heavy runs in the native extension (`native`), on its
+thread pool with the GIL released; `reference` holds the numpy twin of each op.
+
+Q4_0 / Q8_0 matrices multiply int8-quantized activations (blocks of 32, one
+float32 scale each); float matrices keep exact float32 activations.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import native
+from . import native, reference
 from .gguf_file import Tensor
+from .packed import Linear
 
 
-def linear(x: np.ndarray, w: Tensor) -> np.ndarray:
-    """y = x @ W^T for x [T, K] and a stored weight W [N, K]; returns [T, N]."""
-    n, k = w.shape
-    return native.matmul(np.ascontiguousarray(x, dtype=np.float32), w.data, int(w.qtype), n, k)
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def expert_linear(x: np.ndarray, w: Tensor, expert: int) -> np.ndarray:
+def linear(x: np.ndarray, w: Linear | Tensor) -> np.ndarray:
+    """y = x @ W^T for x [T, K] and a weight W [N, K]; returns [T, N]."""
+    if not isinstance(w, Linear):
+        return reference.linear(x, w)  # a stored tensor that was never packed
+    return native.linear(_f32(x), w.native)
+
+
+def expert_linear(x: np.ndarray, w: Linear | Tensor, expert: int) -> np.ndarray:
     """`linear` with expert `expert` of a stacked weight W [E, N, K]."""
-    n_expert, n, k = w.shape
-    per_expert = w.nbytes // n_expert
-    rows = w.data[expert * per_expert : (expert + 1) * per_expert]
-    return native.matmul(np.ascontiguousarray(x, dtype=np.float32), rows, int(w.qtype), n, k)
+    if not isinstance(w, Linear):
+        return reference.expert_linear(x, w, expert)
+    return native.linear(_f32(x), w.native, expert)
 
 
 def embedding(w: Tensor, ids: np.ndarray) -> np.ndarray:
@@ -42,15 +50,13 @@ def to_float(w: Tensor) -> np.ndarray:
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * weight."""
-    variance = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
-    return (x / np.sqrt(variance + np.float32(eps))).astype(np.float32) * weight
+    return native.rms_norm(_f32(x), weight, eps)
 
 
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1.0) + np.exp(-x))
+silu = reference.silu
 
 
-def swiglu(x: np.ndarray, gate: Tensor, up: Tensor, down: Tensor) -> np.ndarray:
+def swiglu(x: np.ndarray, gate: Linear, up: Linear, down: Linear) -> np.ndarray:
     """down(silu(gate(x)) * up(x)), the FFN of every LFM2 layer."""
     return linear(silu(linear(x, gate)) * linear(x, up), down)
 
@@ -63,14 +69,13 @@ def short_conv(bx: np.ndarray, state: np.ndarray, kernel: np.ndarray) -> np.ndar
     after it; kernel: [H, L], where kernel[:, L-1] weighs the current token.
     Returns [T, H].
     """
-    t = bx.shape[0]
-    width = kernel.shape[1]
-    window = np.concatenate([state, bx], axis=0)  # [L-1+T, H]
-    y = np.zeros_like(bx)
-    for j in range(width):
-        y += window[j : j + t] * kernel[:, j]
-    state[...] = window[t:]
-    return y
+    return native.short_conv(_f32(bx), state, kernel)
+
+
+def gated_short_conv(bcx: np.ndarray, state: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """C * conv(B * x) in one pass, for bcx [T, 3H] = in_proj's (B, C, x); state and
+    kernel as in short_conv. Returns [T, H]."""
+    return native.gated_short_conv(_f32(bcx), state, kernel)
 
 
 def rope(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
@@ -78,14 +83,7 @@ def rope(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
 
     x: [T, n_heads, head_dim]; positions: [T].
     """
-    head_dim = x.shape[-1]
-    half = head_dim // 2
-    inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # [T, half]
-    cos = np.cos(angles).astype(np.float32)[:, None, :]
-    sin = np.sin(angles).astype(np.float32)[:, None, :]
-    x1, x2 = x[..., :half], x[..., half:]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return native.rope(_f32(x), positions, base)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_start: int) -> np.ndarray:
@@ -93,23 +91,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_start: int) -> np.n
 
     q: [T, n_heads, d]; k, v: [S, n_kv_heads, d] with S = q_start + T, the
     queries sitting at positions q_start .. q_start+T-1. Returns [T, n_heads*d].
+    The softmax is computed online over tiles of keys: no [T, S] score matrix.
     """
-    t, n_heads, d = q.shape
-    s, n_kv, _ = k.shape
-    group = n_heads // n_kv
-    out = np.empty((t, n_heads, d), dtype=np.float32)
-    # key j is visible to query i when j <= q_start + i
-    mask = np.arange(s)[None, :] > (q_start + np.arange(t))[:, None]  # [T, S]
-    scale = np.float32(1.0 / np.sqrt(d))
-    for h in range(n_kv):
-        qh = q[:, h * group : (h + 1) * group, :]  # [T, G, d]
-        scores = np.einsum("tgd,sd->gts", qh, k[:, h, :]) * scale  # [G, T, S]
-        scores[:, mask] = -np.inf
-        scores -= scores.max(axis=-1, keepdims=True)
-        p = np.exp(scores)
-        p /= p.sum(axis=-1, keepdims=True)
-        out[:, h * group : (h + 1) * group, :] = np.einsum("gts,sd->tgd", p, v[:, h, :])
-    return out.reshape(t, n_heads * d)
+    return native.attention(_f32(q), _f32(k), _f32(v), q_start)
 
 
 def route(
@@ -119,30 +103,20 @@ def route(
 
     logits: [T, E]. The bias shifts only the choice of experts; the weights
     are the unbiased sigmoid scores of the chosen ones. Returns the expert
-    ids [T, k] (best first) and their weights [T, k].
+    ids [T, k] (best first, ties to the lower id) and their weights [T, k].
     """
-    scores = 1.0 / (1.0 + np.exp(-logits.astype(np.float32)))  # [T, E]
-    choice = scores if expert_bias is None else scores + expert_bias
-    # stable argsort on the negated scores: ties go to the lower expert id, as torch.topk does on CPU
-    experts = np.argsort(-choice, axis=-1, kind="stable")[:, :top_k]  # [T, k]
-    weights = np.take_along_axis(scores, experts, axis=-1)
-    if normalize:
-        weights = weights / (weights.sum(axis=-1, keepdims=True) + np.float32(1e-6))
-    return experts, (weights * np.float32(scale)).astype(np.float32)
+    return native.route(_f32(logits), expert_bias, top_k, normalize, scale)
 
 
 def moe(
-    x: np.ndarray, experts: np.ndarray, weights: np.ndarray, gate: Tensor, up: Tensor, down: Tensor
+    x: np.ndarray, experts: np.ndarray, weights: np.ndarray, gate: Linear, up: Linear, down: Linear
 ) -> np.ndarray:
     """Sum over each token's chosen experts of weight * SwiGLU_e(x).
 
     x: [T, H]; experts, weights: [T, k]; gate/up: [E, F, H]; down: [E, H, F].
-    Only the chosen experts' weights are read: tokens are grouped by expert.
+    One native call: tokens grouped by expert, each expert one matmul over its
+    tokens, reading only the chosen experts' weights.
     """
-    out = np.zeros_like(x)
-    for e in np.unique(experts):
-        tokens, slot = np.nonzero(experts == e)
-        xe = x[tokens]
-        h = silu(expert_linear(xe, gate, int(e))) * expert_linear(xe, up, int(e))
-        out[tokens] += expert_linear(h, down, int(e)) * weights[tokens, slot][:, None]
-    return out
+    if not all(isinstance(w, Linear) for w in (gate, up, down)):
+        return reference.moe(x, experts, weights, gate, up, down)
+    return native.moe(_f32(x), experts, _f32(weights), gate.native, up.native, down.native)

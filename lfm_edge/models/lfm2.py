@@ -13,6 +13,7 @@ import numpy as np
 from .. import ops
 from ..cache import Cache, ConvState, KVCache
 from ..gguf_file import GGUFFile, Tensor
+from ..packed import Linear
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,13 @@ class Weights:
     def optional(self, name: str, shape: tuple[int, ...]) -> Tensor | None:
         return self.get(name, shape) if name in self.file.tensors else None
 
+    def has(self, name: str) -> bool:
+        return name in self.file.tensors
+
+    def linear(self, name: str, shape: tuple[int, ...]) -> Linear:
+        """A weight matrix, repacked once here for the kernels (see `packed`)."""
+        return Linear(self.get(name, shape))
+
     def vector(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         return ops.to_float(self.get(name, shape))
 
@@ -95,13 +103,12 @@ class ShortConv:
     def __init__(self, args: ModelArgs, w: Weights, i: int):
         h = args.hidden
         self.kernel = w.vector(f"blk.{i}.shortconv.conv.weight", (h, args.conv_kernel))  # [H, L]
-        self.in_proj = w.get(f"blk.{i}.shortconv.in_proj.weight", (3 * h, h))
-        self.out_proj = w.get(f"blk.{i}.shortconv.out_proj.weight", (h, h))
+        self.in_proj = w.linear(f"blk.{i}.shortconv.in_proj.weight", (3 * h, h))
+        self.out_proj = w.linear(f"blk.{i}.shortconv.out_proj.weight", (h, h))
 
     def __call__(self, x: np.ndarray, state: ConvState, start: int) -> np.ndarray:
-        b, c, xx = np.split(ops.linear(x, self.in_proj), 3, axis=-1)  # each [T, H]
-        y = ops.short_conv(b * xx, state.window, self.kernel)
-        return ops.linear(c * y, self.out_proj)
+        bcx = ops.linear(x, self.in_proj)  # [T, 3H]: B, C, x side by side
+        return ops.linear(ops.gated_short_conv(bcx, state.window, self.kernel), self.out_proj)
 
 
 class Attention:
@@ -111,10 +118,10 @@ class Attention:
         d, h = args.head_dim, args.hidden
         self.n_head, self.n_kv, self.head_dim = args.n_head, args.n_kv_heads[i], d
         self.eps, self.rope_base = args.norm_eps, args.rope_base
-        self.wq = w.get(f"blk.{i}.attn_q.weight", (self.n_head * d, h))
-        self.wk = w.get(f"blk.{i}.attn_k.weight", (self.n_kv * d, h))
-        self.wv = w.get(f"blk.{i}.attn_v.weight", (self.n_kv * d, h))
-        self.wo = w.get(f"blk.{i}.attn_output.weight", (h, self.n_head * d))
+        self.wq = w.linear(f"blk.{i}.attn_q.weight", (self.n_head * d, h))
+        self.wk = w.linear(f"blk.{i}.attn_k.weight", (self.n_kv * d, h))
+        self.wv = w.linear(f"blk.{i}.attn_v.weight", (self.n_kv * d, h))
+        self.wo = w.linear(f"blk.{i}.attn_output.weight", (h, self.n_head * d))
         self.q_norm = w.vector(f"blk.{i}.attn_q_norm.weight", (d,))
         self.k_norm = w.vector(f"blk.{i}.attn_k_norm.weight", (d,))
 
@@ -135,9 +142,9 @@ class MLP:
 
     def __init__(self, args: ModelArgs, w: Weights, i: int):
         h, f = args.hidden, args.ffn_dim
-        self.gate = w.get(f"blk.{i}.ffn_gate.weight", (f, h))
-        self.up = w.get(f"blk.{i}.ffn_up.weight", (f, h))
-        self.down = w.get(f"blk.{i}.ffn_down.weight", (h, f))
+        self.gate = w.linear(f"blk.{i}.ffn_gate.weight", (f, h))
+        self.up = w.linear(f"blk.{i}.ffn_up.weight", (f, h))
+        self.down = w.linear(f"blk.{i}.ffn_down.weight", (h, f))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return ops.swiglu(x, self.gate, self.up, self.down)
@@ -167,7 +174,8 @@ class Model:
         self.embed = w.get("token_embd.weight", (v, h))
         # llama.cpp stores LFM2's final norm (`embedding_norm`) as token_embd_norm
         self.norm = w.vector("token_embd_norm.weight", (h,))
-        self.output = w.optional("output.weight", (v, h)) or self.embed
+        # tied embeddings: without output.weight the head reuses token_embd
+        self.output = w.linear("output.weight" if w.has("output.weight") else "token_embd.weight", (v, h))
         self.layers = [DecoderLayer(args, w, i, self.feed_forward(args, w, i)) for i in range(args.n_layer)]
 
     def feed_forward(self, args: ModelArgs, w: Weights, i: int):

@@ -58,12 +58,12 @@ class SparseMoE:
         self.top_k = args.n_expert_used
         self.normalize = args.normalize_expert_weights
         self.scale = args.expert_weights_scale
-        self.router = w.get(f"blk.{i}.ffn_gate_inp.weight", (e, h))
+        self.router = w.linear(f"blk.{i}.ffn_gate_inp.weight", (e, h))
         # expert_bias only picks the top-k; it never weighs the outputs
         self.expert_bias = w.vector(f"blk.{i}.exp_probs_b.bias", (e,))
-        self.gate = w.get(f"blk.{i}.ffn_gate_exps.weight", (e, f, h))
-        self.up = w.get(f"blk.{i}.ffn_up_exps.weight", (e, f, h))
-        self.down = w.get(f"blk.{i}.ffn_down_exps.weight", (e, h, f))
+        self.gate = w.linear(f"blk.{i}.ffn_gate_exps.weight", (e, f, h))
+        self.up = w.linear(f"blk.{i}.ffn_up_exps.weight", (e, f, h))
+        self.down = w.linear(f"blk.{i}.ffn_down_exps.weight", (e, h, f))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         logits = ops.linear(x, self.router)  # [T, E]

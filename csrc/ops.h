@@ -1,0 +1,63 @@
+// The ops lfm_edge/ops.py calls, as whole-tensor operations: each splits its work over the
+// thread pool and calls the active instruction set's kernels. Baseline flags; the bindings
+// check every shape before calling in, so nothing here validates.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "kernels.h"
+
+namespace lfm {
+
+// A weight matrix (or a stack of n_mats of them, e.g. experts) as the kernels read it: Q4_0 /
+// Q8_0 repacked into 16-row groups (packed.h), float types in their GGUF rows, borrowed.
+struct Matrix {
+    QType qtype;
+    int64_t n, k;      // each matrix maps k inputs to n outputs
+    int64_t n_mats;    // stacked matrices, each mat_bytes long
+    int64_t mat_bytes;
+    const uint8_t* data;
+    bool packed() const { return qtype == QType::Q4_0 || qtype == QType::Q8_0; }
+    const uint8_t* mat(int64_t i) const { return data + i * mat_bytes; }
+};
+
+// Makes the packed copy of a Q4_0 / Q8_0 stack of n_mats GGUF matrices; `out` must hold
+// n_mats * packed_bytes(qtype, n, k) bytes (pack.h).
+void pack_matrices(QType qtype, const uint8_t* src, int64_t n, int64_t k, int64_t n_mats,
+                   uint8_t* out);
+
+// y [T, n] = x [T, k] @ W_index^T.
+void linear(const Matrix& w, int64_t index, const float* x, int64_t n_tokens, float* y);
+
+// out [T, H] = sum over j < top_k of weights[t, j] * SwiGLU_{experts[t, j]}(x[t]), reading only
+// the chosen experts: tokens grouped by expert, each expert one matmul over its tokens.
+//   gate, up: [E, F, H] stacks; down: [E, H, F]; experts: [T, top_k] ids in [0, E)
+void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* weights,
+         int64_t top_k, const Matrix& gate, const Matrix& up, const Matrix& down, float* out);
+
+// out [rows, n] = x / sqrt(mean(x^2) + eps) * w, row by row.
+void rms_norm(const float* x, int64_t rows, int64_t n, const float* w, float eps, float* out);
+
+// y [T, H] = C * conv(B * x) for bcx [T, 3H] = (B, C, x), the causal depthwise conv of width L
+// over the sequence with carried state [L-1, H] (updated in place); kernel [H, L].
+void gated_short_conv(const float* bcx, int64_t n_tokens, int64_t hidden, float* state,
+                      const float* kernel, int64_t width, float* y);
+
+// The conv alone: y [T, H] = conv(bx), state as above.
+void short_conv(const float* bx, int64_t n_tokens, int64_t hidden, float* state,
+                const float* kernel, int64_t width, float* y);
+
+// NeoX RoPE in place on x [T, n_heads, d] at positions[t].
+void rope(float* x, int64_t n_tokens, int64_t n_heads, int64_t d, const int64_t* positions,
+          double base);
+
+// Causal GQA attention (AttentionFn in kernels.h) over the whole query block, out [T, n_heads, d].
+void attention(const AttentionArgs& args, int64_t n_tokens);
+
+// Sigmoid top-k routing, as ops.route: experts [T, top_k] best first (ties to the lower id),
+// weights the unbiased scores, renormalised if `normalize`, times `scale`.
+void route(const float* logits, int64_t n_tokens, int64_t n_expert, const float* bias,
+           int64_t top_k, bool normalize, float scale, int32_t* experts, float* weights);
+
+}  // namespace lfm

@@ -1,0 +1,19 @@
+// Repacking GGUF Q4_0 / Q8_0 matrices into the kernels' 16-row layouts (packed.h), done once at
+// load. Baseline flags: this is plain byte shuffling.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace lfm {
+
+// Bytes of a packed matrix of n rows of k weights (qtype Q4_0 or Q8_0, k % 32 == 0).
+int64_t packed_bytes(QType qtype, int64_t n, int64_t k);
+
+// Packs row groups [group_begin, group_end) of the n x k GGUF matrix `src` into `dst` (the
+// whole packed matrix); rows past n are zero.
+void pack_row_groups(QType qtype, const uint8_t* src, int64_t n, int64_t k, int64_t group_begin,
+                     int64_t group_end, uint8_t* dst);
+
+}  // namespace lfm

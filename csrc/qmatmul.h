@@ -1,0 +1,27 @@
+// The int8-activation kernels, one namespace per instruction set, each defined in its own
+// translation unit (qmatmul_scalar.cpp, qmatmul_avx2.cpp, qmatmul_avx512.cpp) and listed in
+// that instruction set's KernelTable. Declarations only: no inline code may live here (see
+// kernels.h on linkage).
+#pragma once
+
+#include "kernels.h"
+
+namespace lfm {
+
+#define LFM_EDGE_DECLARE_QMATMUL(ns)                                                      \
+    namespace ns {                                                                        \
+    void quantize_row(const float* x, int64_t k, int8_t* q, float* d, int32_t* sum);      \
+    void matmul_q4_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,     \
+                            int64_t group_begin, int64_t group_end, float* y, int64_t ldy); \
+    void matmul_q8_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,     \
+                            int64_t group_begin, int64_t group_end, float* y, int64_t ldy); \
+    void attention(const AttentionArgs& a, int64_t kv_head, int64_t t_begin, int64_t t_end); \
+    }
+
+LFM_EDGE_DECLARE_QMATMUL(scalar)
+LFM_EDGE_DECLARE_QMATMUL(avx2)
+LFM_EDGE_DECLARE_QMATMUL(avx512)
+
+#undef LFM_EDGE_DECLARE_QMATMUL
+
+}  // namespace lfm

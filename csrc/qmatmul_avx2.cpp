@@ -1,0 +1,166 @@
+// AVX2 int8-activation kernels: the packed 16-row blocks (packed.h) against int8 activations
+// with vpmaddubsw + vpmaddwd, each 16-row group as two halves of 8 rows. Same bits as the
+// scalar twins in qmatmul_scalar.cpp. Internal linkage for everything but the table entries
+// (see kernels.h).
+#include <immintrin.h>
+
+#include "attention_impl.h"
+#include "formats.h"
+#include "packed.h"
+#include "qmatmul.h"
+
+namespace lfm {
+namespace avx2 {
+namespace {
+
+constexpr int kTokenTile = 2;  // tokens that share each loaded weight block (prefill)
+
+static inline __m256i broadcast4(const int8_t* p) {  // 4 activation bytes into every lane
+    int32_t v;
+    std::memcpy(&v, p, sizeof v);
+    return _mm256_set1_epi32(v);
+}
+
+// Sum of 4 adjacent u8 x s8 products per int32 lane, like vpdpbusd. The pair sums cannot
+// saturate: each side of a pair is below 2^15 / 2 for the operands the callers pass.
+static inline __m256i dot4(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+// The exact integer dot products of 8 rows (half `h` of the group) with 32 activations.
+struct Q4_0Half {
+    static __m256i dot(const Q4_0x16& blk, int h, const int8_t* a, int32_t a_sum) {
+        const __m256i low = _mm256_set1_epi8(0x0f);
+        __m256i acc = _mm256_setzero_si256();
+        for (int c = 0; c < 4; ++c) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs + 64 * c + 32 * h));
+            // nibbles are <= 15 and |a| <= 127: pair sums stay far below 2^15
+            acc = _mm256_add_epi32(acc, dot4(_mm256_and_si256(v, low), broadcast4(a + 4 * c)));
+            acc = _mm256_add_epi32(acc, dot4(_mm256_and_si256(_mm256_srli_epi16(v, 4), low),
+                                             broadcast4(a + 16 + 4 * c)));
+        }
+        return _mm256_sub_epi32(acc, _mm256_set1_epi32(8 * a_sum));
+    }
+};
+
+struct Q8_0Half {
+    static __m256i dot(const Q8_0x16& blk, int h, const int8_t* a, int32_t /*a_sum*/) {
+        const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
+        __m256i acc = _mm256_setzero_si256();
+        for (int i = 0; i < 8; ++i) {
+            const __m256i stored = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs + 64 * i + 32 * h));
+            const __m256i w = _mm256_xor_si256(stored, offset);  // back to int8
+            // |w| <= 128 and |a| <= 127: pair sums <= 32512, no saturation; the sign moves
+            // onto the activation so the unsigned operand is |w|
+            acc = _mm256_add_epi32(acc, dot4(_mm256_sign_epi8(w, w), _mm256_sign_epi8(broadcast4(a + 4 * i), w)));
+        }
+        return acc;
+    }
+};
+
+template <class Block>
+struct HalfOf;
+template <>
+struct HalfOf<Q4_0x16> {
+    using type = Q4_0Half;
+};
+template <>
+struct HalfOf<Q8_0x16> {
+    using type = Q8_0Half;
+};
+
+template <class Block, int TT>
+void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nb,
+                    int rows, float* y, int64_t ldy, int64_t row0) {
+    using Half = typename HalfOf<Block>::type;
+    __m256 acc[TT][2];
+    for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const Block& blk = blocks[b];
+        _mm_prefetch(reinterpret_cast<const char*>(&blk + 4), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(&blk + 4) + 128, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(&blk + 4) + 256, _MM_HINT_T0);
+        for (int h = 0; h < 2; ++h) {
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.d + 8 * h)));
+            for (int t = 0; t < TT; ++t) {
+                const int64_t token = t0 + t;
+                const __m256i dot = Half::dot(blk, h, x.q + token * x.k + b * kQuantBlock, x.sum[token * nb + b]);
+                const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x.d[token * nb + b]));
+                acc[t][h] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc[t][h]);
+            }
+        }
+    }
+    for (int t = 0; t < TT; ++t) {
+        alignas(32) float out[16];
+        _mm256_store_ps(out, acc[t][0]);
+        _mm256_store_ps(out + 8, acc[t][1]);
+        std::memcpy(y + (t0 + t) * ldy + row0, out, sizeof(float) * static_cast<size_t>(rows));
+    }
+}
+
+template <class Block>
+void matmul_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t group_begin,
+                   int64_t group_end, float* y, int64_t ldy) {
+    const int64_t nb = x.k / kQuantBlock;
+    const auto* blocks = reinterpret_cast<const Block*>(w);  // [groups][nb]
+    for (int64_t g = group_begin; g < group_end; ++g) {
+        const int64_t row0 = g * kRowGroup;
+        const int rows = n_rows - row0 >= kRowGroup ? static_cast<int>(kRowGroup) : static_cast<int>(n_rows - row0);
+        const Block* row_group = blocks + g * nb;
+        int64_t t = 0;
+        for (; t + kTokenTile <= x.n_tokens; t += kTokenTile) {
+            row_group_tile<Block, kTokenTile>(x, t, row_group, nb, rows, y, ldy, row0);
+        }
+        if (t < x.n_tokens) row_group_tile<Block, 1>(x, t, row_group, nb, rows, y, ldy, row0);
+    }
+}
+
+}  // namespace
+
+void quantize_row(const float* x, int64_t k, int8_t* q, float* d, int32_t* sum) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < k / kQuantBlock; ++b) {
+        __m256 v[4];
+        __m256 amax = _mm256_setzero_ps();
+        for (int i = 0; i < 4; ++i) {
+            v[i] = _mm256_loadu_ps(x + b * kQuantBlock + 8 * i);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+        }
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        const float scale = _mm_cvtss_f32(m) / 127.0f;
+        const __m256 inverse = _mm256_set1_ps(scale != 0.0f ? 1.0f / scale : 0.0f);
+        __m256i qi[4];
+        for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse));  // ties to even
+        // int32 -> int8 with in-lane packs, then undo the lane interleave
+        const __m256i q16a = _mm256_packs_epi32(qi[0], qi[1]);
+        const __m256i q16b = _mm256_packs_epi32(qi[2], qi[3]);
+        const __m256i q8 = _mm256_packs_epi16(q16a, q16b);
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kQuantBlock), _mm256_permutevar8x32_epi32(q8, order));
+        __m256i s = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        d[b] = scale;
+        sum[b] = _mm_cvtsi128_si32(s4);
+    }
+}
+
+void matmul_q4_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
+                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
+    matmul_packed<Q4_0x16>(x, w, n_rows, group_begin, group_end, y, ldy);
+}
+
+void matmul_q8_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
+                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
+    matmul_packed<Q8_0x16>(x, w, n_rows, group_begin, group_end, y, ldy);
+}
+
+void attention(const AttentionArgs& a, int64_t kv_head, int64_t t_begin, int64_t t_end) {
+    attention_rows(a, kv_head, t_begin, t_end);
+}
+
+}  // namespace avx2
+}  // namespace lfm

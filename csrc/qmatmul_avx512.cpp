@@ -1,0 +1,155 @@
+// AVX-512 VNNI int8-activation kernels: the packed 16-row blocks (packed.h) against int8
+// activations with vpdpbusd. Same bits as the scalar twins in qmatmul_scalar.cpp.
+// Internal linkage for everything but the table entries (see kernels.h).
+#include <immintrin.h>
+
+#include "attention_impl.h"
+#include "formats.h"
+#include "packed.h"
+#include "qmatmul.h"
+
+namespace lfm {
+namespace avx512 {
+namespace {
+
+constexpr int kTokenTile = 4;  // tokens that share each unpacked weight block (prefill)
+
+static inline __m512i broadcast4(const int8_t* p) {  // 4 activation bytes into every lane
+    int32_t v;
+    std::memcpy(&v, p, sizeof v);
+    return _mm512_set1_epi32(v);
+}
+
+// The 8 VNNI operands of one block: [16 rows][4 weights] as unsigned bytes, for weight
+// quads 0..7 (weights 4i .. 4i+3), and the offset every weight carries.
+struct Q4_0Unpacked {
+    static constexpr int32_t kOffset = 8;
+    static void unpack(const Q4_0x16& blk, __m512i w[8]) {
+        const __m512i low = _mm512_set1_epi8(0x0f);
+        for (int c = 0; c < 4; ++c) {
+            const __m512i v = _mm512_loadu_si512(blk.qs + 64 * c);
+            w[c] = _mm512_and_si512(v, low);
+            w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        }
+    }
+};
+
+struct Q8_0Unpacked {
+    static constexpr int32_t kOffset = 128;
+    static void unpack(const Q8_0x16& blk, __m512i w[8]) {
+        for (int i = 0; i < 8; ++i) w[i] = _mm512_loadu_si512(blk.qs + 64 * i);
+    }
+};
+
+template <class Block>
+struct UnpackerOf;
+template <>
+struct UnpackerOf<Q4_0x16> {
+    using type = Q4_0Unpacked;
+};
+template <>
+struct UnpackerOf<Q8_0x16> {
+    using type = Q8_0Unpacked;
+};
+
+// Tokens [t0, t0 + TT) against one row group (nb blocks), into y columns row0 .. row0 + 15
+// (those below n_rows).
+template <class Block, int TT>
+void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nb,
+                    __mmask16 rows, float* y, int64_t ldy, int64_t row0) {
+    using Unpacker = typename UnpackerOf<Block>::type;
+    __m512 acc[TT];
+    for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();
+    const int8_t* q[TT];
+    const float* dx[TT];
+    const int32_t* sx[TT];
+    for (int t = 0; t < TT; ++t) {
+        q[t] = x.q + (t0 + t) * x.k;
+        dx[t] = x.d + (t0 + t) * nb;
+        sx[t] = x.sum + (t0 + t) * nb;
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+        const Block& blk = blocks[b];
+        _mm_prefetch(reinterpret_cast<const char*>(&blk + 4), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(&blk + 4) + 128, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(&blk + 4) + 256, _MM_HINT_T0);
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
+        __m512i w[8];
+        Unpacker::unpack(blk, w);
+        for (int t = 0; t < TT; ++t) {
+            const int8_t* a = q[t] + b * kQuantBlock;
+            __m512i even = _mm512_setzero_si512();  // two chains halve the latency
+            __m512i odd = _mm512_setzero_si512();
+            for (int i = 0; i < 8; i += 2) {
+                even = _mm512_dpbusd_epi32(even, w[i], broadcast4(a + 4 * i));
+                odd = _mm512_dpbusd_epi32(odd, w[i + 1], broadcast4(a + 4 * i + 4));
+            }
+            const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(even, odd),
+                                                 _mm512_set1_epi32(Unpacker::kOffset * sx[t][b]));
+            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(dx[t][b]));
+            acc[t] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[t]);
+        }
+    }
+    for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + row0, rows, acc[t]);
+}
+
+template <class Block>
+void matmul_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t group_begin,
+                   int64_t group_end, float* y, int64_t ldy) {
+    const int64_t nb = x.k / kQuantBlock;
+    const auto* blocks = reinterpret_cast<const Block*>(w);  // [groups][nb]
+    for (int64_t g = group_begin; g < group_end; ++g) {
+        const int64_t row0 = g * kRowGroup;
+        const int64_t left = n_rows - row0;
+        const __mmask16 rows = left >= 16 ? static_cast<__mmask16>(0xffff)
+                                          : static_cast<__mmask16>((1u << left) - 1);
+        const Block* row_group = blocks + g * nb;
+        int64_t t = 0;
+        for (; t + kTokenTile <= x.n_tokens; t += kTokenTile) {
+            row_group_tile<Block, kTokenTile>(x, t, row_group, nb, rows, y, ldy, row0);
+        }
+        switch (x.n_tokens - t) {
+            case 3: row_group_tile<Block, 3>(x, t, row_group, nb, rows, y, ldy, row0); break;
+            case 2: row_group_tile<Block, 2>(x, t, row_group, nb, rows, y, ldy, row0); break;
+            case 1: row_group_tile<Block, 1>(x, t, row_group, nb, rows, y, ldy, row0); break;
+            default: break;
+        }
+    }
+}
+
+}  // namespace
+
+void quantize_row(const float* x, int64_t k, int8_t* q, float* d, int32_t* sum) {
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    for (int64_t b = 0; b < k / kQuantBlock; ++b) {
+        const __m512 lo = _mm512_loadu_ps(x + b * kQuantBlock);
+        const __m512 hi = _mm512_loadu_ps(x + b * kQuantBlock + 16);
+        const __m512 amax = _mm512_max_ps(_mm512_andnot_ps(sign, lo), _mm512_andnot_ps(sign, hi));
+        const float scale = _mm512_reduce_max_ps(amax) / 127.0f;
+        const __m512 inverse = _mm512_set1_ps(scale != 0.0f ? 1.0f / scale : 0.0f);
+        // cvtps rounds to nearest even (the default MXCSR mode), like nearbyint in the twin
+        const __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));
+        const __m512i q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kQuantBlock), _mm512_cvtepi32_epi8(q_lo));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kQuantBlock + 16), _mm512_cvtepi32_epi8(q_hi));
+        d[b] = scale;
+        sum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
+    }
+}
+
+void matmul_q4_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
+                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
+    matmul_packed<Q4_0x16>(x, w, n_rows, group_begin, group_end, y, ldy);
+}
+
+void matmul_q8_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
+                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
+    matmul_packed<Q8_0x16>(x, w, n_rows, group_begin, group_end, y, ldy);
+}
+
+void attention(const AttentionArgs& a, int64_t kv_head, int64_t t_begin, int64_t t_end) {
+    attention_rows(a, kv_head, t_begin, t_end);
+}
+
+}  // namespace avx512
+}  // namespace lfm

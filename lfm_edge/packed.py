@@ -1,0 +1,35 @@
+"""Weight matrices in the layout the kernels stream, made once when a model loads.
+
+GGUF stores Q4_0 and Q8_0 matrices row after row; the int8-activation kernels
+want 16 rows interleaved per 32-column block (csrc/packed.h), so `Linear`
+repacks them into memory of its own at load. Float matrices (F32, F16, BF16)
+are used as stored, straight from the mapped file, through the exact
+float32-activation kernels. The stored tensor is kept too: the numpy
+reference path (`lfm_edge.reference`) and embedding lookups read it.
+"""
+
+from __future__ import annotations
+
+from . import native
+from .gguf_file import Tensor
+
+
+class Linear:
+    """A weight matrix W [N, K], or a stack of them [E, N, K] (experts), ready for `ops.linear`."""
+
+    def __init__(self, tensor: Tensor):
+        if len(tensor.shape) not in (2, 3):
+            raise ValueError(f"{tensor.name}: a matrix must be 2-D or 3-D, got shape {list(tensor.shape)}")
+        *stack, n, k = tensor.shape
+        self.tensor = tensor
+        self.name, self.qtype, self.shape = tensor.name, tensor.qtype, tensor.shape
+        self.n_mats = stack[0] if stack else 1
+        self.native = native.PackedMatrix(tensor.data, int(tensor.qtype), n, k, self.n_mats)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernels read for the whole matrix (all experts)."""
+        return self.native.nbytes
+
+    def __repr__(self) -> str:
+        return f"Linear({self.name}, {self.qtype.name}, {list(self.shape)})"

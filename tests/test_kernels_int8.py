@@ -1,0 +1,351 @@
+"""The int8-activation kernels (Q4_0 / Q8_0 weights repacked at load) and the fused ops
+(MoE, attention, norms, conv, RoPE, routing) against numpy, on every instruction set this CPU
+and build can run, and on 1 and 2 threads."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import gguf.quants as gguf_quants
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from lfm_edge import native, reference
+
+ISAS = native.available_isas()
+INT8_TYPES = (Q.Q8_0, Q.Q4_0)
+TOKENS = (1, 2, 5, 33)
+ROWS = (1, 3, 17, 33, 1023)
+KS = (32, 96, 2048)
+
+# Against a float64 numpy model of exactly the int8 activations the kernel uses (same q, same
+# scales): the integer dot products are exact, only the float32 sum over the k/32 blocks
+# (one fused multiply-add each) rounds, so |y - y_model| <= INT8_MODEL_RTOL * sum |xq| |w|.
+# The rigorous bound is (k/32) * 2^-24 (4e-6 at k = 2048); measured worst cases are ~1e-7.
+INT8_MODEL_RTOL = {Q.Q8_0: 1e-5, Q.Q4_0: 1e-5}
+# Against the exact float32-activation path: rounding x to the int8 grid moves each x_i by at
+# most d_b / 2 = max|x in block b| / 254, so |y - y_f32| <= sum_b (amax_b / 254) sum_{i in b}
+# |w_i| (the documented bound, times 1.001 for float32 rounding of the two paths). The typical
+# error is far below it (errors cancel).
+INT8_VS_F32_SLACK = 1.001
+
+
+@cache
+def weights(qtype: Q, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the GGUF bytes of a random [n, k] matrix, its exact float32 values per gguf.quants)."""
+    rng = np.random.default_rng([int(qtype), n, k, 1])
+    row_scale = np.exp(rng.uniform(-3, 3, size=(n, 1)))
+    values = (rng.standard_normal((n, k)) * row_scale).astype(np.float32)
+    raw = gguf_quants.quantize(values, qtype)
+    return np.ascontiguousarray(raw), gguf_quants.dequantize(raw, qtype).astype(np.float32).reshape(n, k)
+
+
+@cache
+def packed(qtype: Q, n: int, k: int) -> native.PackedMatrix:
+    return native.PackedMatrix(weights(qtype, n, k)[0], qtype, n, k)
+
+
+@cache
+def activations(t: int, k: int) -> np.ndarray:
+    rng = np.random.default_rng([t, k, 11])
+    x = rng.standard_normal((t, k)).astype(np.float32)
+    x[:, :32] *= 100.0  # blocks of very different scale
+    if k > 32:
+        x[0, 32:64] = 0.0  # an all-zero block: scale 0
+    return x
+
+
+def quantize_model(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """numpy's version of the activation quantization (kernels.h QuantizedRows), in float32."""
+    t, k = x.shape
+    blocks = x.reshape(t, k // 32, 32)
+    scale = (np.abs(blocks).max(axis=-1) / np.float32(127)).astype(np.float32)  # [T, k/32]
+    inverse = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale != 0)
+    q = np.rint(blocks * inverse[..., None]).astype(np.int8)  # ties to even, like the kernels
+    return q.reshape(t, k), scale, q.astype(np.int32).sum(axis=-1)
+
+
+def dequantized_activations(x: np.ndarray) -> np.ndarray:
+    q, d, _ = quantize_model(x)
+    t, k = x.shape
+    return (q.reshape(t, k // 32, 32).astype(np.float64) * d[..., None].astype(np.float64)).reshape(t, k)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    with native.use_isa(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}threads")
+def threads(request):
+    before = native.threads()
+    native.set_threads(request.param)
+    yield request.param
+    native.set_threads(before)
+
+
+def assert_within(got: np.ndarray, want: np.ndarray, limit: np.ndarray, what: str) -> None:
+    error = np.abs(got.astype(np.float64) - want)
+    bad = np.argwhere(~(error <= limit))  # also catches NaN
+    assert bad.size == 0, (
+        f"{what}: {len(bad)} of {got.size} off; first at {tuple(bad[0])}: got {got[tuple(bad[0])]}, "
+        f"want {want[tuple(bad[0])]}, limit {limit[tuple(bad[0])]:.3e}"
+    )
+
+
+# ---------------------------------------------------------------- activation quantization
+
+
+@pytest.mark.parametrize("t", TOKENS)
+@pytest.mark.parametrize("k", KS)
+def test_activation_quantization_is_exact(isa, t, k):
+    x = activations(t, k)
+    q, d, s = native.quantize_activations(x)
+    q_want, d_want, s_want = quantize_model(x)
+    np.testing.assert_array_equal(q, q_want)
+    np.testing.assert_array_equal(d.view(np.uint32), d_want.view(np.uint32))
+    np.testing.assert_array_equal(s, s_want)
+
+
+def test_activation_quantization_rounds_ties_to_even(isa):
+    x = np.zeros((1, 32), np.float32)
+    x[0, :4] = [127.0, 0.5, 1.5, -2.5]  # scale exactly 1: the halves are ties
+    q, d, s = native.quantize_activations(x)
+    assert d[0, 0] == 1.0 and q[0, :4].tolist() == [127, 0, 2, -2] and s[0, 0] == 127
+
+
+# ---------------------------------------------------------------- int8-activation matmul
+
+LINEAR_CASES = [
+    pytest.param(qtype, t, n, k, id=f"{qtype.name}-T{t}-N{n}-K{k}")
+    for qtype in INT8_TYPES
+    for k in KS
+    for n in ROWS
+    for t in TOKENS
+]
+
+
+@pytest.mark.parametrize("qtype, t, n, k", LINEAR_CASES)
+def test_int8_linear_matches_numpy_model(isa, qtype, t, n, k):
+    x = activations(t, k)
+    w = weights(qtype, n, k)[1].astype(np.float64)
+    xq = dequantized_activations(x)
+
+    y = native.linear(x, packed(qtype, n, k))
+
+    assert y.dtype == np.float32 and y.shape == (t, n)
+    assert_within(y, xq @ w.T, INT8_MODEL_RTOL[qtype] * (np.abs(xq) @ np.abs(w).T), "vs the int8 model")
+    # and against the float32-activation path, within the documented bound
+    amax = np.abs(x.reshape(t, k // 32, 32)).max(axis=-1).astype(np.float64)  # [T, k/32]
+    w_block_sums = np.abs(w).reshape(n, k // 32, 32).sum(axis=-1)  # [n, k/32]
+    bound = INT8_VS_F32_SLACK * (amax / 254.0) @ w_block_sums.T + 1e-30
+    assert_within(y, x.astype(np.float64) @ w.T, bound, "vs the float32 path")
+
+
+@pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda q: q.name)
+def test_int8_linear_is_the_same_on_every_isa_and_thread_count(qtype):
+    n, k, t = 1023, 2048, 5
+    x = activations(t, k)
+    results = {}
+    before = native.threads()
+    try:
+        for isa in ISAS:
+            for n_threads in (1, 2):
+                native.set_threads(n_threads)
+                with native.use_isa(isa):
+                    results[isa, n_threads] = native.linear(x, packed(qtype, n, k))
+    finally:
+        native.set_threads(before)
+    first = results["scalar", 1]
+    assert not np.array_equal(first, native.matmul(x, weights(qtype, n, k)[0], qtype, n, k))  # really int8
+    for key, y in results.items():
+        np.testing.assert_array_equal(y.view(np.uint32), first.view(np.uint32), err_msg=str(key))
+    # decode (one token at a time) gives the bits of prefill
+    for row in range(t):
+        single = native.linear(x[row : row + 1], packed(qtype, n, k))
+        np.testing.assert_array_equal(single[0], first[row])
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16], ids=lambda q: q.name)
+def test_float_linear_is_the_exact_float32_path(isa, threads, qtype):
+    n, k, t = 33, 96, 5
+    raw = gguf_quants.quantize(np.random.default_rng(3).standard_normal((n, k)).astype(np.float32), qtype)
+    x = activations(t, k)
+    y = native.linear(x, native.PackedMatrix(raw, qtype, n, k))
+    np.testing.assert_array_equal(y, native.matmul(x, raw, qtype, n, k))
+
+
+def test_stacked_matrices_are_addressed_by_index(isa):
+    n, k, e = 17, 64, 3
+    raws = [gguf_quants.quantize(np.full((n, k), i + 1.0, np.float32), Q.Q4_0) for i in range(e)]
+    pm = native.PackedMatrix(np.concatenate(raws), Q.Q4_0, n, k, e)
+    x = np.ones((1, k), np.float32)
+    for i in range(e):
+        np.testing.assert_allclose(native.linear(x, pm, i), np.full((1, n), (i + 1.0) * k), rtol=1e-6)
+    assert pm.n_mats == e and pm.nbytes == e * 2 * (k // 32) * 288  # 2 row groups of 16
+    with pytest.raises(ValueError, match="index 3 is out of range for 3 stacked matrices"):
+        native.linear(x, pm, 3)
+
+
+def test_packed_matrix_checks_its_buffer():
+    raw = weights(Q.Q4_0, 3, 64)[0]
+    with pytest.raises(ValueError, match="w holds 108 bytes, but 6 rows of Q4_0"):
+        native.PackedMatrix(raw, Q.Q4_0, 3, 64, 2)
+    with pytest.raises(ValueError, match="n_mats must be positive"):
+        native.PackedMatrix(raw, Q.Q4_0, 3, 64, 0)
+    with pytest.raises(ValueError, match="x has 32 columns but k = 64"):
+        native.linear(activations(1, 32), native.PackedMatrix(raw, Q.Q4_0, 3, 64))
+
+
+# ---------------------------------------------------------------- MoE
+
+
+def moe_case(qtype: Q, n_expert=5, ffn=64, hidden=96):
+    rng = np.random.default_rng([int(qtype), 5])
+    mats, values = [], []
+    for shape in ((n_expert, ffn, hidden), (n_expert, ffn, hidden), (n_expert, hidden, ffn)):
+        raw = gguf_quants.quantize(rng.standard_normal(shape).reshape(-1, shape[-1]).astype(np.float32), qtype)
+        mats.append(native.PackedMatrix(raw, qtype, shape[1], shape[2], n_expert))
+        values.append(gguf_quants.dequantize(raw, qtype).reshape(shape).astype(np.float64))
+    return mats, values
+
+
+def moe_model(x, experts, weights_, values, int8):
+    """float64 numpy model of the fused MoE, with the kernels' int8 activations if int8."""
+    gate, up, down = values
+    quant = dequantized_activations if int8 else (lambda a: a.astype(np.float64))
+    out = np.zeros(x.shape)
+    for t in range(x.shape[0]):
+        for j in range(experts.shape[1]):
+            e = experts[t, j]
+            xt = quant(x[t : t + 1])
+            g, u = xt @ gate[e].T, xt @ up[e].T
+            h = (g / (1.0 + np.exp(-g))) * u
+            out[t] += weights_[t, j] * (quant(h.astype(np.float32)) @ down[e].T)[0]
+    return out
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.F32, Q.F16], ids=lambda q: q.name)
+@pytest.mark.parametrize("t", [1, 2, 33])
+def test_moe_matches_numpy_model(isa, threads, qtype, t):
+    mats, values = moe_case(qtype)
+    rng = np.random.default_rng([t, 9])
+    x = rng.standard_normal((t, 96)).astype(np.float32)
+    experts = np.stack([rng.choice(5, 2, replace=False) for _ in range(t)])
+    weights_ = rng.random((t, 2)).astype(np.float32)
+
+    out = native.moe(x, experts, weights_, *mats)
+
+    want = moe_model(x, experts, weights_, values, int8=qtype in INT8_TYPES)
+    # the int8 model is near-exact; silu's exp and the float32 sums leave ~1e-6 relative
+    assert np.max(np.abs(out - want)) <= 2e-5 * np.max(np.abs(want))
+    # each token alone (decode) gives the bits of the batch (prefill)
+    single = native.moe(x[-1:], experts[-1:], weights_[-1:], *mats)
+    np.testing.assert_array_equal(single[0], out[-1])
+
+
+def test_moe_rejects_bad_experts():
+    mats, _ = moe_case(Q.Q4_0)
+    x = np.zeros((1, 96), np.float32)
+    with pytest.raises(ValueError, match="expert id 5 is out of range for 5 experts"):
+        native.moe(x, np.array([[5, 0]]), np.ones((1, 2), np.float32), *mats)
+    with pytest.raises(ValueError, match="gate/up must be"):
+        native.moe(x, np.array([[1, 0]]), np.ones((1, 2), np.float32), mats[0], mats[2], mats[2])
+
+
+# ---------------------------------------------------------------- attention
+
+
+@pytest.mark.parametrize(
+    "t, q_start, n_heads, n_kv, d",
+    [(1, 0, 4, 2, 16), (5, 0, 4, 1, 16), (33, 0, 32, 8, 64), (2, 17, 8, 8, 64), (1, 1023, 32, 8, 64), (17, 100, 6, 2, 40)],
+)
+def test_attention_matches_reference(isa, threads, t, q_start, n_heads, n_kv, d):
+    rng = np.random.default_rng([t, q_start, n_heads, d])
+    s = q_start + t
+    q = rng.standard_normal((t, n_heads, d)).astype(np.float32) * 2
+    k = rng.standard_normal((s, n_kv, d)).astype(np.float32) * 2
+    v = rng.standard_normal((s, n_kv, d)).astype(np.float32)
+    got = native.attention(q, k, v, q_start)
+    want = reference.attention(q, k, v, q_start)
+    assert got.shape == want.shape == (t, n_heads * d)
+    # online softmax: exp to ~2 ulp, float32 sums in another order
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_attention_at_long_context_needs_no_score_matrix():
+    """32k keys for 32 queries: a [T, S] float32 score matrix per head would be 128 MB."""
+    rng = np.random.default_rng(4)
+    s, t = 32768, 2
+    k = rng.standard_normal((s, 1, 64)).astype(np.float32)
+    v = rng.standard_normal((s, 1, 64)).astype(np.float32)
+    q = rng.standard_normal((t, 4, 64)).astype(np.float32)
+    got = native.attention(q, k, v, s - t)
+    want = reference.attention(q, k, v, s - t)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+# ---------------------------------------------------------------- small ops
+
+
+@pytest.mark.parametrize("shape", [(1, 2048), (5, 64), (3, 4, 16)])
+def test_rms_norm_matches_reference(shape):
+    rng = np.random.default_rng(list(shape))
+    x = rng.standard_normal(shape).astype(np.float32) * 3
+    w = rng.standard_normal(shape[-1]).astype(np.float32)
+    np.testing.assert_allclose(native.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5), rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [1, 2, 5, 33])
+def test_short_conv_matches_reference_and_carries_state(t):
+    rng = np.random.default_rng(t)
+    h, width = 48, 3
+    kernel = rng.standard_normal((h, width)).astype(np.float32)
+    bcx = rng.standard_normal((t, 3 * h)).astype(np.float32)
+    state = rng.standard_normal((width - 1, h)).astype(np.float32)
+    state_ref = state.copy()
+    got = native.gated_short_conv(bcx, state, kernel)
+    want = reference.gated_short_conv(bcx, state_ref, kernel)
+    np.testing.assert_array_equal(got, want)  # the same float32 operations in the same order
+    np.testing.assert_array_equal(state, state_ref)
+    bx = rng.standard_normal((t, h)).astype(np.float32)
+    np.testing.assert_array_equal(native.short_conv(bx, state, kernel), reference.short_conv(bx, state_ref, kernel))
+    np.testing.assert_array_equal(state, state_ref)
+
+
+def test_rope_matches_reference():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((5, 4, 64)).astype(np.float32)
+    positions = np.array([0, 1, 7, 1000, 32767])
+    np.testing.assert_allclose(native.rope(x, positions, 1e6), reference.rope(x, positions, 1e6), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_route_matches_reference(normalize):
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((33, 32)).astype(np.float32)
+    logits[0, :] = 0.5  # all tied: the lowest ids win
+    bias = (rng.standard_normal(32) * 0.1).astype(np.float32)
+    for b in (bias, None):
+        experts, weights_ = native.route(logits, b, 4, normalize, 2.5)
+        want_experts, want_weights = reference.route(logits, b, 4, normalize, 2.5)
+        np.testing.assert_array_equal(experts, want_experts)
+        np.testing.assert_allclose(weights_, want_weights, rtol=1e-6)
+    assert native.route(logits, None, 4, True, 1.0)[0][0].tolist() == [0, 1, 2, 3]
+
+
+def test_threads_can_be_set_and_read():
+    before = native.threads()
+    try:
+        native.set_threads(1)
+        assert native.threads() == 1
+        native.set_threads(2)
+        assert native.threads() == 2
+    finally:
+        native.set_threads(before)
+    from lfm_edge.errors import LfmEdgeError
+
+    with pytest.raises(LfmEdgeError, match="n_threads must be a positive integer"):
+        native.set_threads(0)
