@@ -16,6 +16,7 @@ COMMANDS = {
     "info": ("lfm_edge.commands.info", "describe a GGUF model file"),
     "quantize": ("lfm_edge.quantize", "convert a Hugging Face checkpoint to GGUF"),
     "bench": ("lfm_edge.commands.bench", "measure prompt and generation speed (like llama-bench)"),
+    "serve": ("lfm_edge.commands.serve", "serve a model over an OpenAI-compatible HTTP API"),
 }
 
 

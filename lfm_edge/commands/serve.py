@@ -1,0 +1,53 @@
+"""`lfm-edge serve -m MODEL`: an OpenAI-compatible HTTP server (see lfm_edge/server.py)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from ..hub import DEFAULT_MODEL
+from ..server import bind_warning, make_server
+from .common import add_model_args, load_model
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0: any free port)")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not log each request")
+
+
+def model_id(ref: str | None) -> str:
+    """What /v1/models calls the model: a file's stem, or the hub reference as given."""
+    ref = ref or DEFAULT_MODEL
+    path = Path(os.path.expanduser(ref))
+    return path.stem if path.exists() or ref.endswith(".gguf") else ref
+
+
+def stop_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt  # shut down as on Ctrl-C
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
+    )
+    llm = load_model(args)
+    server = make_server(llm, host=args.host, port=args.port, model_id=model_id(args.model))
+    warning = bind_warning(args.host)
+    if warning:
+        print(f"lfm-edge: {warning}", file=sys.stderr)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    print(f"lfm-edge: serving {server.engine.model_id} at {server.url} (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    print("lfm-edge: stopped", file=sys.stderr)
+    return 0
