@@ -27,6 +27,18 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            integral = "int" in str(f.type)
+            if value is None and f.name == "seed":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (integral and not float(value).is_integer()):
+                kind = "an integer" if integral else "a number"
+                raise LfmEdgeError(f"{f.name} must be {kind}, got {value!r}")
+            if integral:
+                object.__setattr__(self, f.name, int(value))
+        if self.seed is not None and self.seed < 0:
+            raise LfmEdgeError(f"seed must be >= 0, got {self.seed}")
         if not (self.temperature >= 0):
             raise LfmEdgeError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:

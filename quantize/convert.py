@@ -89,7 +89,16 @@ def read_json(path: Path) -> dict[str, Any]:
         raise LfmEdgeError(f"{path}: is not valid JSON ({e})") from None
 
 
-def convert(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], out_type: str = "f16", log=print) -> Path:
+def convert(
+    hf_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    out_type: str = "f16",
+    log=print,
+    name: str | None = None,
+    flags: dict[str, bool] | None = None,
+) -> Path:
+    """Write the checkpoint in `hf_dir` as a GGUF file `out`; `name` overrides general.name,
+    `flags` adds boolean metadata keys (e.g. {"lfm_edge.demo": True})."""
     src, dst = Path(hf_dir), Path(out)
     if out_type not in OUT_TYPES:
         raise LfmEdgeError(f"unknown output type {out_type!r}; choose one of {', '.join(OUT_TYPES)}")
@@ -105,6 +114,10 @@ def convert(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], out_typ
     tensors = plan_tensors(ckpt, config, arch, qtype, src)
     writer = GGUFWriter(path=None, arch=arch)
     write_metadata(writer, config, arch, tensors, file_type, src)
+    if name:
+        writer.add_name(name)
+    for key, value in (flags or {}).items():
+        writer.add_bool(key, value)
     write_vocab(writer, src, config)
     for t in tensors:
         if t.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
@@ -221,7 +234,7 @@ def write_metadata(writer: GGUFWriter, config: dict, arch: str, tensors: list[Ou
     layer_types = config.get("layer_types")
     if layer_types is None or len(layer_types) != n_layer:
         raise LfmEdgeError(f"{src}/config.json: layer_types must list the type of each of the {n_layer} layers")
-    writer.add_name(config.get("_name_or_path") or src.name)
+    writer.add_name(config.get("_name_or_path") or src.resolve().name)
     writer.add_file_type(int(file_type))
     writer.add_block_count(n_layer)
     writer.add_context_length(config.get("max_position_embeddings", 128_000))

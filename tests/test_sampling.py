@@ -93,7 +93,19 @@ def test_top_k_one_always_picks_the_best():
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(temperature=-0.1), dict(top_k=-1), dict(top_p=0.0), dict(min_p=1.5), dict(repetition_penalty=0)]
+    "bad",
+    [
+        dict(temperature=-0.1),
+        dict(top_k=-1),
+        dict(top_p=0.0),
+        dict(min_p=1.5),
+        dict(repetition_penalty=0),
+        dict(temperature="hot"),
+        dict(top_k=2.5),
+        dict(seed=-3),
+        dict(seed="x"),
+        dict(temperature=True),
+    ],
 )
 def test_bad_parameters(bad):
     with pytest.raises(LfmEdgeError):
