@@ -14,10 +14,18 @@ from lfm_edge.sampling import Sampler, SamplingParams
 
 MODELS = ["moe", "moe_alt", "dense"]
 
-# Quantized files against the f32 file, as the largest |logit difference|
-# relative to the largest |logit|, over a 200-token prompt. Measured on the tiny
-# models (see the README); the limits leave ~2x headroom.
-QUANT_LIMITS = {"f16": 2e-3, "bf16": 2e-2, "q8_0": 2e-2, "q4_0": 1.5e-1}
+# Quantized files against the f32 file over the 200-token golden prompt:
+# (median over positions of max|dlogit| / max|logit|, median cosine of the
+# logit rows). Medians, because on these tiny random MoE models a rounding
+# can flip a near-tied top-k expert choice at a few positions. Q8_0 and Q4_0
+# also quantize activations to int8. Measured values are in the README; the
+# limits leave ~1.5-2x headroom.
+QUANT_LIMITS = {
+    "f16": (2e-3, 0.9999),
+    "bf16": (1.5e-2, 0.9995),
+    "q8_0": (7e-2, 0.996),
+    "q4_0": (0.6, 0.75),
+}
 
 
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -62,16 +70,21 @@ def test_prefill_then_decode_equals_full_forward(name, gguf_path, golden):
     assert relative_error(stepped, full) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["moe", "dense"])
+@pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("out_type", list(QUANT_LIMITS))
 def test_quantized_files_stay_close_to_f32(name, out_type, gguf_path, golden):
     ids = golden(name)["prompt_ids"].tolist()
     reference = lfm_edge.load(gguf_path(name, "f32")).logits(ids)
     quantized = lfm_edge.load(gguf_path(name, out_type)).logits(ids)
-    err = relative_error(quantized, reference)
-    assert err < QUANT_LIMITS[out_type], f"{out_type}: {err:.3e}"
+    per_position = np.max(np.abs(quantized - reference), axis=-1) / np.max(np.abs(reference))
+    cosine = np.sum(quantized * reference, axis=-1) / (
+        np.linalg.norm(quantized, axis=-1) * np.linalg.norm(reference, axis=-1)
+    )
+    max_err, min_cos = QUANT_LIMITS[out_type]
+    assert np.median(per_position) < max_err, f"{out_type}: median error {np.median(per_position):.3e}"
+    assert np.median(cosine) > min_cos, f"{out_type}: median cosine {np.median(cosine):.5f}"
     # and the quantization is not a no-op: the file really holds other numbers
-    assert err > 0
+    assert per_position.min() > 0
 
 
 def test_quantized_files_are_smaller(gguf_path):

@@ -50,11 +50,28 @@ def test_ids_equal_tokenizer_json(pair, text):
 
 def test_ids_equal_committed_golden(pair):
     ours, _ = pair
-    cases = json.loads((GOLDEN / "tokenizer.json").read_text(encoding="utf-8"))
-    assert len(cases) >= 10
-    for case in cases:
-        assert ours.encode(case["text"], add_special=True) == case["ids_with_special"], case["text"]
-        assert ours.encode(case["text"], add_special=False) == case["ids_without_special"], case["text"]
+    golden = json.loads((GOLDEN / "tokenizer.json").read_text(encoding="utf-8"))
+    assert ours.n_vocab == golden["vocab_size"] and ours.bos_id == golden["bos_id"] and ours.eos_id == golden["eos_id"]
+    assert len(golden["strings"]) >= 10
+    for case in golden["strings"]:
+        assert ours.encode(case["text"], add_special=True) == case["ids"], case["text"]
+        assert ours.encode(case["text"], add_special=False) == case["ids_no_special"], case["text"]
+        assert ours.decode(case["ids_no_special"]) == case["decoded"], case["text"]
+        assert ours.decode(case["ids_no_special"], skip_special=True) == case["decoded_skip_special"], case["text"]
+
+
+def test_chat_template_and_ids_equal_transformers_golden(gguf_path):
+    import lfm_edge
+
+    llm = lfm_edge.load(gguf_path("moe", "q8_0"))
+    golden = json.loads((GOLDEN / "tokenizer.json").read_text(encoding="utf-8"))
+    assert golden["chat"]
+    for case in golden["chat"]:
+        text = llm.chat_template.render(
+            case["messages"], tools=case.get("tools"), add_generation_prompt=case["add_generation_prompt"]
+        )
+        assert text == case["text"]
+        assert llm.tokenize(text, add_special=False) == case["ids"]
 
 
 def test_bos_and_special_tokens(pair):
