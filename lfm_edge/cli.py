@@ -14,6 +14,7 @@ COMMANDS = {
     "chat": ("lfm_edge.commands.chat", "chat with a model in the terminal"),
     "run": ("lfm_edge.commands.run", "generate a reply to one prompt, for scripts"),
     "info": ("lfm_edge.commands.info", "describe a GGUF model file"),
+    "demo-model": ("lfm_edge.commands.demo_model", "write a tiny random model to try lfm-edge offline"),
     "quantize": ("lfm_edge.quantize", "convert a Hugging Face checkpoint to GGUF"),
     "bench": ("lfm_edge.commands.bench", "measure prompt and generation speed (like llama-bench)"),
     "serve": ("lfm_edge.commands.serve", "serve a model over an OpenAI-compatible HTTP API"),
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         return modules[args.command].main(args) or 0
     except LfmEdgeError as e:
         print(f"lfm-edge: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a file we were told to read or write
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"lfm-edge: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("lfm-edge: interrupted", file=sys.stderr)

@@ -104,6 +104,8 @@ def convert(
         raise LfmEdgeError(f"unknown output type {out_type!r}; choose one of {', '.join(OUT_TYPES)}")
     if not src.is_dir():
         raise LfmEdgeError(f"{src}: is not a directory (expected a Hugging Face checkpoint)")
+    if not dst.parent.resolve().is_dir():
+        raise LfmEdgeError(f"{dst}: cannot write there, {dst.parent} is not a directory")
     config = read_json(src / "config.json")
     model_type = config.get("model_type")
     if model_type not in ARCH:
@@ -113,9 +115,7 @@ def convert(
     arch = ARCH[model_type]
     tensors = plan_tensors(ckpt, config, arch, qtype, src)
     writer = GGUFWriter(path=None, arch=arch)
-    write_metadata(writer, config, arch, tensors, file_type, src)
-    if name:
-        writer.add_name(name)
+    write_metadata(writer, config, arch, tensors, file_type, src, name)
     for key, value in (flags or {}).items():
         writer.add_bool(key, value)
     write_vocab(writer, src, config)
@@ -228,13 +228,15 @@ def rope_theta(config: dict) -> float:
     return float(params.get("rope_theta", config.get("rope_theta", 1_000_000.0)))
 
 
-def write_metadata(writer: GGUFWriter, config: dict, arch: str, tensors: list[OutTensor], file_type, src: Path) -> None:
+def write_metadata(
+    writer: GGUFWriter, config: dict, arch: str, tensors: list[OutTensor], file_type, src: Path, name: str | None = None
+) -> None:
     shapes = {t.name: t.shape for t in tensors}
     n_layer = config["num_hidden_layers"]
     layer_types = config.get("layer_types")
     if layer_types is None or len(layer_types) != n_layer:
         raise LfmEdgeError(f"{src}/config.json: layer_types must list the type of each of the {n_layer} layers")
-    writer.add_name(config.get("_name_or_path") or src.resolve().name)
+    writer.add_name(name or config.get("_name_or_path") or src.resolve().name)
     writer.add_file_type(int(file_type))
     writer.add_block_count(n_layer)
     writer.add_context_length(config.get("max_position_embeddings", 128_000))

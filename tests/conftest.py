@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny checkpoints written by tests/tiny_models.py and
+"""Shared fixtures: tiny checkpoints written by lfm_edge/tiny_models.py and
 converted to GGUF by the project's own quantize tool, once per session."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ TESTS = Path(__file__).parent
 GOLDEN = TESTS / "golden"
 sys.path.insert(0, str(TESTS))
 
-import tiny_models  # noqa: E402
+from lfm_edge import tiny_models  # noqa: E402
 
 from lfm_edge.quantize.convert import convert  # noqa: E402
 

@@ -3,7 +3,7 @@
     python tests/make_goldens.py            # writes tests/golden/{name}.npz + tokenizer.json
     python tests/make_goldens.py --check    # recompute and compare, write nothing
 
-For every tiny model (tests/tiny_models.py) the checkpoint is written to a temporary
+For every tiny model (lfm_edge/tiny_models.py) the checkpoint is written to a temporary
 directory and run with ``AutoModelForCausalLM.from_pretrained(dir, dtype=float32)``, eager
 attention.  ``{name}.npz`` holds:
 
@@ -32,7 +32,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 GOLDEN = HERE / "golden"
 sys.path.insert(0, str(HERE))
 
-import tiny_models  # noqa: E402
+from lfm_edge import tiny_models  # noqa: E402
 
 PROMPT_LEN = 200
 GREEDY_NEW = 40

@@ -138,3 +138,17 @@ def test_reasoning_is_hidden_or_dimmed_even_when_split_across_pieces():
 def test_tool_calls_are_shown_as_calls():
     pieces = ["Checking.", "<|tool_call_", 'start|>[get_weather(city="Paris", days=2)]', "<|tool_call_end|>"]
     assert render(pieces) == "Checking.\n→ tool call: get_weather(city='Paris', days=2)\n"
+
+
+def test_demo_model_is_labelled_and_runs(tmp_path):
+    out = tmp_path / "demo.gguf"
+    proc = cli("demo-model", str(out), "--type", "q8_0")
+    assert proc.returncode == 0, proc.stderr
+    assert "random weights" in proc.stdout and out.stat().st_size > 100_000
+    llm = lfm_edge.load(out)
+    assert llm.file.metadata["lfm_edge.demo"] is True
+    assert "random weights" in llm.file.metadata["general.name"]
+    run = cli("run", "-m", str(out), "Hello", "-n", "4")
+    assert run.returncode == 0 and "demo model with random weights" in run.stderr
+    bad = cli("demo-model", str(tmp_path / "no" / "such" / "dir.gguf"))
+    assert bad.returncode == 1 and "is not a directory" in bad.stderr and "Traceback" not in bad.stderr

@@ -16,7 +16,7 @@ GOLDEN = HERE / "golden"
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import tiny_models  # noqa: E402
+from lfm_edge import tiny_models  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ def main(args: argparse.Namespace) -> int:
     kinds = Counter(t.qtype.name for t in f.tensors.values())
     layers = "".join("A" if a.is_attention(i) else "c" for i in range(a.n_layer))
     print(f"file:        {f.path}")
+    print(f"name:        {f.metadata.get('general.name', '?')}")
     print(f"arch:        {a.arch}  ({a.n_layer} layers: {layers}; A = attention, c = short conv)")
     print(f"hidden:      {a.hidden}, heads {a.n_head}, head_dim {a.head_dim}, ffn {a.ffn_dim}")
     if hasattr(a, "n_expert"):

@@ -1,8 +1,8 @@
 """Tiny random LFM2 / LFM2-MoE checkpoints in the exact Hugging Face layout.
 
 Importable (``write_checkpoint(name, out_dir)``) and runnable
-(``python tests/tiny_models.py OUT_DIR [NAME ...]``).  Needs only numpy,
-safetensors and tokenizers -- never torch -- and is deterministic: the same
+(``python -m lfm_edge.tiny_models OUT_DIR [NAME ...]``).  Needs only numpy,
+tokenizers (its own safetensors writer) -- never torch -- and is deterministic: the same
 bytes on every machine (weights from ``numpy.random.default_rng(seed)``, a BPE
 tokenizer trained on the fixed corpus below).
 
@@ -23,7 +23,7 @@ import pathlib
 import sys
 
 import numpy as np
-from safetensors.numpy import save_file
+from lfm_edge.quantize.safetensors_io import save_file
 
 __all__ = ["MODELS", "CONFIGS", "SEEDS", "write_checkpoint", "build_tokenizer_json",
            "tokenizer_json_str", "CHAT_TEMPLATE", "SPECIAL_TOKENS", "VOCAB_SIZE"]
@@ -461,7 +461,7 @@ def _weights(name: str) -> dict[str, np.ndarray]:
 def _save_weights(tensors: dict[str, np.ndarray], out: pathlib.Path, shards: int) -> None:
     meta = {"format": "pt"}
     if shards == 1:
-        save_file(tensors, str(out / "model.safetensors"), metadata=meta)
+        save_file(tensors, out / "model.safetensors", metadata=meta)
         return
     names = list(tensors)
     total = sum(a.nbytes for a in tensors.values())
@@ -475,7 +475,7 @@ def _save_weights(tensors: dict[str, np.ndarray], out: pathlib.Path, shards: int
     for k, g in enumerate(groups):
         assert g, "empty shard"
         fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({n: tensors[n] for n in g}, str(out / fname), metadata=meta)
+        save_file({n: tensors[n] for n in g}, out / fname, metadata=meta)
         for n in g:
             weight_map[n] = fname
     index = {"metadata": {"total_size": total},

@@ -1,0 +1,231 @@
+"""The benchmark harness: `lfm-edge bench`, bench/make_synthetic.py, bench/bandwidth.py, bench/compare.py.
+
+The synthetic file here is the real LFM2-8B-A1B cut to its first 3 layers (a dense conv layer, a
+dense conv layer, an attention + MoE layer): every tensor kind at full width, ~350 MB, written once.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lfm_edge
+from lfm_edge import native, ops
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+sys.path.insert(0, str(BENCH))
+
+import bandwidth
+import make_synthetic
+
+REQUIRED = ("pp_tps", "tg_tps", "load_s", "rss_mb", "isa", "threads", "ttft_s", "model", "n_prompt", "n_gen",
+            "pp_tps_min", "pp_tps_max", "tg_tps_min", "tg_tps_max")
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lfm_edge", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, check=False)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic") / "lfm2-8b-a1b-3layers-q4_0.gguf"
+    proc = subprocess.run([sys.executable, str(BENCH / "make_synthetic.py"), str(out), "--layers", "3", "-q"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def synthetic_llm(synthetic):
+    return lfm_edge.load(synthetic, n_ctx=64)
+
+
+def test_synthetic_file_has_the_real_shapes_and_metadata(synthetic, synthetic_llm):
+    a = synthetic_llm.args
+    assert (a.hidden, a.n_head, a.head_dim, a.n_vocab, a.n_ctx_train) == (2048, 32, 64, 65536, 32768)
+    assert (a.n_expert, a.n_expert_used, a.expert_ffn_dim, a.n_dense_layers, a.ffn_dim) == (32, 4, 1792, 2, 7168)
+    assert [a.is_attention(i) for i in range(a.n_layer)] == [False, False, True]
+    assert a.rope_base == 1e6 and a.conv_kernel == 3
+    f = synthetic_llm.file
+    assert f.tensors["blk.2.ffn_gate_exps.weight"].shape == (32, 1792, 2048)
+    assert f.tensors["blk.2.ffn_down_exps.weight"].shape == (32, 2048, 1792)
+    assert f.tensors["token_embd.weight"].qtype.name == "Q4_0" and "output.weight" not in f.tensors
+    # every byte is a planned tensor: the writer streamed exactly what plan() promised
+    cfg = make_synthetic.Config(**{**make_synthetic.MODELS["lfm2-8b-a1b"].__dict__, "n_layer": 3,
+                                   "attention_layers": (2,)})
+    planned = make_synthetic.plan(cfg, make_synthetic.TYPES["q4_0"][0])
+    assert {s.name: s.shape for s in planned} == {n: t.shape for n, t in f.tensors.items()}
+
+
+def test_synthetic_weights_have_the_intended_scale(synthetic_llm):
+    # std GAIN/sqrt(K) keeps every matrix's output O(1) through 24 layers
+    for name in ("blk.2.attn_q.weight", "blk.0.ffn_down.weight"):
+        w = synthetic_llm.file.tensors[name]
+        std = float(ops.to_float(w).std())
+        expected = make_synthetic.GAIN / np.sqrt(w.n_cols)
+        assert 0.8 * expected < std < 1.25 * expected, (name, std, expected)
+
+
+def test_synthetic_tokenizer_and_chat_template(synthetic_llm):
+    tok = synthetic_llm.tokenizer
+    assert tok.bos_id == 1 and tok.eos_id == 7
+    assert [tok.decode([i]) for i in range(14)] == make_synthetic.SPECIAL_TOKENS
+    text = "Hello world, the quick brown fox 123 !?"
+    ids = synthetic_llm.tokenize(text)
+    assert ids[0] == 1 and synthetic_llm.detokenize(ids[1:]) == text
+    assert len(ids) < len(text)  # the merges are used, not just bytes
+    chat = synthetic_llm.chat_tokens([{"role": "user", "content": "Hi"}])
+    assert chat[:2] == [1, 6] and chat.count(1) == 1  # <|startoftext|><|im_start|>, one BOS
+
+
+def test_synthetic_merges_are_consistent_with_the_vocabulary():
+    cfg = make_synthetic.Config("small", n_vocab=3000)
+    tokens, types, merges = make_synthetic.vocabulary(cfg, seed=0)
+    assert len(tokens) == len(types) == 3000 and len(set(tokens)) == 3000
+    rank = {t: i for i, t in enumerate(tokens)}
+    for m in merges:
+        a, b = m.split(" ")
+        assert rank[a] < rank[a + b] and rank[b] < rank[a + b], m
+
+
+def test_synthetic_file_runs_with_finite_logits(synthetic_llm):
+    cache = synthetic_llm.new_cache()
+    logits = synthetic_llm.prefill(synthetic_llm.tokenize("The quick brown fox"), cache)
+    assert logits.shape == (65536,) and np.isfinite(logits).all() and logits.std() > 0.05
+    step = synthetic_llm.decode_one_token(int(logits.argmax()), cache)
+    assert np.isfinite(step).all() and not np.array_equal(step, logits)
+
+
+def test_synthetic_file_loads_in_llama_cpp(synthetic, synthetic_llm, monkeypatch):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp.llama_cpp as lib
+
+    # plain CPU buffers: the AMX repack path of this llama.cpp build crashes on LFM2 files here
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    monkeypatch.setattr(lib, "llama_model_default_params", params)
+    text = "Hello world, the quick brown fox <|im_end|>"
+    llm = llama_cpp.Llama(model_path=str(synthetic), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    ids = llm.tokenize(text.encode(), add_bos=True, special=True)
+    assert ids == synthetic_llm.tokenize(text)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    ours = synthetic_llm.logits(ids)
+    assert np.isfinite(theirs).all()
+    # random routers sit near ties, so a few expert choices differ; the logits still track each other
+    assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.9
+
+
+def test_bench_json_has_the_required_keys(gguf_path):
+    path = gguf_path("moe", "q4_0")
+    proc = cli("bench", "-m", str(path), "-t", "1", "-p", "16", "-n", "4", "-r", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    r = json.loads(lines[0])
+    for key in REQUIRED:
+        assert key in r, key
+    for key in ("pp_tps", "tg_tps", "load_s", "rss_mb", "ttft_s"):
+        assert r[key] > 0, key
+    assert r["threads"] == 1 and r["n_prompt"] == 16 and r["n_gen"] == 4 and r["model"] == str(path)
+    assert r["isa"] == native.isa()
+    assert r["kernel_threads"] in (None, 1)  # -t reaches the kernels' thread pool
+    assert len(r["pp_runs"]) == len(r["tg_runs"]) == 2
+    assert r["pp_tps_min"] <= r["pp_tps"] <= r["pp_tps_max"]
+    assert r["tg_tps_min"] <= r["tg_tps"] <= r["tg_tps_max"]
+    # TTFT is one 16-token prefill: consistent with the pp rate
+    assert r["ttft_s"] >= 0.9 * 16 / r["pp_tps_max"]
+
+
+def test_bench_table_and_context_depth(gguf_path):
+    path = gguf_path("moe", "q4_0")
+    proc = cli("bench", "-m", str(path), "-p", "0", "-n", "3", "-r", "1", "--ctx-depth", "40")
+    assert proc.returncode == 0, proc.stderr
+    assert "| tg3 @ d40 |" in proc.stdout and "pp" not in proc.stdout.split("\n")[2]
+    assert "peak RSS" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["-m", "/nonexistent/model.gguf"], ["/nonexistent/model.gguf", "no such file"]),
+        ([], ["-m FILE"]),
+        (["-m", "MODEL", "-p", "abc"], ["-p/--n-prompt", "'abc'"]),
+        (["-m", "MODEL", "-t", "0"], ["-t/--threads", "at least 1"]),
+        (["-m", "MODEL", "-r", "-2"], ["-r/--repetitions"]),
+        (["-m", "MODEL", "-n", "1.5"], ["-n/--n-gen"]),
+        (["-m", "MODEL", "-p", "0", "-n", "0"], ["nothing to measure"]),
+    ],
+)
+def test_bench_bad_arguments_fail_with_one_line(args, words, gguf_path):
+    args = [str(gguf_path("moe", "q4_0")) if a == "MODEL" else a for a in args]
+    proc = cli("bench", *args)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_active_bytes_counts_top_k_of_the_experts(synthetic, synthetic_llm):
+    act = bandwidth.active_bytes(synthetic)
+    tensors = synthetic_llm.file.tensors.values()
+    total = sum(t.nbytes for t in tensors)
+    experts = sum(t.nbytes for t in tensors if "_exps." in t.name)
+    assert act["active_bytes"] == pytest.approx(total - experts * (1 - 4 / 32))
+    assert act["by_group"]["experts"] == pytest.approx(experts * 4 / 32)
+    assert act["by_group"]["head/embedding"] == synthetic_llm.file.tensors["token_embd.weight"].nbytes  # tied
+
+
+def test_bandwidth_probe_measures_something():
+    b = bandwidth.measure(1, size_mb=64, repeats=2)
+    assert len(b["runs"]) == 2 and 0.5 < b["gbps"] < 2000
+
+
+FAKE_LLAMA_BENCH = """\
+#!{python}
+import json, os, signal, sys
+args = sys.argv[1:]
+opt = lambda name: args[args.index(name) + 1]
+if opt("--repack") == "1":
+    os.kill(os.getpid(), signal.SIGSEGV)  # like the AMX path on this machine
+t, p, n = int(opt("-t")), int(opt("-p")), int(opt("-n"))
+common = dict(backends="CPU", repack=False, n_threads=t, n_depth=0)
+print(json.dumps([dict(common, n_prompt=p, n_gen=0, avg_ts=100.0 * t, stddev_ts=1.0),
+                  dict(common, n_prompt=0, n_gen=n, avg_ts=20.0 * t, stddev_ts=0.5)]))
+"""
+
+
+def test_compare_reports_both_and_survives_a_llama_cpp_crash(gguf_path, tmp_path):
+    fake = tmp_path / "llama-bench"
+    fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable))
+    fake.chmod(0o755)
+    raw = tmp_path / "raw.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "compare.py"), "--model", str(gguf_path("moe", "q4_0")), "-t", "1",
+         "-p", "16", "-n", "4", "-r", "1", "--llama-bench", str(fake), "--no-build", "--wait-idle", "0", "--bandwidth-mb", "64", "--json-out", str(raw)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "| 1 | pp16 | 100.00 ± 1.00 (--repack 0) |" in out
+    assert "| 1 | tg4 | 20.00 ± 0.50 (--repack 0) |" in out
+    assert "crashed (SIGSEGV)" in out
+    runs = json.loads(raw.read_text())["runs"]
+    ours = next(r["result"] for r in runs if r["tool"] == "lfm-edge")
+    row = next(line for line in out.splitlines() if line.startswith("| 1 | tg4 |"))
+    # the ratio column is lfm-edge / llama.cpp
+    assert f"| {ours['tg_tps'] / 20.0:.3f} |" in row
