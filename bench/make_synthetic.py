@@ -75,7 +75,7 @@ VALUE_STD = {
 GAIN = 0.5  # std of a matrix's output for unit-RMS inputs
 F32 = GGMLQuantizationType.F32
 
-# The named LFM2 special tokens at their real ids (tests/tiny_models.py lists the same).
+# The named LFM2 special tokens at their real ids (lfm_edge/tiny_models.py lists the same).
 SPECIAL_TOKENS = [
     "<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|fim_pre|>", "<|fim_mid|>", "<|fim_suf|>",
     "<|im_start|>", "<|im_end|>", "<|tool_list_start|>", "<|tool_list_end|>", "<|tool_call_start|>",

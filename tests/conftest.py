@@ -3,6 +3,7 @@ converted to GGUF by the project's own quantize tool, once per session."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -56,3 +57,14 @@ def golden():
             return {k: z[k] for k in z.files}
 
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def run_outside_the_source_tree(tmp_path_factory):
+    """Commands the tests start (`python -m lfm_edge ...`) must import the installed
+    package, with its compiled extension, not the bare sources in this checkout:
+    `python -m` puts the working directory first on sys.path."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)

@@ -30,7 +30,7 @@ REQUIRED = ("pp_tps", "tg_tps", "load_s", "rss_mb", "isa", "threads", "ttft_s", 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lfm_edge", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, check=False)
+                          timeout=timeout, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +217,7 @@ def test_compare_reports_both_and_survives_a_llama_cpp_crash(gguf_path, tmp_path
     proc = subprocess.run(
         [sys.executable, str(BENCH / "compare.py"), "--model", str(gguf_path("moe", "q4_0")), "-t", "1",
          "-p", "16", "-n", "4", "-r", "1", "--llama-bench", str(fake), "--no-build", "--wait-idle", "0", "--bandwidth-mb", "64", "--json-out", str(raw)],
-        capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
