@@ -25,6 +25,8 @@ class Linear:
         self.name, self.qtype, self.shape = tensor.name, tensor.qtype, tensor.shape
         self.n_mats = stack[0] if stack else 1
         self.native = native.PackedMatrix(tensor.data, int(tensor.qtype), n, k, self.n_mats)
+        if self.native.int8_activations:  # the kernels read the copy, not the file
+            tensor.drop_pages()
 
     @property
     def nbytes(self) -> int:
