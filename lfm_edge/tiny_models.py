@@ -383,7 +383,7 @@ CONFIGS: dict[str, dict] = {
 }
 
 MODELS = list(CONFIGS)
-SEEDS = {"moe": 20261122, "moe_alt": 20261123, "dense": 20261124}
+SEEDS = {"moe": 20261177, "moe_alt": 20261157, "dense": 20261146}
 SHARDS = {"moe": 1, "moe_alt": 3, "dense": 1}
 
 
