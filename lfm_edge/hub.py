@@ -57,6 +57,13 @@ def resolve_model(ref: str | None) -> Path:
         raise LfmEdgeError(f"{repo}:{quant}: download failed ({e}); " + how_to_get_a_model(repo, quant)) from None
     found = _pick(folder, quant)
     if not found:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:  # the folder is only what the cache holds
+            raise LfmEdgeError(
+                f"{repo}:{quant} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                + how_to_get_a_model(repo, quant)
+            )
         raise LfmEdgeError(f"{repo} has no {quant} GGUF file; choose another with {repo}:QUANT (e.g. :Q8_0)")
     return found
 

@@ -152,3 +152,27 @@ def test_demo_model_is_labelled_and_runs(tmp_path):
     assert run.returncode == 0 and "demo model with random weights" in run.stderr
     bad = cli("demo-model", str(tmp_path / "no" / "such" / "dir.gguf"))
     assert bad.returncode == 1 and "is not a directory" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_hub_reference_offline_and_cached(model, tmp_path):
+    env = {**__import__("os").environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "lfm_edge", *a], capture_output=True, text=True, timeout=120, env=env
+    )
+    # nothing cached and no network: one sentence that says how to get a model
+    proc = run("run", "hi")  # the default model, LiquidAI/LFM2-8B-A1B-GGUF (Q4_0)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "LiquidAI/LFM2-8B-A1B-GGUF:Q4_0 is not in the local Hugging Face cache" in proc.stderr
+    assert "huggingface-cli download" in proc.stderr and "demo-model" in proc.stderr
+    # a file in the Hugging Face cache layout is found offline, by quantization
+    repo = tmp_path / "hf" / "hub" / "models--LiquidAI--LFM2-8B-A1B-GGUF"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abc")
+    snap = repo / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    (snap / "LFM2-8B-A1B-Q8_0.gguf").symlink_to(model)
+    proc = run("run", "-m", "LiquidAI/LFM2-8B-A1B-GGUF:Q8_0", "hi", "-n", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["model"].endswith("LFM2-8B-A1B-Q8_0.gguf")
+    assert "is not in the local" in run("run", "-m", "LiquidAI/LFM2-8B-A1B-GGUF", "hi").stderr  # no Q4_0 there
