@@ -1,12 +1,18 @@
-// Causal GQA attention with an online softmax (see AttentionFn in kernels.h), written once in
-// plain loops and compiled into each instruction set's translation unit, where the compiler
-// vectorizes it with that unit's flags. Every sum has a fixed order (16 explicit partial sums,
-// no reassociation, no contraction in ISO C++ mode), so all instruction sets give the same bits.
+// Causal GQA attention with an online softmax (see AttentionFn in kernels.h), written once and
+// compiled into each instruction set's translation unit (qmatmul_{scalar,avx2,avx512}.cpp).
+// The few vector operations it needs come from that unit's flags: 16 lanes with AVX-512, 8 with
+// AVX2, and plain floats otherwise, which is the scalar twin. The instruction sets differ only
+// in rounding (fused multiply-adds, the order of the lane sums); a result never depends on the
+// thread count, since each call owns whole query rows of one KV head.
 // Internal linkage only (see kernels.h).
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "kernels.h"
 
@@ -16,7 +22,7 @@ namespace {
 constexpr int64_t kKeyTile = 64;      // scores kept at once per query: no [T, S] matrix
 constexpr int64_t kMaxHeadDim = 256;  // checked by the bindings
 constexpr int64_t kMaxGroup = 16;     // query heads per KV head, checked by the bindings
-constexpr int kLanes = 16;
+constexpr int64_t kAhead = 16;        // key rows prefetched ahead of the one being scored
 
 // e^x for x <= 0 (softmax arguments), to about 2 ulp: Cody-Waite reduction to r in
 // [-ln2/2, ln2/2], a degree-6 polynomial for e^r, then the exponent. Plain float arithmetic,
@@ -39,22 +45,157 @@ static inline float exp_nonpositive(float x) {
     return e * two_n;
 }
 
-static inline float dot_fixed_order(const float* a, const float* b, int64_t d) {
-    float part[kLanes] = {};
+// ---------------------------------------------------------------- this unit's vectors
+#if defined(__AVX512F__)
+constexpr int64_t kWidth = 16;
+using Vec = __m512;
+static inline Vec vzero() { return _mm512_setzero_ps(); }
+static inline Vec vset1(float x) { return _mm512_set1_ps(x); }
+static inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a); }
+static inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+static inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c
+static inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+static inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
+static inline float vmax_all(Vec a) { return _mm512_reduce_max_ps(a); }
+#elif defined(__AVX2__)
+constexpr int64_t kWidth = 8;
+using Vec = __m256;
+static inline Vec vzero() { return _mm256_setzero_ps(); }
+static inline Vec vset1(float x) { return _mm256_set1_ps(x); }
+static inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, Vec a) { _mm256_storeu_ps(p, a); }
+static inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+static inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+static inline float vsum(Vec a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline float vmax_all(Vec a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#else  // the scalar twin: one lane
+constexpr int64_t kWidth = 1;
+using Vec = float;
+static inline Vec vzero() { return 0.0f; }
+static inline Vec vset1(float x) { return x; }
+static inline Vec vload(const float* p) { return *p; }
+static inline void vstore(float* p, Vec a) { *p = a; }
+static inline Vec vadd(Vec a, Vec b) { return a + b; }
+static inline Vec vfma(Vec a, Vec b, Vec c) { return a * b + c; }
+static inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }
+static inline float vsum(Vec a) { return a; }
+static inline float vmax_all(Vec a) { return a; }
+#endif
+
+// p[g0 + k][j] = q_{g0 + k} . key * scale for NG query heads (q [group, d]): the key row is
+// loaded once for all of them, the NG sums run as independent chains.
+template <int NG>
+static inline void score_heads(const float* q, int64_t d, const float* key, float scale,
+                               float (*p)[kKeyTile], int64_t g0, int64_t j) {
+    Vec s[NG];
+    for (int k = 0; k < NG; ++k) s[k] = vzero();
     int64_t i = 0;
-    for (; i + kLanes <= d; i += kLanes) {
-        for (int l = 0; l < kLanes; ++l) part[l] += a[i + l] * b[i + l];
+    for (; i + kWidth <= d; i += kWidth) {
+        const Vec kv = vload(key + i);
+        for (int k = 0; k < NG; ++k) s[k] = vfma(vload(q + (g0 + k) * d + i), kv, s[k]);
     }
-    for (int l = 0; i < d; ++i, ++l) part[l] += a[i] * b[i];
-    float total = 0.0f;
-    for (int l = 0; l < kLanes; ++l) total += part[l];
-    return total;
+    for (int k = 0; k < NG; ++k) {
+        float total = vsum(s[k]);
+        for (int64_t c = i; c < d; ++c) total += q[(g0 + k) * d + c] * key[c];
+        p[g0 + k][j] = total * scale;
+    }
+}
+
+// acc[g][c .. c + kWidth) += sum_j p[g][j] * v_j[c ..] for NG query heads starting at g0: the NG
+// accumulators stay in registers while the tile's value rows (already in L1 after the first
+// column) stream past.
+template <int NG>
+static inline void accumulate_values(float (*acc)[kMaxHeadDim], const float (*p)[kKeyTile],
+                                     int64_t g0, const float* values, int64_t stride, int64_t n,
+                                     int64_t c) {
+    Vec a[NG];
+    for (int k = 0; k < NG; ++k) a[k] = vload(acc[g0 + k] + c);
+    for (int64_t j = 0; j < n; ++j) {
+        const Vec v = vload(values + j * stride + c);
+        for (int k = 0; k < NG; ++k) a[k] = vfma(vset1(p[g0 + k][j]), v, a[k]);
+    }
+    for (int k = 0; k < NG; ++k) vstore(acc[g0 + k] + c, a[k]);
+}
+
+// One tile of n keys/values (rows `stride` floats apart; n_ahead rows exist from `keys` on) for the `group` query heads q [group, d].
+static inline void attend_tile(const float* q, int64_t group, int64_t d, float scale,
+                               const float* keys, const float* values, int64_t stride, int64_t n,
+                               int64_t n_ahead, float (*acc)[kMaxHeadDim], float (*p)[kKeyTile], float* m, float* l) {
+    // Scores, key-major: each key row is read from memory once, for every head of the group.
+    // One KV head's rows are `stride` floats apart, too far for the hardware prefetcher to keep
+    // enough lines in flight: ask for key row j + kAhead and value row j (read below) now.
+    const int64_t row_bytes = d * static_cast<int64_t>(sizeof(float));
+    for (int64_t j = 0; j < n; ++j) {
+        const float* key = keys + j * stride;
+        const char* next_key = reinterpret_cast<const char*>(key + kAhead * stride);
+        const char* value = reinterpret_cast<const char*>(values + j * stride);
+        for (int64_t b = 0; b < row_bytes; b += 64) {
+            if (j + kAhead < n_ahead) __builtin_prefetch(next_key + b);
+            __builtin_prefetch(value + b);
+        }
+        int64_t g = 0;
+        for (; g + 4 <= group; g += 4) score_heads<4>(q, d, key, scale, p, g, j);
+        switch (group - g) {
+            case 3: score_heads<3>(q, d, key, scale, p, g, j); break;
+            case 2: score_heads<2>(q, d, key, scale, p, g, j); break;
+            case 1: score_heads<1>(q, d, key, scale, p, g, j); break;
+            default: break;
+        }
+    }
+    const int64_t n_vec = n - n % kWidth;
+    for (int64_t g = 0; g < group; ++g) {
+        float* pg = p[g];
+        Vec vm = vset1(m[g]);
+        for (int64_t j = 0; j < n_vec; j += kWidth) vm = vmax(vm, vload(pg + j));
+        float tile_max = vmax_all(vm);
+        for (int64_t j = n_vec; j < n; ++j) tile_max = pg[j] > tile_max ? pg[j] : tile_max;
+        const float correction = exp_nonpositive(m[g] - tile_max);
+        m[g] = tile_max;
+        for (int64_t j = 0; j < n; ++j) pg[j] = exp_nonpositive(pg[j] - tile_max);  // vectorizes
+        Vec vs = vzero();
+        for (int64_t j = 0; j < n_vec; j += kWidth) vs = vadd(vs, vload(pg + j));
+        float tile_sum = vsum(vs);
+        for (int64_t j = n_vec; j < n; ++j) tile_sum += pg[j];
+        l[g] = l[g] * correction + tile_sum;
+        if (correction != 1.0f) {
+            for (int64_t i = 0; i < d; ++i) acc[g][i] *= correction;
+        }
+    }
+    const int64_t d_vec = d - d % kWidth;
+    for (int64_t c = 0; c < d_vec; c += kWidth) {
+        int64_t g = 0;
+        for (; g + 4 <= group; g += 4) accumulate_values<4>(acc, p, g, values, stride, n, c);
+        switch (group - g) {
+            case 3: accumulate_values<3>(acc, p, g, values, stride, n, c); break;
+            case 2: accumulate_values<2>(acc, p, g, values, stride, n, c); break;
+            case 1: accumulate_values<1>(acc, p, g, values, stride, n, c); break;
+            default: break;
+        }
+    }
+    for (int64_t g = 0; g < group; ++g) {  // the columns past the last whole vector
+        for (int64_t j = 0; j < n; ++j) {
+            const float* v = values + j * stride;
+            for (int64_t i = d_vec; i < d; ++i) acc[g][i] += p[g][j] * v[i];
+        }
+    }
 }
 
 static void attention_rows(const AttentionArgs& a, int64_t kvh, int64_t t_begin, int64_t t_end) {
     const int64_t d = a.head_dim;
     const int64_t group = a.n_heads / a.n_kv;
-    const int64_t key_stride = a.n_kv * d;  // between consecutive positions of one KV head
+    const int64_t stride = a.n_kv * d;  // floats between consecutive positions of one KV head
     const float* keys = a.k + kvh * d;
     const float* values = a.v + kvh * d;
     alignas(64) float acc[kMaxGroup][kMaxHeadDim];  // the running sum of p * v per query head
@@ -70,28 +211,8 @@ static void attention_rows(const AttentionArgs& a, int64_t kvh, int64_t t_begin,
         }
         for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyTile) {
             const int64_t n = n_keys - j0 < kKeyTile ? n_keys - j0 : kKeyTile;
-            for (int64_t g = 0; g < group; ++g) {
-                float tile_max = m[g];
-                for (int64_t j = 0; j < n; ++j) {
-                    const float s = dot_fixed_order(q + g * d, keys + (j0 + j) * key_stride, d) * a.scale;
-                    p[g][j] = s;
-                    tile_max = s > tile_max ? s : tile_max;
-                }
-                const float correction = exp_nonpositive(m[g] - tile_max);
-                m[g] = tile_max;
-                float tile_sum = 0.0f;
-                for (int64_t j = 0; j < n; ++j) {
-                    p[g][j] = exp_nonpositive(p[g][j] - tile_max);
-                }
-                for (int64_t j = 0; j < n; ++j) tile_sum += p[g][j];
-                l[g] = l[g] * correction + tile_sum;
-                for (int64_t i = 0; i < d; ++i) acc[g][i] *= correction;
-                for (int64_t j = 0; j < n; ++j) {
-                    const float* v = values + (j0 + j) * key_stride;
-                    const float pj = p[g][j];
-                    for (int64_t i = 0; i < d; ++i) acc[g][i] += pj * v[i];
-                }
-            }
+            attend_tile(q, group, d, a.scale, keys + j0 * stride, values + j0 * stride, stride, n,
+                        n_keys - j0, acc, p, m, l);
         }
         float* out = a.out + (t * a.n_heads + kvh * group) * d;
         for (int64_t g = 0; g < group; ++g) {

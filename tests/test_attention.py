@@ -1,0 +1,97 @@
+"""The attention kernel (csrc/attention_impl.h) against the numpy reference, on every
+instruction set this CPU and build can run, for decode (one query over S keys) and prefill
+(a causal block of queries), with context lengths that end mid-vector and mid-tile."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lfm_edge import native, reference
+
+ISAS = native.available_isas()
+CONTEXTS = (1, 3, 17, 33, 1023, 4100)  # S: 64-key tiles, 16/8-lane vectors, ends off both
+# (n_heads, n_kv, head_dim): LFM2's 32/8/64, one KV head for many queries, odd groups, head
+# sizes that are not a multiple of any vector width, the largest group and head the bindings take
+HEADS = ((32, 8, 64), (4, 1, 16), (6, 2, 40), (3, 3, 17), (16, 1, 256), (10, 2, 24))
+# Against a float64 reference: the kernel's exp is good to ~2 ulp and its float32 sums run in
+# another order (fused multiply-adds on AVX2/AVX-512), so |got - want| <= ATOL_REL * max|want|.
+# Measured worst 1.7e-6 (scalar, S = 4100); the existing model tests use the same 2e-5.
+ATOL_REL = 2e-5
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    with native.use_isa(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}threads")
+def threads(request):
+    before = native.threads()
+    native.set_threads(request.param)
+    yield request.param
+    native.set_threads(before)
+
+
+def inputs(t: int, s: int, n_heads: int, n_kv: int, d: int, q_scale: float = 2.0):
+    rng = np.random.default_rng([t, s, n_heads, n_kv, d])
+    q = (rng.standard_normal((t, n_heads, d)) * q_scale).astype(np.float32)  # [T, n_heads, d]
+    k = (rng.standard_normal((s, n_kv, d)) * 2).astype(np.float32)  # [S, n_kv, d]
+    v = rng.standard_normal((s, n_kv, d)).astype(np.float32)
+    return q, k, v
+
+
+def check(q, k, v, q_start):
+    got = native.attention(q, k, v, q_start)
+    want = reference.attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), q_start)
+    assert got.shape == want.shape == (q.shape[0], q.shape[1] * q.shape[2])
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL_REL * np.abs(want).max())
+
+
+@pytest.mark.parametrize("s", CONTEXTS)
+@pytest.mark.parametrize("n_heads, n_kv, d", HEADS, ids=lambda x: str(x))
+def test_decode_matches_reference(isa, threads, s, n_heads, n_kv, d):
+    q, k, v = inputs(1, s, n_heads, n_kv, d)
+    check(q, k, v, s - 1)
+
+
+@pytest.mark.parametrize("t, q_start", [(2, 0), (17, 0), (33, 0), (5, 1018), (3, 4097), (70, 30)])
+@pytest.mark.parametrize("n_heads, n_kv, d", HEADS[:3], ids=lambda x: str(x))
+def test_prefill_matches_reference(isa, threads, t, q_start, n_heads, n_kv, d):
+    q, k, v = inputs(t, q_start + t, n_heads, n_kv, d)
+    check(q, k, v, q_start)
+
+
+def test_peaked_scores_do_not_overflow(isa):
+    """Scores in the hundreds, one tile far above the others: the online softmax rescales."""
+    q, k, v = inputs(1, 1023, 32, 8, 64, q_scale=40.0)
+    k[700] *= 3
+    check(q, k, v, 1022)
+
+
+@pytest.mark.parametrize("t, s", [(1, 4100), (1, 33), (9, 1023)])
+def test_thread_count_does_not_change_a_bit(isa, t, s):
+    q, k, v = inputs(t, s, 32, 8, 64)
+    before = native.threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            native.set_threads(n)
+            outs.append(native.attention(q, k, v, s - t))
+    finally:
+        native.set_threads(before)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+
+
+def test_instruction_sets_agree():
+    q, k, v = inputs(1, 1023, 32, 8, 64)
+    outs = {}
+    for name in ISAS:
+        with native.use_isa(name):
+            outs[name] = native.attention(q, k, v, 1022)
+    scalar = outs["scalar"]
+    for name, out in outs.items():
+        np.testing.assert_allclose(out, scalar, rtol=0, atol=ATOL_REL * np.abs(scalar).max(), err_msg=name)
