@@ -33,17 +33,21 @@ const char* qtype_name(QType qtype) {
         case QType::BF16: return "BF16";
         case QType::Q8_0: return "Q8_0";
         case QType::Q4_0: return "Q4_0";
+        case QType::Q4_K: return "Q4_K";
+        case QType::Q5_K: return "Q5_K";
+        case QType::Q6_K: return "Q6_K";
     }
     return "?";
 }
 
 QType checked_qtype(int64_t id) {
-    for (QType qtype : {QType::F32, QType::F16, QType::Q4_0, QType::Q8_0, QType::BF16}) {
+    for (QType qtype : {QType::F32, QType::F16, QType::Q4_0, QType::Q8_0, QType::Q4_K, QType::Q5_K,
+                        QType::Q6_K, QType::BF16}) {
         if (id == static_cast<int64_t>(qtype)) return qtype;
     }
     throw py::value_error("qtype " + std::to_string(id) +
                           " is not supported; use a GGML type id: F32=0, F16=1, Q4_0=2, "
-                          "Q8_0=8 or BF16=30");
+                          "Q8_0=8, Q4_K=12, Q5_K=13, Q6_K=14 or BF16=30");
 }
 
 int64_t checked_mul(int64_t a, int64_t b, const std::string& what) {
@@ -61,6 +65,14 @@ int64_t checked_row_bytes(QType qtype, int64_t k) {
         case QType::BF16: return checked_mul(k, 2, "k");
         case QType::Q8_0:
         case QType::Q4_0: break;
+        case QType::Q4_K:
+        case QType::Q5_K:
+        case QType::Q6_K:
+            if (k % 256 != 0) {
+                throw py::value_error("k = " + std::to_string(k) + " is not a multiple of 256, which " +
+                                      qtype_name(qtype) + " rows (super-blocks of 256 weights) require");
+            }
+            return lfm::gguf_row_bytes(qtype, k);
     }
     if (k % 32 != 0) {
         throw py::value_error("k = " + std::to_string(k) + " is not a multiple of 32, which " +
@@ -227,7 +239,7 @@ void set_isa(const std::string& name) {
 
 // ------------------------------------------------------------------ packed weights and ops
 
-// A weight matrix (or a stack of them) ready for the kernels: Q4_0 / Q8_0 repacked into an
+// A weight matrix (or a stack of them) ready for the kernels: Q4_0 / Q8_0 / K-quants repacked into an
 // aligned buffer it owns, float types as the caller's buffer, kept alive by a reference.
 class PackedMatrix {
    public:
@@ -489,7 +501,7 @@ py::tuple quantize_activations(const py::array& x) {
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "lfm-edge CPU kernels. Weight types are GGML ids: F32=0, F16=1, Q4_0=2, Q8_0=8, "
-              "BF16=30; a weight matrix is n rows of k values in GGUF's on-disk row layout.";
+              "Q4_K=12, Q5_K=13, Q6_K=14, BF16=30; a weight matrix is n rows of k values in GGUF's on-disk row layout.";
 
     m.def("matmul", &matmul, py::arg("x"), py::arg("w"), py::arg("qtype"), py::arg("n"),
           py::arg("k"),
@@ -513,7 +525,7 @@ PYBIND11_MODULE(_C, m) {
 
     py::class_<PackedMatrix>(m, "PackedMatrix",
                              "A weight matrix (or a stack of n_mats) in the layout the kernels "
-                             "stream: Q4_0 / Q8_0 repacked into 16-row groups, float types "
+                             "stream: Q4_0 / Q8_0 / Q4_K / Q5_K / Q6_K repacked into 16-row groups, float types "
                              "borrowed as stored.")
         .def(py::init([](const py::buffer& w, int64_t qtype, int64_t n, int64_t k, int64_t n_mats) {
                  return std::make_unique<PackedMatrix>(w, checked_qtype(qtype), n, k, n_mats);
@@ -528,7 +540,7 @@ PYBIND11_MODULE(_C, m) {
 
     m.def("linear", &linear, py::arg("x"), py::arg("w"), py::arg("index") = 0,
           "y = x @ W[index].T as float32 [T, n] for a PackedMatrix; int8 activations for Q4_0 / "
-          "Q8_0, exact float32 for float types.");
+          "Q8_0 / K-quants, exact float32 for float types.");
     m.def("moe", &moe, py::arg("x"), py::arg("experts"), py::arg("weights"), py::arg("gate"),
           py::arg("up"), py::arg("down"),
           "sum_j weights[t, j] * down_e(silu(gate_e(x)) * up_e(x)), e = experts[t, j]: [T, H].");

@@ -70,6 +70,9 @@ const QTypeKernels* kernels_for(const KernelTable& table, QType qtype) {
         case QType::BF16: return &table.bf16;
         case QType::Q8_0: return &table.q8_0;
         case QType::Q4_0: return &table.q4_0;
+        case QType::Q4_K: return &table.q4_k;
+        case QType::Q5_K: return &table.q5_k;
+        case QType::Q6_K: return &table.q6_k;
     }
     return nullptr;
 }

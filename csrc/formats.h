@@ -18,6 +18,69 @@ const int64_t kQ4_0BlockBytes = 2 + 16;
 // Q8_0 block: d (fp16), then 32 int8. value = d * q.
 const int64_t kQ8_0BlockBytes = 2 + 32;
 
+// K-quants store a row in super-blocks of 256 weights (layouts as in ggml-common.h):
+//   Q4_K (144 bytes): d, dmin (fp16); 12 bytes of 6-bit (scale, min) pairs for 8 sub-blocks of
+//     32; 128 bytes of nibbles: sub-block j is bytes 32 * (j / 2) .. + 31, low nibbles if j is
+//     even, high if odd. value = (d * sc_j) * q - (dmin * m_j), q in 0..15.
+//   Q5_K (176 bytes): d, dmin, the 12 scale bytes, 32 bytes qh, then Q4_K's 128 nibble bytes;
+//     bit j of qh[l] is bit 4 of weight l of sub-block j. q in 0..31, value as Q4_K.
+//   Q6_K (210 bytes): 128 bytes ql, 64 bytes qh, 16 int8 scales (one per 16 weights), d (fp16).
+//     value = (d * sc_{i / 16}) * (q - 32), q in 0..63.
+const int64_t kSuperBlock = 256;
+const int64_t kQ4_KBlockBytes = 144;
+const int64_t kQ5_KBlockBytes = 176;
+const int64_t kQ6_KBlockBytes = 210;
+
+// The 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes s of a Q4_K / Q5_K
+// block: j < 4 in the low 6 bits of s[j] / s[j + 4]; j >= 4 has its low 4 bits in the two
+// nibbles of s[j + 4] and its top 2 bits in the spare top bits of s[j - 4] / s[j].
+static inline void k_scale_min(const uint8_t* s, int j, uint8_t* sc, uint8_t* m) {
+    if (j < 4) {
+        *sc = static_cast<uint8_t>(s[j] & 63);
+        *m = static_cast<uint8_t>(s[j + 4] & 63);
+    } else {
+        *sc = static_cast<uint8_t>((s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4));
+        *m = static_cast<uint8_t>((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+    }
+}
+
+// The unsigned quants q[256] of one K super-block, in weight order (Q6_K: before the - 32).
+static inline void q4_k_quants(const uint8_t* blk, uint8_t* q) {
+    const uint8_t* qs = blk + 16;
+    for (int j = 0; j < 8; ++j) {
+        for (int l = 0; l < 32; ++l) {
+            const uint8_t byte = qs[32 * (j / 2) + l];
+            q[32 * j + l] = static_cast<uint8_t>(j % 2 ? byte >> 4 : byte & 0x0f);
+        }
+    }
+}
+
+static inline void q5_k_quants(const uint8_t* blk, uint8_t* q) {
+    const uint8_t* qh = blk + 16;
+    const uint8_t* qs = blk + 48;
+    for (int j = 0; j < 8; ++j) {
+        for (int l = 0; l < 32; ++l) {
+            const uint8_t byte = qs[32 * (j / 2) + l];
+            const int low = j % 2 ? byte >> 4 : byte & 0x0f;
+            q[32 * j + l] = static_cast<uint8_t>(low | (((qh[l] >> j) & 1) << 4));
+        }
+    }
+}
+
+// Q6_K: each half of 128 weights uses 64 ql bytes and 32 qh bytes; weight w = 32 s + l of a
+// half has its low 4 bits in ql[w % 64] (low nibble if w < 64) and bits 4-5 in qh[l] >> 2s.
+static inline void q6_k_quants(const uint8_t* blk, uint8_t* q) {
+    for (int h = 0; h < 2; ++h) {
+        const uint8_t* ql = blk + 64 * h;
+        const uint8_t* qh = blk + 128 + 32 * h;
+        for (int w = 0; w < 128; ++w) {
+            const int low = w < 64 ? ql[w] & 0x0f : ql[w - 64] >> 4;
+            const int high = (qh[w % 32] >> (2 * (w / 32))) & 3;
+            q[128 * h + w] = static_cast<uint8_t>(low | (high << 4));
+        }
+    }
+}
+
 // GGUF is little-endian; reading byte by byte keeps this right on any host and any alignment.
 static inline uint16_t load_u16(const uint8_t* p) {
     return static_cast<uint16_t>(p[0] | (p[1] << 8));
@@ -54,6 +117,48 @@ static inline float fp16_to_f32(uint16_t h) {
 // bfloat16 is the top half of a float32.
 static inline float bf16_to_f32(uint16_t h) {
     return bits_to_f32(static_cast<uint32_t>(h) << 16);
+}
+
+// Dequantizes one K super-block into out[256] with gguf's float32 operations: (d * sc) and
+// (dmin * m) are exact in float32 (11 x 6 bits); then one rounding for q * s - mn (Q4_K, Q5_K) and
+// none for Q6_K ((d * sc) * (q - 32) needs at most 11 + 7 + 5 bits). The two steps are separate
+// statements and the project builds in ISO C++ mode (-ffp-contract=off), so no FMA merges them.
+static inline void dequantize_k_affine(const uint8_t* blk, const uint8_t* q, float* out) {
+    const float d = fp16_to_f32(load_u16(blk));
+    const float dmin = fp16_to_f32(load_u16(blk + 2));
+    for (int j = 0; j < 8; ++j) {
+        uint8_t sc, m;
+        k_scale_min(blk + 4, j, &sc, &m);
+        const float s = d * static_cast<float>(sc);
+        const float mn = dmin * static_cast<float>(m);
+        for (int l = 0; l < 32; ++l) {
+            const float scaled = s * static_cast<float>(q[32 * j + l]);
+            out[32 * j + l] = scaled - mn;
+        }
+    }
+}
+
+static inline void dequantize_q4_k_block(const uint8_t* blk, float* out) {
+    uint8_t q[kSuperBlock];
+    q4_k_quants(blk, q);
+    dequantize_k_affine(blk, q, out);
+}
+
+static inline void dequantize_q5_k_block(const uint8_t* blk, float* out) {
+    uint8_t q[kSuperBlock];
+    q5_k_quants(blk, q);
+    dequantize_k_affine(blk, q, out);
+}
+
+static inline void dequantize_q6_k_block(const uint8_t* blk, float* out) {
+    uint8_t q[kSuperBlock];
+    q6_k_quants(blk, q);
+    const float d = fp16_to_f32(load_u16(blk + 208));
+    const auto* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    for (int i = 0; i < 16; ++i) {
+        const float s = d * static_cast<float>(sc[i]);
+        for (int l = 0; l < 16; ++l) out[16 * i + l] = s * static_cast<float>(q[16 * i + l] - 32);
+    }
 }
 
 }  // namespace lfm

@@ -21,6 +21,9 @@ enum class QType : int32_t {
     F16 = 1,
     Q4_0 = 2,
     Q8_0 = 8,
+    Q4_K = 12,
+    Q5_K = 13,
+    Q6_K = 14,
     BF16 = 30,
 };
 
@@ -43,6 +46,7 @@ struct QuantizedRows {
     const int8_t* q;     // [n_tokens, k]
     const float* d;      // [n_tokens, k / 32]
     const int32_t* sum;  // [n_tokens, k / 32] sum of q over each block
+    const int32_t* sum16;  // [n_tokens, k / 16] sum of q over each half block (Q6_K's scales)
     int64_t n_tokens;
     int64_t k;  // a multiple of 32
 };
@@ -90,6 +94,9 @@ struct KernelTable {
     QTypeKernels bf16;
     QTypeKernels q8_0;
     QTypeKernels q4_0;
+    QTypeKernels q4_k;
+    QTypeKernels q5_k;
+    QTypeKernels q6_k;
     QuantizeRowFn quantize_row;
     AttentionFn attention;
 };

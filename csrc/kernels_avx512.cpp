@@ -13,6 +13,7 @@ namespace {
 constexpr int64_t kRowTile = 4;  // rows dequantized together
 constexpr int64_t kChunk = 256;  // K values per dequantized chunk; [kRowTile, kChunk] = 4 KiB
 static_assert(kChunk % kQuantBlock == 0 && kChunk % 16 == 0, "chunk must hold whole blocks");
+static_assert(kChunk % kSuperBlock == 0, "a chunk must hold whole K-quant super-blocks");
 
 struct F32 {
     static constexpr int64_t kUnitValues = 1;
@@ -89,6 +90,19 @@ struct Q4_0 {
     }
 };
 
+// The K-quants (formats.h): whole 256-weight super-blocks, dequantized with gguf's float32 steps.
+template <int64_t kBytes, void (*kBlock)(const uint8_t*, float*)>
+struct KQuant {
+    static constexpr int64_t kUnitValues = kSuperBlock;
+    static constexpr int64_t kUnitBytes = kBytes;
+    static void dequantize(const uint8_t* src, int64_t count, float* out) {
+        for (int64_t b = 0; b < count / kSuperBlock; ++b) kBlock(src + b * kBytes, out + b * kSuperBlock);
+    }
+};
+using Q4_K = KQuant<kQ4_KBlockBytes, dequantize_q4_k_block>;
+using Q5_K = KQuant<kQ5_KBlockBytes, dequantize_q5_k_block>;
+using Q6_K = KQuant<kQ6_KBlockBytes, dequantize_q6_k_block>;
+
 template <class Format>
 void dequantize_row(const uint8_t* row, int64_t k, float* out) {
     Format::dequantize(row, k, out);
@@ -162,6 +176,9 @@ constexpr KernelTable kTable = {
     kernels_of<BF16>(),
     kernels_of<Q8_0>(avx512::matmul_q8_0_packed),
     kernels_of<Q4_0>(avx512::matmul_q4_0_packed),
+    kernels_of<Q4_K>(avx512::matmul_q4_k_packed),
+    kernels_of<Q5_K>(avx512::matmul_q5_k_packed),
+    kernels_of<Q6_K>(avx512::matmul_q6_k_packed),
     avx512::quantize_row,
     avx512::attention,
 };

@@ -13,6 +13,7 @@ constexpr int64_t kRowTile = 4;
 // every token uses it. A multiple of kQuantBlock, so every chunk starts on a block boundary.
 constexpr int64_t kChunk = 256;
 static_assert(kChunk % kQuantBlock == 0, "chunks must start on block boundaries");
+static_assert(kChunk % kSuperBlock == 0, "a chunk must hold whole K-quant super-blocks");
 
 // One struct per weight format: a row is a sequence of units of kUnitValues values stored in
 // kUnitBytes bytes, and dequantize() expands `count` values (a whole number of units).
@@ -71,6 +72,19 @@ struct Q4_0 {
     }
 };
 
+// The K-quants (formats.h): whole 256-weight super-blocks, dequantized with gguf's float32 steps.
+template <int64_t kBytes, void (*kBlock)(const uint8_t*, float*)>
+struct KQuant {
+    static constexpr int64_t kUnitValues = kSuperBlock;
+    static constexpr int64_t kUnitBytes = kBytes;
+    static void dequantize(const uint8_t* src, int64_t count, float* out) {
+        for (int64_t b = 0; b < count / kSuperBlock; ++b) kBlock(src + b * kBytes, out + b * kSuperBlock);
+    }
+};
+using Q4_K = KQuant<kQ4_KBlockBytes, dequantize_q4_k_block>;
+using Q5_K = KQuant<kQ5_KBlockBytes, dequantize_q5_k_block>;
+using Q6_K = KQuant<kQ6_KBlockBytes, dequantize_q6_k_block>;
+
 template <class Format>
 void dequantize_row(const uint8_t* row, int64_t k, float* out) {
     Format::dequantize(row, k, out);
@@ -125,6 +139,9 @@ constexpr KernelTable kTable = {
     kernels_of<BF16>(),
     kernels_of<Q8_0>(scalar::matmul_q8_0_packed),
     kernels_of<Q4_0>(scalar::matmul_q4_0_packed),
+    kernels_of<Q4_K>(scalar::matmul_q4_k_packed),
+    kernels_of<Q5_K>(scalar::matmul_q5_k_packed),
+    kernels_of<Q6_K>(scalar::matmul_q6_k_packed),
     scalar::quantize_row,
     scalar::attention,
 };

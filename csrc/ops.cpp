@@ -25,6 +25,7 @@ struct QuantizedBuffer {
     std::vector<int8_t> q;    // [T, k]
     std::vector<float> d;     // [T, k / 32]
     std::vector<int32_t> sum; // [T, k / 32]
+    std::vector<int32_t> sum16; // [T, k / 16]
     int64_t n_tokens = 0, k = 0;
 
     void resize(int64_t t, int64_t k_) {
@@ -33,16 +34,24 @@ struct QuantizedBuffer {
         q.resize(static_cast<size_t>(t * k));
         d.resize(static_cast<size_t>(t * k / kQuantBlock));
         sum.resize(static_cast<size_t>(t * k / kQuantBlock));
+        sum16.resize(static_cast<size_t>(t * k / 16));
     }
     QuantizedRows rows(int64_t first = 0, int64_t count = -1) const {
         const int64_t nb = k / kQuantBlock;
         return {q.data() + first * k, d.data() + first * nb, sum.data() + first * nb,
-                count < 0 ? n_tokens - first : count, k};
+                sum16.data() + first * (k / 16), count < 0 ? n_tokens - first : count, k};
     }
     // Quantizes row t of this buffer from x[k].
     void set_row(const KernelTable& table, int64_t t, const float* x) {
         const int64_t nb = k / kQuantBlock;
         table.quantize_row(x, k, q.data() + t * k, d.data() + t * nb, sum.data() + t * nb);
+        const int8_t* qt = q.data() + t * k;
+        int32_t* s16 = sum16.data() + t * (k / 16);
+        for (int64_t h = 0; h < k / 16; ++h) {  // cheap next to any matmul over k
+            int32_t total = 0;
+            for (int i = 0; i < 16; ++i) total += qt[16 * h + i];
+            s16[h] = total;
+        }
     }
 };
 
@@ -84,7 +93,7 @@ inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 void pack_matrices(QType qtype, const uint8_t* src, int64_t n, int64_t k, int64_t n_mats,
                    uint8_t* out) {
     const int64_t groups = row_groups(n);
-    const int64_t src_bytes = n * (k / kQuantBlock) * (qtype == QType::Q4_0 ? kQ4_0BlockBytes : kQ8_0BlockBytes);
+    const int64_t src_bytes = n * gguf_row_bytes(qtype, k);
     const int64_t dst_bytes = packed_bytes(qtype, n, k);
     parallel_for(n_mats * groups, 0, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {

@@ -11,14 +11,17 @@
 namespace lfm {
 
 // A weight matrix (or a stack of n_mats of them, e.g. experts) as the kernels read it: Q4_0 /
-// Q8_0 repacked into 16-row groups (packed.h), float types in their GGUF rows, borrowed.
+// Q8_0 / K-quants repacked into 16-row groups (packed.h), float types in their GGUF rows, borrowed.
 struct Matrix {
     QType qtype;
     int64_t n, k;      // each matrix maps k inputs to n outputs
     int64_t n_mats;    // stacked matrices, each mat_bytes long
     int64_t mat_bytes;
     const uint8_t* data;
-    bool packed() const { return qtype == QType::Q4_0 || qtype == QType::Q8_0; }
+    bool packed() const {
+        return qtype == QType::Q4_0 || qtype == QType::Q8_0 || qtype == QType::Q4_K ||
+               qtype == QType::Q5_K || qtype == QType::Q6_K;
+    }
     const uint8_t* mat(int64_t i) const { return data + i * mat_bytes; }
 };
 

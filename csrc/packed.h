@@ -1,4 +1,4 @@
-// The compute layouts Q4_0 and Q8_0 weights are repacked into once, at load (pack.cpp), for the
+// The compute layouts Q4_0, Q8_0 and the K-quants (further down) are repacked into once, at load (pack.cpp), for the
 // int8-activation kernels (qmatmul_*.cpp).
 //
 // GGUF stores a matrix row by row, one 32-weight block after another. The kernels instead want
@@ -39,6 +39,64 @@ struct Q8_0x16 {
     uint8_t qs[kRowGroup * 32];  // [8][16 rows][4] offset bytes
 };
 static_assert(sizeof(Q8_0x16) == 544, "Q8_0x16 must stay 16 rows x 34 bytes, unpadded");
+
+// ---- K-quants (Q4_K, Q5_K, Q6_K): one x16 block per 16 rows x 256 columns (a super-block)
+//
+//   packed matrix = [ceil(n/16) row groups][k/256 super-blocks] of Q4_Kx16 / Q5_Kx16 / Q6_Kx16
+//
+// Every conversion below is LOSSLESS: the packed block holds exactly the integers of the GGUF
+// block (the quants, the 6-bit or int8 sub-block scales and mins, the fp16 super-block scales),
+// only moved around, and the 6-bit scales widened to a byte each. The kernels rebuild the
+// float32 sub-block scale s = d * sc and min mn = dmin * m, which are exact in float32 (an 11-bit
+// fp16 mantissa times an integer below 2^7), and compute per 32 activations
+//   Q4_K / Q5_K:  s * dx * dot(q, a) - mn * dx * sum(a)       (two float32 FMAs)
+//   Q6_K:         d * dx * (sc0 * (dot0(q, a) - 32 sum0(a)) + sc1 * (dot1 - 32 sum1))
+// where the Q6_K bracket is an exact integer (|.| < 2^24, so its float32 conversion is exact
+// too): both 16-value int8 scales are applied exactly, no folding to one scale per 32. The only
+// rounding on top of the int8 activations is therefore the float32 accumulation (as Q4_0).
+// Note for tests: gguf's float32 dequantization rounds s * q - mn once (Q4_K / Q5_K; <= 2^-24
+// relative of each weight); the packed kernels use the unrounded value. Q6_K's dequantized
+// weights are exact.
+//
+// Sizes per row and super-block: Q4_K 148 bytes (file: 144; the 12 bytes of 6-bit scales become
+// 16), Q5_K 180 (176), Q6_K 210 (210).
+
+// Q4_K, 16 rows x 256 weights. Weight 32 j + i of row r is
+//   fp16(d[r]) * sc[j][r] * u - fp16(dmin[r]) * m[j][r]
+// with u the nibble in qs[j] at the position Q4_0x16 uses for weight i (qs[j][64 c + 4 r + t]:
+// low nibble for i = 4c + t, high nibble for i = 16 + 4c + t). No offset: u is 0..15.
+struct Q4_Kx16 {
+    uint16_t d[kRowGroup];         // fp16 super-block scale of each row
+    uint16_t dmin[kRowGroup];      // fp16 super-block min scale of each row
+    uint8_t sc[8][kRowGroup];      // 6-bit scale of sub-block j, row r
+    uint8_t m[8][kRowGroup];       // 6-bit min of sub-block j, row r
+    uint8_t qs[8][kRowGroup * 16];  // per sub-block, as Q4_0x16.qs
+};
+static_assert(sizeof(Q4_Kx16) == 16 * 148, "Q4_Kx16 must stay 16 rows x 148 bytes, unpadded");
+
+// Q5_K: Q4_Kx16 plus bit 4 of every weight. Within sub-block j, the 8 VNNI operands (weights
+// 4i .. 4i+3 of the 16 rows, i < 8, the low nibbles as Q4_Kx16 lays them out) each get a 64-bit
+// little-endian mask qh[j][8 i .. 8 i + 7] whose bit 4 r + t is bit 4 of weight 4i + t of row r:
+// the AVX-512 kernel adds 16 to the bytes of that mask in one masked add.
+struct Q5_Kx16 {
+    Q4_Kx16 low;
+    uint8_t qh[8][64];
+};
+static_assert(sizeof(Q5_Kx16) == 16 * 180, "Q5_Kx16 must stay 16 rows x 180 bytes, unpadded");
+
+// Q6_K, 16 rows x 256 weights in 8 blocks of 32. Weight 32 b + i of row r is
+//   fp16(d[r]) * sc[2b + i / 16][r] * (u - 32),  u = low | high << 4 in 0..63,
+// with `low` the nibble in ql[b] at Q4_0x16's position for weight i, and `high` 2 bits in
+// qh[b]: VNNI operand o (weights 4o .. 4o+3, o < 8) takes bits 2s, 2s+1 of the byte
+// qh[b][64 v + 4 r + t] for o = 4v + s. Operands 0-3 are the first 16 weights (scale sc[2b]),
+// 4-7 the second (sc[2b + 1]).
+struct Q6_Kx16 {
+    uint16_t d[kRowGroup];          // fp16 super-block scale of each row
+    int8_t sc[16][kRowGroup];       // int8 scale of 16-weight sub-block i, row r
+    uint8_t ql[8][kRowGroup * 16];  // low 4 bits, as Q4_0x16.qs
+    uint8_t qh[8][kRowGroup * 8];   // high 2 bits, 4 operands per byte
+};
+static_assert(sizeof(Q6_Kx16) == 16 * 210, "Q6_Kx16 must stay 16 rows x 210 bytes, unpadded");
 
 static inline int64_t row_groups(int64_t n) { return (n + kRowGroup - 1) / kRowGroup; }
 

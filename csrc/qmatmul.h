@@ -15,6 +15,12 @@ namespace lfm {
                             int64_t group_begin, int64_t group_end, float* y, int64_t ldy); \
     void matmul_q8_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,     \
                             int64_t group_begin, int64_t group_end, float* y, int64_t ldy); \
+    void matmul_q4_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,     \
+                            int64_t group_begin, int64_t group_end, float* y, int64_t ldy); \
+    void matmul_q5_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,     \
+                            int64_t group_begin, int64_t group_end, float* y, int64_t ldy); \
+    void matmul_q6_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,     \
+                            int64_t group_begin, int64_t group_end, float* y, int64_t ldy); \
     void attention(const AttentionArgs& a, int64_t kv_head, int64_t t_begin, int64_t t_end); \
     }
 

@@ -115,7 +115,194 @@ void matmul_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int
     }
 }
 
+// ---- K-quants (packed.h), each 16-row group as two halves of 8 rows like the blocks above
+
+// The 8 operands (weights 4o..4o+3 of 8 rows) of half h of a Q4_0x16-style nibble array.
+static inline void unpack_nibbles(const uint8_t* qs, int h, __m256i w[8]) {
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    for (int c = 0; c < 4; ++c) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 64 * c + 32 * h));
+        w[c] = _mm256_and_si256(v, low);
+        w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    }
+}
+
+static inline const Q4_Kx16& low_part(const Q4_Kx16& blk) { return blk; }
+static inline const Q4_Kx16& low_part(const Q5_Kx16& blk) { return blk.low; }
+
+static inline void unpack_k(const Q4_Kx16& blk, int j, int h, __m256i w[8]) { unpack_nibbles(blk.qs[j], h, w); }
+static inline void unpack_k(const Q5_Kx16& blk, int j, int h, __m256i w[8]) {
+    unpack_nibbles(blk.low.qs[j], h, w);
+    // byte i of the half takes bit i of the 32-bit mask: spread byte i / 8 over 8 bytes, test
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));
+    const __m256i sixteen = _mm256_set1_epi8(16);
+    for (int o = 0; o < 8; ++o) {
+        int32_t bits;
+        std::memcpy(&bits, blk.qh[j] + 8 * o + 4 * h, sizeof bits);
+        const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits), spread);
+        const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+        w[o] = _mm256_add_epi8(w[o], _mm256_and_si256(set, sixteen));
+    }
+}
+
+static inline __m256 u8x8_to_ps(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Q4_K / Q5_K: acc += (s dx) dot - (mn dx) sum(a) per sub-block of 32 (as the scalar twin).
+template <class Block, int TT>
+void k_affine_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb, int rows,
+                   float* y, int64_t ldy, int64_t row0) {
+    const int64_t nb = x.k / kQuantBlock;
+    __m256 acc[TT][2];
+    for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; ++sb) {
+        const Block& blk = blocks[sb];
+        const Q4_Kx16& low = low_part(blk);
+        for (int j = 0; j < 8; ++j) {
+            const char* next = reinterpret_cast<const char*>(&blk) + 512 * (j + 1);
+            _mm_prefetch(next + 2048, _MM_HINT_T0);
+            _mm_prefetch(next + 2048 + 128, _MM_HINT_T0);
+            _mm_prefetch(next + 2048 + 256, _MM_HINT_T0);
+            _mm_prefetch(next + 2048 + 384, _MM_HINT_T0);
+            const int64_t b = 8 * sb + j;
+            for (int h = 0; h < 2; ++h) {
+                const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(low.d + 8 * h)));
+                const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(low.dmin + 8 * h)));
+                const __m256 scale = _mm256_mul_ps(d, u8x8_to_ps(low.sc[j] + 8 * h));  // exact
+                const __m256 min = _mm256_mul_ps(dmin, u8x8_to_ps(low.m[j] + 8 * h));  // exact
+                __m256i w[8];
+                unpack_k(blk, j, h, w);
+                for (int t = 0; t < TT; ++t) {
+                    const int64_t token = t0 + t;
+                    const int8_t* a = x.q + token * x.k + b * kQuantBlock;
+                    __m256i dot = _mm256_setzero_si256();
+                    // u <= 31, |a| <= 127: pair sums stay below 2^15
+                    for (int o = 0; o < 8; ++o) dot = _mm256_add_epi32(dot, dot4(w[o], broadcast4(a + 4 * o)));
+                    const __m256 dx = _mm256_set1_ps(x.d[token * nb + b]);
+                    const __m256 sum = _mm256_set1_ps(static_cast<float>(x.sum[token * nb + b]));
+                    acc[t][h] = _mm256_fmadd_ps(_mm256_mul_ps(scale, dx), _mm256_cvtepi32_ps(dot), acc[t][h]);
+                    acc[t][h] = _mm256_fnmadd_ps(_mm256_mul_ps(min, dx), sum, acc[t][h]);
+                }
+            }
+        }
+    }
+    for (int t = 0; t < TT; ++t) {
+        alignas(32) float out[16];
+        _mm256_store_ps(out, acc[t][0]);
+        _mm256_store_ps(out + 8, acc[t][1]);
+        std::memcpy(y + (t0 + t) * ldy + row0, out, sizeof(float) * static_cast<size_t>(rows));
+    }
+}
+
+// Q6_K: acc += (d dx) (sc0 (dot0 - 32 sum0) + sc1 (dot1 - 32 sum1)), as the scalar twin.
+template <int TT>
+void q6_k_tile(const QuantizedRows& x, int64_t t0, const Q6_Kx16* blocks, int64_t nsb, int rows,
+               float* y, int64_t ldy, int64_t row0) {
+    const int64_t nb = x.k / kQuantBlock;
+    const __m256i two_bits = _mm256_set1_epi8(0x30);
+    __m256 acc[TT][2];
+    for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; ++sb) {
+        const Q6_Kx16& blk = blocks[sb];
+        for (int j = 0; j < 8; ++j) {
+            const char* next = reinterpret_cast<const char*>(&blk) + 384 * (j + 1);
+            _mm_prefetch(next + 3072, _MM_HINT_T0);
+            _mm_prefetch(next + 3072 + 128, _MM_HINT_T0);
+            _mm_prefetch(next + 3072 + 256, _MM_HINT_T0);
+            const int64_t b = 8 * sb + j;
+            for (int h = 0; h < 2; ++h) {
+                __m256i w[8];
+                unpack_nibbles(blk.ql[j], h, w);
+                for (int v = 0; v < 2; ++v) {
+                    const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qh[j] + 64 * v + 32 * h));
+                    const __m256i hs[4] = {_mm256_slli_epi16(hb, 4), _mm256_slli_epi16(hb, 2), hb,
+                                           _mm256_srli_epi16(hb, 2)};
+                    for (int s4 = 0; s4 < 4; ++s4) {
+                        w[4 * v + s4] = _mm256_or_si256(w[4 * v + s4], _mm256_and_si256(hs[s4], two_bits));
+                    }
+                }
+                const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.d + 8 * h)));
+                const __m256i sc0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk.sc[2 * j] + 8 * h)));
+                const __m256i sc1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk.sc[2 * j + 1] + 8 * h)));
+                for (int t = 0; t < TT; ++t) {
+                    const int64_t token = t0 + t;
+                    const int8_t* a = x.q + token * x.k + b * kQuantBlock;
+                    const int32_t* s16 = x.sum16 + token * 2 * nb + 2 * b;
+                    __m256i dot0 = _mm256_set1_epi32(-32 * s16[0]);
+                    __m256i dot1 = _mm256_set1_epi32(-32 * s16[1]);
+                    // u <= 63, |a| <= 127: pair sums <= 16002, no saturation
+                    for (int i = 0; i < 4; ++i) {
+                        dot0 = _mm256_add_epi32(dot0, dot4(w[i], broadcast4(a + 4 * i)));
+                        dot1 = _mm256_add_epi32(dot1, dot4(w[i + 4], broadcast4(a + 16 + 4 * i)));
+                    }
+                    const __m256i combined = _mm256_add_epi32(_mm256_mullo_epi32(sc0, dot0),
+                                                              _mm256_mullo_epi32(sc1, dot1));
+                    const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(x.d[token * nb + b]));
+                    acc[t][h] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(combined), acc[t][h]);
+                }
+            }
+        }
+    }
+    for (int t = 0; t < TT; ++t) {
+        alignas(32) float out[16];
+        _mm256_store_ps(out, acc[t][0]);
+        _mm256_store_ps(out + 8, acc[t][1]);
+        std::memcpy(y + (t0 + t) * ldy + row0, out, sizeof(float) * static_cast<size_t>(rows));
+    }
+}
+
+template <int TT>
+void k_tile(const QuantizedRows& x, int64_t t0, const Q4_Kx16* blocks, int64_t nsb, int rows,
+            float* y, int64_t ldy, int64_t row0) {
+    k_affine_tile<Q4_Kx16, TT>(x, t0, blocks, nsb, rows, y, ldy, row0);
+}
+template <int TT>
+void k_tile(const QuantizedRows& x, int64_t t0, const Q5_Kx16* blocks, int64_t nsb, int rows,
+            float* y, int64_t ldy, int64_t row0) {
+    k_affine_tile<Q5_Kx16, TT>(x, t0, blocks, nsb, rows, y, ldy, row0);
+}
+template <int TT>
+void k_tile(const QuantizedRows& x, int64_t t0, const Q6_Kx16* blocks, int64_t nsb, int rows,
+            float* y, int64_t ldy, int64_t row0) {
+    q6_k_tile<TT>(x, t0, blocks, nsb, rows, y, ldy, row0);
+}
+
+template <class Block>
+void matmul_k(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t group_begin,
+              int64_t group_end, float* y, int64_t ldy) {
+    const int64_t nsb = x.k / kSuperBlock;
+    const auto* blocks = reinterpret_cast<const Block*>(w);  // [groups][nsb]
+    for (int64_t g = group_begin; g < group_end; ++g) {
+        const int64_t row0 = g * kRowGroup;
+        const int rows = n_rows - row0 >= kRowGroup ? static_cast<int>(kRowGroup) : static_cast<int>(n_rows - row0);
+        const Block* row_group = blocks + g * nsb;
+        int64_t t = 0;
+        for (; t + kTokenTile <= x.n_tokens; t += kTokenTile) {
+            k_tile<kTokenTile>(x, t, row_group, nsb, rows, y, ldy, row0);
+        }
+        if (t < x.n_tokens) k_tile<1>(x, t, row_group, nsb, rows, y, ldy, row0);
+    }
+}
+
 }  // namespace
+
+void matmul_q4_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
+                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
+    matmul_k<Q4_Kx16>(x, w, n_rows, group_begin, group_end, y, ldy);
+}
+
+void matmul_q5_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
+                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
+    matmul_k<Q5_Kx16>(x, w, n_rows, group_begin, group_end, y, ldy);
+}
+
+void matmul_q6_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
+                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
+    matmul_k<Q6_Kx16>(x, w, n_rows, group_begin, group_end, y, ldy);
+}
 
 void quantize_row(const float* x, int64_t k, int8_t* q, float* d, int32_t* sum) {
     const __m256 sign = _mm256_set1_ps(-0.0f);

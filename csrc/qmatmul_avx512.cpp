@@ -117,7 +117,188 @@ void matmul_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int
     }
 }
 
+// ---- K-quants: one Q4_Kx16 / Q5_Kx16 / Q6_Kx16 per 16 rows x 256 columns (packed.h)
+
+// The 8 VNNI operands of a Q4_0x16-style nibble array qs[256] (operand o = weights 4o..4o+3).
+static inline void unpack_nibbles(const uint8_t* qs, __m512i w[8]) {
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    for (int c = 0; c < 4; ++c) {
+        const __m512i v = _mm512_loadu_si512(qs + 64 * c);
+        w[c] = _mm512_and_si512(v, low);
+        w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    }
+}
+
+static inline const Q4_Kx16& low_part(const Q4_Kx16& blk) { return blk; }
+static inline const Q4_Kx16& low_part(const Q5_Kx16& blk) { return blk.low; }
+
+// Sub-block j's operands: the nibbles, plus 16 where Q5_K's bit 4 is set (one masked add).
+static inline void unpack_k(const Q4_Kx16& blk, int j, __m512i w[8]) { unpack_nibbles(blk.qs[j], w); }
+static inline void unpack_k(const Q5_Kx16& blk, int j, __m512i w[8]) {
+    unpack_nibbles(blk.low.qs[j], w);
+    const __m512i sixteen = _mm512_set1_epi8(16);
+    for (int o = 0; o < 8; ++o) {
+        uint64_t bits;
+        std::memcpy(&bits, blk.qh[j] + 8 * o, sizeof bits);
+        w[o] = _mm512_mask_add_epi8(w[o], _cvtu64_mask64(bits), w[o], sixteen);
+    }
+}
+
+static inline __m512 u8x16_to_ps(const uint8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Q4_K / Q5_K, tokens [t0, t0 + TT): acc += (s dx) dot - (mn dx) sum(a), per sub-block of 32.
+template <class Block, int TT>
+void k_affine_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb,
+                   __mmask16 rows, float* y, int64_t ldy, int64_t row0) {
+    const int64_t nb = x.k / kQuantBlock;
+    __m512 acc[TT];
+    for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; ++sb) {
+        const Block& blk = blocks[sb];
+        const Q4_Kx16& low = low_part(blk);
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low.d)));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low.dmin)));
+        for (int j = 0; j < 8; ++j) {
+            const char* next = reinterpret_cast<const char*>(&blk) + 512 * (j + 1);
+            _mm_prefetch(next + 2048, _MM_HINT_T0);
+            _mm_prefetch(next + 2048 + 128, _MM_HINT_T0);
+            _mm_prefetch(next + 2048 + 256, _MM_HINT_T0);
+            _mm_prefetch(next + 2048 + 384, _MM_HINT_T0);
+            const __m512 scale = _mm512_mul_ps(d, u8x16_to_ps(low.sc[j]));  // exact
+            const __m512 min = _mm512_mul_ps(dmin, u8x16_to_ps(low.m[j]));  // exact
+            __m512i w[8];
+            unpack_k(blk, j, w);
+            const int64_t b = 8 * sb + j;
+            for (int t = 0; t < TT; ++t) {
+                const int64_t token = t0 + t;
+                const int8_t* a = x.q + token * x.k + b * kQuantBlock;
+                __m512i even = _mm512_setzero_si512();
+                __m512i odd = _mm512_setzero_si512();
+                for (int i = 0; i < 8; i += 2) {
+                    even = _mm512_dpbusd_epi32(even, w[i], broadcast4(a + 4 * i));
+                    odd = _mm512_dpbusd_epi32(odd, w[i + 1], broadcast4(a + 4 * i + 4));
+                }
+                const __m512 dx = _mm512_set1_ps(x.d[token * nb + b]);
+                const __m512 sum = _mm512_set1_ps(static_cast<float>(x.sum[token * nb + b]));
+                acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(scale, dx),
+                                         _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), acc[t]);
+                acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(min, dx), sum, acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + row0, rows, acc[t]);
+}
+
+// Q6_K, tokens [t0, t0 + TT): acc += (d dx) (sc0 (dot0 - 32 sum0) + sc1 (dot1 - 32 sum1)).
+template <class Block, int TT>
+void q6_k_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb,
+               __mmask16 rows, float* y, int64_t ldy, int64_t row0) {
+    const int64_t nb = x.k / kQuantBlock;
+    const __m512i two_bits = _mm512_set1_epi8(0x30);
+    __m512 acc[TT];
+    for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; ++sb) {
+        const Q6_Kx16& blk = blocks[sb];
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
+        for (int j = 0; j < 8; ++j) {
+            const char* next = reinterpret_cast<const char*>(&blk) + 384 * (j + 1);
+            _mm_prefetch(next + 3072, _MM_HINT_T0);
+            _mm_prefetch(next + 3072 + 128, _MM_HINT_T0);
+            _mm_prefetch(next + 3072 + 256, _MM_HINT_T0);
+            __m512i w[8];
+            unpack_nibbles(blk.ql[j], w);
+            for (int v = 0; v < 2; ++v) {
+                const __m512i h = _mm512_loadu_si512(blk.qh[j] + 64 * v);
+                // bits 2s, 2s+1 of each byte to bits 4, 5, for operand 4v + s
+                const __m512i hs[4] = {_mm512_slli_epi16(h, 4), _mm512_slli_epi16(h, 2), h,
+                                       _mm512_srli_epi16(h, 2)};
+                for (int s4 = 0; s4 < 4; ++s4) {
+                    // w | (hs & 0x30): ternary logic A | (B & C) = 0xF8
+                    w[4 * v + s4] = _mm512_ternarylogic_epi32(w[4 * v + s4], hs[s4], two_bits, 0xF8);
+                }
+            }
+            const __m512i sc0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sc[2 * j])));
+            const __m512i sc1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sc[2 * j + 1])));
+            const int64_t b = 8 * sb + j;
+            for (int t = 0; t < TT; ++t) {
+                const int64_t token = t0 + t;
+                const int8_t* a = x.q + token * x.k + b * kQuantBlock;
+                const int32_t* s16 = x.sum16 + token * 2 * nb + 2 * b;
+                __m512i dot0 = _mm512_set1_epi32(-32 * s16[0]);
+                __m512i dot1 = _mm512_set1_epi32(-32 * s16[1]);
+                for (int i = 0; i < 4; ++i) {
+                    dot0 = _mm512_dpbusd_epi32(dot0, w[i], broadcast4(a + 4 * i));
+                    dot1 = _mm512_dpbusd_epi32(dot1, w[i + 4], broadcast4(a + 16 + 4 * i));
+                }
+                const __m512i combined = _mm512_add_epi32(_mm512_mullo_epi32(sc0, dot0),
+                                                          _mm512_mullo_epi32(sc1, dot1));
+                const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(x.d[token * nb + b]));
+                acc[t] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(combined), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + row0, rows, acc[t]);
+}
+
+// The tile kernel of each K type, chosen by overload on the block type.
+template <int TT>
+void k_tile(const QuantizedRows& x, int64_t t0, const Q4_Kx16* blocks, int64_t nsb, __mmask16 rows,
+            float* y, int64_t ldy, int64_t row0) {
+    k_affine_tile<Q4_Kx16, TT>(x, t0, blocks, nsb, rows, y, ldy, row0);
+}
+template <int TT>
+void k_tile(const QuantizedRows& x, int64_t t0, const Q5_Kx16* blocks, int64_t nsb, __mmask16 rows,
+            float* y, int64_t ldy, int64_t row0) {
+    k_affine_tile<Q5_Kx16, TT>(x, t0, blocks, nsb, rows, y, ldy, row0);
+}
+template <int TT>
+void k_tile(const QuantizedRows& x, int64_t t0, const Q6_Kx16* blocks, int64_t nsb, __mmask16 rows,
+            float* y, int64_t ldy, int64_t row0) {
+    q6_k_tile<Q6_Kx16, TT>(x, t0, blocks, nsb, rows, y, ldy, row0);
+}
+
+template <class Block>
+void matmul_k(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t group_begin,
+              int64_t group_end, float* y, int64_t ldy) {
+    const int64_t nsb = x.k / kSuperBlock;
+    const auto* blocks = reinterpret_cast<const Block*>(w);  // [groups][nsb]
+    for (int64_t g = group_begin; g < group_end; ++g) {
+        const int64_t row0 = g * kRowGroup;
+        const int64_t left = n_rows - row0;
+        const __mmask16 rows = left >= 16 ? static_cast<__mmask16>(0xffff)
+                                          : static_cast<__mmask16>((1u << left) - 1);
+        const Block* row_group = blocks + g * nsb;
+        int64_t t = 0;
+        for (; t + kTokenTile <= x.n_tokens; t += kTokenTile) {
+            k_tile<kTokenTile>(x, t, row_group, nsb, rows, y, ldy, row0);
+        }
+        switch (x.n_tokens - t) {
+            case 3: k_tile<3>(x, t, row_group, nsb, rows, y, ldy, row0); break;
+            case 2: k_tile<2>(x, t, row_group, nsb, rows, y, ldy, row0); break;
+            case 1: k_tile<1>(x, t, row_group, nsb, rows, y, ldy, row0); break;
+            default: break;
+        }
+    }
+}
+
 }  // namespace
+
+void matmul_q4_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
+                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
+    matmul_k<Q4_Kx16>(x, w, n_rows, group_begin, group_end, y, ldy);
+}
+
+void matmul_q5_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
+                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
+    matmul_k<Q5_Kx16>(x, w, n_rows, group_begin, group_end, y, ldy);
+}
+
+void matmul_q6_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
+                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
+    matmul_k<Q6_Kx16>(x, w, n_rows, group_begin, group_end, y, ldy);
+}
 
 void quantize_row(const float* x, int64_t k, int8_t* q, float* d, int32_t* sum) {
     const __m512 sign = _mm512_set1_ps(-0.0f);

@@ -30,7 +30,11 @@ SUPPORTED_TYPES = {
     GGMLQuantizationType.BF16,
     GGMLQuantizationType.Q8_0,
     GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.Q4_K,  # the K-quants store rows in 256-weight super-blocks
+    GGMLQuantizationType.Q5_K,
+    GGMLQuantizationType.Q6_K,
 }
+K_QUANT_TYPES = {GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K}
 
 
 def row_bytes(qtype: GGMLQuantizationType, n_cols: int) -> int:
@@ -114,6 +118,11 @@ class GGUFFile:
             )
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         block, _ = GGML_QUANT_SIZES[qtype]
+        if qtype in K_QUANT_TYPES and all(d > 0 for d in shape) and shape[-1] % block:
+            raise self.error(
+                f"tensor {name} has rows of {shape[-1]} values, but {qtype.name} stores rows in "
+                f"super-blocks of {block}, so the row length must be a multiple of {block}"
+            )
         if any(d <= 0 for d in shape) or shape[-1] % block:
             raise self.error(f"tensor {name} has shape {shape}, invalid for {qtype.name}")
         start = int(t.data_offset)

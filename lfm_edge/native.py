@@ -4,7 +4,7 @@ At import the best instruction set this CPU supports is active, unless the envir
 ``LFM_EDGE_ISA`` (scalar | avx2 | avx512) asks for another one.
 
 Weight types are GGML ids (``gguf.GGMLQuantizationType`` values work): F32=0, F16=1, Q4_0=2,
-Q8_0=8, BF16=30. A weight matrix is n rows of k values in GGUF's on-disk row layout, handed over
+Q8_0=8, Q4_K=12, Q5_K=13, Q6_K=14, BF16=30 (the K-quants need k % 256 == 0). A weight matrix is n rows of k values in GGUF's on-disk row layout, handed over
 as a C-contiguous buffer of exactly ``n * row_bytes(qtype, k)`` bytes.
 """
 
@@ -61,10 +61,12 @@ get_rows = _C.get_rows
 row_bytes = _C.row_bytes
 
 # A matrix (or a stack of n_mats, e.g. experts) ready for `linear` / `moe`:
-# PackedMatrix(w, qtype, n, k, n_mats=1). Q4_0 / Q8_0 are repacked once into 16-row groups
+# PackedMatrix(w, qtype, n, k, n_mats=1). Q4_0 / Q8_0 / Q4_K / Q5_K / Q6_K are repacked once into
+# 16-row groups
 # (csrc/packed.h); float types are borrowed as stored.
 PackedMatrix = _C.PackedMatrix
-# y = x @ W[index].T -> float32 [T, n]; int8 activations for Q4_0 / Q8_0, exact float32 otherwise
+# y = x @ W[index].T -> float32 [T, n]; int8 activations for the quantized types, exact float32
+# for the float types
 linear = _C.linear
 # sum_j weights[t, j] * SwiGLU_{experts[t, j]}(x[t]) -> [T, H]; gate/up/down: PackedMatrix stacks
 moe = _C.moe
