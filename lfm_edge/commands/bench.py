@@ -93,10 +93,7 @@ def run(path: str, threads: int | None, n_prompt: int, n_gen: int, repetitions: 
     start = time.perf_counter()
     llm = lfm_edge.load(path, n_threads=threads, n_ctx=n_ctx)
     load_s = time.perf_counter() - start
-    if hasattr(native, "set_threads"):
-        # the kernels' thread pool is process-wide; make sure it runs exactly -t threads
-        native.set_threads(llm.n_threads)
-    kernel_threads = native.threads() if hasattr(native, "threads") else None
+    kernel_threads = native.threads()  # load() sized the process-wide pool to llm.n_threads
     special = llm.tokenizer.special_ids
     allowed = np.array([i for i in range(llm.args.n_vocab) if i not in special], dtype=np.int64)
     rng = np.random.default_rng(seed)
