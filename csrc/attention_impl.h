@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #endif
 
+#include "formats.h"
 #include "kernels.h"
 
 namespace lfm {
@@ -22,7 +23,6 @@ namespace {
 constexpr int64_t kKeyTile = 64;      // scores kept at once per query: no [T, S] matrix
 constexpr int64_t kMaxHeadDim = 256;  // checked by the bindings
 constexpr int64_t kMaxGroup = 16;     // query heads per KV head, checked by the bindings
-constexpr int64_t kAhead = 16;        // key rows prefetched ahead of the one being scored
 
 // e^x for x <= 0 (softmax arguments), to about 2 ulp: Cody-Waite reduction to r in
 // [-ln2/2, ln2/2], a degree-6 polynomial for e^r, then the exponent. Plain float arithmetic,
@@ -94,21 +94,41 @@ static inline float vsum(Vec a) { return a; }
 static inline float vmax_all(Vec a) { return a; }
 #endif
 
+// One cache element or kWidth of them as float32: the KV cache holds float32 or IEEE half.
+static inline float kv_scalar(const float* p) { return *p; }
+static inline float kv_scalar(const uint16_t* p) {
+#if defined(__F16C__)
+    return _cvtsh_ss(*p);
+#else
+    return fp16_to_f32(*p);
+#endif
+}
+static inline Vec kv_load(const float* p) { return vload(p); }
+static inline Vec kv_load(const uint16_t* p) {
+#if defined(__AVX512F__)
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__AVX2__)
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+    return fp16_to_f32(*p);
+#endif
+}
+
 // p[g0 + k][j] = q_{g0 + k} . key * scale for NG query heads (q [group, d]): the key row is
 // loaded once for all of them, the NG sums run as independent chains.
-template <int NG>
-static inline void score_heads(const float* q, int64_t d, const float* key, float scale,
+template <int NG, typename KV>
+static inline void score_heads(const float* q, int64_t d, const KV* key, float scale,
                                float (*p)[kKeyTile], int64_t g0, int64_t j) {
     Vec s[NG];
     for (int k = 0; k < NG; ++k) s[k] = vzero();
     int64_t i = 0;
     for (; i + kWidth <= d; i += kWidth) {
-        const Vec kv = vload(key + i);
+        const Vec kv = kv_load(key + i);
         for (int k = 0; k < NG; ++k) s[k] = vfma(vload(q + (g0 + k) * d + i), kv, s[k]);
     }
     for (int k = 0; k < NG; ++k) {
         float total = vsum(s[k]);
-        for (int64_t c = i; c < d; ++c) total += q[(g0 + k) * d + c] * key[c];
+        for (int64_t c = i; c < d; ++c) total += q[(g0 + k) * d + c] * kv_scalar(key + c);
         p[g0 + k][j] = total * scale;
     }
 }
@@ -116,35 +136,32 @@ static inline void score_heads(const float* q, int64_t d, const float* key, floa
 // acc[g][c .. c + kWidth) += sum_j p[g][j] * v_j[c ..] for NG query heads starting at g0: the NG
 // accumulators stay in registers while the tile's value rows (already in L1 after the first
 // column) stream past.
-template <int NG>
+template <int NG, typename KV>
 static inline void accumulate_values(float (*acc)[kMaxHeadDim], const float (*p)[kKeyTile],
-                                     int64_t g0, const float* values, int64_t stride, int64_t n,
+                                     int64_t g0, const KV* values, int64_t d, int64_t n,
                                      int64_t c) {
     Vec a[NG];
     for (int k = 0; k < NG; ++k) a[k] = vload(acc[g0 + k] + c);
     for (int64_t j = 0; j < n; ++j) {
-        const Vec v = vload(values + j * stride + c);
+        const Vec v = kv_load(values + j * d + c);
         for (int k = 0; k < NG; ++k) a[k] = vfma(vset1(p[g0 + k][j]), v, a[k]);
     }
     for (int k = 0; k < NG; ++k) vstore(acc[g0 + k] + c, a[k]);
 }
 
-// One tile of n keys/values (rows `stride` floats apart; n_ahead rows exist from `keys` on) for the `group` query heads q [group, d].
+// One tile of n consecutive keys and values [n, d] for the `group` query heads q [group, d].
+template <typename KV>
 static inline void attend_tile(const float* q, int64_t group, int64_t d, float scale,
-                               const float* keys, const float* values, int64_t stride, int64_t n,
-                               int64_t n_ahead, float (*acc)[kMaxHeadDim], float (*p)[kKeyTile], float* m, float* l) {
+                               const KV* keys, const KV* values, int64_t n,
+                               float (*acc)[kMaxHeadDim], float (*p)[kKeyTile], float* m, float* l) {
     // Scores, key-major: each key row is read from memory once, for every head of the group.
-    // One KV head's rows are `stride` floats apart, too far for the hardware prefetcher to keep
-    // enough lines in flight: ask for key row j + kAhead and value row j (read below) now.
-    const int64_t row_bytes = d * static_cast<int64_t>(sizeof(float));
+    // The keys stream past the hardware prefetcher; ask for the tile's values now, so that
+    // they arrive while the scores are computed.
+    const int64_t row_bytes = d * static_cast<int64_t>(sizeof(KV));
     for (int64_t j = 0; j < n; ++j) {
-        const float* key = keys + j * stride;
-        const char* next_key = reinterpret_cast<const char*>(key + kAhead * stride);
-        const char* value = reinterpret_cast<const char*>(values + j * stride);
-        for (int64_t b = 0; b < row_bytes; b += 64) {
-            if (j + kAhead < n_ahead) __builtin_prefetch(next_key + b);
-            __builtin_prefetch(value + b);
-        }
+        const KV* key = keys + j * d;
+        const char* value = reinterpret_cast<const char*>(values + j * d);
+        for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(value + b);
         int64_t g = 0;
         for (; g + 4 <= group; g += 4) score_heads<4>(q, d, key, scale, p, g, j);
         switch (group - g) {
@@ -176,28 +193,28 @@ static inline void attend_tile(const float* q, int64_t group, int64_t d, float s
     const int64_t d_vec = d - d % kWidth;
     for (int64_t c = 0; c < d_vec; c += kWidth) {
         int64_t g = 0;
-        for (; g + 4 <= group; g += 4) accumulate_values<4>(acc, p, g, values, stride, n, c);
+        for (; g + 4 <= group; g += 4) accumulate_values<4>(acc, p, g, values, d, n, c);
         switch (group - g) {
-            case 3: accumulate_values<3>(acc, p, g, values, stride, n, c); break;
-            case 2: accumulate_values<2>(acc, p, g, values, stride, n, c); break;
-            case 1: accumulate_values<1>(acc, p, g, values, stride, n, c); break;
+            case 3: accumulate_values<3>(acc, p, g, values, d, n, c); break;
+            case 2: accumulate_values<2>(acc, p, g, values, d, n, c); break;
+            case 1: accumulate_values<1>(acc, p, g, values, d, n, c); break;
             default: break;
         }
     }
     for (int64_t g = 0; g < group; ++g) {  // the columns past the last whole vector
         for (int64_t j = 0; j < n; ++j) {
-            const float* v = values + j * stride;
-            for (int64_t i = d_vec; i < d; ++i) acc[g][i] += p[g][j] * v[i];
+            const KV* v = values + j * d;
+            for (int64_t i = d_vec; i < d; ++i) acc[g][i] += p[g][j] * kv_scalar(v + i);
         }
     }
 }
 
-static void attention_rows(const AttentionArgs& a, int64_t kvh, int64_t t_begin, int64_t t_end) {
+template <typename KV>
+static void attention_rows_of(const AttentionArgs& a, int64_t kvh, int64_t t_begin, int64_t t_end) {
     const int64_t d = a.head_dim;
     const int64_t group = a.n_heads / a.n_kv;
-    const int64_t stride = a.n_kv * d;  // floats between consecutive positions of one KV head
-    const float* keys = a.k + kvh * d;
-    const float* values = a.v + kvh * d;
+    const KV* keys = static_cast<const KV*>(a.k) + kvh * a.head_stride;  // [capacity, d]
+    const KV* values = static_cast<const KV*>(a.v) + kvh * a.head_stride;
     alignas(64) float acc[kMaxGroup][kMaxHeadDim];  // the running sum of p * v per query head
     alignas(64) float p[kMaxGroup][kKeyTile];       // scores, then probabilities, of one tile
     float m[kMaxGroup], l[kMaxGroup];               // running max and running sum of p
@@ -211,14 +228,21 @@ static void attention_rows(const AttentionArgs& a, int64_t kvh, int64_t t_begin,
         }
         for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyTile) {
             const int64_t n = n_keys - j0 < kKeyTile ? n_keys - j0 : kKeyTile;
-            attend_tile(q, group, d, a.scale, keys + j0 * stride, values + j0 * stride, stride, n,
-                        n_keys - j0, acc, p, m, l);
+            attend_tile(q, group, d, a.scale, keys + j0 * d, values + j0 * d, n, acc, p, m, l);
         }
         float* out = a.out + (t * a.n_heads + kvh * group) * d;
         for (int64_t g = 0; g < group; ++g) {
             const float inverse = 1.0f / l[g];
             for (int64_t i = 0; i < d; ++i) out[g * d + i] = acc[g][i] * inverse;
         }
+    }
+}
+
+static void attention_rows(const AttentionArgs& a, int64_t kvh, int64_t t_begin, int64_t t_end) {
+    if (a.kv_type == KvType::F16) {
+        attention_rows_of<uint16_t>(a, kvh, t_begin, t_end);
+    } else {
+        attention_rows_of<float>(a, kvh, t_begin, t_end);
     }
 }
 

@@ -434,23 +434,42 @@ py::array_t<float> rope(const py::array& x, const py::array& positions, double b
     return out;
 }
 
+// k, v: the head-major KV cache of one layer [n_kv, capacity, d], float32 or float16; the
+// first q_start + T positions are attended to.
 py::array_t<float> attention(const py::array& q, const py::array& k, const py::array& v, int64_t q_start) {
-    const std::vector<int64_t> qs = checked_f32(q, "q"), ks = checked_f32(k, "k");
-    if (qs.size() != 3 || ks.size() != 3) throw py::value_error("q must be [T, n_heads, d] and k, v [S, n_kv, d]");
-    expect_shape(checked_f32(v, "v"), ks, "v");
-    const int64_t n_tokens = qs[0], n_heads = qs[1], d = qs[2], n_kv = ks[1];
+    const std::vector<int64_t> qs = checked_f32(q, "q");
+    lfm::KvType kv_type;
+    if (k.dtype().equal(py::dtype::of<float>())) {
+        kv_type = lfm::KvType::F32;
+    } else if (k.dtype().equal(py::dtype("float16"))) {
+        kv_type = lfm::KvType::F16;
+    } else {
+        throw py::value_error("k must be float32 or float16, got " + dtype_name(k));
+    }
+    if (!v.dtype().equal(k.dtype())) throw py::value_error("k and v must have the same dtype");
+    for (const py::array* a : {&k, &v}) {
+        if (!(a->flags() & py::array::c_style)) throw py::value_error("k and v must be C-contiguous");
+        if (reinterpret_cast<uintptr_t>(a->data()) % a->itemsize() != 0) {
+            throw py::value_error("k and v must be aligned to their element size");
+        }
+    }
+    const std::vector<int64_t> ks(k.shape(), k.shape() + k.ndim());
+    if (qs.size() != 3 || ks.size() != 3) throw py::value_error("q must be [T, n_heads, d] and k, v [n_kv, capacity, d]");
+    expect_shape(std::vector<int64_t>(v.shape(), v.shape() + v.ndim()), ks, "v");
+    const int64_t n_tokens = qs[0], n_heads = qs[1], d = qs[2], n_kv = ks[0], capacity = ks[1];
     if (ks[2] != d) throw py::value_error("q and k have different head sizes");
     if (n_kv <= 0 || n_heads % n_kv != 0 || n_heads / n_kv > 16) {
         throw py::value_error("n_heads must be a multiple of n_kv, at most 16 per KV head");
     }
     if (d > 256) throw py::value_error("head_dim above 256 is not supported");
-    if (q_start < 0 || ks[0] != q_start + n_tokens) {
-        throw py::value_error("k must hold q_start + T = " + std::to_string(q_start + n_tokens) + " positions");
+    if (q_start < 0 || q_start + n_tokens > capacity) {
+        throw py::value_error("k holds " + std::to_string(capacity) + " positions, fewer than q_start + T = " +
+                              std::to_string(q_start + n_tokens));
     }
     py::array_t<float> out({n_tokens, n_heads * d});  // [T, n_heads * d]
-    lfm::AttentionArgs args{static_cast<const float*>(q.data()), static_cast<const float*>(k.data()),
-                            static_cast<const float*>(v.data()), out.mutable_data(), n_heads, n_kv, d,
-                            q_start, static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)))};
+    lfm::AttentionArgs args{static_cast<const float*>(q.data()), k.data(), v.data(), out.mutable_data(),
+                            n_heads, n_kv, d, q_start, capacity * d, kv_type,
+                            static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)))};
     {
         py::gil_scoped_release release;
         lfm::attention(args, n_tokens);
@@ -557,7 +576,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("rope", &rope, py::arg("x"), py::arg("positions"), py::arg("base"),
           "NeoX RoPE of x [T, n_heads, d] at positions [T] (a new array).");
     m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_start"),
-          "Causal GQA attention, online softmax: q [T, n_heads, d], k/v [q_start + T, n_kv, d] -> [T, n_heads * d].");
+          "Causal GQA attention, online softmax: q [T, n_heads, d] over the first q_start + T positions of "
+          "a KV cache k, v [n_kv, capacity, d] (float32 or float16) -> [T, n_heads * d].");
     m.def("route", &route, py::arg("logits"), py::arg("expert_bias"), py::arg("top_k"),
           py::arg("normalize"), py::arg("scale"),
           "Sigmoid top-k routing: (experts int32 [T, k], weights float32 [T, k]).");

@@ -73,15 +73,20 @@ struct QTypeKernels {
 
 // Causal grouped-query attention with an online softmax, for the queries of one KV head:
 // out[t, h, :] = sum_j softmax_j(q[t, h] . k[j] * scale) v[j] over keys j <= q_start + t.
-// Computes query rows [t_begin, t_end) and query heads [h_begin, h_end) of one KV head kvh;
+// Computes query rows [t_begin, t_end) for the query heads of one KV head kvh;
 // memory is O(head_dim) per query whatever the context length.
-//   q: [T, n_heads, d]; k, v: [S, n_kv, d] (rows of a KV cache); out: [T, n_heads, d]
+//   q: [T, n_heads, d] float32; out: [T, n_heads, d]
+//   k, v: a KV cache, head-major [n_kv, capacity, d] of float32 or IEEE half (kv_type), so
+//   that one KV head's keys are a single contiguous stream; head h starts at h * head_stride.
+enum class KvType : int32_t { F32 = 0, F16 = 1 };
 struct AttentionArgs {
     const float* q;
-    const float* k;
-    const float* v;
+    const void* k;
+    const void* v;
     float* out;
     int64_t n_heads, n_kv, head_dim, q_start;
+    int64_t head_stride;  // elements from one KV head's rows to the next (capacity * head_dim)
+    KvType kv_type;
     float scale;
 };
 using AttentionFn = void (*)(const AttentionArgs& a, int64_t kv_head, int64_t t_begin,

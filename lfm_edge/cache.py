@@ -8,18 +8,23 @@ import numpy as np
 
 
 class KVCache:
-    """Keys and values of one attention layer, preallocated for n_ctx positions."""
+    """Keys and values of one attention layer, preallocated for n_ctx positions.
 
-    def __init__(self, n_ctx: int, n_kv_heads: int, head_dim: int):
-        self.keys = np.zeros((n_ctx, n_kv_heads, head_dim), dtype=np.float32)  # [n_ctx, n_kv, d]
-        self.values = np.zeros((n_ctx, n_kv_heads, head_dim), dtype=np.float32)
+    Head-major, [n_kv, n_ctx, d], so that attention streams each KV head's keys
+    from one contiguous block; float16 by default (as llama.cpp), which halves
+    what a decode step reads at long context, or float32.
+    """
+
+    def __init__(self, n_ctx: int, n_kv_heads: int, head_dim: int, dtype: np.dtype = np.float16):
+        self.keys = np.zeros((n_kv_heads, n_ctx, head_dim), dtype=dtype)  # [n_kv, n_ctx, d]
+        self.values = np.zeros((n_kv_heads, n_ctx, head_dim), dtype=dtype)
 
     def append(self, start: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Store k, v [T, n_kv, d] at positions start.. and return all keys and values so far."""
+        """Store k, v [T, n_kv, d] at positions start.. and return the whole cache (keys, values)."""
         end = start + k.shape[0]
-        self.keys[start:end] = k
-        self.values[start:end] = v
-        return self.keys[:end], self.values[:end]
+        self.keys[:, start:end] = k.transpose(1, 0, 2)
+        self.values[:, start:end] = v.transpose(1, 0, 2)
+        return self.keys, self.values
 
 
 class ConvState:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from . import native
 from .cache import Cache
@@ -23,6 +24,8 @@ from .gguf_file import GGUFFile
 from .models import build_model
 from .sampling import Sampler, SamplingParams
 from .tokenizer import GGUFTokenizer
+
+KV_CACHE_TYPES = {"f16": np.float16, "f32": np.float32}
 
 
 @dataclass
@@ -48,7 +51,15 @@ class LLM:
     serialised by a lock, so their steps interleave but never mix.
     """
 
-    def __init__(self, path: str | os.PathLike[str], n_threads: int | None = None, n_ctx: int = 4096):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        n_threads: int | None = None,
+        n_ctx: int = 4096,
+        kv_cache_type: str | None = None,
+    ):
+        if kv_cache_type is not None and kv_cache_type not in KV_CACHE_TYPES:
+            raise LfmEdgeError(f"kv_cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache_type!r}")
         if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
             raise LfmEdgeError(f"n_threads must be a positive integer, got {n_threads!r}")
         if not isinstance(n_ctx, int) or n_ctx < 1:
@@ -64,6 +75,9 @@ class LLM:
         if n_ctx > self.args.n_ctx_train:
             raise LfmEdgeError(f"n_ctx = {n_ctx} is more than the {self.args.n_ctx_train} tokens the model was trained for")
         self.n_ctx = n_ctx
+        # float16 keys and values halve what attention reads at long context (llama.cpp's
+        # default too); a float32 model keeps float32 ones, so that it stays exact
+        self.kv_cache_type = kv_cache_type or ("f32" if self._float32_weights() else "f16")
         self._compute = threading.Lock()
         self.n_threads = n_threads or usable_cores()
         native.set_threads(self.n_threads)  # one pool for the process: the last load sets its size
@@ -98,8 +112,12 @@ class LLM:
         return arr.astype(np.int32)
 
     # -- the model ---------------------------------------------------------------
+    def _float32_weights(self) -> bool:
+        first = next(i for i in range(self.args.n_layer) if self.args.is_attention(i))
+        return self.file.tensors[f"blk.{first}.attn_q.weight"].qtype == GGMLQuantizationType.F32
+
     def new_cache(self) -> Cache:
-        return self.model.make_cache(self.n_ctx)
+        return self.model.make_cache(self.n_ctx, KV_CACHE_TYPES[self.kv_cache_type])
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits [len(ids), n_vocab] of every position, from a fresh state."""
@@ -268,9 +286,14 @@ def stop_at(pieces: Iterator[str], stop: list[str], stats: GenerationStats | Non
         yield held
 
 
-def load(path: str | os.PathLike[str], n_threads: int | None = None, n_ctx: int = 4096) -> LLM:
-    """Open a GGUF model file for inference."""
-    return LLM(path, n_threads=n_threads, n_ctx=n_ctx)
+def load(
+    path: str | os.PathLike[str], n_threads: int | None = None, n_ctx: int = 4096, kv_cache_type: str | None = None
+) -> LLM:
+    """Open a GGUF model file for inference.
+
+    kv_cache_type: "f16" or "f32" keys and values; by default f32 for a float32 model, else f16.
+    """
+    return LLM(path, n_threads=n_threads, n_ctx=n_ctx, kv_cache_type=kv_cache_type)
 
 
 __all__ = ["LLM", "GenerationStats", "load"]

@@ -87,13 +87,15 @@ def rope(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_start: int) -> np.ndarray:
-    """Causal grouped-query attention of T new queries over S cached keys.
+    """Causal grouped-query attention of T new queries over a KV cache.
 
-    q: [T, n_heads, d]; k, v: [S, n_kv_heads, d] with S = q_start + T, the
-    queries sitting at positions q_start .. q_start+T-1. Returns [T, n_heads*d].
-    The softmax is computed online over tiles of keys: no [T, S] score matrix.
+    q: [T, n_heads, d], the queries at positions q_start .. q_start+T-1;
+    k, v: [n_kv_heads, capacity, d] float32 or float16 (a `KVCache`'s arrays),
+    of which the first q_start + T positions are attended to. Returns
+    [T, n_heads*d]. The softmax is computed online over tiles of keys: no
+    [T, S] score matrix.
     """
-    return native.attention(_f32(q), _f32(k), _f32(v), q_start)
+    return native.attention(_f32(q), k, v, q_start)
 
 
 def route(

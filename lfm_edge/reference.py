@@ -90,13 +90,17 @@ def rope(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_start: int) -> np.ndarray:
-    """Causal grouped-query attention of T new queries over S cached keys.
+    """Causal grouped-query attention of T new queries over a KV cache.
 
-    q: [T, n_heads, d]; k, v: [S, n_kv_heads, d] with S = q_start + T, the
-    queries sitting at positions q_start .. q_start+T-1. Returns [T, n_heads*d].
+    q: [T, n_heads, d], the queries at positions q_start .. q_start+T-1;
+    k, v: [n_kv_heads, capacity, d] (float32 or float16), of which the first
+    S = q_start + T positions are attended to. Returns [T, n_heads*d].
     """
     t, n_heads, d = q.shape
-    s, n_kv, _ = k.shape
+    n_kv = k.shape[0]
+    s = q_start + t
+    dtype = np.result_type(q.dtype, np.float32)
+    k, v = k[:, :s].astype(dtype), v[:, :s].astype(dtype)  # [n_kv, S, d]
     group = n_heads // n_kv
     out = np.empty((t, n_heads, d), dtype=np.float32)
     # key j is visible to query i when j <= q_start + i
@@ -104,12 +108,12 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_start: int) -> np.n
     scale = np.float32(1.0 / np.sqrt(d))
     for h in range(n_kv):
         qh = q[:, h * group : (h + 1) * group, :]  # [T, G, d]
-        scores = np.einsum("tgd,sd->gts", qh, k[:, h, :]) * scale  # [G, T, S]
+        scores = np.einsum("tgd,sd->gts", qh, k[h]) * scale  # [G, T, S]
         scores[:, mask] = -np.inf
         scores -= scores.max(axis=-1, keepdims=True)
         p = np.exp(scores)
         p /= p.sum(axis=-1, keepdims=True)
-        out[:, h * group : (h + 1) * group, :] = np.einsum("gts,sd->tgd", p, v[:, h, :])
+        out[:, h * group : (h + 1) * group, :] = np.einsum("gts,sd->tgd", p, v[h])
     return out.reshape(t, n_heads * d)
 
 

@@ -1,6 +1,7 @@
 """The attention kernel (csrc/attention_impl.h) against the numpy reference, on every
 instruction set this CPU and build can run, for decode (one query over S keys) and prefill
-(a causal block of queries), with context lengths that end mid-vector and mid-tile."""
+(a causal block of queries), with context lengths that end mid-vector and mid-tile, over
+float32 and float16 KV caches with room to spare past the attended positions."""
 
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ def isa(request):
         yield request.param
 
 
+@pytest.fixture(params=[np.float32, np.float16], ids=["kv_f32", "kv_f16"])
+def kv_dtype(request):
+    return request.param
+
+
 @pytest.fixture(params=[1, 2], ids=lambda n: f"{n}threads")
 def threads(request):
     before = native.threads()
@@ -34,41 +40,46 @@ def threads(request):
     native.set_threads(before)
 
 
-def inputs(t: int, s: int, n_heads: int, n_kv: int, d: int, q_scale: float = 2.0):
+def inputs(t: int, s: int, n_heads: int, n_kv: int, d: int, q_scale: float = 2.0, kv_dtype=np.float32):
+    """Queries [T, n_heads, d] and a KV cache [n_kv, S + 5, d] whose last 5 rows are poison."""
     rng = np.random.default_rng([t, s, n_heads, n_kv, d])
-    q = (rng.standard_normal((t, n_heads, d)) * q_scale).astype(np.float32)  # [T, n_heads, d]
-    k = (rng.standard_normal((s, n_kv, d)) * 2).astype(np.float32)  # [S, n_kv, d]
-    v = rng.standard_normal((s, n_kv, d)).astype(np.float32)
+    q = (rng.standard_normal((t, n_heads, d)) * q_scale).astype(np.float32)
+    k = (rng.standard_normal((n_kv, s + 5, d)) * 2).astype(kv_dtype)
+    v = rng.standard_normal((n_kv, s + 5, d)).astype(kv_dtype)
+    k[:, s:] = np.nan  # past the attended positions: must never be read
+    v[:, s:] = np.nan
     return q, k, v
 
 
-def check(q, k, v, q_start):
+def check(q, k, v, q_start, atol_rel=ATOL_REL):
     got = native.attention(q, k, v, q_start)
+    # the reference sees exactly the cache's values (float16 -> float64 is exact)
     want = reference.attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), q_start)
     assert got.shape == want.shape == (q.shape[0], q.shape[1] * q.shape[2])
     assert np.isfinite(got).all()
-    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL_REL * np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=0, atol=atol_rel * np.abs(want).max())
 
 
 @pytest.mark.parametrize("s", CONTEXTS)
 @pytest.mark.parametrize("n_heads, n_kv, d", HEADS, ids=lambda x: str(x))
-def test_decode_matches_reference(isa, threads, s, n_heads, n_kv, d):
-    q, k, v = inputs(1, s, n_heads, n_kv, d)
+def test_decode_matches_reference(isa, threads, kv_dtype, s, n_heads, n_kv, d):
+    q, k, v = inputs(1, s, n_heads, n_kv, d, kv_dtype=kv_dtype)
     check(q, k, v, s - 1)
 
 
 @pytest.mark.parametrize("t, q_start", [(2, 0), (17, 0), (33, 0), (5, 1018), (3, 4097), (70, 30)])
 @pytest.mark.parametrize("n_heads, n_kv, d", HEADS[:3], ids=lambda x: str(x))
-def test_prefill_matches_reference(isa, threads, t, q_start, n_heads, n_kv, d):
-    q, k, v = inputs(t, q_start + t, n_heads, n_kv, d)
+def test_prefill_matches_reference(isa, threads, kv_dtype, t, q_start, n_heads, n_kv, d):
+    q, k, v = inputs(t, q_start + t, n_heads, n_kv, d, kv_dtype=kv_dtype)
     check(q, k, v, q_start)
 
 
-def test_peaked_scores_do_not_overflow(isa):
+def test_peaked_scores_do_not_overflow(isa, kv_dtype):
     """Scores in the hundreds, one tile far above the others: the online softmax rescales."""
-    q, k, v = inputs(1, 1023, 32, 8, 64, q_scale=40.0)
-    k[700] *= 3
-    check(q, k, v, 1022)
+    q, k, v = inputs(1, 1023, 32, 8, 64, q_scale=40.0, kv_dtype=kv_dtype)
+    k[:, 700] *= 3
+    # scores of several hundred lose ~3e-5 to float32 rounding in each exponent: a looser limit
+    check(q, k, v, 1022, atol_rel=10 * ATOL_REL)
 
 
 @pytest.mark.parametrize("t, s", [(1, 4100), (1, 33), (9, 1023)])
@@ -95,3 +106,21 @@ def test_instruction_sets_agree():
     scalar = outs["scalar"]
     for name, out in outs.items():
         np.testing.assert_allclose(out, scalar, rtol=0, atol=ATOL_REL * np.abs(scalar).max(), err_msg=name)
+
+
+def test_long_context_needs_no_score_matrix(kv_dtype):
+    """32k keys for 2 queries: a [T, S] float32 score matrix per head would be 128 MB."""
+    q, k, v = inputs(2, 32768, 4, 1, 64, kv_dtype=kv_dtype)
+    check(q, k, v, 32768 - 2)
+
+
+def test_bad_caches_are_refused_with_a_sentence():
+    q, k, v = inputs(2, 10, 4, 1, 16)
+    with pytest.raises(ValueError, match="fewer than q_start"):
+        native.attention(q, k, v, 14)  # 16 positions asked of a 15-row cache
+    with pytest.raises(ValueError, match="same dtype"):
+        native.attention(q, k, v.astype(np.float16), 8)
+    with pytest.raises(ValueError, match="float32 or float16"):
+        native.attention(q, k.astype(np.float64), v.astype(np.float64), 8)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        native.attention(q, k[:, ::2], v[:, ::2], 3)

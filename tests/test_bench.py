@@ -154,7 +154,13 @@ def test_bench_table_and_context_depth(gguf_path):
     proc = cli("bench", "-m", str(path), "-p", "0", "-n", "3", "-r", "1", "--ctx-depth", "40")
     assert proc.returncode == 0, proc.stderr
     assert "| tg3 @ d40 |" in proc.stdout and "pp" not in proc.stdout.split("\n")[2]
-    assert "peak RSS" in proc.stdout
+    assert "peak RSS" in proc.stdout and "f16 KV cache" in proc.stdout
+
+
+def test_bench_takes_the_kv_cache_type(gguf_path):
+    proc = cli("bench", "-m", str(gguf_path("moe", "q4_0")), "-p", "0", "-n", "2", "-r", "1", "-ctk", "f32", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["kv_cache_type"] == "f32"
 
 
 @pytest.mark.parametrize(
@@ -167,6 +173,7 @@ def test_bench_table_and_context_depth(gguf_path):
         (["-m", "MODEL", "-r", "-2"], ["-r/--repetitions"]),
         (["-m", "MODEL", "-n", "1.5"], ["-n/--n-gen"]),
         (["-m", "MODEL", "-p", "0", "-n", "0"], ["nothing to measure"]),
+        (["-m", "MODEL", "-ctk", "q4"], ["kv_cache_type must be one of f16, f32", "'q4'"]),
     ],
 )
 def test_bench_bad_arguments_fail_with_one_line(args, words, gguf_path):

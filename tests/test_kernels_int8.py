@@ -1,5 +1,5 @@
 """The int8-activation kernels (Q4_0 / Q8_0 weights repacked at load) and the fused ops
-(MoE, attention, norms, conv, RoPE, routing) against numpy, on every instruction set this CPU
+(MoE, norms, conv, RoPE, routing; attention is in test_attention.py) against numpy, on every instruction set this CPU
 and build can run, and on 1 and 2 threads."""
 
 from __future__ import annotations
@@ -253,38 +253,6 @@ def test_moe_rejects_bad_experts():
         native.moe(x, np.array([[5, 0]]), np.ones((1, 2), np.float32), *mats)
     with pytest.raises(ValueError, match="gate/up must be"):
         native.moe(x, np.array([[1, 0]]), np.ones((1, 2), np.float32), mats[0], mats[2], mats[2])
-
-
-# ---------------------------------------------------------------- attention
-
-
-@pytest.mark.parametrize(
-    "t, q_start, n_heads, n_kv, d",
-    [(1, 0, 4, 2, 16), (5, 0, 4, 1, 16), (33, 0, 32, 8, 64), (2, 17, 8, 8, 64), (1, 1023, 32, 8, 64), (17, 100, 6, 2, 40)],
-)
-def test_attention_matches_reference(isa, threads, t, q_start, n_heads, n_kv, d):
-    rng = np.random.default_rng([t, q_start, n_heads, d])
-    s = q_start + t
-    q = rng.standard_normal((t, n_heads, d)).astype(np.float32) * 2
-    k = rng.standard_normal((s, n_kv, d)).astype(np.float32) * 2
-    v = rng.standard_normal((s, n_kv, d)).astype(np.float32)
-    got = native.attention(q, k, v, q_start)
-    want = reference.attention(q, k, v, q_start)
-    assert got.shape == want.shape == (t, n_heads * d)
-    # online softmax: exp to ~2 ulp, float32 sums in another order
-    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
-
-
-def test_attention_at_long_context_needs_no_score_matrix():
-    """32k keys for 32 queries: a [T, S] float32 score matrix per head would be 128 MB."""
-    rng = np.random.default_rng(4)
-    s, t = 32768, 2
-    k = rng.standard_normal((s, 1, 64)).astype(np.float32)
-    v = rng.standard_normal((s, 1, 64)).astype(np.float32)
-    q = rng.standard_normal((t, 4, 64)).astype(np.float32)
-    got = native.attention(q, k, v, s - t)
-    want = reference.attention(q, k, v, s - t)
-    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
 
 
 # ---------------------------------------------------------------- small ops

@@ -33,6 +33,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--n-gen", default="128", help="generated tokens for tg; 0 skips (default 128)")
     p.add_argument("-r", "--repetitions", default="3", help="runs of each test (default 3)")
     p.add_argument("-d", "--ctx-depth", default="0", help="tokens of context before the tg steps (default 0)")
+    p.add_argument("-ctk", "--kv-cache-type", default=None,
+                   help="f16 or f32 keys and values (default: f32 for a float32 model, else f16)")
     p.add_argument("--seed", default="0", help="seed of the random token ids (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
@@ -70,6 +72,7 @@ class Result:
     tg_runs: list[float] = field(default_factory=list)
     rss_mb: float = 0.0  # peak resident set of this process, file pages touched included
     kernel_threads: int | None = None  # what the native thread pool reports
+    kv_cache_type: str = ""
     version: str = ""
 
 
@@ -82,7 +85,7 @@ def random_ids(rng: np.random.Generator, allowed: np.ndarray, n: int) -> list[in
 
 
 def run(path: str, threads: int | None, n_prompt: int, n_gen: int, repetitions: int, ctx_depth: int,
-        seed: int) -> Result:
+        seed: int, kv_cache_type: str | None = None) -> Result:
     import lfm_edge
 
     from .. import native
@@ -91,7 +94,7 @@ def run(path: str, threads: int | None, n_prompt: int, n_gen: int, repetitions: 
         raise LfmEdgeError(f"{path}: no such file")
     n_ctx = max(n_prompt, ctx_depth + n_gen, 1)
     start = time.perf_counter()
-    llm = lfm_edge.load(path, n_threads=threads, n_ctx=n_ctx)
+    llm = lfm_edge.load(path, n_threads=threads, n_ctx=n_ctx, kv_cache_type=kv_cache_type)
     load_s = time.perf_counter() - start
     kernel_threads = native.threads()  # load() sized the process-wide pool to llm.n_threads
     special = llm.tokenizer.special_ids
@@ -101,6 +104,7 @@ def run(path: str, threads: int | None, n_prompt: int, n_gen: int, repetitions: 
         model=str(path), model_bytes=Path(path).stat().st_size, arch=llm.args.arch, isa=native.isa(),
         threads=llm.n_threads, n_prompt=n_prompt, n_gen=n_gen, ctx_depth=ctx_depth,
         repetitions=repetitions, load_s=load_s, version=lfm_edge.__version__, kernel_threads=kernel_threads,
+        kv_cache_type=llm.kv_cache_type,
     )
     cache = llm.new_cache()
     # warm-up: touch the code paths and page in the weights a short prompt and a step use
@@ -162,6 +166,7 @@ def table(r: Result) -> str:
     if r.ttft_s is not None:
         extra.append(f"time to first token ({r.n_prompt}-token prompt) {r.ttft_s:.3f} s")
     extra.append(f"peak RSS {r.rss_mb:.0f} MB")
+    extra.append(f"{r.kv_cache_type} KV cache")
     extra.append(f"{r.repetitions} runs each")
     return "\n".join(rows) + "\n\n" + ", ".join(extra)
 
@@ -177,6 +182,6 @@ def main(args: argparse.Namespace) -> int:
     seed = count(args.seed, "--seed", 0)
     if n_prompt == 0 and n_gen == 0:
         raise LfmEdgeError("nothing to measure: -p and -n are both 0")
-    r = run(args.model, threads, n_prompt, n_gen, repetitions, ctx_depth, seed)
+    r = run(args.model, threads, n_prompt, n_gen, repetitions, ctx_depth, seed, args.kv_cache_type)
     print(json.dumps(asdict(r)) if args.json else table(r))
     return 0

@@ -30,6 +30,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("-t", "--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("-c", "--n-ctx", type=positive_int, default=4096, help="context length in tokens (default 4096)")
+    p.add_argument("-ctk", "--kv-cache-type", choices=("f16", "f32"), default=None,
+                   help="keys and values in the cache (default: f32 for a float32 model, else f16)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -54,7 +56,7 @@ def non_negative_int(text: str) -> int:
 
 
 def load_model(args: argparse.Namespace) -> LLM:
-    llm = LLM(resolve_model(args.model), n_threads=args.threads, n_ctx=args.n_ctx)
+    llm = LLM(resolve_model(args.model), n_threads=args.threads, n_ctx=args.n_ctx, kv_cache_type=args.kv_cache_type)
     if llm.file.metadata.get("lfm_edge.demo"):
         print("note: this is an lfm-edge demo model with random weights; its output is gibberish.", file=sys.stderr)
     return llm

@@ -181,10 +181,10 @@ class Model:
     def feed_forward(self, args: ModelArgs, w: Weights, i: int):
         return MLP(args, w, i)
 
-    def make_cache(self, n_ctx: int) -> Cache:
+    def make_cache(self, n_ctx: int, kv_dtype: type = np.float16) -> Cache:
         a = self.args
         layers: list[KVCache | ConvState] = [
-            KVCache(n_ctx, a.n_kv_heads[i], a.head_dim) if a.is_attention(i) else ConvState(a.conv_kernel, a.hidden)
+            KVCache(n_ctx, a.n_kv_heads[i], a.head_dim, kv_dtype) if a.is_attention(i) else ConvState(a.conv_kernel, a.hidden)
             for i in range(a.n_layer)
         ]
         return Cache(layers, n_ctx)
