@@ -6,6 +6,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -25,6 +27,27 @@ namespace py = pybind11;
 namespace {
 
 using lfm::QType;
+
+// Nanoseconds spent inside kernels, with the GIL released, since the module loaded: what a
+// decode step spends outside them is the Python (and binding) overhead that bench reports.
+std::atomic<int64_t> g_kernel_ns{0};
+
+// Releases the GIL for a kernel call and adds its duration to g_kernel_ns.
+class KernelSection {
+   public:
+    KernelSection() : start_(std::chrono::steady_clock::now()) {}
+    ~KernelSection() {
+        const auto elapsed = std::chrono::steady_clock::now() - start_;
+        g_kernel_ns.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(elapsed).count(),
+                              std::memory_order_relaxed);
+    }
+    KernelSection(const KernelSection&) = delete;
+    KernelSection& operator=(const KernelSection&) = delete;
+
+   private:
+    py::gil_scoped_release release_;
+    std::chrono::steady_clock::time_point start_;
+};
 
 const char* qtype_name(QType qtype) {
     switch (qtype) {
@@ -179,7 +202,7 @@ py::array_t<float> matmul(const py::array& x, const py::buffer& w, int64_t qtype
     const auto* w_data = static_cast<const uint8_t*>(weights.ptr);
     float* y_data = y.mutable_data();
     {
-        py::gil_scoped_release release;
+        KernelSection kernel;
         kernels.matmul_f32(x_data, n_tokens, w_data, k, 0, n, y_data, n);
     }
     return y;
@@ -194,7 +217,7 @@ py::array_t<float> dequantize(const py::buffer& w, int64_t qtype_id, int64_t n, 
     const auto* w_data = static_cast<const uint8_t*>(weights.ptr);
     float* out_data = out.mutable_data();
     {
-        py::gil_scoped_release release;
+        KernelSection kernel;
         for (int64_t row = 0; row < n; ++row) {
             kernels.dequantize_row(w_data + row * row_bytes, k, out_data + row * k);
         }
@@ -214,7 +237,7 @@ py::array_t<float> get_rows(const py::buffer& w, int64_t qtype_id, int64_t n, in
     const auto* w_data = static_cast<const uint8_t*>(weights.ptr);
     float* out_data = out.mutable_data();
     {
-        py::gil_scoped_release release;
+        KernelSection kernel;
         for (int64_t i = 0; i < n_rows; ++i) {
             kernels.dequantize_row(w_data + rows[i] * row_bytes, k, out_data + i * k);
         }
@@ -255,7 +278,7 @@ class PackedMatrix {
             storage_.reset(static_cast<uint8_t*>(std::aligned_alloc(64, rounded)));
             if (!storage_) throw std::bad_alloc();
             {
-                py::gil_scoped_release release;
+                KernelSection kernel;
                 lfm::pack_matrices(qtype, src, n, k, n_mats, storage_.get());
             }
             matrix_.data = storage_.get();
@@ -315,7 +338,7 @@ py::array_t<float> linear(const py::array& x, const PackedMatrix& w, int64_t ind
     const auto* x_data = static_cast<const float*>(x.data());
     float* y_data = y.mutable_data();
     if (n_tokens > 0) {
-        py::gil_scoped_release release;
+        KernelSection kernel;
         lfm::linear(m, index, x_data, n_tokens, y_data);
     }
     return y;
@@ -359,7 +382,7 @@ py::array_t<float> moe(const py::array& x, const py::array& experts, const py::a
     const auto* w_data = static_cast<const float*>(weights.data());
     float* out_data = out.mutable_data();
     {
-        py::gil_scoped_release release;
+        KernelSection kernel;
         lfm::moe(x_data, n_tokens, ids.data(), w_data, top_k, g, u, d, out_data);
     }
     return out;
@@ -377,7 +400,7 @@ py::array_t<float> rms_norm(const py::array& x, const py::array& w, double eps) 
     const auto* w_data = static_cast<const float*>(w.data());
     float* out_data = out.mutable_data();
     {
-        py::gil_scoped_release release;
+        KernelSection kernel;
         lfm::rms_norm(x_data, rows, n, w_data, static_cast<float>(eps), out_data);
     }
     return out;
@@ -408,7 +431,7 @@ py::array_t<float> short_conv(const py::array& bx, py::array& state, const py::a
     const auto* kern = static_cast<const float*>(kernel.data());
     float* y_data = y.mutable_data();
     {
-        py::gil_scoped_release release;
+        KernelSection kernel;
         if (gated) {
             lfm::gated_short_conv(in, n_tokens, hidden, st, kern, width, y_data);
         } else {
@@ -428,7 +451,7 @@ py::array_t<float> rope(const py::array& x, const py::array& positions, double b
     float* out_data = out.mutable_data();
     const int64_t* p = pos.data();
     {
-        py::gil_scoped_release release;
+        KernelSection kernel;
         lfm::rope(out_data, shape[0], shape[1], shape[2], p, base);
     }
     return out;
@@ -471,7 +494,7 @@ py::array_t<float> attention(const py::array& q, const py::array& k, const py::a
                             n_heads, n_kv, d, q_start, capacity * d, kv_type,
                             static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)))};
     {
-        py::gil_scoped_release release;
+        KernelSection kernel;
         lfm::attention(args, n_tokens);
     }
     return out;
@@ -495,7 +518,7 @@ py::tuple route(const py::array& logits, const py::object& bias, int64_t top_k, 
     int32_t* e = experts.mutable_data();
     float* w = weights.mutable_data();
     {
-        py::gil_scoped_release release;
+        KernelSection kernel;
         lfm::route(l, n_tokens, n_expert, bias_data, top_k, normalize, static_cast<float>(scale), e, w);
     }
     return py::make_tuple(experts, weights);
@@ -589,4 +612,6 @@ PYBIND11_MODULE(_C, m) {
               lfm::set_num_threads(n);
           }, py::arg("n"), "Use n threads (the caller included) for every kernel from now on.");
     m.def("threads", [] { return lfm::num_threads(); }, "Threads the kernels use.");
+    m.def("kernel_time_ns", [] { return g_kernel_ns.load(std::memory_order_relaxed); },
+          "Nanoseconds spent inside kernels (GIL released) since the module loaded, all threads' calls summed.");
 }

@@ -100,4 +100,17 @@ static_assert(sizeof(Q6_Kx16) == 16 * 210, "Q6_Kx16 must stay 16 rows x 210 byte
 
 static inline int64_t row_groups(int64_t n) { return (n + kRowGroup - 1) / kRowGroup; }
 
+// The kernels stream a packed matrix once per decode step, from DRAM: the hardware prefetcher
+// alone keeps too few lines in flight. Each block asks for the bytes kPrefetchAhead past it, into
+// L2 (prefetcht1: an L1 prefetch would hold one of the core's few L1 miss buffers until the line
+// lands). Measured on the 2-core Sapphire Rapids VM, Q4_0 GEMV over matrices 100x the L2:
+// 4 blocks ahead into L1 (before): 10.0 GB/s on 1 thread, 20 GB/s on 2; 32 blocks (9 KB) ahead
+// into L2: 13.0 and 25 GB/s (16 and 64 blocks: 24.4 and 23.7 GB/s on 2 threads).
+constexpr int64_t kPrefetchAhead = 9216;
+
+static inline void prefetch_weights(const void* block, int64_t bytes) {
+    const char* ahead = static_cast<const char*>(block) + kPrefetchAhead;
+    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(ahead + offset, 0, 2);
+}
+
 }  // namespace lfm

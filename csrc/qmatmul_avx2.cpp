@@ -77,9 +77,7 @@ void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int
     for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
         const Block& blk = blocks[b];
-        _mm_prefetch(reinterpret_cast<const char*>(&blk + 4), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(&blk + 4) + 128, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(&blk + 4) + 256, _MM_HINT_T0);
+        prefetch_weights(&blk, sizeof(Block));
         for (int h = 0; h < 2; ++h) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.d + 8 * h)));
             for (int t = 0; t < TT; ++t) {
@@ -162,11 +160,7 @@ void k_affine_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int6
         const Block& blk = blocks[sb];
         const Q4_Kx16& low = low_part(blk);
         for (int j = 0; j < 8; ++j) {
-            const char* next = reinterpret_cast<const char*>(&blk) + 512 * (j + 1);
-            _mm_prefetch(next + 2048, _MM_HINT_T0);
-            _mm_prefetch(next + 2048 + 128, _MM_HINT_T0);
-            _mm_prefetch(next + 2048 + 256, _MM_HINT_T0);
-            _mm_prefetch(next + 2048 + 384, _MM_HINT_T0);
+            prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
             const int64_t b = 8 * sb + j;
             for (int h = 0; h < 2; ++h) {
                 const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(low.d + 8 * h)));
@@ -208,10 +202,7 @@ void q6_k_tile(const QuantizedRows& x, int64_t t0, const Q6_Kx16* blocks, int64_
     for (int64_t sb = 0; sb < nsb; ++sb) {
         const Q6_Kx16& blk = blocks[sb];
         for (int j = 0; j < 8; ++j) {
-            const char* next = reinterpret_cast<const char*>(&blk) + 384 * (j + 1);
-            _mm_prefetch(next + 3072, _MM_HINT_T0);
-            _mm_prefetch(next + 3072 + 128, _MM_HINT_T0);
-            _mm_prefetch(next + 3072 + 256, _MM_HINT_T0);
+            prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
             const int64_t b = 8 * sb + j;
             for (int h = 0; h < 2; ++h) {
                 __m256i w[8];

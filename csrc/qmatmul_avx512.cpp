@@ -12,6 +12,9 @@ namespace lfm {
 namespace avx512 {
 namespace {
 
+#ifndef PFHINT
+#define PFHINT _MM_HINT_T1
+#endif
 constexpr int kTokenTile = 4;  // tokens that share each unpacked weight block (prefill)
 
 static inline __m512i broadcast4(const int8_t* p) {  // 4 activation bytes into every lane
@@ -70,9 +73,7 @@ void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int
     }
     for (int64_t b = 0; b < nb; ++b) {
         const Block& blk = blocks[b];
-        _mm_prefetch(reinterpret_cast<const char*>(&blk + 4), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(&blk + 4) + 128, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(&blk + 4) + 256, _MM_HINT_T0);
+        prefetch_weights(&blk, sizeof(Block));
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
         __m512i w[8];
         Unpacker::unpack(blk, w);
@@ -161,11 +162,7 @@ void k_affine_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int6
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low.d)));
         const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low.dmin)));
         for (int j = 0; j < 8; ++j) {
-            const char* next = reinterpret_cast<const char*>(&blk) + 512 * (j + 1);
-            _mm_prefetch(next + 2048, _MM_HINT_T0);
-            _mm_prefetch(next + 2048 + 128, _MM_HINT_T0);
-            _mm_prefetch(next + 2048 + 256, _MM_HINT_T0);
-            _mm_prefetch(next + 2048 + 384, _MM_HINT_T0);
+            prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
             const __m512 scale = _mm512_mul_ps(d, u8x16_to_ps(low.sc[j]));  // exact
             const __m512 min = _mm512_mul_ps(dmin, u8x16_to_ps(low.m[j]));  // exact
             __m512i w[8];
@@ -203,10 +200,7 @@ void q6_k_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t 
         const Q6_Kx16& blk = blocks[sb];
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
         for (int j = 0; j < 8; ++j) {
-            const char* next = reinterpret_cast<const char*>(&blk) + 384 * (j + 1);
-            _mm_prefetch(next + 3072, _MM_HINT_T0);
-            _mm_prefetch(next + 3072 + 128, _MM_HINT_T0);
-            _mm_prefetch(next + 3072 + 256, _MM_HINT_T0);
+            prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
             __m512i w[8];
             unpack_nibbles(blk.ql[j], w);
             for (int v = 0; v < 2; ++v) {

@@ -34,6 +34,7 @@ __all__ = [
     "gated_short_conv",
     "get_rows",
     "isa",
+    "kernel_time_ns",
     "linear",
     "matmul",
     "moe",
@@ -79,6 +80,8 @@ gated_short_conv = _C.gated_short_conv
 rope = _C.rope
 attention = _C.attention
 route = _C.route
+# nanoseconds spent inside kernels (GIL released) since import, every thread's calls summed
+kernel_time_ns = _C.kernel_time_ns
 
 
 def set_threads(n: int) -> None:

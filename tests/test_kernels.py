@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
 import sys
 from functools import cache
 
@@ -340,3 +341,19 @@ def test_bad_ids_raise():
         native.get_rows(raw, Q.F32, 33, 32, np.array([1], dtype=np.uint32))
     with pytest.raises(ValueError, match="ids must be 1-D, got 2-D"):
         native.get_rows(raw, Q.F32, 33, 32, np.array([[1, 2]], dtype=np.int64))
+
+
+def test_kernel_time_counts_the_time_inside_kernels():
+    """bench's Python-overhead figure is wall time minus this: it must grow by about the time a
+    kernel call takes, and not while Python alone runs."""
+    x = np.ones((64, 4096), np.float32)
+    w = np.ones(4096, np.float32)
+    before = native.kernel_time_ns()
+    sum(range(200_000))  # Python only
+    assert native.kernel_time_ns() == before
+    t0 = time.perf_counter_ns()
+    for _ in range(20):
+        native.rms_norm(x, w, 1e-5)
+    wall = time.perf_counter_ns() - t0
+    inside = native.kernel_time_ns() - before
+    assert 0 < inside <= wall

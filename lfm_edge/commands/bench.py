@@ -5,8 +5,9 @@
 pp: one prefill of p random prompt tokens from an empty state, in tokens/s.
 tg: n single-token decode steps (after --ctx-depth tokens of context), in tokens/s.
 Each is run r times after a short warm-up; the median is reported with the min and max.
-Also: load time, time to first token of a p-token prompt (prefill + picking the token), peak RSS
-and the kernels' instruction set. Prompt tokens are random non-special ids from a seeded generator,
+Also: load time, time to first token of a p-token prompt (prefill + picking the token), peak RSS,
+the kernels' instruction set, and the share of a decode step spent outside the kernels (Python
+and the bindings: wall time minus the time the kernels report, over the wall time). Prompt tokens are random non-special ids from a seeded generator,
 so runs are repeatable; decode feeds random ids too (no sampling is timed, as in llama-bench).
 """
 
@@ -70,6 +71,7 @@ class Result:
     tg_tps_min: float | None = None
     tg_tps_max: float | None = None
     tg_runs: list[float] = field(default_factory=list)
+    tg_overhead: float | None = None  # share of the tg time spent outside the kernels (Python, bindings)
     rss_mb: float = 0.0  # peak resident set of this process, file pages touched included
     kernel_threads: int | None = None  # what the native thread pool reports
     kv_cache_type: str = ""
@@ -133,14 +135,16 @@ def run(path: str, threads: int | None, n_prompt: int, n_gen: int, repetitions: 
             llm.prefill(random_ids(rng, allowed, ctx_depth), cache)
         at_depth = cache.checkpoint()
         steps = random_ids(rng, allowed, n_gen)
-        tg = []
+        tg, overhead = [], []
         for _ in range(repetitions):
             cache.restore(at_depth)
-            t0 = time.perf_counter()
+            k0, t0 = native.kernel_time_ns(), time.perf_counter()
             for tok in steps:
                 llm.decode_one_token(tok, cache)
-            tg.append(n_gen / (time.perf_counter() - t0))
-        result.tg_runs = tg
+            wall = time.perf_counter() - t0
+            tg.append(n_gen / wall)
+            overhead.append(1.0 - (native.kernel_time_ns() - k0) * 1e-9 / wall)
+        result.tg_runs, result.tg_overhead = tg, statistics.median(overhead)
         result.tg_tps, result.tg_tps_min, result.tg_tps_max = statistics.median(tg), min(tg), max(tg)
 
     result.rss_mb = peak_rss_mb()
@@ -163,6 +167,8 @@ def table(r: Result) -> str:
         rows.append(f"| {name} | {size} | {r.isa} | {r.threads} | {test} | "
                     f"{r.tg_tps:.2f} | {r.tg_tps_min:.2f} | {r.tg_tps_max:.2f} |")
     extra = [f"load {r.load_s:.2f} s"]
+    if r.tg_overhead is not None:
+        extra.append(f"outside the kernels {100 * r.tg_overhead:.1f}% of a decode step")
     if r.ttft_s is not None:
         extra.append(f"time to first token ({r.n_prompt}-token prompt) {r.ttft_s:.3f} s")
     extra.append(f"peak RSS {r.rss_mb:.0f} MB")
