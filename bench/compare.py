@@ -309,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
                 row["lfm"]["pp"] = {"tps": res["pp_tps"], "min": res["pp_tps_min"], "max": res["pp_tps_max"]}
             if res.get("tg_tps") is not None:
                 row["lfm"]["tg"] = {"tps": res["tg_tps"], "min": res["tg_tps_min"], "max": res["tg_tps_max"]}
-            noise(f"lfm-edge -t {t} (ISA {res['isa']}, kernel threads {res.get('kernel_threads')})", before, proc)
+            noise(f"lfm-edge -t {t} (ISA {res['isa']}, kernel threads {res.get('kernel_threads')}, KV cache "
+                  f"{res.get('kv_cache_type')})", before, proc)
+            if res.get("tg_overhead") is not None:
+                notes.append(f"lfm-edge -t {t}: {100 * res['tg_overhead']:.1f}% of a decode step outside the kernels")
         raw["runs"].append({"threads": t, "tool": "lfm-edge", "result": res, "rss_mb": proc.rss_mb,
                             "others_cpu": proc.others_cpu, "error": row["lfm_error"]})
         if args.ctx_depth:
