@@ -380,11 +380,39 @@ CONFIGS: dict[str, dict] = {
         "use_pos_enc": True,
         "tie_embedding": True,
     },
+    # Not a golden model: every matrix input width is a multiple of 256 (the K-quant
+    # super-block), so llama.cpp's quantizer can write real Q4_K / Q5_K / Q6_K files of it
+    # (tests/test_kquant_model.py). head_dim = 256 / 4 = 64; written like "moe". 16 experts,
+    # not 8: llama.cpp gives 8-expert (Mixtral) models Q8_0 attn_k / attn_v, while the
+    # published LFM2-8B-A1B files (32 experts) have K-quants there too.
+    "moe_k": {
+        "architectures": ["Lfm2MoeForCausalLM"],
+        "model_type": "lfm2_moe",
+        **_COMMON,
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "moe_intermediate_size": 256,
+        "num_hidden_layers": 5,
+        "layer_types": ["conv", "full_attention", "conv", "conv", "full_attention"],
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_dense_layers": 1,
+        "num_experts": 16,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 1.0,
+        "use_expert_bias": True,
+        "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+        "tie_word_embeddings": True,
+    },
 }
 
-MODELS = list(CONFIGS)
-SEEDS = {"moe": 20261177, "moe_alt": 20261157, "dense": 20261146}
-SHARDS = {"moe": 1, "moe_alt": 3, "dense": 1}
+# The golden set: tests/make_goldens.py, tests/test_goldens_live.py and
+# `lfm-edge demo-model --arch` use these. "moe_k" stays out of it (no golden; it is checked
+# against lfm-edge's own f32 file and against llama.cpp instead).
+MODELS = ["moe", "moe_alt", "dense"]
+SEEDS = {"moe": 20261177, "moe_alt": 20261157, "dense": 20261146, "moe_k": 20261256}
+SHARDS = {"moe": 1, "moe_alt": 3, "dense": 1, "moe_k": 1}
 
 
 def dense_ffn_dim(cfg: dict) -> int:
@@ -488,9 +516,9 @@ def _dump(path: pathlib.Path, obj) -> None:
 
 
 def write_checkpoint(name: str, out_dir) -> pathlib.Path:
-    """Write checkpoint `name` (one of MODELS) into out_dir/name; return that directory."""
+    """Write checkpoint `name` (a key of CONFIGS) into out_dir/name; return that directory."""
     if name not in CONFIGS:
-        raise KeyError(f"unknown tiny model {name!r}; choose from {MODELS}")
+        raise KeyError(f"unknown tiny model {name!r}; choose from {list(CONFIGS)}")
     out = pathlib.Path(out_dir) / name
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("model*.safetensors*"):
@@ -509,7 +537,7 @@ def write_checkpoint(name: str, out_dir) -> pathlib.Path:
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: python {sys.argv[0]} OUT_DIR [NAME ...]   (names: {', '.join(MODELS)})")
+        print(f"usage: python {sys.argv[0]} OUT_DIR [NAME ...]   (names: {', '.join(CONFIGS)})")
         return 0 if argv else 2
     names = argv[1:] or MODELS
     for n in names:
