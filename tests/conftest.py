@@ -68,3 +68,23 @@ def run_outside_the_source_tree(tmp_path_factory):
     os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
     os.chdir(old)
+
+
+@pytest.fixture
+def llama_cpp_plain_buffers(monkeypatch):
+    """Keep llama.cpp (llama-cpp-python) on its plain CPU buffers.
+
+    A native build on a CPU with AMX repacks Q8_0/Q4_0 weights for AMX, and that path
+    crashes on this machine (on the tiny models' 64-wide rows, and on multi-token batches of
+    the full-size model): a llama.cpp limitation, not a problem of our files, which run on the
+    plain CPU path. Llama() does not expose `use_extra_bufts`, so the default params are patched.
+    """
+    lib = pytest.importorskip("llama_cpp.llama_cpp")
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    monkeypatch.setattr(lib, "llama_model_default_params", params)

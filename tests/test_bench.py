@@ -103,19 +103,8 @@ def test_synthetic_file_runs_with_finite_logits(synthetic_llm):
     assert np.isfinite(step).all() and not np.array_equal(step, logits)
 
 
-def test_synthetic_file_loads_in_llama_cpp(synthetic, synthetic_llm, monkeypatch):
+def test_synthetic_file_loads_in_llama_cpp(synthetic, synthetic_llm, llama_cpp_plain_buffers):
     llama_cpp = pytest.importorskip("llama_cpp")
-    import llama_cpp.llama_cpp as lib
-
-    # plain CPU buffers: the AMX repack path of this llama.cpp build crashes on LFM2 files here
-    default = lib.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    monkeypatch.setattr(lib, "llama_model_default_params", params)
     text = "Hello world, the quick brown fox <|im_end|>"
     llm = llama_cpp.Llama(model_path=str(synthetic), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
     ids = llm.tokenize(text.encode(), add_bos=True, special=True)

@@ -57,19 +57,8 @@ PROMPT = [1] + np.random.default_rng(0).integers(20, tiny_models.VOCAB_SIZE - 2,
 
 
 @pytest.fixture(autouse=True)
-def no_extra_buffer_types(monkeypatch):
-    """llama.cpp on its plain CPU buffers: its AMX path crashes on this machine
-    (see tests/test_llama_cpp.py)."""
-    import llama_cpp.llama_cpp as lib
-
-    default = lib.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    monkeypatch.setattr(lib, "llama_model_default_params", params)
+def _plain_buffers(llama_cpp_plain_buffers):
+    """Every test here runs llama.cpp without its AMX buffers (see conftest)."""
 
 
 @pytest.fixture(scope="module")

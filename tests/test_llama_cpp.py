@@ -20,24 +20,8 @@ SCALED = {"moe"}  # tiny models with routed_scaling_factor != 1
 
 
 @pytest.fixture(autouse=True)
-def no_extra_buffer_types(monkeypatch):
-    """Keep llama.cpp on its plain CPU buffers.
-
-    A native build on a CPU with AMX repacks Q8_0/Q4_0 weights for AMX, and that
-    path crashes on the tiny models' 64-wide rows (a llama.cpp limitation, not
-    a problem of the file: the same file runs on the plain CPU path).
-    Llama() does not expose `use_extra_bufts`, so the default params are patched.
-    """
-    import llama_cpp.llama_cpp as lib
-
-    default = lib.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    monkeypatch.setattr(lib, "llama_model_default_params", params)
+def _plain_buffers(llama_cpp_plain_buffers):
+    """Every test here runs llama.cpp without its AMX buffers (see conftest)."""
 
 
 def run_llama_cpp(path, text):
