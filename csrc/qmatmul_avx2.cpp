@@ -1,18 +1,18 @@
 // AVX2 int8-activation kernels: the packed 16-row blocks (packed.h) against int8 activations
-// with vpmaddubsw + vpmaddwd, each 16-row group as two halves of 8 rows. Same bits as the
-// scalar twins in qmatmul_scalar.cpp. Internal linkage for everything but the table entries
-// (see kernels.h).
+// with vpmaddubsw + vpmaddwd, each 16-row group as two halves of 8 rows; the tiles that
+// qmatmul_impl.h runs over the row groups. Same bits as the scalar twins in qmatmul_scalar.cpp.
+// Internal linkage for everything but the table entries (see kernels.h).
 #include <immintrin.h>
 
-#include "attention_impl.h"
 #include "formats.h"
+#include "kernels.h"
 #include "packed.h"
 #include "qmatmul.h"
 
 namespace lfm {
-namespace avx2 {
 namespace {
 
+namespace this_isa = avx2;
 constexpr int kTokenTile = 2;  // tokens that share each loaded weight block (prefill)
 
 static inline __m256i broadcast4(const int8_t* p) {  // 4 activation bytes into every lane
@@ -27,52 +27,44 @@ static inline __m256i dot4(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
+// y[0, rows) from the two 8-row halves of one token's sums.
+static inline void store_rows(const __m256 (&acc)[2], int rows, float* y) {
+    alignas(32) float out[16];
+    _mm256_store_ps(out, acc[0]);
+    _mm256_store_ps(out + 8, acc[1]);
+    std::memcpy(y, out, sizeof(float) * static_cast<size_t>(rows));
+}
+
 // The exact integer dot products of 8 rows (half `h` of the group) with 32 activations.
-struct Q4_0Half {
-    static __m256i dot(const Q4_0x16& blk, int h, const int8_t* a, int32_t a_sum) {
-        const __m256i low = _mm256_set1_epi8(0x0f);
-        __m256i acc = _mm256_setzero_si256();
-        for (int c = 0; c < 4; ++c) {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs + 64 * c + 32 * h));
-            // nibbles are <= 15 and |a| <= 127: pair sums stay far below 2^15
-            acc = _mm256_add_epi32(acc, dot4(_mm256_and_si256(v, low), broadcast4(a + 4 * c)));
-            acc = _mm256_add_epi32(acc, dot4(_mm256_and_si256(_mm256_srli_epi16(v, 4), low),
-                                             broadcast4(a + 16 + 4 * c)));
-        }
-        return _mm256_sub_epi32(acc, _mm256_set1_epi32(8 * a_sum));
+static inline __m256i half_dot(const Q4_0x16& blk, int h, const int8_t* a, int32_t a_sum) {
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    __m256i acc = _mm256_setzero_si256();
+    for (int c = 0; c < 4; ++c) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs + 64 * c + 32 * h));
+        // nibbles are <= 15 and |a| <= 127: pair sums stay far below 2^15
+        acc = _mm256_add_epi32(acc, dot4(_mm256_and_si256(v, low), broadcast4(a + 4 * c)));
+        acc = _mm256_add_epi32(acc, dot4(_mm256_and_si256(_mm256_srli_epi16(v, 4), low),
+                                         broadcast4(a + 16 + 4 * c)));
     }
-};
+    return _mm256_sub_epi32(acc, _mm256_set1_epi32(8 * a_sum));
+}
 
-struct Q8_0Half {
-    static __m256i dot(const Q8_0x16& blk, int h, const int8_t* a, int32_t /*a_sum*/) {
-        const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
-        __m256i acc = _mm256_setzero_si256();
-        for (int i = 0; i < 8; ++i) {
-            const __m256i stored = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs + 64 * i + 32 * h));
-            const __m256i w = _mm256_xor_si256(stored, offset);  // back to int8
-            // |w| <= 128 and |a| <= 127: pair sums <= 32512, no saturation; the sign moves
-            // onto the activation so the unsigned operand is |w|
-            acc = _mm256_add_epi32(acc, dot4(_mm256_sign_epi8(w, w), _mm256_sign_epi8(broadcast4(a + 4 * i), w)));
-        }
-        return acc;
+static inline __m256i half_dot(const Q8_0x16& blk, int h, const int8_t* a, int32_t /*a_sum*/) {
+    const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
+    __m256i acc = _mm256_setzero_si256();
+    for (int i = 0; i < 8; ++i) {
+        const __m256i stored = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs + 64 * i + 32 * h));
+        const __m256i w = _mm256_xor_si256(stored, offset);  // back to int8
+        // |w| <= 128 and |a| <= 127: pair sums <= 32512, no saturation; the sign moves
+        // onto the activation so the unsigned operand is |w|
+        acc = _mm256_add_epi32(acc, dot4(_mm256_sign_epi8(w, w), _mm256_sign_epi8(broadcast4(a + 4 * i), w)));
     }
-};
-
-template <class Block>
-struct HalfOf;
-template <>
-struct HalfOf<Q4_0x16> {
-    using type = Q4_0Half;
-};
-template <>
-struct HalfOf<Q8_0x16> {
-    using type = Q8_0Half;
-};
+    return acc;
+}
 
 template <class Block, int TT>
 void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nb,
                     int rows, float* y, int64_t ldy, int64_t row0) {
-    using Half = typename HalfOf<Block>::type;
     __m256 acc[TT][2];
     for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
@@ -82,35 +74,13 @@ void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.d + 8 * h)));
             for (int t = 0; t < TT; ++t) {
                 const int64_t token = t0 + t;
-                const __m256i dot = Half::dot(blk, h, x.q + token * x.k + b * kQuantBlock, x.sum[token * nb + b]);
+                const __m256i dot = half_dot(blk, h, x.q + token * x.k + b * kQuantBlock, x.sum[token * nb + b]);
                 const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x.d[token * nb + b]));
                 acc[t][h] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc[t][h]);
             }
         }
     }
-    for (int t = 0; t < TT; ++t) {
-        alignas(32) float out[16];
-        _mm256_store_ps(out, acc[t][0]);
-        _mm256_store_ps(out + 8, acc[t][1]);
-        std::memcpy(y + (t0 + t) * ldy + row0, out, sizeof(float) * static_cast<size_t>(rows));
-    }
-}
-
-template <class Block>
-void matmul_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t group_begin,
-                   int64_t group_end, float* y, int64_t ldy) {
-    const int64_t nb = x.k / kQuantBlock;
-    const auto* blocks = reinterpret_cast<const Block*>(w);  // [groups][nb]
-    for (int64_t g = group_begin; g < group_end; ++g) {
-        const int64_t row0 = g * kRowGroup;
-        const int rows = n_rows - row0 >= kRowGroup ? static_cast<int>(kRowGroup) : static_cast<int>(n_rows - row0);
-        const Block* row_group = blocks + g * nb;
-        int64_t t = 0;
-        for (; t + kTokenTile <= x.n_tokens; t += kTokenTile) {
-            row_group_tile<Block, kTokenTile>(x, t, row_group, nb, rows, y, ldy, row0);
-        }
-        if (t < x.n_tokens) row_group_tile<Block, 1>(x, t, row_group, nb, rows, y, ldy, row0);
-    }
+    for (int t = 0; t < TT; ++t) store_rows(acc[t], rows, y + (t0 + t) * ldy + row0);
 }
 
 // ---- K-quants (packed.h), each 16-row group as two halves of 8 rows like the blocks above
@@ -183,12 +153,7 @@ void k_affine_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int6
             }
         }
     }
-    for (int t = 0; t < TT; ++t) {
-        alignas(32) float out[16];
-        _mm256_store_ps(out, acc[t][0]);
-        _mm256_store_ps(out + 8, acc[t][1]);
-        std::memcpy(y + (t0 + t) * ldy + row0, out, sizeof(float) * static_cast<size_t>(rows));
-    }
+    for (int t = 0; t < TT; ++t) store_rows(acc[t], rows, y + (t0 + t) * ldy + row0);
 }
 
 // Q6_K: acc += (d dx) (sc0 (dot0 - 32 sum0) + sc1 (dot1 - 32 sum1)), as the scalar twin.
@@ -237,63 +202,12 @@ void q6_k_tile(const QuantizedRows& x, int64_t t0, const Q6_Kx16* blocks, int64_
             }
         }
     }
-    for (int t = 0; t < TT; ++t) {
-        alignas(32) float out[16];
-        _mm256_store_ps(out, acc[t][0]);
-        _mm256_store_ps(out + 8, acc[t][1]);
-        std::memcpy(y + (t0 + t) * ldy + row0, out, sizeof(float) * static_cast<size_t>(rows));
-    }
-}
-
-template <int TT>
-void k_tile(const QuantizedRows& x, int64_t t0, const Q4_Kx16* blocks, int64_t nsb, int rows,
-            float* y, int64_t ldy, int64_t row0) {
-    k_affine_tile<Q4_Kx16, TT>(x, t0, blocks, nsb, rows, y, ldy, row0);
-}
-template <int TT>
-void k_tile(const QuantizedRows& x, int64_t t0, const Q5_Kx16* blocks, int64_t nsb, int rows,
-            float* y, int64_t ldy, int64_t row0) {
-    k_affine_tile<Q5_Kx16, TT>(x, t0, blocks, nsb, rows, y, ldy, row0);
-}
-template <int TT>
-void k_tile(const QuantizedRows& x, int64_t t0, const Q6_Kx16* blocks, int64_t nsb, int rows,
-            float* y, int64_t ldy, int64_t row0) {
-    q6_k_tile<TT>(x, t0, blocks, nsb, rows, y, ldy, row0);
-}
-
-template <class Block>
-void matmul_k(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t group_begin,
-              int64_t group_end, float* y, int64_t ldy) {
-    const int64_t nsb = x.k / kSuperBlock;
-    const auto* blocks = reinterpret_cast<const Block*>(w);  // [groups][nsb]
-    for (int64_t g = group_begin; g < group_end; ++g) {
-        const int64_t row0 = g * kRowGroup;
-        const int rows = n_rows - row0 >= kRowGroup ? static_cast<int>(kRowGroup) : static_cast<int>(n_rows - row0);
-        const Block* row_group = blocks + g * nsb;
-        int64_t t = 0;
-        for (; t + kTokenTile <= x.n_tokens; t += kTokenTile) {
-            k_tile<kTokenTile>(x, t, row_group, nsb, rows, y, ldy, row0);
-        }
-        if (t < x.n_tokens) k_tile<1>(x, t, row_group, nsb, rows, y, ldy, row0);
-    }
+    for (int t = 0; t < TT; ++t) store_rows(acc[t], rows, y + (t0 + t) * ldy + row0);
 }
 
 }  // namespace
 
-void matmul_q4_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
-                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
-    matmul_k<Q4_Kx16>(x, w, n_rows, group_begin, group_end, y, ldy);
-}
-
-void matmul_q5_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
-                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
-    matmul_k<Q5_Kx16>(x, w, n_rows, group_begin, group_end, y, ldy);
-}
-
-void matmul_q6_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
-                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
-    matmul_k<Q6_Kx16>(x, w, n_rows, group_begin, group_end, y, ldy);
-}
+namespace avx2 {
 
 void quantize_row(const float* x, int64_t k, int8_t* q, float* d, int32_t* sum) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -326,19 +240,7 @@ void quantize_row(const float* x, int64_t k, int8_t* q, float* d, int32_t* sum) 
     }
 }
 
-void matmul_q4_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
-                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
-    matmul_packed<Q4_0x16>(x, w, n_rows, group_begin, group_end, y, ldy);
-}
-
-void matmul_q8_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
-                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
-    matmul_packed<Q8_0x16>(x, w, n_rows, group_begin, group_end, y, ldy);
-}
-
-void attention(const AttentionArgs& a, int64_t kv_head, int64_t t_begin, int64_t t_end) {
-    attention_rows(a, kv_head, t_begin, t_end);
-}
-
 }  // namespace avx2
 }  // namespace lfm
+
+#include "qmatmul_impl.h"

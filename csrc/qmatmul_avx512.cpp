@@ -1,21 +1,25 @@
 // AVX-512 VNNI int8-activation kernels: the packed 16-row blocks (packed.h) against int8
-// activations with vpdpbusd. Same bits as the scalar twins in qmatmul_scalar.cpp.
-// Internal linkage for everything but the table entries (see kernels.h).
+// activations with vpdpbusd; the tiles that qmatmul_impl.h runs over the row groups. Same bits
+// as the scalar twins in qmatmul_scalar.cpp. Internal linkage for everything but the table
+// entries (see kernels.h).
 #include <immintrin.h>
 
-#include "attention_impl.h"
 #include "formats.h"
+#include "kernels.h"
 #include "packed.h"
 #include "qmatmul.h"
 
 namespace lfm {
-namespace avx512 {
 namespace {
 
 #ifndef PFHINT
 #define PFHINT _MM_HINT_T1
 #endif
+namespace this_isa = avx512;
 constexpr int kTokenTile = 4;  // tokens that share each unpacked weight block (prefill)
+
+// The lanes of rows 0 .. rows - 1 (rows <= 16).
+static inline __mmask16 row_mask(int rows) { return static_cast<__mmask16>((1u << rows) - 1); }
 
 static inline __m512i broadcast4(const int8_t* p) {  // 4 activation bytes into every lane
     int32_t v;
@@ -23,44 +27,31 @@ static inline __m512i broadcast4(const int8_t* p) {  // 4 activation bytes into 
     return _mm512_set1_epi32(v);
 }
 
+// The 8 VNNI operands of a Q4_0x16-style nibble array qs[256] (operand o = weights 4o..4o+3).
+static inline void unpack_nibbles(const uint8_t* qs, __m512i w[8]) {
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    for (int c = 0; c < 4; ++c) {
+        const __m512i v = _mm512_loadu_si512(qs + 64 * c);
+        w[c] = _mm512_and_si512(v, low);
+        w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    }
+}
+
 // The 8 VNNI operands of one block: [16 rows][4 weights] as unsigned bytes, for weight
-// quads 0..7 (weights 4i .. 4i+3), and the offset every weight carries.
-struct Q4_0Unpacked {
-    static constexpr int32_t kOffset = 8;
-    static void unpack(const Q4_0x16& blk, __m512i w[8]) {
-        const __m512i low = _mm512_set1_epi8(0x0f);
-        for (int c = 0; c < 4; ++c) {
-            const __m512i v = _mm512_loadu_si512(blk.qs + 64 * c);
-            w[c] = _mm512_and_si512(v, low);
-            w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-        }
-    }
-};
+// quads 0..7 (weights 4i .. 4i+3). Returns the offset every weight carries.
+static inline int32_t unpack(const Q4_0x16& blk, __m512i w[8]) {
+    unpack_nibbles(blk.qs, w);
+    return 8;
+}
+static inline int32_t unpack(const Q8_0x16& blk, __m512i w[8]) {
+    for (int i = 0; i < 8; ++i) w[i] = _mm512_loadu_si512(blk.qs + 64 * i);
+    return 128;
+}
 
-struct Q8_0Unpacked {
-    static constexpr int32_t kOffset = 128;
-    static void unpack(const Q8_0x16& blk, __m512i w[8]) {
-        for (int i = 0; i < 8; ++i) w[i] = _mm512_loadu_si512(blk.qs + 64 * i);
-    }
-};
-
-template <class Block>
-struct UnpackerOf;
-template <>
-struct UnpackerOf<Q4_0x16> {
-    using type = Q4_0Unpacked;
-};
-template <>
-struct UnpackerOf<Q8_0x16> {
-    using type = Q8_0Unpacked;
-};
-
-// Tokens [t0, t0 + TT) against one row group (nb blocks), into y columns row0 .. row0 + 15
-// (those below n_rows).
+// Tokens [t0, t0 + TT) against one row group (nb blocks), into y columns row0 .. row0 + rows - 1.
 template <class Block, int TT>
 void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nb,
-                    __mmask16 rows, float* y, int64_t ldy, int64_t row0) {
-    using Unpacker = typename UnpackerOf<Block>::type;
+                    int rows, float* y, int64_t ldy, int64_t row0) {
     __m512 acc[TT];
     for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();
     const int8_t* q[TT];
@@ -76,7 +67,7 @@ void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int
         prefetch_weights(&blk, sizeof(Block));
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
         __m512i w[8];
-        Unpacker::unpack(blk, w);
+        const int32_t offset = unpack(blk, w);
         for (int t = 0; t < TT; ++t) {
             const int8_t* a = q[t] + b * kQuantBlock;
             __m512i even = _mm512_setzero_si512();  // two chains halve the latency
@@ -86,49 +77,15 @@ void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int
                 odd = _mm512_dpbusd_epi32(odd, w[i + 1], broadcast4(a + 4 * i + 4));
             }
             const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(even, odd),
-                                                 _mm512_set1_epi32(Unpacker::kOffset * sx[t][b]));
+                                                 _mm512_set1_epi32(offset * sx[t][b]));
             const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(dx[t][b]));
             acc[t] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[t]);
         }
     }
-    for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + row0, rows, acc[t]);
-}
-
-template <class Block>
-void matmul_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t group_begin,
-                   int64_t group_end, float* y, int64_t ldy) {
-    const int64_t nb = x.k / kQuantBlock;
-    const auto* blocks = reinterpret_cast<const Block*>(w);  // [groups][nb]
-    for (int64_t g = group_begin; g < group_end; ++g) {
-        const int64_t row0 = g * kRowGroup;
-        const int64_t left = n_rows - row0;
-        const __mmask16 rows = left >= 16 ? static_cast<__mmask16>(0xffff)
-                                          : static_cast<__mmask16>((1u << left) - 1);
-        const Block* row_group = blocks + g * nb;
-        int64_t t = 0;
-        for (; t + kTokenTile <= x.n_tokens; t += kTokenTile) {
-            row_group_tile<Block, kTokenTile>(x, t, row_group, nb, rows, y, ldy, row0);
-        }
-        switch (x.n_tokens - t) {
-            case 3: row_group_tile<Block, 3>(x, t, row_group, nb, rows, y, ldy, row0); break;
-            case 2: row_group_tile<Block, 2>(x, t, row_group, nb, rows, y, ldy, row0); break;
-            case 1: row_group_tile<Block, 1>(x, t, row_group, nb, rows, y, ldy, row0); break;
-            default: break;
-        }
-    }
+    for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + row0, row_mask(rows), acc[t]);
 }
 
 // ---- K-quants: one Q4_Kx16 / Q5_Kx16 / Q6_Kx16 per 16 rows x 256 columns (packed.h)
-
-// The 8 VNNI operands of a Q4_0x16-style nibble array qs[256] (operand o = weights 4o..4o+3).
-static inline void unpack_nibbles(const uint8_t* qs, __m512i w[8]) {
-    const __m512i low = _mm512_set1_epi8(0x0f);
-    for (int c = 0; c < 4; ++c) {
-        const __m512i v = _mm512_loadu_si512(qs + 64 * c);
-        w[c] = _mm512_and_si512(v, low);
-        w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-    }
-}
 
 static inline const Q4_Kx16& low_part(const Q4_Kx16& blk) { return blk; }
 static inline const Q4_Kx16& low_part(const Q5_Kx16& blk) { return blk.low; }
@@ -152,7 +109,7 @@ static inline __m512 u8x16_to_ps(const uint8_t* p) {
 // Q4_K / Q5_K, tokens [t0, t0 + TT): acc += (s dx) dot - (mn dx) sum(a), per sub-block of 32.
 template <class Block, int TT>
 void k_affine_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb,
-                   __mmask16 rows, float* y, int64_t ldy, int64_t row0) {
+                   int rows, float* y, int64_t ldy, int64_t row0) {
     const int64_t nb = x.k / kQuantBlock;
     __m512 acc[TT];
     for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();
@@ -185,13 +142,13 @@ void k_affine_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int6
             }
         }
     }
-    for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + row0, rows, acc[t]);
+    for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + row0, row_mask(rows), acc[t]);
 }
 
 // Q6_K, tokens [t0, t0 + TT): acc += (d dx) (sc0 (dot0 - 32 sum0) + sc1 (dot1 - 32 sum1)).
-template <class Block, int TT>
-void q6_k_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb,
-               __mmask16 rows, float* y, int64_t ldy, int64_t row0) {
+template <int TT>
+void q6_k_tile(const QuantizedRows& x, int64_t t0, const Q6_Kx16* blocks, int64_t nsb,
+               int rows, float* y, int64_t ldy, int64_t row0) {
     const int64_t nb = x.k / kQuantBlock;
     const __m512i two_bits = _mm512_set1_epi8(0x30);
     __m512 acc[TT];
@@ -233,66 +190,12 @@ void q6_k_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t 
             }
         }
     }
-    for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + row0, rows, acc[t]);
-}
-
-// The tile kernel of each K type, chosen by overload on the block type.
-template <int TT>
-void k_tile(const QuantizedRows& x, int64_t t0, const Q4_Kx16* blocks, int64_t nsb, __mmask16 rows,
-            float* y, int64_t ldy, int64_t row0) {
-    k_affine_tile<Q4_Kx16, TT>(x, t0, blocks, nsb, rows, y, ldy, row0);
-}
-template <int TT>
-void k_tile(const QuantizedRows& x, int64_t t0, const Q5_Kx16* blocks, int64_t nsb, __mmask16 rows,
-            float* y, int64_t ldy, int64_t row0) {
-    k_affine_tile<Q5_Kx16, TT>(x, t0, blocks, nsb, rows, y, ldy, row0);
-}
-template <int TT>
-void k_tile(const QuantizedRows& x, int64_t t0, const Q6_Kx16* blocks, int64_t nsb, __mmask16 rows,
-            float* y, int64_t ldy, int64_t row0) {
-    q6_k_tile<Q6_Kx16, TT>(x, t0, blocks, nsb, rows, y, ldy, row0);
-}
-
-template <class Block>
-void matmul_k(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t group_begin,
-              int64_t group_end, float* y, int64_t ldy) {
-    const int64_t nsb = x.k / kSuperBlock;
-    const auto* blocks = reinterpret_cast<const Block*>(w);  // [groups][nsb]
-    for (int64_t g = group_begin; g < group_end; ++g) {
-        const int64_t row0 = g * kRowGroup;
-        const int64_t left = n_rows - row0;
-        const __mmask16 rows = left >= 16 ? static_cast<__mmask16>(0xffff)
-                                          : static_cast<__mmask16>((1u << left) - 1);
-        const Block* row_group = blocks + g * nsb;
-        int64_t t = 0;
-        for (; t + kTokenTile <= x.n_tokens; t += kTokenTile) {
-            k_tile<kTokenTile>(x, t, row_group, nsb, rows, y, ldy, row0);
-        }
-        switch (x.n_tokens - t) {
-            case 3: k_tile<3>(x, t, row_group, nsb, rows, y, ldy, row0); break;
-            case 2: k_tile<2>(x, t, row_group, nsb, rows, y, ldy, row0); break;
-            case 1: k_tile<1>(x, t, row_group, nsb, rows, y, ldy, row0); break;
-            default: break;
-        }
-    }
+    for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + row0, row_mask(rows), acc[t]);
 }
 
 }  // namespace
 
-void matmul_q4_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
-                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
-    matmul_k<Q4_Kx16>(x, w, n_rows, group_begin, group_end, y, ldy);
-}
-
-void matmul_q5_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
-                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
-    matmul_k<Q5_Kx16>(x, w, n_rows, group_begin, group_end, y, ldy);
-}
-
-void matmul_q6_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
-                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
-    matmul_k<Q6_Kx16>(x, w, n_rows, group_begin, group_end, y, ldy);
-}
+namespace avx512 {
 
 void quantize_row(const float* x, int64_t k, int8_t* q, float* d, int32_t* sum) {
     const __m512 sign = _mm512_set1_ps(-0.0f);
@@ -312,19 +215,7 @@ void quantize_row(const float* x, int64_t k, int8_t* q, float* d, int32_t* sum) 
     }
 }
 
-void matmul_q4_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
-                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
-    matmul_packed<Q4_0x16>(x, w, n_rows, group_begin, group_end, y, ldy);
-}
-
-void matmul_q8_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
-                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
-    matmul_packed<Q8_0x16>(x, w, n_rows, group_begin, group_end, y, ldy);
-}
-
-void attention(const AttentionArgs& a, int64_t kv_head, int64_t t_begin, int64_t t_end) {
-    attention_rows(a, kv_head, t_begin, t_end);
-}
-
 }  // namespace avx512
 }  // namespace lfm
+
+#include "qmatmul_impl.h"

@@ -1,9 +1,10 @@
 // Reference int8-activation kernels in portable C++17 (baseline flags): the twins of
-// qmatmul_avx2.cpp and qmatmul_avx512.cpp, which must give the same bits (see kernels.h).
+// qmatmul_avx2.cpp and qmatmul_avx512.cpp, which must give the same bits (see kernels.h). The
+// tiles that qmatmul_impl.h runs over the row groups, one output at a time.
 #include <cmath>
 
-#include "attention_impl.h"
 #include "formats.h"
+#include "kernels.h"
 #include "packed.h"
 #include "qmatmul.h"
 
@@ -28,7 +29,20 @@ void quantize_row(const float* x, int64_t k, int8_t* q, float* d, int32_t* sum) 
     }
 }
 
+}  // namespace scalar
+
 namespace {
+
+namespace this_isa = scalar;
+constexpr int kTokenTile = 1;  // no weight reuse to gain: each output is computed on its own
+
+// y[t, row0 + r] = output(t, r) for the tokens t of the tile [t0, t0 + TT) and rows r < rows.
+template <int TT, class Output>
+void each_output(int64_t t0, int rows, float* y, int64_t ldy, int64_t row0, const Output& output) {
+    for (int64_t t = t0; t < t0 + TT; ++t) {
+        for (int r = 0; r < rows; ++r) y[t * ldy + row0 + r] = output(t, r);
+    }
+}
 
 // The integer dot product of row r of a packed block with 32 int8 activations, minus the
 // offset the packed format adds to every weight (8 for Q4_0 nibbles, 128 for Q8_0 bytes).
@@ -51,30 +65,20 @@ int32_t block_dot(const Q8_0x16& blk, int r, const int8_t* a, int32_t a_sum) {
     return dot - 128 * a_sum;
 }
 
-template <class Block>
-void matmul_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t group_begin,
-                   int64_t group_end, float* y, int64_t ldy) {
-    const int64_t nb = x.k / kQuantBlock;
-    const auto* blocks = reinterpret_cast<const Block*>(w);  // [groups][nb]
-    for (int64_t g = group_begin; g < group_end; ++g) {
-        const Block* row_group = blocks + g * nb;
-        const int rows = static_cast<int>(std::min<int64_t>(kRowGroup, n_rows - g * kRowGroup));
-        for (int64_t t = 0; t < x.n_tokens; ++t) {
-            const int8_t* q = x.q + t * x.k;
-            const float* dx = x.d + t * nb;
-            const int32_t* sx = x.sum + t * nb;
-            for (int r = 0; r < rows; ++r) {
-                float acc = 0.0f;
-                for (int64_t b = 0; b < nb; ++b) {
-                    const Block& blk = row_group[b];
-                    const int32_t dot = block_dot(blk, r, q + b * kQuantBlock, sx[b]);
-                    const float scale = fp16_to_f32(blk.d[r]) * dx[b];
-                    acc = std::fma(scale, static_cast<float>(dot), acc);
-                }
-                y[t * ldy + g * kRowGroup + r] = acc;
-            }
+// Q4_0 / Q8_0: acc += (d dx) dot per block of 32.
+template <class Block, int TT>
+void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nb, int rows,
+                    float* y, int64_t ldy, int64_t row0) {
+    each_output<TT>(t0, rows, y, ldy, row0, [&](int64_t t, int r) {
+        float acc = 0.0f;
+        for (int64_t b = 0; b < nb; ++b) {
+            const Block& blk = blocks[b];
+            const int32_t dot = block_dot(blk, r, x.q + t * x.k + b * kQuantBlock, x.sum[t * nb + b]);
+            const float scale = fp16_to_f32(blk.d[r]) * x.d[t * nb + b];
+            acc = std::fma(scale, static_cast<float>(dot), acc);
         }
-    }
+        return acc;
+    });
 }
 
 // The nibble of operand o (weights 4o .. 4o+3), lane (r, t), from a Q4_0x16-style qs[256].
@@ -94,113 +98,67 @@ inline const Q4_Kx16& low_part(const Q5_Kx16& blk) { return blk.low; }
 
 // Q4_K / Q5_K: per sub-block of 32, acc += (s dx) dot(u, a), then acc -= (mn dx) sum(a), with
 // s = d sc and mn = dmin m exact in float32.
-template <class Block>
-void matmul_k_affine(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t group_begin,
-                     int64_t group_end, float* y, int64_t ldy) {
-    const int64_t nb = x.k / kQuantBlock, nsb = x.k / kSuperBlock;
-    const auto* blocks = reinterpret_cast<const Block*>(w);  // [groups][nsb]
-    for (int64_t g = group_begin; g < group_end; ++g) {
-        const Block* row_group = blocks + g * nsb;
-        const int rows = static_cast<int>(std::min<int64_t>(kRowGroup, n_rows - g * kRowGroup));
-        for (int64_t t = 0; t < x.n_tokens; ++t) {
-            const int8_t* q = x.q + t * x.k;
-            const float* dx = x.d + t * nb;
-            const int32_t* sx = x.sum + t * nb;
-            for (int r = 0; r < rows; ++r) {
-                float acc = 0.0f;
-                for (int64_t sb = 0; sb < nsb; ++sb) {
-                    const Block& blk = row_group[sb];
-                    const Q4_Kx16& low = low_part(blk);
-                    const float d = fp16_to_f32(low.d[r]), dmin = fp16_to_f32(low.dmin[r]);
-                    for (int j = 0; j < 8; ++j) {
-                        const int64_t b = 8 * sb + j;
-                        const int8_t* a = q + b * kQuantBlock;
-                        int32_t dot = 0;
-                        for (int o = 0; o < 8; ++o) {
-                            for (int tt = 0; tt < 4; ++tt) dot += k_quant(blk, j, o, r, tt) * a[4 * o + tt];
-                        }
-                        const float s = d * static_cast<float>(low.sc[j][r]);
-                        const float mn = dmin * static_cast<float>(low.m[j][r]);
-                        acc = std::fma(s * dx[b], static_cast<float>(dot), acc);
-                        acc = std::fma(-(mn * dx[b]), static_cast<float>(sx[b]), acc);
-                    }
+template <class Block, int TT>
+void k_affine_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb, int rows,
+                   float* y, int64_t ldy, int64_t row0) {
+    const int64_t nb = x.k / kQuantBlock;
+    each_output<TT>(t0, rows, y, ldy, row0, [&](int64_t t, int r) {
+        float acc = 0.0f;
+        for (int64_t sb = 0; sb < nsb; ++sb) {
+            const Block& blk = blocks[sb];
+            const Q4_Kx16& low = low_part(blk);
+            const float d = fp16_to_f32(low.d[r]), dmin = fp16_to_f32(low.dmin[r]);
+            for (int j = 0; j < 8; ++j) {
+                const int64_t b = 8 * sb + j;
+                const int8_t* a = x.q + t * x.k + b * kQuantBlock;
+                const float dx = x.d[t * nb + b];
+                int32_t dot = 0;
+                for (int o = 0; o < 8; ++o) {
+                    for (int tt = 0; tt < 4; ++tt) dot += k_quant(blk, j, o, r, tt) * a[4 * o + tt];
                 }
-                y[t * ldy + g * kRowGroup + r] = acc;
+                const float s = d * static_cast<float>(low.sc[j][r]);
+                const float mn = dmin * static_cast<float>(low.m[j][r]);
+                acc = std::fma(s * dx, static_cast<float>(dot), acc);
+                acc = std::fma(-(mn * dx), static_cast<float>(x.sum[t * nb + b]), acc);
             }
         }
-    }
+        return acc;
+    });
 }
 
 // Q6_K: per block of 32, the exact integer sc0 (dot0 - 32 sum0) + sc1 (dot1 - 32 sum1) over its
 // two 16-weight halves, then acc += (d dx) * that.
-void matmul_q6_k(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t group_begin,
-                 int64_t group_end, float* y, int64_t ldy) {
-    const int64_t nb = x.k / kQuantBlock, nsb = x.k / kSuperBlock;
-    const auto* blocks = reinterpret_cast<const Q6_Kx16*>(w);  // [groups][nsb]
-    for (int64_t g = group_begin; g < group_end; ++g) {
-        const Q6_Kx16* row_group = blocks + g * nsb;
-        const int rows = static_cast<int>(std::min<int64_t>(kRowGroup, n_rows - g * kRowGroup));
-        for (int64_t t = 0; t < x.n_tokens; ++t) {
-            const int8_t* q = x.q + t * x.k;
-            const float* dx = x.d + t * nb;
-            const int32_t* s16 = x.sum16 + t * 2 * nb;
-            for (int r = 0; r < rows; ++r) {
-                float acc = 0.0f;
-                for (int64_t sb = 0; sb < nsb; ++sb) {
-                    const Q6_Kx16& blk = row_group[sb];
-                    const float d = fp16_to_f32(blk.d[r]);
-                    for (int j = 0; j < 8; ++j) {
-                        const int64_t b = 8 * sb + j;
-                        const int8_t* a = q + b * kQuantBlock;
-                        int32_t dot[2] = {0, 0};
-                        for (int o = 0; o < 8; ++o) {
-                            for (int tt = 0; tt < 4; ++tt) {
-                                const int high = (blk.qh[j][64 * (o / 4) + 4 * r + tt] >> (2 * (o % 4))) & 3;
-                                const int u = nibble(blk.ql[j], o, r, tt) | (high << 4);
-                                dot[o / 4] += u * a[4 * o + tt];
-                            }
-                        }
-                        const int32_t combined = blk.sc[2 * j][r] * (dot[0] - 32 * s16[2 * b]) +
-                                                 blk.sc[2 * j + 1][r] * (dot[1] - 32 * s16[2 * b + 1]);
-                        acc = std::fma(d * dx[b], static_cast<float>(combined), acc);
+template <int TT>
+void q6_k_tile(const QuantizedRows& x, int64_t t0, const Q6_Kx16* blocks, int64_t nsb, int rows,
+               float* y, int64_t ldy, int64_t row0) {
+    const int64_t nb = x.k / kQuantBlock;
+    each_output<TT>(t0, rows, y, ldy, row0, [&](int64_t t, int r) {
+        float acc = 0.0f;
+        for (int64_t sb = 0; sb < nsb; ++sb) {
+            const Q6_Kx16& blk = blocks[sb];
+            const float d = fp16_to_f32(blk.d[r]);
+            for (int j = 0; j < 8; ++j) {
+                const int64_t b = 8 * sb + j;
+                const int8_t* a = x.q + t * x.k + b * kQuantBlock;
+                const int32_t* s16 = x.sum16 + t * 2 * nb + 2 * b;  // the block's two halves
+                int32_t dot[2] = {0, 0};
+                for (int o = 0; o < 8; ++o) {
+                    for (int tt = 0; tt < 4; ++tt) {
+                        const int high = (blk.qh[j][64 * (o / 4) + 4 * r + tt] >> (2 * (o % 4))) & 3;
+                        const int u = nibble(blk.ql[j], o, r, tt) | (high << 4);
+                        dot[o / 4] += u * a[4 * o + tt];
                     }
                 }
-                y[t * ldy + g * kRowGroup + r] = acc;
+                const int32_t combined = blk.sc[2 * j][r] * (dot[0] - 32 * s16[0]) +
+                                         blk.sc[2 * j + 1][r] * (dot[1] - 32 * s16[1]);
+                acc = std::fma(d * x.d[t * nb + b], static_cast<float>(combined), acc);
             }
         }
-    }
+        return acc;
+    });
 }
 
 }  // namespace
-
-void matmul_q4_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
-                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
-    matmul_k_affine<Q4_Kx16>(x, w, n_rows, group_begin, group_end, y, ldy);
-}
-
-void matmul_q5_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
-                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
-    matmul_k_affine<Q5_Kx16>(x, w, n_rows, group_begin, group_end, y, ldy);
-}
-
-void matmul_q6_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
-                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
-    matmul_q6_k(x, w, n_rows, group_begin, group_end, y, ldy);
-}
-
-void matmul_q4_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
-                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
-    matmul_packed<Q4_0x16>(x, w, n_rows, group_begin, group_end, y, ldy);
-}
-
-void matmul_q8_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
-                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
-    matmul_packed<Q8_0x16>(x, w, n_rows, group_begin, group_end, y, ldy);
-}
-
-void attention(const AttentionArgs& a, int64_t kv_head, int64_t t_begin, int64_t t_end) {
-    attention_rows(a, kv_head, t_begin, t_end);
-}
-
-}  // namespace scalar
 }  // namespace lfm
+
+#include "qmatmul_impl.h"

@@ -1,0 +1,114 @@
+// The int8-activation matmul driver (PackedMatmulFn in kernels.h) and the entries of qmatmul.h,
+// written once and compiled into each instruction set's translation unit
+// (qmatmul_{scalar,avx2,avx512}.cpp) with that unit's flags. The unit defines its kernels in
+// namespace lfm's anonymous namespace first, then includes this:
+//
+//   namespace this_isa = ...;   its namespace in qmatmul.h; it defines this_isa::quantize_row
+//   kTokenTile                  tokens (1 to 4) that share each loaded weight block
+//   row_group_tile<Block, TT>   for Q4_0x16 and Q8_0x16
+//   k_affine_tile<Block, TT>    for Q4_Kx16 and Q5_Kx16
+//   q6_k_tile<TT>               for Q6_Kx16
+//     each (x, t0, blocks, n_blocks, rows, y, ldy, row0): y[t0 + t, row0 + r] for t < TT and
+//     r < rows, from the n_blocks packed blocks of one row group and the quantized tokens.
+//
+// Each output is one token against one row, so the tiling changes no result (see kernels.h).
+// Internal linkage only (see kernels.h), but for the entries of qmatmul.h, which are named per
+// instruction set.
+#pragma once
+
+#include <cstdint>
+
+#include "attention_impl.h"
+#include "formats.h"
+#include "kernels.h"
+#include "packed.h"
+#include "qmatmul.h"
+
+namespace lfm {
+namespace {
+
+static_assert(kTokenTile >= 1 && kTokenTile <= 4, "the driver's leftover tiles have 1 to 3 tokens");
+
+template <class A, class B>
+constexpr bool kSame = false;
+template <class A>
+constexpr bool kSame<A, A> = true;
+
+// Q4_0 / Q8_0 pack blocks of 32 weights; the K-quants, super-blocks of 256.
+template <class Block>
+constexpr bool kBlock32 = kSame<Block, Q4_0x16> || kSame<Block, Q8_0x16>;
+
+// The unit's tile kernel for each packed type.
+template <int TT, class Block>
+void tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t n_blocks, int rows,
+          float* y, int64_t ldy, int64_t row0) {
+    if constexpr (kBlock32<Block>) {
+        row_group_tile<Block, TT>(x, t0, blocks, n_blocks, rows, y, ldy, row0);
+    } else if constexpr (kSame<Block, Q4_Kx16> || kSame<Block, Q5_Kx16>) {
+        k_affine_tile<Block, TT>(x, t0, blocks, n_blocks, rows, y, ldy, row0);
+    } else {
+        static_assert(kSame<Block, Q6_Kx16>, "a packed type without a tile kernel");
+        q6_k_tile<TT>(x, t0, blocks, n_blocks, rows, y, ldy, row0);
+    }
+}
+
+// Row groups [group_begin, group_end) of a packed matrix, kTokenTile tokens at a time, then
+// the tokens left over as one smaller tile.
+template <class Block>
+void matmul_row_groups(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
+                       int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
+    const int64_t n_blocks = x.k / (kBlock32<Block> ? kQuantBlock : kSuperBlock);  // per row group
+    const auto* blocks = reinterpret_cast<const Block*>(w);  // [groups][n_blocks]
+    for (int64_t g = group_begin; g < group_end; ++g) {
+        const int64_t row0 = g * kRowGroup;
+        const int rows = static_cast<int>(n_rows - row0 < kRowGroup ? n_rows - row0 : kRowGroup);
+        const Block* row_group = blocks + g * n_blocks;
+        int64_t t = 0;
+        for (; t + kTokenTile <= x.n_tokens; t += kTokenTile) {
+            tile<kTokenTile>(x, t, row_group, n_blocks, rows, y, ldy, row0);
+        }
+        const int64_t left = x.n_tokens - t;  // fewer than kTokenTile
+        if constexpr (kTokenTile > 3) {
+            if (left == 3) tile<3>(x, t, row_group, n_blocks, rows, y, ldy, row0);
+        }
+        if constexpr (kTokenTile > 2) {
+            if (left == 2) tile<2>(x, t, row_group, n_blocks, rows, y, ldy, row0);
+        }
+        if constexpr (kTokenTile > 1) {
+            if (left == 1) tile<1>(x, t, row_group, n_blocks, rows, y, ldy, row0);
+        }
+    }
+}
+
+}  // namespace
+
+void this_isa::matmul_q4_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
+                                  int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
+    matmul_row_groups<Q4_0x16>(x, w, n_rows, group_begin, group_end, y, ldy);
+}
+
+void this_isa::matmul_q8_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
+                                  int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
+    matmul_row_groups<Q8_0x16>(x, w, n_rows, group_begin, group_end, y, ldy);
+}
+
+void this_isa::matmul_q4_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
+                                  int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
+    matmul_row_groups<Q4_Kx16>(x, w, n_rows, group_begin, group_end, y, ldy);
+}
+
+void this_isa::matmul_q5_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
+                                  int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
+    matmul_row_groups<Q5_Kx16>(x, w, n_rows, group_begin, group_end, y, ldy);
+}
+
+void this_isa::matmul_q6_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
+                                  int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
+    matmul_row_groups<Q6_Kx16>(x, w, n_rows, group_begin, group_end, y, ldy);
+}
+
+void this_isa::attention(const AttentionArgs& a, int64_t kv_head, int64_t t_begin, int64_t t_end) {
+    attention_rows(a, kv_head, t_begin, t_end);
+}
+
+}  // namespace lfm
