@@ -12,9 +12,6 @@
 namespace lfm {
 namespace {
 
-#ifndef PFHINT
-#define PFHINT _MM_HINT_T1
-#endif
 namespace this_isa = avx512;
 constexpr int kTokenTile = 4;  // tokens that share each unpacked weight block (prefill)
 
