@@ -113,8 +113,7 @@ class LLM:
 
     # -- the model ---------------------------------------------------------------
     def _float32_weights(self) -> bool:
-        first = next(i for i in range(self.args.n_layer) if self.args.is_attention(i))
-        return self.file.tensors[f"blk.{first}.attn_q.weight"].qtype == GGMLQuantizationType.F32
+        return all(t.qtype == GGMLQuantizationType.F32 for t in self.file.tensors.values())
 
     def new_cache(self) -> Cache:
         return self.model.make_cache(self.n_ctx, KV_CACHE_TYPES[self.kv_cache_type])

@@ -7,8 +7,9 @@ tg: n single-token decode steps (after --ctx-depth tokens of context), in tokens
 Each is run r times after a short warm-up; the median is reported with the min and max.
 Also: load time, time to first token of a p-token prompt (prefill + picking the token), peak RSS,
 the kernels' instruction set, and the share of a decode step spent outside the kernels (Python
-and the bindings: wall time minus the time the kernels report, over the wall time). Prompt tokens are random non-special ids from a seeded generator,
-so runs are repeatable; decode feeds random ids too (no sampling is timed, as in llama-bench).
+and the bindings: wall time minus the time the kernels report, over the wall time). Prompt
+tokens are random non-special ids from a seeded generator, so runs are repeatable; decode feeds
+random ids too (no sampling is timed, as in llama-bench).
 """
 
 from __future__ import annotations
