@@ -14,7 +14,7 @@ TESTS = Path(__file__).parent
 GOLDEN = TESTS / "golden"
 sys.path.insert(0, str(TESTS))
 
-from lfm_edge import tiny_models  # noqa: E402
+from lfm_edge import native, tiny_models  # noqa: E402
 
 from lfm_edge.quantize.convert import convert  # noqa: E402
 
@@ -88,3 +88,19 @@ def llama_cpp_plain_buffers(monkeypatch):
         return p
 
     monkeypatch.setattr(lib, "llama_model_default_params", params)
+
+
+@pytest.fixture(params=native.available_isas())
+def isa(request):
+    """Each instruction set this CPU and build can run, made active for the test."""
+    with native.use_isa(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}threads")
+def threads(request):
+    """The kernels on 1, then 2 threads; the pool's size is restored after."""
+    before = native.threads()
+    native.set_threads(request.param)
+    yield request.param
+    native.set_threads(before)

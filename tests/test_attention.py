@@ -21,23 +21,9 @@ HEADS = ((32, 8, 64), (4, 1, 16), (6, 2, 40), (3, 3, 17), (16, 1, 256), (10, 2, 
 ATOL_REL = 2e-5
 
 
-@pytest.fixture(params=ISAS)
-def isa(request):
-    with native.use_isa(request.param):
-        yield request.param
-
-
 @pytest.fixture(params=[np.float32, np.float16], ids=["kv_f32", "kv_f16"])
 def kv_dtype(request):
     return request.param
-
-
-@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}threads")
-def threads(request):
-    before = native.threads()
-    native.set_threads(request.param)
-    yield request.param
-    native.set_threads(before)
 
 
 def inputs(t: int, s: int, n_heads: int, n_kv: int, d: int, q_scale: float = 2.0, kv_dtype=np.float32):

@@ -73,12 +73,6 @@ def matmul_reference(qtype: Q, t: int, n: int, k: int) -> tuple[np.ndarray, np.n
     return x @ w.T, np.abs(x) @ np.abs(w).T
 
 
-@pytest.fixture(params=ISAS)
-def isa(request):
-    with native.use_isa(request.param):
-        yield request.param
-
-
 MATMUL_CASES = [
     pytest.param(qtype, t, n, k, id=f"{qtype.name}-T{t}-N{n}-K{k}")
     for qtype in QTYPES

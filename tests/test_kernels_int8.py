@@ -72,20 +72,6 @@ def dequantized_activations(x: np.ndarray) -> np.ndarray:
     return (q.reshape(t, k // 32, 32).astype(np.float64) * d[..., None].astype(np.float64)).reshape(t, k)
 
 
-@pytest.fixture(params=ISAS)
-def isa(request):
-    with native.use_isa(request.param):
-        yield request.param
-
-
-@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}threads")
-def threads(request):
-    before = native.threads()
-    native.set_threads(request.param)
-    yield request.param
-    native.set_threads(before)
-
-
 def assert_within(got: np.ndarray, want: np.ndarray, limit: np.ndarray, what: str) -> None:
     error = np.abs(got.astype(np.float64) - want)
     bad = np.argwhere(~(error <= limit))  # also catches NaN

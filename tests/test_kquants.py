@@ -125,12 +125,6 @@ def assert_within(y: np.ndarray, want: np.ndarray, bound: np.ndarray, what: str)
     )
 
 
-@pytest.fixture(params=ISAS)
-def isa(request):
-    with native.use_isa(request.param):
-        yield request.param
-
-
 # ---------------------------------------------------------------- dequantize and get_rows
 
 

@@ -42,6 +42,28 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each position's logits."""
+    return np.sum(a * b, axis=-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def native_and_reference(llm, ids, monkeypatch, patch_reference=lambda m: None):
+    """Logits of `ids` natively and on the reference ops (after `patch_reference(m)`), the native
+    run replaying the reference run's expert choices so that only the continuous error remains."""
+    routes = []
+    with monkeypatch.context() as m:
+        patch_reference(m)
+        for op in reference.OPS:
+            m.setattr(ops, op, getattr(reference, op))
+        m.setattr(ops, "route", lambda *a: routes.append(reference.route(*a)) or routes[-1])
+        reference_logits = llm.logits(ids)
+    replay = iter(routes)
+    with monkeypatch.context() as m:
+        m.setattr(ops, "route", lambda *a: next(replay))
+        native_logits = llm.logits(ids)
+    return native_logits, reference_logits
+
+
 def prompt(llm, n=64) -> list[int]:
     return np.random.default_rng(0).integers(0, llm.args.n_vocab, n).tolist()
 
@@ -62,18 +84,8 @@ def test_float_files_match_the_reference_path(name, out_type, gguf_path, monkeyp
 @pytest.mark.parametrize("out_type", ["q8_0", "q4_0"])
 def test_quantized_files_stay_close_to_the_reference_path(name, out_type, gguf_path, monkeypatch):
     llm = lfm_edge.load(gguf_path(name, out_type))
-    ids = prompt(llm)
-    routes = []
-    with reference_ops(monkeypatch):
-        monkeypatch.setattr(ops, "route", lambda *a: routes.append(reference.route(*a)) or routes[-1])
-        reference_logits = llm.logits(ids)
-    replay = iter(routes)
-    with monkeypatch.context() as m:
-        m.setattr(ops, "route", lambda *a: next(replay))
-        native_logits = llm.logits(ids)
-    cosine = np.sum(native_logits * reference_logits, axis=-1) / (
-        np.linalg.norm(native_logits, axis=-1) * np.linalg.norm(reference_logits, axis=-1)
-    )
+    native_logits, reference_logits = native_and_reference(llm, prompt(llm), monkeypatch)
+    cosine = row_cosines(native_logits, reference_logits)
     err = relative_error(native_logits, reference_logits)
     assert cosine.min() >= MIN_COSINE, f"{name} {out_type}: min cosine {cosine.min():.6f}, max error {err:.2e}"
     assert err > 0  # the int8 activations really are in use
@@ -91,27 +103,17 @@ def int8_activations(x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("out_type", ["q8_0", "q4_0"])
 def test_quantized_files_match_a_reference_with_int8_activations(name, out_type, gguf_path, monkeypatch):
     llm = lfm_edge.load(gguf_path(name, out_type))
-    ids = prompt(llm)
-    routes = []
     linear, expert_linear = reference.linear, reference.expert_linear
 
     def quantized(x, w):
         return int8_activations(x) if reference.stored(w).qtype in (2, 8) else x  # Q4_0, Q8_0
 
-    with monkeypatch.context() as m:
+    def int8_reference(m):
         m.setattr(reference, "linear", lambda x, w: linear(quantized(x, w), w))
         m.setattr(reference, "expert_linear", lambda x, w, e: expert_linear(quantized(x, w), w, e))
-        for op in reference.OPS:
-            m.setattr(ops, op, getattr(reference, op))
-        m.setattr(ops, "route", lambda *a: routes.append(reference.route(*a)) or routes[-1])
-        reference_logits = llm.logits(ids)
-    replay = iter(routes)
-    with monkeypatch.context() as m:
-        m.setattr(ops, "route", lambda *a: next(replay))
-        native_logits = llm.logits(ids)
-    cosine = np.sum(native_logits * reference_logits, axis=-1) / (
-        np.linalg.norm(native_logits, axis=-1) * np.linalg.norm(reference_logits, axis=-1)
-    )
+
+    native_logits, reference_logits = native_and_reference(llm, prompt(llm), monkeypatch, int8_reference)
+    cosine = row_cosines(native_logits, reference_logits)
     assert cosine.min() >= MIN_COSINE_INT8_MODEL, f"min cosine {cosine.min():.7f}"
 
 
