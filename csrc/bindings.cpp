@@ -20,6 +20,7 @@
 #include "kernels.h"
 #include "ops.h"
 #include "pack.h"
+#include "qtypes.h"
 #include "threadpool.h"
 
 namespace py = pybind11;
@@ -49,28 +50,22 @@ class KernelSection {
     std::chrono::steady_clock::time_point start_;
 };
 
-const char* qtype_name(QType qtype) {
-    switch (qtype) {
-        case QType::F32: return "F32";
-        case QType::F16: return "F16";
-        case QType::BF16: return "BF16";
-        case QType::Q8_0: return "Q8_0";
-        case QType::Q4_0: return "Q4_0";
-        case QType::Q4_K: return "Q4_K";
-        case QType::Q5_K: return "Q5_K";
-        case QType::Q6_K: return "Q6_K";
+const char* qtype_name(QType qtype) { return lfm::qtype_info(qtype).name; }
+
+// "F32=0, F16=1, ..." for the error messages, from the type table.
+std::string known_qtypes() {
+    std::string out;
+    for (const lfm::QTypeInfo& info : lfm::kQTypes) {
+        out += (out.empty() ? "" : ", ") + std::string(info.name) + "=" +
+               std::to_string(static_cast<int>(info.qtype));
     }
-    return "?";
+    return out;
 }
 
 QType checked_qtype(int64_t id) {
-    for (QType qtype : {QType::F32, QType::F16, QType::Q4_0, QType::Q8_0, QType::Q4_K, QType::Q5_K,
-                        QType::Q6_K, QType::BF16}) {
-        if (id == static_cast<int64_t>(qtype)) return qtype;
-    }
-    throw py::value_error("qtype " + std::to_string(id) +
-                          " is not supported; use a GGML type id: F32=0, F16=1, Q4_0=2, "
-                          "Q8_0=8, Q4_K=12, Q5_K=13, Q6_K=14 or BF16=30");
+    if (const lfm::QTypeInfo* info = lfm::find_qtype(id)) return info->qtype;
+    throw py::value_error("qtype " + std::to_string(id) + " is not supported; use a GGML type id: " +
+                          known_qtypes());
 }
 
 int64_t checked_mul(int64_t a, int64_t b, const std::string& what) {
@@ -82,26 +77,16 @@ int64_t checked_mul(int64_t a, int64_t b, const std::string& what) {
 // Bytes in one row of k weights of this type.
 int64_t checked_row_bytes(QType qtype, int64_t k) {
     if (k <= 0) throw py::value_error("k must be positive, got " + std::to_string(k));
-    switch (qtype) {
-        case QType::F32: return checked_mul(k, 4, "k");
-        case QType::F16:
-        case QType::BF16: return checked_mul(k, 2, "k");
-        case QType::Q8_0:
-        case QType::Q4_0: break;
-        case QType::Q4_K:
-        case QType::Q5_K:
-        case QType::Q6_K:
-            if (k % 256 != 0) {
-                throw py::value_error("k = " + std::to_string(k) + " is not a multiple of 256, which " +
-                                      qtype_name(qtype) + " rows (super-blocks of 256 weights) require");
-            }
-            return lfm::gguf_row_bytes(qtype, k);
+    const lfm::QTypeInfo& info = lfm::qtype_info(qtype);
+    if (info.block_values == 1) return checked_mul(k, info.block_bytes, "k");
+    if (k % info.block_values != 0) {
+        const bool super = info.block_values == 256;
+        throw py::value_error("k = " + std::to_string(k) + " is not a multiple of " +
+                              std::to_string(info.block_values) + ", which " + info.name + " rows (" +
+                              (super ? "super-blocks" : "blocks") + " of " +
+                              std::to_string(info.block_values) + " weights) require");
     }
-    if (k % 32 != 0) {
-        throw py::value_error("k = " + std::to_string(k) + " is not a multiple of 32, which " +
-                              qtype_name(qtype) + " rows (blocks of 32 weights) require");
-    }
-    return k / 32 * (qtype == QType::Q8_0 ? 34 : 18);
+    return lfm::gguf_row_bytes(qtype, k);
 }
 
 bool is_c_contiguous(const py::buffer_info& info) {
@@ -262,7 +247,7 @@ void set_isa(const std::string& name) {
 
 // ------------------------------------------------------------------ packed weights and ops
 
-// A weight matrix (or a stack of them) ready for the kernels: Q4_0 / Q8_0 / K-quants repacked into an
+// A weight matrix (or a stack of them) ready for the kernels: the quantized types repacked into an
 // aligned buffer it owns, float types as the caller's buffer, kept alive by a reference.
 class PackedMatrix {
    public:
@@ -542,8 +527,13 @@ py::tuple quantize_activations(const py::array& x) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-    m.doc() = "lfm-edge CPU kernels. Weight types are GGML ids: F32=0, F16=1, Q4_0=2, Q8_0=8, "
-              "Q4_K=12, Q5_K=13, Q6_K=14, BF16=30; a weight matrix is n rows of k values in GGUF's on-disk row layout.";
+    m.doc() = "lfm-edge CPU kernels. Weight types are GGML ids (see qtypes()); a weight matrix is n "
+              "rows of k values in GGUF's on-disk row layout.";
+    m.def("qtypes", [] {
+              py::dict out;
+              for (const lfm::QTypeInfo& info : lfm::kQTypes) out[info.name] = static_cast<int>(info.qtype);
+              return out;
+          }, "The weight types these kernels read: {name: GGML id}.");
 
     m.def("matmul", &matmul, py::arg("x"), py::arg("w"), py::arg("qtype"), py::arg("n"),
           py::arg("k"),
@@ -567,7 +557,7 @@ PYBIND11_MODULE(_C, m) {
 
     py::class_<PackedMatrix>(m, "PackedMatrix",
                              "A weight matrix (or a stack of n_mats) in the layout the kernels "
-                             "stream: Q4_0 / Q8_0 / Q4_K / Q5_K / Q6_K repacked into 16-row groups, float types "
+                             "stream: the quantized types repacked into 16-row groups, float types "
                              "borrowed as stored.")
         .def(py::init([](const py::buffer& w, int64_t qtype, int64_t n, int64_t k, int64_t n_mats) {
                  return std::make_unique<PackedMatrix>(w, checked_qtype(qtype), n, k, n_mats);
@@ -581,8 +571,8 @@ PYBIND11_MODULE(_C, m) {
         .def_property_readonly("int8_activations", [](const PackedMatrix& p) { return p.matrix().packed(); });
 
     m.def("linear", &linear, py::arg("x"), py::arg("w"), py::arg("index") = 0,
-          "y = x @ W[index].T as float32 [T, n] for a PackedMatrix; int8 activations for Q4_0 / "
-          "Q8_0 / K-quants, exact float32 for float types.");
+          "y = x @ W[index].T as float32 [T, n] for a PackedMatrix; int8 activations for the "
+          "quantized types, exact float32 for float types.");
     m.def("moe", &moe, py::arg("x"), py::arg("experts"), py::arg("weights"), py::arg("gate"),
           py::arg("up"), py::arg("down"),
           "sum_j weights[t, j] * down_e(silu(gate_e(x)) * up_e(x)), e = experts[t, j]: [T, H].");
@@ -605,7 +595,7 @@ PYBIND11_MODULE(_C, m) {
           py::arg("normalize"), py::arg("scale"),
           "Sigmoid top-k routing: (experts int32 [T, k], weights float32 [T, k]).");
     m.def("quantize_activations", &quantize_activations, py::arg("x"),
-          "The int8 activations the Q4_0 / Q8_0 kernels use: (q int8 [T, k], d [T, k/32], sum int32 [T, k/32]).");
+          "The int8 activations the packed kernels use: (q int8 [T, k], d [T, k/32], sum int32 [T, k/32]).");
     m.def("set_threads", [](int n) {
               if (n < 1) throw py::value_error("n_threads must be at least 1, got " + std::to_string(n));
               py::gil_scoped_release release;

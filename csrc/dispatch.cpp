@@ -70,6 +70,13 @@ const QTypeKernels* kernels_for(const KernelTable& table, QType qtype) {
         case QType::BF16: return &table.bf16;
         case QType::Q8_0: return &table.q8_0;
         case QType::Q4_0: return &table.q4_0;
+        case QType::Q4_1: return &table.q4_1;
+        case QType::Q5_0: return &table.q5_0;
+        case QType::Q5_1: return &table.q5_1;
+        case QType::IQ4_NL: return &table.iq4_nl;
+        case QType::Q2_K: return &table.q2_k;
+        case QType::Q3_K: return &table.q3_k;
+        case QType::IQ4_XS: return &table.iq4_xs;
         case QType::Q4_K: return &table.q4_k;
         case QType::Q5_K: return &table.q5_k;
         case QType::Q6_K: return &table.q6_k;

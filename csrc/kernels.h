@@ -20,10 +20,17 @@ enum class QType : int32_t {
     F32 = 0,
     F16 = 1,
     Q4_0 = 2,
+    Q4_1 = 3,
+    Q5_0 = 6,
+    Q5_1 = 7,
     Q8_0 = 8,
+    Q2_K = 10,
+    Q3_K = 11,
     Q4_K = 12,
     Q5_K = 13,
     Q6_K = 14,
+    IQ4_NL = 20,
+    IQ4_XS = 23,
     BF16 = 30,
 };
 
@@ -46,7 +53,7 @@ struct QuantizedRows {
     const int8_t* q;     // [n_tokens, k]
     const float* d;      // [n_tokens, k / 32]
     const int32_t* sum;  // [n_tokens, k / 32] sum of q over each block
-    const int32_t* sum16;  // [n_tokens, k / 16] sum of q over each half block (Q6_K's scales)
+    const int32_t* sum16;  // [n_tokens, k / 16] sum of q over each half block (scales per 16)
     int64_t n_tokens;
     int64_t k;  // a multiple of 32
 };
@@ -99,9 +106,16 @@ struct KernelTable {
     QTypeKernels bf16;
     QTypeKernels q8_0;
     QTypeKernels q4_0;
+    QTypeKernels q4_1;
+    QTypeKernels q5_0;
+    QTypeKernels q5_1;
+    QTypeKernels iq4_nl;
+    QTypeKernels q2_k;
+    QTypeKernels q3_k;
     QTypeKernels q4_k;
     QTypeKernels q5_k;
     QTypeKernels q6_k;
+    QTypeKernels iq4_xs;
     QuantizeRowFn quantize_row;
     AttentionFn attention;
 };

@@ -73,9 +73,16 @@ using F16 = Float16<fp16_to_f32, f16_vector>;
 using BF16 = Float16<bf16_to_f32, bf16_vector>;
 using Q8_0 = Blocks<kQuantBlock, kQ8_0BlockBytes, dequantize_q8_0_block>;
 using Q4_0 = Blocks<kQuantBlock, kQ4_0BlockBytes, dequantize_q4_0_block>;
+using Q4_1 = Blocks<kQuantBlock, kQ4_1BlockBytes, dequantize_q4_1_block>;
+using Q5_0 = Blocks<kQuantBlock, kQ5_0BlockBytes, dequantize_q5_0_block>;
+using Q5_1 = Blocks<kQuantBlock, kQ5_1BlockBytes, dequantize_q5_1_block>;
+using IQ4_NL = Blocks<kQuantBlock, kIQ4_NLBlockBytes, dequantize_iq4_nl_block>;
+using Q2_K = Blocks<kSuperBlock, kQ2_KBlockBytes, dequantize_q2_k_block>;
+using Q3_K = Blocks<kSuperBlock, kQ3_KBlockBytes, dequantize_q3_k_block>;
 using Q4_K = Blocks<kSuperBlock, kQ4_KBlockBytes, dequantize_q4_k_block>;
 using Q5_K = Blocks<kSuperBlock, kQ5_KBlockBytes, dequantize_q5_k_block>;
 using Q6_K = Blocks<kSuperBlock, kQ6_KBlockBytes, dequantize_q6_k_block>;
+using IQ4_XS = Blocks<kSuperBlock, kIQ4_XSBlockBytes, dequantize_iq4_xs_block>;
 
 template <class Format>
 void dequantize_row(const uint8_t* row, int64_t k, float* out) {
@@ -128,9 +135,16 @@ constexpr KernelTable kTable = {
     kernels_of<BF16>(),
     kernels_of<Q8_0>(this_isa::matmul_q8_0_packed),
     kernels_of<Q4_0>(this_isa::matmul_q4_0_packed),
+    kernels_of<Q4_1>(this_isa::matmul_q4_1_packed),
+    kernels_of<Q5_0>(this_isa::matmul_q5_0_packed),
+    kernels_of<Q5_1>(this_isa::matmul_q5_1_packed),
+    kernels_of<IQ4_NL>(this_isa::matmul_iq4_nl_packed),
+    kernels_of<Q2_K>(this_isa::matmul_q2_k_packed),
+    kernels_of<Q3_K>(this_isa::matmul_q3_k_packed),
     kernels_of<Q4_K>(this_isa::matmul_q4_k_packed),
     kernels_of<Q5_K>(this_isa::matmul_q5_k_packed),
     kernels_of<Q6_K>(this_isa::matmul_q6_k_packed),
+    kernels_of<IQ4_XS>(this_isa::matmul_iq4_xs_packed),
     this_isa::quantize_row,
     this_isa::attention,
 };

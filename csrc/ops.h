@@ -7,25 +7,23 @@
 #include <memory>
 
 #include "kernels.h"
+#include "qtypes.h"
 
 namespace lfm {
 
-// A weight matrix (or a stack of n_mats of them, e.g. experts) as the kernels read it: Q4_0 /
-// Q8_0 / K-quants repacked into 16-row groups (packed.h), float types in their GGUF rows, borrowed.
+// A weight matrix (or a stack of n_mats of them, e.g. experts) as the kernels read it: the
+// quantized types repacked into 16-row groups (packed.h), float types in their GGUF rows, borrowed.
 struct Matrix {
     QType qtype;
     int64_t n, k;      // each matrix maps k inputs to n outputs
     int64_t n_mats;    // stacked matrices, each mat_bytes long
     int64_t mat_bytes;
     const uint8_t* data;
-    bool packed() const {
-        return qtype == QType::Q4_0 || qtype == QType::Q8_0 || qtype == QType::Q4_K ||
-               qtype == QType::Q5_K || qtype == QType::Q6_K;
-    }
+    bool packed() const { return is_packed_type(qtype); }
     const uint8_t* mat(int64_t i) const { return data + i * mat_bytes; }
 };
 
-// Makes the packed copy of a Q4_0 / Q8_0 stack of n_mats GGUF matrices; `out` must hold
+// Makes the packed copy of a quantized stack of n_mats GGUF matrices; `out` must hold
 // n_mats * packed_bytes(qtype, n, k) bytes (pack.h).
 void pack_matrices(QType qtype, const uint8_t* src, int64_t n, int64_t k, int64_t n_mats,
                    uint8_t* out);

@@ -1,4 +1,4 @@
-// The compute layouts Q4_0, Q8_0 and the K-quants (further down) are repacked into once, at load (pack.cpp), for the
+// The compute layouts every quantized type is repacked into once, at load (pack.cpp), for the
 // int8-activation kernels (qmatmul_*.cpp).
 //
 // GGUF stores a matrix row by row, one 32-weight block after another. The kernels instead want
@@ -7,7 +7,7 @@
 // So rows are taken in groups of 16 (the last group padded with zero rows), and each group is
 // stored as its k/32 blocks in K order, one "x16" block per 32 columns:
 //
-//   packed matrix = [ceil(n/16) row groups][k/32 blocks] of Q4_0x16 or Q8_0x16
+//   packed matrix = [ceil(n/16) row groups][k/32 blocks] of Q4_0x16, Q8_0x16, ... (32-weight types)
 //
 // A kernel streams one row group linearly from start to end. Scales stay fp16, as on disk, so
 // the packed matrix is exactly as large as the file's (plus padding rows): decode reads as few
@@ -15,6 +15,8 @@
 #pragma once
 
 #include <cstdint>
+
+#include "qtypes.h"
 
 namespace lfm {
 
@@ -39,6 +41,44 @@ struct Q8_0x16 {
     uint8_t qs[kRowGroup * 32];  // [8][16 rows][4] offset bytes
 };
 static_assert(sizeof(Q8_0x16) == 544, "Q8_0x16 must stay 16 rows x 34 bytes, unpadded");
+
+// The other 32-weight formats keep Q4_0x16's nibble layout and add what their block adds:
+//   Q4_1: the fp16 min m of each row: weight = d * u + m, u = the nibble (0..15).
+//   Q5_0 / Q5_1: bit 4 of every weight as 8 little-endian 64-bit masks, one per VNNI operand
+//     (weights 4o .. 4o+3 of the 16 rows, o < 8): bit 4r + t of qh[8o .. 8o+7] is bit 4 of weight
+//     4o + t of row r, so the AVX-512 kernel adds 16 to that operand's bytes in one masked add.
+//     Q5_0: weight = d * (u - 16); Q5_1: weight = d * u + m (u in 0..31).
+//   IQ4_NL: weight = d * kIq4Values[u]; the kernels look the nibble up in that 16-entry table
+//     (pshufb), so the packed block is Q4_0x16's.
+// All are the file's bytes moved (lossless), 16 times the file's block.
+struct Q4_1x16 {
+    uint16_t d[kRowGroup];
+    uint16_t m[kRowGroup];       // fp16 min of each row
+    uint8_t qs[kRowGroup * 16];  // as Q4_0x16.qs
+};
+struct Q5_0x16 {
+    uint16_t d[kRowGroup];
+    uint8_t qh[64];              // bit 4 of each weight, one 64-bit mask per operand
+    uint8_t qs[kRowGroup * 16];  // low 4 bits, as Q4_0x16.qs
+};
+struct Q5_1x16 {
+    uint16_t d[kRowGroup];
+    uint16_t m[kRowGroup];
+    uint8_t qh[64];
+    uint8_t qs[kRowGroup * 16];
+};
+struct IQ4_NLx16 {
+    uint16_t d[kRowGroup];
+    uint8_t qs[kRowGroup * 16];  // table indices, as Q4_0x16.qs
+};
+
+// The 32-weight blocks whose weights are d * u + m (the kernels add (m dx) sum(a) per block).
+template <class Block>
+constexpr bool kHasMin = false;
+template <>
+constexpr bool kHasMin<Q4_1x16> = true;
+template <>
+constexpr bool kHasMin<Q5_1x16> = true;
 
 // ---- K-quants (Q4_K, Q5_K, Q6_K): one x16 block per 16 rows x 256 columns (a super-block)
 //
@@ -97,6 +137,60 @@ struct Q6_Kx16 {
     uint8_t qh[8][kRowGroup * 8];   // high 2 bits, 4 operands per byte
 };
 static_assert(sizeof(Q6_Kx16) == 16 * 210, "Q6_Kx16 must stay 16 rows x 210 bytes, unpadded");
+
+// ---- Q2_K, Q3_K, IQ4_XS: one x16 block per 16 rows x 256 columns, as the K-quants above.
+//
+// Q2_K and Q3_K have 2-bit fields: block b (32 weights, b < 8) of a super-block keeps them in
+// q2[b][128] as Q6_Kx16.qh keeps its top 2 bits: operand o (weights 4o .. 4o+3) = 4v + s takes
+// bits 2s, 2s+1 of byte q2[b][64 v + 4 r + t]. The kernels apply the scales of both 16-weight
+// halves of a block exactly, as for Q6_K:
+//   Q2_K:  (d dx) (sc0 dot0 + sc1 dot1) - (dmin dx) (m0 sum0 + m1 sum1)
+//   Q3_K:  (d dx) (sc0 (dot0 - 4 sum0) + sc1 (dot1 - 4 sum1))
+//   IQ4_XS: (d dx) (sc dot(kIq4Values[u], a)), one scale per 32 weights
+// with integer brackets (below 2^24 in magnitude: exact in float32).
+
+// Q2_K, 16 rows x 256 weights. Weight 32 b + i of row r is
+//   fp16(d[r]) * (sm[2b + i/16][r] & 15) * u - fp16(dmin[r]) * (sm[2b + i/16][r] >> 4)
+// with u (0..3) in q2[b] as above. sm is the file's scale byte. 16 x 84 bytes: the file's size.
+struct Q2_Kx16 {
+    uint16_t d[kRowGroup];
+    uint16_t dmin[kRowGroup];
+    uint8_t sm[16][kRowGroup];    // scale (low nibble) and min (high) of 16-weight sub-block i
+    uint8_t q2[8][kRowGroup * 8];  // 2-bit quants, 4 operands per byte
+};
+
+// Q3_K, 16 rows x 256 weights. Weight 32 b + i of row r is fp16(d[r]) * sc[2b + i/16][r] * (u - 4)
+// with u = q2 | high << 2 (0..7): q2 in q2[b] as above, high in qh[b] as Q5_0x16.qh. The 6-bit
+// scales are widened to int8 (16 x 114 bytes; the file: 110).
+struct Q3_Kx16 {
+    uint16_t d[kRowGroup];
+    int8_t sc[16][kRowGroup];      // scale - 32 of 16-weight sub-block i
+    uint8_t q2[8][kRowGroup * 8];  // low 2 bits
+    uint8_t qh[8][64];             // bit 2, one 64-bit mask per operand
+};
+
+// IQ4_XS, 16 rows x 256 weights. Weight 32 j + i of row r is fp16(d[r]) * sc[j][r] *
+// kIq4Values[u], u in qs[j] as Q4_0x16.qs. The 6-bit scales are widened to int8 (16 x 138
+// bytes; the file: 136).
+struct IQ4_XSx16 {
+    uint16_t d[kRowGroup];
+    int8_t sc[8][kRowGroup];        // scale - 32 of 32-weight sub-block j
+    uint8_t qs[8][kRowGroup * 16];  // table indices
+};
+
+// Every packed block against the type table.
+static_assert(sizeof(Q4_0x16) == qtype_info(QType::Q4_0).packed_bytes, "Q4_0x16 size");
+static_assert(sizeof(Q4_1x16) == qtype_info(QType::Q4_1).packed_bytes, "Q4_1x16 size");
+static_assert(sizeof(Q5_0x16) == qtype_info(QType::Q5_0).packed_bytes, "Q5_0x16 size");
+static_assert(sizeof(Q5_1x16) == qtype_info(QType::Q5_1).packed_bytes, "Q5_1x16 size");
+static_assert(sizeof(Q8_0x16) == qtype_info(QType::Q8_0).packed_bytes, "Q8_0x16 size");
+static_assert(sizeof(IQ4_NLx16) == qtype_info(QType::IQ4_NL).packed_bytes, "IQ4_NLx16 size");
+static_assert(sizeof(Q2_Kx16) == qtype_info(QType::Q2_K).packed_bytes, "Q2_Kx16 size");
+static_assert(sizeof(Q3_Kx16) == qtype_info(QType::Q3_K).packed_bytes, "Q3_Kx16 size");
+static_assert(sizeof(Q4_Kx16) == qtype_info(QType::Q4_K).packed_bytes, "Q4_Kx16 size");
+static_assert(sizeof(Q5_Kx16) == qtype_info(QType::Q5_K).packed_bytes, "Q5_Kx16 size");
+static_assert(sizeof(Q6_Kx16) == qtype_info(QType::Q6_K).packed_bytes, "Q6_Kx16 size");
+static_assert(sizeof(IQ4_XSx16) == qtype_info(QType::IQ4_XS).packed_bytes, "IQ4_XSx16 size");
 
 static inline int64_t row_groups(int64_t n) { return (n + kRowGroup - 1) / kRowGroup; }
 

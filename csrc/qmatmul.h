@@ -8,19 +8,17 @@
 
 namespace lfm {
 
+// The function type behind PackedMatmulFn (kernels.h), to declare one entry per packed type.
+using PackedMatmul = void(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
+                          int64_t group_begin, int64_t group_end, float* y, int64_t ldy);
+
 #define LFM_EDGE_DECLARE_QMATMUL(ns)                                                      \
     namespace ns {                                                                        \
     void quantize_row(const float* x, int64_t k, int8_t* q, float* d, int32_t* sum);      \
-    void matmul_q4_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,     \
-                            int64_t group_begin, int64_t group_end, float* y, int64_t ldy); \
-    void matmul_q8_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,     \
-                            int64_t group_begin, int64_t group_end, float* y, int64_t ldy); \
-    void matmul_q4_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,     \
-                            int64_t group_begin, int64_t group_end, float* y, int64_t ldy); \
-    void matmul_q5_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,     \
-                            int64_t group_begin, int64_t group_end, float* y, int64_t ldy); \
-    void matmul_q6_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,     \
-                            int64_t group_begin, int64_t group_end, float* y, int64_t ldy); \
+    PackedMatmul matmul_q4_0_packed, matmul_q4_1_packed, matmul_q5_0_packed,              \
+        matmul_q5_1_packed, matmul_q8_0_packed, matmul_iq4_nl_packed;                     \
+    PackedMatmul matmul_q2_k_packed, matmul_q3_k_packed, matmul_q4_k_packed,              \
+        matmul_q5_k_packed, matmul_q6_k_packed, matmul_iq4_xs_packed;                     \
     void attention(const AttentionArgs& a, int64_t kv_head, int64_t t_begin, int64_t t_end); \
     }
 

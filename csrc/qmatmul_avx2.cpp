@@ -35,29 +35,91 @@ static inline void store_rows(const __m256 (&acc)[2], int rows, float* y) {
     std::memcpy(y, out, sizeof(float) * static_cast<size_t>(rows));
 }
 
-// The exact integer dot products of 8 rows (half `h` of the group) with 32 activations.
-static inline __m256i half_dot(const Q4_0x16& blk, int h, const int8_t* a, int32_t a_sum) {
+// The 8 operands (weights 4o..4o+3 of 8 rows) of half h of a Q4_0x16-style nibble array.
+static inline void unpack_nibbles(const uint8_t* qs, int h, __m256i w[8]) {
     const __m256i low = _mm256_set1_epi8(0x0f);
-    __m256i acc = _mm256_setzero_si256();
     for (int c = 0; c < 4; ++c) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs + 64 * c + 32 * h));
-        // nibbles are <= 15 and |a| <= 127: pair sums stay far below 2^15
-        acc = _mm256_add_epi32(acc, dot4(_mm256_and_si256(v, low), broadcast4(a + 4 * c)));
-        acc = _mm256_add_epi32(acc, dot4(_mm256_and_si256(_mm256_srli_epi16(v, 4), low),
-                                         broadcast4(a + 16 + 4 * c)));
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 64 * c + 32 * h));
+        w[c] = _mm256_and_si256(v, low);
+        w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
     }
-    return _mm256_sub_epi32(acc, _mm256_set1_epi32(8 * a_sum));
 }
 
-static inline __m256i half_dot(const Q8_0x16& blk, int h, const int8_t* a, int32_t /*a_sum*/) {
+// Adds `value` to the bytes of operand o whose bit is set in half h of its 64-bit mask qh[8o ..]:
+// byte i of the half takes bit i of 32 bits, so spread byte i / 8 over 8 bytes and test.
+static inline void add_mask_bits(const uint8_t* qh, int h, int8_t value, __m256i w[8]) {
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));
+    const __m256i v = _mm256_set1_epi8(value);
+    for (int o = 0; o < 8; ++o) {
+        int32_t bits;
+        std::memcpy(&bits, qh + 8 * o + 4 * h, sizeof bits);
+        const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits), spread);
+        const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+        w[o] = _mm256_add_epi8(w[o], _mm256_and_si256(set, v));
+    }
+}
+
+// The nibbles of half h of qs[256] looked up in IQ4's table: signed operands kIq4Values[u].
+static inline void unpack_iq4(const uint8_t* qs, int h, __m256i w[8]) {
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4Values)));
+    unpack_nibbles(qs, h, w);
+    for (int o = 0; o < 8; ++o) w[o] = _mm256_shuffle_epi8(table, w[o]);
+}
+
+// The 32-weight blocks: half h's 8 operands (8 rows x 4 weights), and the offset every weight
+// carries. Q8_0 and IQ4_NL give signed operands (kSignedOperands), the others unsigned.
+static inline int32_t unpack(const Q4_0x16& blk, int h, __m256i w[8]) {
+    unpack_nibbles(blk.qs, h, w);
+    return 8;
+}
+static inline int32_t unpack(const Q4_1x16& blk, int h, __m256i w[8]) {
+    unpack_nibbles(blk.qs, h, w);
+    return 0;
+}
+static inline int32_t unpack(const Q5_0x16& blk, int h, __m256i w[8]) {
+    unpack_nibbles(blk.qs, h, w);
+    add_mask_bits(blk.qh, h, 16, w);
+    return 16;
+}
+static inline int32_t unpack(const Q5_1x16& blk, int h, __m256i w[8]) {
+    unpack_nibbles(blk.qs, h, w);
+    add_mask_bits(blk.qh, h, 16, w);
+    return 0;
+}
+static inline int32_t unpack(const Q8_0x16& blk, int h, __m256i w[8]) {
     const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
-    __m256i acc = _mm256_setzero_si256();
     for (int i = 0; i < 8; ++i) {
         const __m256i stored = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs + 64 * i + 32 * h));
-        const __m256i w = _mm256_xor_si256(stored, offset);  // back to int8
-        // |w| <= 128 and |a| <= 127: pair sums <= 32512, no saturation; the sign moves
-        // onto the activation so the unsigned operand is |w|
-        acc = _mm256_add_epi32(acc, dot4(_mm256_sign_epi8(w, w), _mm256_sign_epi8(broadcast4(a + 4 * i), w)));
+        w[i] = _mm256_xor_si256(stored, offset);  // back to int8
+    }
+    return 0;
+}
+static inline int32_t unpack(const IQ4_NLx16& blk, int h, __m256i w[8]) {
+    unpack_iq4(blk.qs, h, w);
+    return 0;
+}
+template <class Block>
+constexpr bool kSignedOperands = false;
+template <>
+constexpr bool kSignedOperands<Q8_0x16> = true;
+template <>
+constexpr bool kSignedOperands<IQ4_NLx16> = true;
+
+// The exact integer dot products of 8 operands with 32 activations. Unsigned operands are at most
+// 31; signed ones at most 128 in magnitude, their sign moved onto the activation so that the
+// unsigned side is |w|: either way, with |a| <= 127, vpmaddubsw's pair sums stay below 2^15.
+template <bool kSigned>
+static inline __m256i dot32(const __m256i w[8], const int8_t* a) {
+    __m256i acc = _mm256_setzero_si256();
+    for (int o = 0; o < 8; ++o) {
+        const __m256i a4 = broadcast4(a + 4 * o);
+        if constexpr (kSigned) {
+            acc = _mm256_add_epi32(acc, dot4(_mm256_sign_epi8(w[o], w[o]), _mm256_sign_epi8(a4, w[o])));
+        } else {
+            acc = _mm256_add_epi32(acc, dot4(w[o], a4));
+        }
     }
     return acc;
 }
@@ -72,11 +134,19 @@ void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int
         prefetch_weights(&blk, sizeof(Block));
         for (int h = 0; h < 2; ++h) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.d + 8 * h)));
+            __m256i w[8];
+            const int32_t offset = unpack(blk, h, w);
             for (int t = 0; t < TT; ++t) {
                 const int64_t token = t0 + t;
-                const __m256i dot = half_dot(blk, h, x.q + token * x.k + b * kQuantBlock, x.sum[token * nb + b]);
-                const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x.d[token * nb + b]));
-                acc[t][h] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc[t][h]);
+                const int32_t a_sum = x.sum[token * nb + b];
+                const __m256i dot = _mm256_sub_epi32(dot32<kSignedOperands<Block>>(w, x.q + token * x.k + b * kQuantBlock),
+                                                     _mm256_set1_epi32(offset * a_sum));
+                const __m256 dx = _mm256_set1_ps(x.d[token * nb + b]);
+                acc[t][h] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(dot), acc[t][h]);
+                if constexpr (kHasMin<Block>) {
+                    const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.m + 8 * h)));
+                    acc[t][h] = _mm256_fmadd_ps(_mm256_mul_ps(mw, dx), _mm256_set1_ps(static_cast<float>(a_sum)), acc[t][h]);
+                }
             }
         }
     }
@@ -85,34 +155,13 @@ void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int
 
 // ---- K-quants (packed.h), each 16-row group as two halves of 8 rows like the blocks above
 
-// The 8 operands (weights 4o..4o+3 of 8 rows) of half h of a Q4_0x16-style nibble array.
-static inline void unpack_nibbles(const uint8_t* qs, int h, __m256i w[8]) {
-    const __m256i low = _mm256_set1_epi8(0x0f);
-    for (int c = 0; c < 4; ++c) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 64 * c + 32 * h));
-        w[c] = _mm256_and_si256(v, low);
-        w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-    }
-}
-
 static inline const Q4_Kx16& low_part(const Q4_Kx16& blk) { return blk; }
 static inline const Q4_Kx16& low_part(const Q5_Kx16& blk) { return blk.low; }
 
 static inline void unpack_k(const Q4_Kx16& blk, int j, int h, __m256i w[8]) { unpack_nibbles(blk.qs[j], h, w); }
 static inline void unpack_k(const Q5_Kx16& blk, int j, int h, __m256i w[8]) {
     unpack_nibbles(blk.low.qs[j], h, w);
-    // byte i of the half takes bit i of the 32-bit mask: spread byte i / 8 over 8 bytes, test
-    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-    const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));
-    const __m256i sixteen = _mm256_set1_epi8(16);
-    for (int o = 0; o < 8; ++o) {
-        int32_t bits;
-        std::memcpy(&bits, blk.qh[j] + 8 * o + 4 * h, sizeof bits);
-        const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits), spread);
-        const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
-        w[o] = _mm256_add_epi8(w[o], _mm256_and_si256(set, sixteen));
-    }
+    add_mask_bits(blk.qh[j], h, 16, w);
 }
 
 static inline __m256 u8x8_to_ps(const uint8_t* p) {
@@ -156,48 +205,149 @@ void k_affine_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int6
     for (int t = 0; t < TT; ++t) store_rows(acc[t], rows, y + (t0 + t) * ldy + row0);
 }
 
-// Q6_K: acc += (d dx) (sc0 (dot0 - 32 sum0) + sc1 (dot1 - 32 sum1)), as the scalar twin.
-template <int TT>
-void q6_k_tile(const QuantizedRows& x, int64_t t0, const Q6_Kx16* blocks, int64_t nsb, int rows,
-               float* y, int64_t ldy, int64_t row0) {
+// The 2-bit fields of half h of a Q6_Kx16.qh-style q2[128] (operand 4v + s at bits 2s, 2s+1 of
+// the bytes at 64 v), each moved to bits kShift, kShift + 1 of operand w[4v + s], the rest 0.
+template <int kShift>
+static inline void unpack_pairs(const uint8_t* q2, int h, __m256i w[8]) {
+    const __m256i two_bits = _mm256_set1_epi8(static_cast<char>(3 << kShift));
+    for (int v = 0; v < 2; ++v) {
+        const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q2 + 64 * v + 32 * h));
+        for (int s4 = 0; s4 < 4; ++s4) {
+            const int move = kShift - 2 * s4;  // 16-bit shifts: the mask drops the neighbours' bits
+            const __m256i moved = move >= 0 ? _mm256_slli_epi16(hb, move) : _mm256_srli_epi16(hb, -move);
+            w[4 * v + s4] = _mm256_and_si256(moved, two_bits);
+        }
+    }
+}
+
+// Block j's operands for half h, unsigned, and the offset of every quant (weight = sc (u - off)).
+static inline int32_t unpack_scaled16(const Q6_Kx16& blk, int j, int h, __m256i w[8]) {
+    __m256i high[8];
+    unpack_nibbles(blk.ql[j], h, w);
+    unpack_pairs<4>(blk.qh[j], h, high);
+    for (int o = 0; o < 8; ++o) w[o] = _mm256_or_si256(w[o], high[o]);
+    return 32;
+}
+static inline int32_t unpack_scaled16(const Q3_Kx16& blk, int j, int h, __m256i w[8]) {
+    unpack_pairs<0>(blk.q2[j], h, w);
+    add_mask_bits(blk.qh[j], h, 4, w);
+    return 4;
+}
+
+// The two 16-weight halves' dot products of 8 unsigned operands (u <= 63, |a| <= 127: pair sums
+// <= 16002, no saturation), each starting from `init`.
+static inline void dot16x2(const __m256i w[8], const int8_t* a, __m256i init0, __m256i init1,
+                           __m256i* dot0, __m256i* dot1) {
+    for (int i = 0; i < 4; ++i) {
+        init0 = _mm256_add_epi32(init0, dot4(w[i], broadcast4(a + 4 * i)));
+        init1 = _mm256_add_epi32(init1, dot4(w[i + 4], broadcast4(a + 16 + 4 * i)));
+    }
+    *dot0 = init0;
+    *dot1 = init1;
+}
+
+static inline __m256i i8x8_to_epi32(const int8_t* p) {
+    return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Q6_K / Q3_K: acc += (d dx) (sc0 (dot0 - off sum0) + sc1 (dot1 - off sum1)), as the scalar twin.
+template <class Block, int TT>
+void scaled16_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb, int rows,
+                   float* y, int64_t ldy, int64_t row0) {
     const int64_t nb = x.k / kQuantBlock;
-    const __m256i two_bits = _mm256_set1_epi8(0x30);
     __m256 acc[TT][2];
     for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < nsb; ++sb) {
-        const Q6_Kx16& blk = blocks[sb];
+        const Block& blk = blocks[sb];
         for (int j = 0; j < 8; ++j) {
             prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
             const int64_t b = 8 * sb + j;
             for (int h = 0; h < 2; ++h) {
                 __m256i w[8];
-                unpack_nibbles(blk.ql[j], h, w);
-                for (int v = 0; v < 2; ++v) {
-                    const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qh[j] + 64 * v + 32 * h));
-                    const __m256i hs[4] = {_mm256_slli_epi16(hb, 4), _mm256_slli_epi16(hb, 2), hb,
-                                           _mm256_srli_epi16(hb, 2)};
-                    for (int s4 = 0; s4 < 4; ++s4) {
-                        w[4 * v + s4] = _mm256_or_si256(w[4 * v + s4], _mm256_and_si256(hs[s4], two_bits));
-                    }
-                }
+                const int32_t offset = unpack_scaled16(blk, j, h, w);
                 const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.d + 8 * h)));
-                const __m256i sc0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk.sc[2 * j] + 8 * h)));
-                const __m256i sc1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk.sc[2 * j + 1] + 8 * h)));
+                const __m256i sc0 = i8x8_to_epi32(blk.sc[2 * j] + 8 * h);
+                const __m256i sc1 = i8x8_to_epi32(blk.sc[2 * j + 1] + 8 * h);
                 for (int t = 0; t < TT; ++t) {
                     const int64_t token = t0 + t;
-                    const int8_t* a = x.q + token * x.k + b * kQuantBlock;
                     const int32_t* s16 = x.sum16 + token * 2 * nb + 2 * b;
-                    __m256i dot0 = _mm256_set1_epi32(-32 * s16[0]);
-                    __m256i dot1 = _mm256_set1_epi32(-32 * s16[1]);
-                    // u <= 63, |a| <= 127: pair sums <= 16002, no saturation
-                    for (int i = 0; i < 4; ++i) {
-                        dot0 = _mm256_add_epi32(dot0, dot4(w[i], broadcast4(a + 4 * i)));
-                        dot1 = _mm256_add_epi32(dot1, dot4(w[i + 4], broadcast4(a + 16 + 4 * i)));
-                    }
+                    __m256i dot0, dot1;
+                    dot16x2(w, x.q + token * x.k + b * kQuantBlock, _mm256_set1_epi32(-offset * s16[0]),
+                            _mm256_set1_epi32(-offset * s16[1]), &dot0, &dot1);
                     const __m256i combined = _mm256_add_epi32(_mm256_mullo_epi32(sc0, dot0),
                                                               _mm256_mullo_epi32(sc1, dot1));
                     const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(x.d[token * nb + b]));
                     acc[t][h] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(combined), acc[t][h]);
+                }
+            }
+        }
+    }
+    for (int t = 0; t < TT; ++t) store_rows(acc[t], rows, y + (t0 + t) * ldy + row0);
+}
+
+// Q2_K: acc += (d dx) (sc0 dot0 + sc1 dot1) - (dmin dx) (m0 sum0 + m1 sum1), as the scalar twin.
+template <int TT>
+void q2_k_tile(const QuantizedRows& x, int64_t t0, const Q2_Kx16* blocks, int64_t nsb, int rows,
+               float* y, int64_t ldy, int64_t row0) {
+    const int64_t nb = x.k / kQuantBlock;
+    const __m256i nibble = _mm256_set1_epi32(0x0f);
+    __m256 acc[TT][2];
+    for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; ++sb) {
+        const Q2_Kx16& blk = blocks[sb];
+        for (int j = 0; j < 8; ++j) {
+            prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+            const int64_t b = 8 * sb + j;
+            for (int h = 0; h < 2; ++h) {
+                __m256i w[8];
+                unpack_pairs<0>(blk.q2[j], h, w);
+                const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.d + 8 * h)));
+                const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.dmin + 8 * h)));
+                const __m256i sm0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk.sm[2 * j] + 8 * h)));
+                const __m256i sm1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk.sm[2 * j + 1] + 8 * h)));
+                const __m256i sc0 = _mm256_and_si256(sm0, nibble), sc1 = _mm256_and_si256(sm1, nibble);
+                const __m256i m0 = _mm256_srli_epi32(sm0, 4), m1 = _mm256_srli_epi32(sm1, 4);
+                for (int t = 0; t < TT; ++t) {
+                    const int64_t token = t0 + t;
+                    const int32_t* s16 = x.sum16 + token * 2 * nb + 2 * b;
+                    __m256i dot0, dot1;
+                    dot16x2(w, x.q + token * x.k + b * kQuantBlock, _mm256_setzero_si256(), _mm256_setzero_si256(),
+                            &dot0, &dot1);
+                    const __m256i scaled = _mm256_add_epi32(_mm256_mullo_epi32(sc0, dot0), _mm256_mullo_epi32(sc1, dot1));
+                    const __m256i mins = _mm256_add_epi32(_mm256_mullo_epi32(m0, _mm256_set1_epi32(s16[0])),
+                                                          _mm256_mullo_epi32(m1, _mm256_set1_epi32(s16[1])));
+                    const __m256 dx = _mm256_set1_ps(x.d[token * nb + b]);
+                    acc[t][h] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(scaled), acc[t][h]);
+                    acc[t][h] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(mins), acc[t][h]);
+                }
+            }
+        }
+    }
+    for (int t = 0; t < TT; ++t) store_rows(acc[t], rows, y + (t0 + t) * ldy + row0);
+}
+
+// IQ4_XS: acc += (d dx) (sc dot(kIq4Values[u], a)) per sub-block of 32, as the scalar twin.
+template <int TT>
+void iq4_xs_tile(const QuantizedRows& x, int64_t t0, const IQ4_XSx16* blocks, int64_t nsb, int rows,
+                 float* y, int64_t ldy, int64_t row0) {
+    const int64_t nb = x.k / kQuantBlock;
+    __m256 acc[TT][2];
+    for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; ++sb) {
+        const IQ4_XSx16& blk = blocks[sb];
+        for (int j = 0; j < 8; ++j) {
+            prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+            const int64_t b = 8 * sb + j;
+            for (int h = 0; h < 2; ++h) {
+                __m256i w[8];
+                unpack_iq4(blk.qs[j], h, w);
+                const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.d + 8 * h)));
+                const __m256i sc = i8x8_to_epi32(blk.sc[j] + 8 * h);
+                for (int t = 0; t < TT; ++t) {
+                    const int64_t token = t0 + t;
+                    const __m256i dot = dot32<true>(w, x.q + token * x.k + b * kQuantBlock);
+                    const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(x.d[token * nb + b]));
+                    acc[t][h] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(_mm256_mullo_epi32(sc, dot)), acc[t][h]);
                 }
             }
         }

@@ -45,6 +45,48 @@ static inline int32_t unpack(const Q8_0x16& blk, __m512i w[8]) {
     return 128;
 }
 
+// Adds `value` to the bytes of operand o whose bit is set in its 64-bit mask qh[8o .. 8o+7].
+static inline void add_mask_bits(const uint8_t* qh, int8_t value, __m512i w[8]) {
+    const __m512i v = _mm512_set1_epi8(value);
+    for (int o = 0; o < 8; ++o) {
+        uint64_t bits;
+        std::memcpy(&bits, qh + 8 * o, sizeof bits);
+        w[o] = _mm512_mask_add_epi8(w[o], _cvtu64_mask64(bits), w[o], v);
+    }
+}
+
+// IQ4's 16 levels plus 128, as unsigned bytes for vpdpbusd, in every 128-bit lane for vpshufb.
+static inline __m512i iq4_table() {
+    const __m128i levels = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4Values));
+    return _mm512_broadcast_i32x4(_mm_xor_si128(levels, _mm_set1_epi8(static_cast<char>(0x80))));
+}
+
+// The nibbles of qs[256] looked up in IQ4's table: operands of kIq4Values[u] + 128.
+static inline void unpack_iq4(const uint8_t* qs, __m512i w[8]) {
+    const __m512i table = iq4_table();
+    unpack_nibbles(qs, w);
+    for (int o = 0; o < 8; ++o) w[o] = _mm512_shuffle_epi8(table, w[o]);
+}
+
+static inline int32_t unpack(const Q4_1x16& blk, __m512i w[8]) {
+    unpack_nibbles(blk.qs, w);
+    return 0;
+}
+static inline int32_t unpack(const Q5_0x16& blk, __m512i w[8]) {
+    unpack_nibbles(blk.qs, w);
+    add_mask_bits(blk.qh, 16, w);
+    return 16;
+}
+static inline int32_t unpack(const Q5_1x16& blk, __m512i w[8]) {
+    unpack_nibbles(blk.qs, w);
+    add_mask_bits(blk.qh, 16, w);
+    return 0;
+}
+static inline int32_t unpack(const IQ4_NLx16& blk, __m512i w[8]) {
+    unpack_iq4(blk.qs, w);
+    return 128;
+}
+
 // Tokens [t0, t0 + TT) against one row group (nb blocks), into y columns row0 .. row0 + rows - 1.
 template <class Block, int TT>
 void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nb,
@@ -77,6 +119,11 @@ void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int
                                                  _mm512_set1_epi32(offset * sx[t][b]));
             const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(dx[t][b]));
             acc[t] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[t]);
+            if constexpr (kHasMin<Block>) {
+                const __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.m)));
+                const __m512 min = _mm512_mul_ps(mw, _mm512_set1_ps(dx[t][b]));
+                acc[t] = _mm512_fmadd_ps(min, _mm512_set1_ps(static_cast<float>(sx[t][b])), acc[t]);
+            }
         }
     }
     for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + row0, row_mask(rows), acc[t]);
@@ -91,12 +138,7 @@ static inline const Q4_Kx16& low_part(const Q5_Kx16& blk) { return blk.low; }
 static inline void unpack_k(const Q4_Kx16& blk, int j, __m512i w[8]) { unpack_nibbles(blk.qs[j], w); }
 static inline void unpack_k(const Q5_Kx16& blk, int j, __m512i w[8]) {
     unpack_nibbles(blk.low.qs[j], w);
-    const __m512i sixteen = _mm512_set1_epi8(16);
-    for (int o = 0; o < 8; ++o) {
-        uint64_t bits;
-        std::memcpy(&bits, blk.qh[j] + 8 * o, sizeof bits);
-        w[o] = _mm512_mask_add_epi8(w[o], _cvtu64_mask64(bits), w[o], sixteen);
-    }
+    add_mask_bits(blk.qh[j], 16, w);
 }
 
 static inline __m512 u8x16_to_ps(const uint8_t* p) {
@@ -142,31 +184,50 @@ void k_affine_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int6
     for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + row0, row_mask(rows), acc[t]);
 }
 
-// Q6_K, tokens [t0, t0 + TT): acc += (d dx) (sc0 (dot0 - 32 sum0) + sc1 (dot1 - 32 sum1)).
-template <int TT>
-void q6_k_tile(const QuantizedRows& x, int64_t t0, const Q6_Kx16* blocks, int64_t nsb,
-               int rows, float* y, int64_t ldy, int64_t row0) {
+// The 2-bit fields of a Q6_Kx16.qh-style q2[128] (operand 4v + s at bits 2s, 2s+1 of the
+// bytes at 64 v), each moved to bits `shift`, shift + 1 of operand w[4v + s]'s bytes, the rest 0.
+template <int kShift>
+static inline void unpack_pairs(const uint8_t* q2, __m512i w[8]) {
+    const __m512i two_bits = _mm512_set1_epi8(static_cast<char>(3 << kShift));
+    for (int v = 0; v < 2; ++v) {
+        const __m512i h = _mm512_loadu_si512(q2 + 64 * v);
+        for (int s4 = 0; s4 < 4; ++s4) {
+            const int move = kShift - 2 * s4;  // 16-bit shifts: the mask drops the neighbours' bits
+            const __m512i moved = move >= 0 ? _mm512_slli_epi16(h, static_cast<unsigned>(move))
+                                            : _mm512_srli_epi16(h, static_cast<unsigned>(-move));
+            w[4 * v + s4] = _mm512_and_si512(moved, two_bits);
+        }
+    }
+}
+
+// Block j's operands, unsigned, and the offset of every quant (weight = sc * (u - offset)).
+static inline int32_t unpack_scaled16(const Q6_Kx16& blk, int j, __m512i w[8]) {
+    __m512i high[8];
+    unpack_nibbles(blk.ql[j], w);
+    unpack_pairs<4>(blk.qh[j], high);
+    for (int o = 0; o < 8; ++o) w[o] = _mm512_or_si512(w[o], high[o]);
+    return 32;
+}
+static inline int32_t unpack_scaled16(const Q3_Kx16& blk, int j, __m512i w[8]) {
+    unpack_pairs<0>(blk.q2[j], w);
+    add_mask_bits(blk.qh[j], 4, w);
+    return 4;
+}
+
+// Q6_K / Q3_K, tokens [t0, t0 + TT): acc += (d dx) (sc0 (dot0 - off sum0) + sc1 (dot1 - off sum1)).
+template <class Block, int TT>
+void scaled16_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb,
+                   int rows, float* y, int64_t ldy, int64_t row0) {
     const int64_t nb = x.k / kQuantBlock;
-    const __m512i two_bits = _mm512_set1_epi8(0x30);
     __m512 acc[TT];
     for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();
     for (int64_t sb = 0; sb < nsb; ++sb) {
-        const Q6_Kx16& blk = blocks[sb];
+        const Block& blk = blocks[sb];
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
         for (int j = 0; j < 8; ++j) {
             prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
             __m512i w[8];
-            unpack_nibbles(blk.ql[j], w);
-            for (int v = 0; v < 2; ++v) {
-                const __m512i h = _mm512_loadu_si512(blk.qh[j] + 64 * v);
-                // bits 2s, 2s+1 of each byte to bits 4, 5, for operand 4v + s
-                const __m512i hs[4] = {_mm512_slli_epi16(h, 4), _mm512_slli_epi16(h, 2), h,
-                                       _mm512_srli_epi16(h, 2)};
-                for (int s4 = 0; s4 < 4; ++s4) {
-                    // w | (hs & 0x30): ternary logic A | (B & C) = 0xF8
-                    w[4 * v + s4] = _mm512_ternarylogic_epi32(w[4 * v + s4], hs[s4], two_bits, 0xF8);
-                }
-            }
+            const int32_t offset = unpack_scaled16(blk, j, w);
             const __m512i sc0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sc[2 * j])));
             const __m512i sc1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sc[2 * j + 1])));
             const int64_t b = 8 * sb + j;
@@ -174,14 +235,91 @@ void q6_k_tile(const QuantizedRows& x, int64_t t0, const Q6_Kx16* blocks, int64_
                 const int64_t token = t0 + t;
                 const int8_t* a = x.q + token * x.k + b * kQuantBlock;
                 const int32_t* s16 = x.sum16 + token * 2 * nb + 2 * b;
-                __m512i dot0 = _mm512_set1_epi32(-32 * s16[0]);
-                __m512i dot1 = _mm512_set1_epi32(-32 * s16[1]);
+                __m512i dot0 = _mm512_set1_epi32(-offset * s16[0]);
+                __m512i dot1 = _mm512_set1_epi32(-offset * s16[1]);
                 for (int i = 0; i < 4; ++i) {
                     dot0 = _mm512_dpbusd_epi32(dot0, w[i], broadcast4(a + 4 * i));
                     dot1 = _mm512_dpbusd_epi32(dot1, w[i + 4], broadcast4(a + 16 + 4 * i));
                 }
                 const __m512i combined = _mm512_add_epi32(_mm512_mullo_epi32(sc0, dot0),
                                                           _mm512_mullo_epi32(sc1, dot1));
+                const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(x.d[token * nb + b]));
+                acc[t] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(combined), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + row0, row_mask(rows), acc[t]);
+}
+
+// Q2_K, tokens [t0, t0 + TT): acc += (d dx) (sc0 dot0 + sc1 dot1) - (dmin dx) (m0 sum0 + m1 sum1).
+template <int TT>
+void q2_k_tile(const QuantizedRows& x, int64_t t0, const Q2_Kx16* blocks, int64_t nsb,
+               int rows, float* y, int64_t ldy, int64_t row0) {
+    const int64_t nb = x.k / kQuantBlock;
+    const __m512i nibble = _mm512_set1_epi32(0x0f);
+    __m512 acc[TT];
+    for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; ++sb) {
+        const Q2_Kx16& blk = blocks[sb];
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.dmin)));
+        for (int j = 0; j < 8; ++j) {
+            prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+            __m512i w[8];
+            unpack_pairs<0>(blk.q2[j], w);
+            const __m512i sm0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sm[2 * j])));
+            const __m512i sm1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sm[2 * j + 1])));
+            const __m512i sc0 = _mm512_and_si512(sm0, nibble), sc1 = _mm512_and_si512(sm1, nibble);
+            const __m512i m0 = _mm512_srli_epi32(sm0, 4), m1 = _mm512_srli_epi32(sm1, 4);
+            const int64_t b = 8 * sb + j;
+            for (int t = 0; t < TT; ++t) {
+                const int64_t token = t0 + t;
+                const int8_t* a = x.q + token * x.k + b * kQuantBlock;
+                const int32_t* s16 = x.sum16 + token * 2 * nb + 2 * b;
+                __m512i dot0 = _mm512_setzero_si512();
+                __m512i dot1 = _mm512_setzero_si512();
+                for (int i = 0; i < 4; ++i) {
+                    dot0 = _mm512_dpbusd_epi32(dot0, w[i], broadcast4(a + 4 * i));
+                    dot1 = _mm512_dpbusd_epi32(dot1, w[i + 4], broadcast4(a + 16 + 4 * i));
+                }
+                const __m512i scaled = _mm512_add_epi32(_mm512_mullo_epi32(sc0, dot0), _mm512_mullo_epi32(sc1, dot1));
+                const __m512i mins = _mm512_add_epi32(_mm512_mullo_epi32(m0, _mm512_set1_epi32(s16[0])),
+                                                      _mm512_mullo_epi32(m1, _mm512_set1_epi32(s16[1])));
+                const __m512 dx = _mm512_set1_ps(x.d[token * nb + b]);
+                acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(d, dx), _mm512_cvtepi32_ps(scaled), acc[t]);
+                acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, dx), _mm512_cvtepi32_ps(mins), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + row0, row_mask(rows), acc[t]);
+}
+
+// IQ4_XS, tokens [t0, t0 + TT): acc += (d dx) (sc (dot(kIq4Values[u] + 128, a) - 128 sum(a))).
+template <int TT>
+void iq4_xs_tile(const QuantizedRows& x, int64_t t0, const IQ4_XSx16* blocks, int64_t nsb,
+                 int rows, float* y, int64_t ldy, int64_t row0) {
+    const int64_t nb = x.k / kQuantBlock;
+    __m512 acc[TT];
+    for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; ++sb) {
+        const IQ4_XSx16& blk = blocks[sb];
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
+        for (int j = 0; j < 8; ++j) {
+            prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+            __m512i w[8];
+            unpack_iq4(blk.qs[j], w);
+            const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sc[j])));
+            const int64_t b = 8 * sb + j;
+            for (int t = 0; t < TT; ++t) {
+                const int64_t token = t0 + t;
+                const int8_t* a = x.q + token * x.k + b * kQuantBlock;
+                __m512i even = _mm512_set1_epi32(-128 * x.sum[token * nb + b]);
+                __m512i odd = _mm512_setzero_si512();
+                for (int i = 0; i < 8; i += 2) {
+                    even = _mm512_dpbusd_epi32(even, w[i], broadcast4(a + 4 * i));
+                    odd = _mm512_dpbusd_epi32(odd, w[i + 1], broadcast4(a + 4 * i + 4));
+                }
+                const __m512i combined = _mm512_mullo_epi32(sc, _mm512_add_epi32(even, odd));
                 const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(x.d[token * nb + b]));
                 acc[t] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(combined), acc[t]);
             }

@@ -5,9 +5,11 @@
 //
 //   namespace this_isa = ...;   its namespace in qmatmul.h; it defines this_isa::quantize_row
 //   kTokenTile                  tokens (1 to 4) that share each loaded weight block
-//   row_group_tile<Block, TT>   for Q4_0x16 and Q8_0x16
+//   row_group_tile<Block, TT>   for the 32-weight blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL)
 //   k_affine_tile<Block, TT>    for Q4_Kx16 and Q5_Kx16
-//   q6_k_tile<TT>               for Q6_Kx16
+//   scaled16_tile<Block, TT>    for Q6_Kx16 and Q3_Kx16 (a signed scale per 16 weights)
+//   q2_k_tile<TT>               for Q2_Kx16
+//   iq4_xs_tile<TT>             for IQ4_XSx16
 //     each (x, t0, blocks, n_blocks, rows, y, ldy, row0): y[t0 + t, row0 + r] for t < TT and
 //     r < rows, from the n_blocks packed blocks of one row group and the quantized tokens.
 //
@@ -34,9 +36,10 @@ constexpr bool kSame = false;
 template <class A>
 constexpr bool kSame<A, A> = true;
 
-// Q4_0 / Q8_0 pack blocks of 32 weights; the K-quants, super-blocks of 256.
+// Packed blocks of 32 weights; the others hold super-blocks of 256.
 template <class Block>
-constexpr bool kBlock32 = kSame<Block, Q4_0x16> || kSame<Block, Q8_0x16>;
+constexpr bool kBlock32 = kSame<Block, Q4_0x16> || kSame<Block, Q4_1x16> || kSame<Block, Q5_0x16> ||
+                          kSame<Block, Q5_1x16> || kSame<Block, Q8_0x16> || kSame<Block, IQ4_NLx16>;
 
 // The unit's tile kernel for each packed type.
 template <int TT, class Block>
@@ -46,9 +49,13 @@ void tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t n_blo
         row_group_tile<Block, TT>(x, t0, blocks, n_blocks, rows, y, ldy, row0);
     } else if constexpr (kSame<Block, Q4_Kx16> || kSame<Block, Q5_Kx16>) {
         k_affine_tile<Block, TT>(x, t0, blocks, n_blocks, rows, y, ldy, row0);
+    } else if constexpr (kSame<Block, Q6_Kx16> || kSame<Block, Q3_Kx16>) {
+        scaled16_tile<Block, TT>(x, t0, blocks, n_blocks, rows, y, ldy, row0);
+    } else if constexpr (kSame<Block, Q2_Kx16>) {
+        q2_k_tile<TT>(x, t0, blocks, n_blocks, rows, y, ldy, row0);
     } else {
-        static_assert(kSame<Block, Q6_Kx16>, "a packed type without a tile kernel");
-        q6_k_tile<TT>(x, t0, blocks, n_blocks, rows, y, ldy, row0);
+        static_assert(kSame<Block, IQ4_XSx16>, "a packed type without a tile kernel");
+        iq4_xs_tile<TT>(x, t0, blocks, n_blocks, rows, y, ldy, row0);
     }
 }
 
@@ -82,30 +89,27 @@ void matmul_row_groups(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
 
 }  // namespace
 
-void this_isa::matmul_q4_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
-                                  int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
-    matmul_row_groups<Q4_0x16>(x, w, n_rows, group_begin, group_end, y, ldy);
-}
+#define LFM_EDGE_QMATMUL_ENTRY(name, Block)                                                    \
+    void this_isa::matmul_##name##_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, \
+                                          int64_t group_begin, int64_t group_end, float* y,      \
+                                          int64_t ldy) {                                         \
+        matmul_row_groups<Block>(x, w, n_rows, group_begin, group_end, y, ldy);                  \
+    }
 
-void this_isa::matmul_q8_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
-                                  int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
-    matmul_row_groups<Q8_0x16>(x, w, n_rows, group_begin, group_end, y, ldy);
-}
+LFM_EDGE_QMATMUL_ENTRY(q4_0, Q4_0x16)
+LFM_EDGE_QMATMUL_ENTRY(q4_1, Q4_1x16)
+LFM_EDGE_QMATMUL_ENTRY(q5_0, Q5_0x16)
+LFM_EDGE_QMATMUL_ENTRY(q5_1, Q5_1x16)
+LFM_EDGE_QMATMUL_ENTRY(q8_0, Q8_0x16)
+LFM_EDGE_QMATMUL_ENTRY(iq4_nl, IQ4_NLx16)
+LFM_EDGE_QMATMUL_ENTRY(q2_k, Q2_Kx16)
+LFM_EDGE_QMATMUL_ENTRY(q3_k, Q3_Kx16)
+LFM_EDGE_QMATMUL_ENTRY(q4_k, Q4_Kx16)
+LFM_EDGE_QMATMUL_ENTRY(q5_k, Q5_Kx16)
+LFM_EDGE_QMATMUL_ENTRY(q6_k, Q6_Kx16)
+LFM_EDGE_QMATMUL_ENTRY(iq4_xs, IQ4_XSx16)
 
-void this_isa::matmul_q4_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
-                                  int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
-    matmul_row_groups<Q4_Kx16>(x, w, n_rows, group_begin, group_end, y, ldy);
-}
-
-void this_isa::matmul_q5_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
-                                  int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
-    matmul_row_groups<Q5_Kx16>(x, w, n_rows, group_begin, group_end, y, ldy);
-}
-
-void this_isa::matmul_q6_k_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
-                                  int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
-    matmul_row_groups<Q6_Kx16>(x, w, n_rows, group_begin, group_end, y, ldy);
-}
+#undef LFM_EDGE_QMATMUL_ENTRY
 
 void this_isa::attention(const AttentionArgs& a, int64_t kv_head, int64_t t_begin, int64_t t_end) {
     attention_rows(a, kv_head, t_begin, t_end);

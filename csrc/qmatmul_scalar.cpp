@@ -65,7 +65,53 @@ int32_t block_dot(const Q8_0x16& blk, int r, const int8_t* a, int32_t a_sum) {
     return dot - 128 * a_sum;
 }
 
-// Q4_0 / Q8_0: acc += (d dx) dot per block of 32.
+// The nibble of operand o (weights 4o .. 4o+3), lane (r, t), from a Q4_0x16-style qs[256].
+inline int nibble(const uint8_t* qs, int o, int r, int t) {
+    const uint8_t byte = qs[64 * (o % 4) + 4 * r + t];
+    return o < 4 ? byte & 0x0f : byte >> 4;
+}
+
+// Lane (r, t) of operand o's 64-bit mask in qh[64] (Q5_0x16.qh and alike).
+inline int mask_bit(const uint8_t* qh, int o, int r, int t) {
+    const int bit = 4 * r + t;
+    return (qh[8 * o + bit / 8] >> (bit % 8)) & 1;
+}
+
+// The 2-bit field of operand o, lane (r, t), from a Q6_Kx16.qh-style q2[128].
+inline int pair(const uint8_t* q2, int o, int r, int t) {
+    return (q2[64 * (o / 4) + 4 * r + t] >> (2 * (o % 4))) & 3;
+}
+
+// sum over the block of weight(o, t) * a[4o + t], weight an int function of (o, t).
+template <class Weight>
+int32_t dot32(const int8_t* a, const Weight& weight) {
+    int32_t dot = 0;
+    for (int o = 0; o < 8; ++o) {
+        for (int t = 0; t < 4; ++t) dot += weight(o, t) * a[4 * o + t];
+    }
+    return dot;
+}
+
+int32_t block_dot(const Q4_1x16& blk, int r, const int8_t* a, int32_t /*a_sum*/) {
+    return dot32(a, [&](int o, int t) { return nibble(blk.qs, o, r, t); });
+}
+
+int32_t block_dot(const Q5_0x16& blk, int r, const int8_t* a, int32_t a_sum) {
+    return dot32(a, [&](int o, int t) { return nibble(blk.qs, o, r, t) | mask_bit(blk.qh, o, r, t) << 4; }) -
+           16 * a_sum;
+}
+
+int32_t block_dot(const Q5_1x16& blk, int r, const int8_t* a, int32_t /*a_sum*/) {
+    return dot32(a, [&](int o, int t) { return nibble(blk.qs, o, r, t) | mask_bit(blk.qh, o, r, t) << 4; });
+}
+
+int32_t block_dot(const IQ4_NLx16& blk, int r, const int8_t* a, int32_t /*a_sum*/) {
+    return dot32(a, [&](int o, int t) { return static_cast<int>(kIq4Values[nibble(blk.qs, o, r, t)]); });
+}
+
+// The 32-weight types: acc += (d dx) dot per block of 32, then acc += (m dx) sum(a) for the
+// types with a minimum (exact integers, as llama.cpp's q4_1 x q8_1 dot but with the activation
+// sum an integer).
 template <class Block, int TT>
 void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nb, int rows,
                     float* y, int64_t ldy, int64_t row0) {
@@ -76,22 +122,19 @@ void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int
             const int32_t dot = block_dot(blk, r, x.q + t * x.k + b * kQuantBlock, x.sum[t * nb + b]);
             const float scale = fp16_to_f32(blk.d[r]) * x.d[t * nb + b];
             acc = std::fma(scale, static_cast<float>(dot), acc);
+            if constexpr (kHasMin<Block>) {
+                const float min = fp16_to_f32(blk.m[r]) * x.d[t * nb + b];
+                acc = std::fma(min, static_cast<float>(x.sum[t * nb + b]), acc);
+            }
         }
         return acc;
     });
 }
 
-// The nibble of operand o (weights 4o .. 4o+3), lane (r, t), from a Q4_0x16-style qs[256].
-inline int nibble(const uint8_t* qs, int o, int r, int t) {
-    const uint8_t byte = qs[64 * (o % 4) + 4 * r + t];
-    return o < 4 ? byte & 0x0f : byte >> 4;
-}
-
 // Q4_K / Q5_K weight u (0..15 / 0..31) of sub-block j, operand o, lane (r, t).
 inline int k_quant(const Q4_Kx16& blk, int j, int o, int r, int t) { return nibble(blk.qs[j], o, r, t); }
 inline int k_quant(const Q5_Kx16& blk, int j, int o, int r, int t) {
-    const int bit = 4 * r + t;
-    return nibble(blk.low.qs[j], o, r, t) | (((blk.qh[j][8 * o + bit / 8] >> (bit % 8)) & 1) << 4);
+    return nibble(blk.low.qs[j], o, r, t) | mask_bit(blk.qh[j], o, r, t) << 4;
 }
 inline const Q4_Kx16& low_part(const Q4_Kx16& blk) { return blk; }
 inline const Q4_Kx16& low_part(const Q5_Kx16& blk) { return blk.low; }
@@ -126,16 +169,28 @@ void k_affine_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int6
     });
 }
 
-// Q6_K: per block of 32, the exact integer sc0 (dot0 - 32 sum0) + sc1 (dot1 - 32 sum1) over its
-// two 16-weight halves, then acc += (d dx) * that.
-template <int TT>
-void q6_k_tile(const QuantizedRows& x, int64_t t0, const Q6_Kx16* blocks, int64_t nsb, int rows,
-               float* y, int64_t ldy, int64_t row0) {
+// Q6_K / Q3_K: the unsigned quant u of block j, operand o, lane (r, t), and the offset every
+// quant carries (weight = scale * (u - offset)).
+inline int scaled16_quant(const Q6_Kx16& blk, int j, int o, int r, int t) {
+    return nibble(blk.ql[j], o, r, t) | pair(blk.qh[j], o, r, t) << 4;
+}
+inline int scaled16_quant(const Q3_Kx16& blk, int j, int o, int r, int t) {
+    return pair(blk.q2[j], o, r, t) | mask_bit(blk.qh[j], o, r, t) << 2;
+}
+constexpr int32_t offset_of(const Q6_Kx16&) { return 32; }
+constexpr int32_t offset_of(const Q3_Kx16&) { return 4; }
+
+// Q6_K / Q3_K: per block of 32, the exact integer sc0 (dot0 - off sum0) + sc1 (dot1 - off sum1)
+// over its two 16-weight halves, then acc += (d dx) * that.
+template <class Block, int TT>
+void scaled16_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb, int rows,
+                   float* y, int64_t ldy, int64_t row0) {
     const int64_t nb = x.k / kQuantBlock;
     each_output<TT>(t0, rows, y, ldy, row0, [&](int64_t t, int r) {
         float acc = 0.0f;
         for (int64_t sb = 0; sb < nsb; ++sb) {
-            const Q6_Kx16& blk = blocks[sb];
+            const Block& blk = blocks[sb];
+            const int32_t offset = offset_of(blk);
             const float d = fp16_to_f32(blk.d[r]);
             for (int j = 0; j < 8; ++j) {
                 const int64_t b = 8 * sb + j;
@@ -143,15 +198,63 @@ void q6_k_tile(const QuantizedRows& x, int64_t t0, const Q6_Kx16* blocks, int64_
                 const int32_t* s16 = x.sum16 + t * 2 * nb + 2 * b;  // the block's two halves
                 int32_t dot[2] = {0, 0};
                 for (int o = 0; o < 8; ++o) {
-                    for (int tt = 0; tt < 4; ++tt) {
-                        const int high = (blk.qh[j][64 * (o / 4) + 4 * r + tt] >> (2 * (o % 4))) & 3;
-                        const int u = nibble(blk.ql[j], o, r, tt) | (high << 4);
-                        dot[o / 4] += u * a[4 * o + tt];
-                    }
+                    for (int tt = 0; tt < 4; ++tt) dot[o / 4] += scaled16_quant(blk, j, o, r, tt) * a[4 * o + tt];
                 }
-                const int32_t combined = blk.sc[2 * j][r] * (dot[0] - 32 * s16[0]) +
-                                         blk.sc[2 * j + 1][r] * (dot[1] - 32 * s16[1]);
+                const int32_t combined = blk.sc[2 * j][r] * (dot[0] - offset * s16[0]) +
+                                         blk.sc[2 * j + 1][r] * (dot[1] - offset * s16[1]);
                 acc = std::fma(d * x.d[t * nb + b], static_cast<float>(combined), acc);
+            }
+        }
+        return acc;
+    });
+}
+
+// Q2_K: per block of 32, acc += (d dx) (sc0 dot0 + sc1 dot1), then acc -= (dmin dx) (m0 sum0 +
+// m1 sum1), both brackets exact integers.
+template <int TT>
+void q2_k_tile(const QuantizedRows& x, int64_t t0, const Q2_Kx16* blocks, int64_t nsb, int rows,
+               float* y, int64_t ldy, int64_t row0) {
+    const int64_t nb = x.k / kQuantBlock;
+    each_output<TT>(t0, rows, y, ldy, row0, [&](int64_t t, int r) {
+        float acc = 0.0f;
+        for (int64_t sb = 0; sb < nsb; ++sb) {
+            const Q2_Kx16& blk = blocks[sb];
+            const float d = fp16_to_f32(blk.d[r]), dmin = fp16_to_f32(blk.dmin[r]);
+            for (int j = 0; j < 8; ++j) {
+                const int64_t b = 8 * sb + j;
+                const int8_t* a = x.q + t * x.k + b * kQuantBlock;
+                const int32_t* s16 = x.sum16 + t * 2 * nb + 2 * b;
+                int32_t dot[2] = {0, 0};
+                for (int o = 0; o < 8; ++o) {
+                    for (int tt = 0; tt < 4; ++tt) dot[o / 4] += pair(blk.q2[j], o, r, tt) * a[4 * o + tt];
+                }
+                const uint8_t sm0 = blk.sm[2 * j][r], sm1 = blk.sm[2 * j + 1][r];
+                const int32_t scaled = (sm0 & 15) * dot[0] + (sm1 & 15) * dot[1];
+                const int32_t mins = (sm0 >> 4) * s16[0] + (sm1 >> 4) * s16[1];
+                const float dx = x.d[t * nb + b];
+                acc = std::fma(d * dx, static_cast<float>(scaled), acc);
+                acc = std::fma(-(dmin * dx), static_cast<float>(mins), acc);
+            }
+        }
+        return acc;
+    });
+}
+
+// IQ4_XS: per sub-block of 32, acc += (d dx) (sc dot(kIq4Values[u], a)).
+template <int TT>
+void iq4_xs_tile(const QuantizedRows& x, int64_t t0, const IQ4_XSx16* blocks, int64_t nsb, int rows,
+                 float* y, int64_t ldy, int64_t row0) {
+    const int64_t nb = x.k / kQuantBlock;
+    each_output<TT>(t0, rows, y, ldy, row0, [&](int64_t t, int r) {
+        float acc = 0.0f;
+        for (int64_t sb = 0; sb < nsb; ++sb) {
+            const IQ4_XSx16& blk = blocks[sb];
+            const float d = fp16_to_f32(blk.d[r]);
+            for (int j = 0; j < 8; ++j) {
+                const int64_t b = 8 * sb + j;
+                const int8_t* a = x.q + t * x.k + b * kQuantBlock;
+                const int32_t dot = dot32(a, [&](int o, int tt) { return static_cast<int>(kIq4Values[nibble(blk.qs[j], o, r, tt)]); });
+                acc = std::fma(d * x.d[t * nb + b], static_cast<float>(blk.sc[j][r] * dot), acc);
             }
         }
         return acc;

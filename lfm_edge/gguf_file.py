@@ -22,19 +22,26 @@ from .errors import LfmEdgeError
 
 GGUF_MAGIC = b"GGUF"
 
-# The tensor encodings this runtime computes with. Each maps to the number of
-# values in a block and the bytes a block takes on disk.
+# The tensor encodings this runtime computes with (csrc/qtypes.h is the kernels' table of them).
+# GGML_QUANT_SIZES gives each one's block: values per block and bytes per block on disk.
 SUPPORTED_TYPES = {
     GGMLQuantizationType.F32,
     GGMLQuantizationType.F16,
     GGMLQuantizationType.BF16,
     GGMLQuantizationType.Q8_0,
     GGMLQuantizationType.Q4_0,
-    GGMLQuantizationType.Q4_K,  # the K-quants store rows in 256-weight super-blocks
+    GGMLQuantizationType.Q4_1,
+    GGMLQuantizationType.Q5_0,
+    GGMLQuantizationType.Q5_1,
+    GGMLQuantizationType.IQ4_NL,
+    GGMLQuantizationType.Q2_K,  # these store rows in 256-weight super-blocks
+    GGMLQuantizationType.Q3_K,
+    GGMLQuantizationType.Q4_K,
     GGMLQuantizationType.Q5_K,
     GGMLQuantizationType.Q6_K,
+    GGMLQuantizationType.IQ4_XS,
 }
-K_QUANT_TYPES = {GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K}
+SUPER_BLOCK_TYPES = {t for t in SUPPORTED_TYPES if GGML_QUANT_SIZES[t][0] == 256}
 
 
 def row_bytes(qtype: GGMLQuantizationType, n_cols: int) -> int:
@@ -118,7 +125,7 @@ class GGUFFile:
             )
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         block, _ = GGML_QUANT_SIZES[qtype]
-        if qtype in K_QUANT_TYPES and all(d > 0 for d in shape) and shape[-1] % block:
+        if qtype in SUPER_BLOCK_TYPES and all(d > 0 for d in shape) and shape[-1] % block:
             raise self.error(
                 f"tensor {name} has rows of {shape[-1]} values, but {qtype.name} stores rows in "
                 f"super-blocks of {block}, so the row length must be a multiple of {block}"
