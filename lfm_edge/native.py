@@ -3,9 +3,11 @@
 At import the best instruction set this CPU supports is active, unless the environment variable
 ``LFM_EDGE_ISA`` (scalar | avx2 | avx512) asks for another one.
 
-Weight types are GGML ids (``gguf.GGMLQuantizationType`` values work): F32=0, F16=1, Q4_0=2,
-Q8_0=8, Q4_K=12, Q5_K=13, Q6_K=14, BF16=30 (the K-quants need k % 256 == 0). A weight matrix is n rows of k values in GGUF's on-disk row layout, handed over
-as a C-contiguous buffer of exactly ``n * row_bytes(qtype, k)`` bytes.
+Weight types are GGML ids (``gguf.GGMLQuantizationType`` values work); ``qtypes()`` lists the
+ones the kernels read, {name: id}: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL (blocks
+of 32 weights) and Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS (super-blocks of 256: k % 256 == 0). A
+weight matrix is n rows of k values in GGUF's on-disk row layout, handed over as a C-contiguous
+buffer of exactly ``n * row_bytes(qtype, k)`` bytes.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "linear",
     "matmul",
     "moe",
+    "qtypes",
     "quantize_activations",
     "rms_norm",
     "rope",
@@ -60,18 +63,19 @@ dequantize = _C.dequantize
 get_rows = _C.get_rows
 # bytes in one row of k weights of a type
 row_bytes = _C.row_bytes
+# the weight types the kernels read: {name: GGML id}
+qtypes = _C.qtypes
 
 # A matrix (or a stack of n_mats, e.g. experts) ready for `linear` / `moe`:
-# PackedMatrix(w, qtype, n, k, n_mats=1). Q4_0 / Q8_0 / Q4_K / Q5_K / Q6_K are repacked once into
-# 16-row groups
-# (csrc/packed.h); float types are borrowed as stored.
+# PackedMatrix(w, qtype, n, k, n_mats=1). The quantized types are repacked once, losslessly,
+# into 16-row groups (csrc/packed.h); float types are borrowed as stored.
 PackedMatrix = _C.PackedMatrix
 # y = x @ W[index].T -> float32 [T, n]; int8 activations for the quantized types, exact float32
 # for the float types
 linear = _C.linear
 # sum_j weights[t, j] * SwiGLU_{experts[t, j]}(x[t]) -> [T, H]; gate/up/down: PackedMatrix stacks
 moe = _C.moe
-# the int8 activations the Q4_0 / Q8_0 kernels use: (q int8 [T, k], d [T, k/32], sum int32 [T, k/32])
+# the int8 activations the packed kernels use: (q int8 [T, k], d [T, k/32], sum int32 [T, k/32])
 quantize_activations = _C.quantize_activations
 # the small ops, as lfm_edge.ops documents them
 rms_norm = _C.rms_norm

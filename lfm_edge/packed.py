@@ -1,10 +1,10 @@
 """Weight matrices in the layout the kernels stream, made once when a model loads.
 
-GGUF stores Q4_0, Q8_0 and the K-quants (Q4_K, Q5_K, Q6_K) row after row; the
-int8-activation kernels want 16 rows interleaved per 32-column block (Q4_0,
-Q8_0) or per 256-column super-block (K-quants; csrc/packed.h, where the
-repacking is shown to be lossless), so `Linear` repacks them into memory of its
-own at load. Float matrices (F32, F16, BF16)
+GGUF stores quantized matrices (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, the K-quants
+Q2_K .. Q6_K, IQ4_XS) row after row; the int8-activation kernels want 16 rows
+interleaved per 32-column block or per 256-column super-block (csrc/packed.h,
+where the repacking is shown to be lossless), so `Linear` repacks them into memory
+of its own at load. Float matrices (F32, F16, BF16)
 are used as stored, straight from the mapped file, through the exact
 float32-activation kernels. The stored tensor is kept too: the numpy
 reference path (`lfm_edge.reference`) and embedding lookups read it.

@@ -129,3 +129,18 @@ def test_logits_agree_with_llama_cpp(name, mix_path, monkeypatch):
     if name in Q8_K_ACTIVATIONS:  # where llama.cpp's activations are the coarser ones
         assert ours_vs_exact >= theirs_vs_exact, summary
     assert not np.array_equal(ours, exact)  # the int8 kernels ran, not the reference
+
+
+def test_info_shows_the_type_mix(mix_path, capsys):
+    # in-process: a spawned `lfm-edge` would run the installed package, not this checkout's
+    import argparse
+
+    from lfm_edge.commands import info
+
+    assert info.main(argparse.Namespace(model=str(mix_path("Q3_K_M")))) == 0
+    lines = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["file type"].strip() == "Q3_K_M"
+    mix = lines["tensors"].strip()
+    assert mix.startswith("56: Q3_K 20 ("), mix  # the most bytes first
+    for part in ("Q4_K 7 (", "Q5_K 2 (", "Q6_K 1 (", "F32 26 ("):
+        assert part in mix, mix

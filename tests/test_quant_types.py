@@ -313,3 +313,11 @@ def test_unsupported_types_are_refused_in_one_sentence(tmp_path, qtype):
     msg = str(e.value)
     assert f"blk.0.ffn_up.weight is stored as {qtype.name}, which lfm-edge does not support" in msg
     assert "IQ4_XS" in msg and "Q2_K" in msg and msg.count(". ") == 0  # one sentence naming what is
+
+
+def test_the_file_reader_and_the_kernels_know_the_same_types():
+    from lfm_edge.gguf_file import SUPPORTED_TYPES
+
+    assert {q.name: int(q) for q in SUPPORTED_TYPES} == native.qtypes()
+    for name, qtype_id in native.qtypes().items():  # the kernels' row sizes are gguf's
+        assert native.row_bytes(qtype_id, 2048) == 2048 // block_of(Q(qtype_id)) * GGML_QUANT_SIZES[Q(qtype_id)][1], name

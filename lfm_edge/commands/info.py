@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
+from gguf import LlamaFileType
+
 from ..gguf_file import GGUFFile
 from ..models import build_model
 from ..tokenizer import GGUFTokenizer
@@ -19,7 +21,6 @@ def main(args: argparse.Namespace) -> int:
     model = build_model(f)
     tok = GGUFTokenizer(f)
     a = model.args
-    kinds = Counter(t.qtype.name for t in f.tensors.values())
     layers = "".join("A" if a.is_attention(i) else "c" for i in range(a.n_layer))
     print(f"file:        {f.path}")
     print(f"name:        {f.metadata.get('general.name', '?')}")
@@ -30,5 +31,35 @@ def main(args: argparse.Namespace) -> int:
               f"dense layers {a.n_dense_layers}")
     print(f"vocab:       {tok.n_vocab}, bos {tok.bos_id}, eos {tok.eos_id}")
     print(f"context:     {a.n_ctx_train}, rope base {a.rope_base:g}")
-    print(f"tensors:     {len(f.tensors)} ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})")
+    print(f"file type:   {file_type(f)}")
+    print(f"tensors:     {len(f.tensors)}: {type_mix(f)}")
     return 0
+
+
+def file_type(f: GGUFFile) -> str:
+    """The mix llama-quantize says it wrote (general.file_type), e.g. "Q3_K_M"."""
+    value = f.metadata.get("general.file_type")
+    if value is None:
+        return "not stated"
+    try:
+        return LlamaFileType(int(value)).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return f"unknown ({value})"
+
+
+def type_mix(f: GGUFFile) -> str:
+    """Tensors per type and each type's share of the bytes, the largest share first:
+    "Q3_K 20 (61%), Q5_K 9 (27%), Q6_K 1 (11%), F32 26 (0.4%)"."""
+    count: Counter[str] = Counter()
+    nbytes: Counter[str] = Counter()
+    for t in f.tensors.values():
+        count[t.qtype.name] += 1
+        nbytes[t.qtype.name] += t.nbytes
+    total = sum(nbytes.values()) or 1
+
+    def share(name: str) -> str:
+        pct = 100 * nbytes[name] / total
+        return f"{pct:.0f}%" if pct >= 1 else f"{pct:.1g}%"
+
+    order = sorted(count, key=lambda name: (-nbytes[name], name))
+    return ", ".join(f"{name} {count[name]} ({share(name)})" for name in order)
