@@ -8,8 +8,8 @@ this file stands in for them: the real tensor names, shapes, types and metadata,
 byte-level BPE vocabulary (65,536 synthetic tokens with merges consistent with them, the LFM2
 special tokens at ids 0-13, the ChatML chat template). It loads in lfm-edge and in llama.cpp.
 
-Q4_0/Q8_0 blocks are written directly as random bytes with small random-sign fp16 scales (no
-quantization pass), one tensor at a time, so it is fast and needs about one tensor of memory.
+Quantized blocks are written directly as random bytes with small random-sign fp16 scales (no
+quantization pass; `--type` picks one of TYPES for every matrix), one tensor at a time, so it is fast and needs about one tensor of memory.
 The scales give every weight matrix a standard deviation of GAIN/sqrt(K) (K = its row length), so
 activations stay O(1) through all the layers and the logits stay finite. `--layers N` keeps the
 first N layers of the real layer pattern (N = 3 has a dense, a conv, an attention and a MoE layer).
@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf.quants as gguf_quants
 import numpy as np
 from gguf import (
     ExpertGatingFuncType,
@@ -62,16 +63,60 @@ MODELS = {
         "LFM2.5-8B-A1B (synthetic)", n_vocab=128000, n_ctx_train=128000, rope_base=5e6, think_tokens=True
     ),
 }
+# --type -> (the type of every weight matrix, the file type it declares). Files of one type, not
+# llama-quantize's mixes: e.g. q4_k stands in for a Q4_K_S file (Q4_K_M's speed is close to it).
 TYPES = {
     "q4_0": (GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
     "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q4_1": (GGMLQuantizationType.Q4_1, LlamaFileType.MOSTLY_Q4_1),
+    "q5_0": (GGMLQuantizationType.Q5_0, LlamaFileType.MOSTLY_Q5_0),
+    "q5_1": (GGMLQuantizationType.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+    "iq4_nl": (GGMLQuantizationType.IQ4_NL, LlamaFileType.MOSTLY_IQ4_NL),
+    "q2_k": (GGMLQuantizationType.Q2_K, LlamaFileType.MOSTLY_Q2_K),
+    "q3_k": (GGMLQuantizationType.Q3_K, LlamaFileType.MOSTLY_Q3_K_S),
+    "q4_k": (GGMLQuantizationType.Q4_K, LlamaFileType.MOSTLY_Q4_K_S),
+    "q5_k": (GGMLQuantizationType.Q5_K, LlamaFileType.MOSTLY_Q5_K_S),
+    "q6_k": (GGMLQuantizationType.Q6_K, LlamaFileType.MOSTLY_Q6_K),
+    "iq4_xs": (GGMLQuantizationType.IQ4_XS, LlamaFileType.MOSTLY_IQ4_XS),
+}
+# Byte offsets of each block's fp16 scale d (given a random sign) and of its fp16 minimum or
+# min-scale, if any (set to 0: the weights are then d times the block's integers).
+SCALE_AT = {
+    GGMLQuantizationType.Q4_0: (0, None),
+    GGMLQuantizationType.Q8_0: (0, None),
+    GGMLQuantizationType.Q4_1: (0, 2),
+    GGMLQuantizationType.Q5_0: (0, None),
+    GGMLQuantizationType.Q5_1: (0, 2),
+    GGMLQuantizationType.IQ4_NL: (0, None),
+    GGMLQuantizationType.Q2_K: (80, 82),
+    GGMLQuantizationType.Q3_K: (108, None),
+    GGMLQuantizationType.Q4_K: (0, 2),
+    GGMLQuantizationType.Q5_K: (0, 2),
+    GGMLQuantizationType.Q6_K: (208, None),
+    GGMLQuantizationType.IQ4_XS: (0, None),
 }
 # standard deviation of one stored value q of a block (value = d * q): Q4_0 q-8 is uniform on
-# -8..7, Q8_0 q is uniform on -128..127
+# -8..7, Q8_0 q is uniform on -128..127; the other types' RMS with d = 1 is measured once on
+# random blocks (value_std).
 VALUE_STD = {
     GGMLQuantizationType.Q4_0: float(np.sqrt(np.mean(np.arange(-8, 8) ** 2.0))),  # 4.64
     GGMLQuantizationType.Q8_0: float(np.sqrt(np.mean(np.arange(-128, 128) ** 2.0))),  # 73.9
 }
+
+
+def value_std(qtype: GGMLQuantizationType) -> float:
+    """RMS of the weights of random blocks of qtype with d = 1 and no minimum."""
+    if qtype not in VALUE_STD:
+        block, size = GGML_QUANT_SIZES[qtype]
+        raw = np.random.default_rng(0).integers(0, 256, (1024, size), dtype=np.uint8)
+        d_at, min_at = SCALE_AT[qtype]
+        raw[:, d_at : d_at + 2] = np.full(1024, 1.0, np.float16).view(np.uint8).reshape(1024, 2)
+        if min_at is not None:
+            raw[:, min_at : min_at + 2] = 0
+        VALUE_STD[qtype] = float(np.sqrt(np.mean(gguf_quants.dequantize(raw, qtype).astype(np.float64) ** 2)))
+    return VALUE_STD[qtype]
+
+
 GAIN = 0.5  # std of a matrix's output for unit-RMS inputs
 F32 = GGMLQuantizationType.F32
 
@@ -177,7 +222,7 @@ def plan(cfg: Config, qtype: GGMLQuantizationType) -> list[Spec]:
 
 
 def random_blocks(rng: np.random.Generator, spec: Spec, chunk_rows: int = 4096) -> np.ndarray:
-    """Q4_0 / Q8_0 bytes of `spec`: random values, fp16 scales of random sign and size ~GAIN/sqrt(K)/std(q)."""
+    """The bytes of `spec`: random values, fp16 scales of random sign and size ~GAIN/sqrt(K)/std(q)."""
     block, size = GGML_QUANT_SIZES[spec.qtype]
     n_rows, k = int(np.prod(spec.shape[:-1])), spec.shape[-1]
     n_blocks = n_rows * (k // block)
@@ -185,9 +230,12 @@ def random_blocks(rng: np.random.Generator, spec: Spec, chunk_rows: int = 4096) 
     raw = rng.bit_generator.random_raw((out.nbytes + 7) // 8).view(np.uint8)[: out.nbytes]
     out[...] = raw.reshape(n_blocks, size)
     del raw
-    d = GAIN / np.sqrt(k) / VALUE_STD[spec.qtype]
+    d = GAIN / np.sqrt(k) / value_std(spec.qtype)
     scales = (d * rng.uniform(0.5, 1.5, n_blocks) * rng.choice([-1.0, 1.0], n_blocks)).astype(np.float16)
-    out[:, :2] = scales.view(np.uint8).reshape(n_blocks, 2)  # the scale leads each block
+    d_at, min_at = SCALE_AT[spec.qtype]
+    out[:, d_at : d_at + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
+    if min_at is not None:
+        out[:, min_at : min_at + 2] = 0
     return out.reshape(-1)
 
 
