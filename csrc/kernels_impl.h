@@ -58,8 +58,9 @@ struct Float16 {
 };
 
 // Formats stored in blocks of kValues weights in kBytes bytes, each block dequantized on its own:
-// Q4_0 / Q8_0 by the unit, the K-quants' 256-weight super-blocks with gguf's float32 steps
-// (formats.h).
+// Q4_0 / Q8_0 by the unit, the other 32-weight blocks and the 256-weight super-blocks with gguf's
+// float32 steps (formats.h). This float32 path serves embedding rows and the numpy reference; the
+// model's matmuls run on the packed int8 kernels.
 template <int64_t kValues, int64_t kBytes, void (*kBlock)(const uint8_t*, float*)>
 struct Blocks {
     static constexpr int64_t kUnitValues = kValues;

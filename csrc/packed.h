@@ -10,8 +10,8 @@
 //   packed matrix = [ceil(n/16) row groups][k/32 blocks] of Q4_0x16, Q8_0x16, ... (32-weight types)
 //
 // A kernel streams one row group linearly from start to end. Scales stay fp16, as on disk, so
-// the packed matrix is exactly as large as the file's (plus padding rows): decode reads as few
-// bytes as the file holds.
+// the packed matrix is as large as the file's (plus padding rows; Q3_K, Q4_K and IQ4_XS widen
+// their 6-bit sub-block scales to bytes, +1.5-3.6%): decode reads about the bytes the file holds.
 #pragma once
 
 #include <cstdint>
