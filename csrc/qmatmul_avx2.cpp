@@ -61,45 +61,71 @@ static inline void add_mask_bits(const uint8_t* qh, int h, int8_t value, __m256i
     }
 }
 
-// The nibbles of half h of qs[256] looked up in IQ4's table: signed operands kIq4Values[u].
-static inline void unpack_iq4(const uint8_t* qs, int h, __m256i w[8]) {
-    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4Values)));
-    unpack_nibbles(qs, h, w);
-    for (int o = 0; o < 8; ++o) w[o] = _mm256_shuffle_epi8(table, w[o]);
+// ---- the 32-weight blocks, streamed: operands c and c + 4 (weights 4c..4c+3 and 16+4c..16+4c+3
+// of 8 rows) are made from one 32-byte load and used at once, as few registers live as possible
+
+// The bytes to add to operand o of half h for the bits set in its 64-bit mask qh[8o ..]: byte i
+// of the half takes bit i of 32 bits, so spread byte i / 8 over 8 bytes and test.
+static inline __m256i mask_bits(const uint8_t* qh, int h, int o, __m256i value) {
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));
+    int32_t bits;
+    std::memcpy(&bits, qh + 8 * o + 4 * h, sizeof bits);
+    const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits), spread);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit), value);
 }
 
-// The 32-weight blocks: half h's 8 operands (8 rows x 4 weights), and the offset every weight
-// carries. Q8_0 and IQ4_NL give signed operands (kSignedOperands), the others unsigned.
-static inline int32_t unpack(const Q4_0x16& blk, int h, __m256i w[8]) {
-    unpack_nibbles(blk.qs, h, w);
-    return 8;
+static inline void nibble_pair(const uint8_t* qs, int h, int c, __m256i* lo, __m256i* hi) {
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 64 * c + 32 * h));
+    *lo = _mm256_and_si256(v, low);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
 }
-static inline int32_t unpack(const Q4_1x16& blk, int h, __m256i w[8]) {
-    unpack_nibbles(blk.qs, h, w);
-    return 0;
+
+static inline void iq4_pair(const uint8_t* qs, int h, int c, __m256i* lo, __m256i* hi) {
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4Values)));
+    nibble_pair(qs, h, c, lo, hi);
+    *lo = _mm256_shuffle_epi8(table, *lo);
+    *hi = _mm256_shuffle_epi8(table, *hi);
 }
-static inline int32_t unpack(const Q5_0x16& blk, int h, __m256i w[8]) {
-    unpack_nibbles(blk.qs, h, w);
-    add_mask_bits(blk.qh, h, 16, w);
-    return 16;
+
+static inline void five_bit_pair(const uint8_t* qs, const uint8_t* qh, int h, int c, __m256i* lo, __m256i* hi) {
+    const __m256i sixteen = _mm256_set1_epi8(16);
+    nibble_pair(qs, h, c, lo, hi);
+    *lo = _mm256_add_epi8(*lo, mask_bits(qh, h, c, sixteen));
+    *hi = _mm256_add_epi8(*hi, mask_bits(qh, h, c + 4, sixteen));
 }
-static inline int32_t unpack(const Q5_1x16& blk, int h, __m256i w[8]) {
-    unpack_nibbles(blk.qs, h, w);
-    add_mask_bits(blk.qh, h, 16, w);
-    return 0;
+
+// Operands c and c + 4 of half h of a block: unsigned (at most 31) but for Q8_0 and IQ4_NL, whose
+// operands are signed (kSignedOperands).
+static inline void operand_pair(const Q4_0x16& blk, int h, int c, __m256i* lo, __m256i* hi) {
+    nibble_pair(blk.qs, h, c, lo, hi);
 }
-static inline int32_t unpack(const Q8_0x16& blk, int h, __m256i w[8]) {
-    const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
-    for (int i = 0; i < 8; ++i) {
-        const __m256i stored = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs + 64 * i + 32 * h));
-        w[i] = _mm256_xor_si256(stored, offset);  // back to int8
-    }
-    return 0;
+static inline void operand_pair(const Q4_1x16& blk, int h, int c, __m256i* lo, __m256i* hi) {
+    nibble_pair(blk.qs, h, c, lo, hi);
 }
-static inline int32_t unpack(const IQ4_NLx16& blk, int h, __m256i w[8]) {
-    unpack_iq4(blk.qs, h, w);
-    return 0;
+static inline void operand_pair(const Q5_0x16& blk, int h, int c, __m256i* lo, __m256i* hi) {
+    five_bit_pair(blk.qs, blk.qh, h, c, lo, hi);
 }
+static inline void operand_pair(const Q5_1x16& blk, int h, int c, __m256i* lo, __m256i* hi) {
+    five_bit_pair(blk.qs, blk.qh, h, c, lo, hi);
+}
+static inline void operand_pair(const Q8_0x16& blk, int h, int c, __m256i* lo, __m256i* hi) {
+    const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));  // stored w + 128: back to int8
+    *lo = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs + 64 * c + 32 * h)), offset);
+    *hi = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs + 64 * (c + 4) + 32 * h)), offset);
+}
+static inline void operand_pair(const IQ4_NLx16& blk, int h, int c, __m256i* lo, __m256i* hi) {
+    iq4_pair(blk.qs, h, c, lo, hi);
+}
+
+// The offset every weight carries (subtracted as offset * sum(a)).
+static inline int32_t offset_of(const Q4_0x16&) { return 8; }
+static inline int32_t offset_of(const Q5_0x16&) { return 16; }
+template <class Block>
+static inline int32_t offset_of(const Block&) { return 0; }
+
 template <class Block>
 constexpr bool kSignedOperands = false;
 template <>
@@ -107,19 +133,25 @@ constexpr bool kSignedOperands<Q8_0x16> = true;
 template <>
 constexpr bool kSignedOperands<IQ4_NLx16> = true;
 
-// The exact integer dot products of 8 operands with 32 activations. Unsigned operands are at most
-// 31; signed ones at most 128 in magnitude, their sign moved onto the activation so that the
-// unsigned side is |w|: either way, with |a| <= 127, vpmaddubsw's pair sums stay below 2^15.
+// One operand's 4-weight dot products. Unsigned operands are at most 31; signed ones at most 128
+// in magnitude, their sign moved onto the activation so that the unsigned side is |w|: either
+// way, with |a| <= 127, vpmaddubsw's pair sums stay below 2^15.
 template <bool kSigned>
-static inline __m256i dot32(const __m256i w[8], const int8_t* a) {
+static inline __m256i operand_dot(__m256i w, const int8_t* a) {
+    const __m256i a4 = broadcast4(a);
+    if constexpr (kSigned) return dot4(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a4, w));
+    return dot4(w, a4);
+}
+
+// The exact integer dot products of half h (8 rows) with 32 activations, before the offset.
+template <bool kSigned, class Pair>
+static inline __m256i streamed_dot(const int8_t* a, const Pair& pair) {
     __m256i acc = _mm256_setzero_si256();
-    for (int o = 0; o < 8; ++o) {
-        const __m256i a4 = broadcast4(a + 4 * o);
-        if constexpr (kSigned) {
-            acc = _mm256_add_epi32(acc, dot4(_mm256_sign_epi8(w[o], w[o]), _mm256_sign_epi8(a4, w[o])));
-        } else {
-            acc = _mm256_add_epi32(acc, dot4(w[o], a4));
-        }
+    for (int c = 0; c < 4; ++c) {
+        __m256i lo, hi;
+        pair(c, &lo, &hi);
+        acc = _mm256_add_epi32(acc, operand_dot<kSigned>(lo, a + 4 * c));
+        acc = _mm256_add_epi32(acc, operand_dot<kSigned>(hi, a + 16 + 4 * c));
     }
     return acc;
 }
@@ -132,15 +164,16 @@ void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int
     for (int64_t b = 0; b < nb; ++b) {
         const Block& blk = blocks[b];
         prefetch_weights(&blk, sizeof(Block));
+        const int32_t offset = offset_of(blk);
         for (int h = 0; h < 2; ++h) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.d + 8 * h)));
-            __m256i w[8];
-            const int32_t offset = unpack(blk, h, w);
             for (int t = 0; t < TT; ++t) {
                 const int64_t token = t0 + t;
                 const int32_t a_sum = x.sum[token * nb + b];
-                const __m256i dot = _mm256_sub_epi32(dot32<kSignedOperands<Block>>(w, x.q + token * x.k + b * kQuantBlock),
-                                                     _mm256_set1_epi32(offset * a_sum));
+                const __m256i raw = streamed_dot<kSignedOperands<Block>>(
+                    x.q + token * x.k + b * kQuantBlock,
+                    [&](int c, __m256i* lo, __m256i* hi) { operand_pair(blk, h, c, lo, hi); });
+                const __m256i dot = _mm256_sub_epi32(raw, _mm256_set1_epi32(offset * a_sum));
                 const __m256 dx = _mm256_set1_ps(x.d[token * nb + b]);
                 acc[t][h] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(dot), acc[t][h]);
                 if constexpr (kHasMin<Block>) {
@@ -339,13 +372,13 @@ void iq4_xs_tile(const QuantizedRows& x, int64_t t0, const IQ4_XSx16* blocks, in
             prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
             const int64_t b = 8 * sb + j;
             for (int h = 0; h < 2; ++h) {
-                __m256i w[8];
-                unpack_iq4(blk.qs[j], h, w);
                 const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.d + 8 * h)));
                 const __m256i sc = i8x8_to_epi32(blk.sc[j] + 8 * h);
                 for (int t = 0; t < TT; ++t) {
                     const int64_t token = t0 + t;
-                    const __m256i dot = dot32<true>(w, x.q + token * x.k + b * kQuantBlock);
+                    const __m256i dot = streamed_dot<true>(
+                        x.q + token * x.k + b * kQuantBlock,
+                        [&](int c, __m256i* lo, __m256i* hi) { iq4_pair(blk.qs[j], h, c, lo, hi); });
                     const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(x.d[token * nb + b]));
                     acc[t][h] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(_mm256_mullo_epi32(sc, dot)), acc[t][h]);
                 }
