@@ -64,6 +64,20 @@ def test_synthetic_file_has_the_real_shapes_and_metadata(synthetic, synthetic_ll
     assert {s.name: s.shape for s in planned} == {n: t.shape for n, t in f.tensors.items()}
 
 
+@pytest.mark.parametrize("out_type", [t for t in make_synthetic.TYPES if t not in ("q4_0", "q8_0")])
+def test_synthetic_blocks_of_every_type_have_the_intended_scale(out_type):
+    # the other --type choices: valid blocks of that type whose weights have RMS GAIN/sqrt(K)
+    import gguf.quants as gguf_quants
+
+    qtype = make_synthetic.TYPES[out_type][0]
+    spec = make_synthetic.Spec("blk.0.ffn_down.weight", (64, 1792), qtype, "matrix")
+    raw = make_synthetic.random_blocks(np.random.default_rng(3), spec)
+    assert raw.nbytes == spec.nbytes
+    w = gguf_quants.dequantize(raw.reshape(64, -1), qtype).reshape(64, 1792).astype(np.float64)
+    rms, expected = float(np.sqrt(np.mean(w**2))), make_synthetic.GAIN / np.sqrt(1792)
+    assert 0.8 * expected < rms < 1.25 * expected, (out_type, rms, expected)
+
+
 def test_synthetic_weights_have_the_intended_scale(synthetic_llm):
     # std GAIN/sqrt(K) keeps every matrix's output O(1) through 24 layers
     for name in ("blk.2.attn_q.weight", "blk.0.ffn_down.weight"):
