@@ -12,7 +12,7 @@
 
 namespace lfm {
 
-// Q4_0 and Q8_0 store weights in blocks of 32 that share one fp16 scale d.
+// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and IQ4_NL store weights in blocks of 32 that share one fp16 scale d.
 const int64_t kQuantBlock = 32;
 // Q4_0 block: d (fp16), then 16 bytes; byte j holds weight j in its low nibble and weight
 // j + 16 in its high nibble. value = d * (q - 8).

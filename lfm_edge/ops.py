@@ -6,7 +6,7 @@ only these functions, so a faster kernel replaces an op here without touching
 the model code. Everything heavy runs in the native extension (`native`), on its
 thread pool with the GIL released; `reference` holds the numpy twin of each op.
 
-Q4_0 / Q8_0 matrices multiply int8-quantized activations (blocks of 32, one
+Quantized matrices (every type but F32 / F16 / BF16) multiply int8-quantized activations (blocks of 32, one
 float32 scale each); float matrices keep exact float32 activations.
 """
 

@@ -2,7 +2,7 @@
 native kernels are tested against (tests/test_kernels*.py, tests/test_native_model.py).
 
 Matrix products multiply float32 activations with the exactly dequantized
-weights (`native.matmul`, the float32 path), so for Q4_0 / Q8_0 files they
+weights (`native.matmul`, the float32 path), so for quantized files they
 differ from `ops`, whose kernels quantize activations to int8.
 """
 
