@@ -277,6 +277,23 @@ class PackedMatrix {
     const lfm::Matrix& matrix() const { return matrix_; }
     int64_t nbytes() const { return matrix_.mat_bytes * matrix_.n_mats; }
 
+    // The GGUF bytes the kernels' copy stands for, [n_mats * n, row_bytes]: for the tests, which
+    // show the repacking lossless by comparing them with the file's.
+    py::array_t<uint8_t> gguf_bytes() const {
+        const lfm::Matrix& m = matrix_;
+        const int64_t row_bytes = checked_row_bytes(m.qtype, m.k);
+        py::array_t<uint8_t> out({m.n_mats * m.n, row_bytes});
+        uint8_t* dst = out.mutable_data();
+        for (int64_t i = 0; i < m.n_mats; ++i) {
+            if (m.packed()) {
+                lfm::unpack_matrix(m.qtype, m.mat(i), m.n, m.k, dst + i * m.n * row_bytes);
+            } else {
+                std::memcpy(dst + i * m.n * row_bytes, m.mat(i), static_cast<size_t>(m.n * row_bytes));
+            }
+        }
+        return out;
+    }
+
    private:
     struct Free {
         void operator()(uint8_t* p) const { std::free(p); }
@@ -568,7 +585,10 @@ PYBIND11_MODULE(_C, m) {
         .def_property_readonly("k", [](const PackedMatrix& p) { return p.matrix().k; })
         .def_property_readonly("n_mats", [](const PackedMatrix& p) { return p.matrix().n_mats; })
         .def_property_readonly("nbytes", &PackedMatrix::nbytes, "bytes the kernels read for all matrices")
-        .def_property_readonly("int8_activations", [](const PackedMatrix& p) { return p.matrix().packed(); });
+        .def_property_readonly("int8_activations", [](const PackedMatrix& p) { return p.matrix().packed(); })
+        .def("gguf_bytes", &PackedMatrix::gguf_bytes,
+             "The matrix back in GGUF's row layout, uint8 [n_mats * n, row_bytes] (the repacking is "
+             "lossless: these are the bytes it was made from).");
 
     m.def("linear", &linear, py::arg("x"), py::arg("w"), py::arg("index") = 0,
           "y = x @ W[index].T as float32 [T, n] for a PackedMatrix; int8 activations for the "

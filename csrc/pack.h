@@ -20,4 +20,8 @@ int64_t gguf_row_bytes(QType qtype, int64_t k);
 void pack_row_groups(QType qtype, const uint8_t* src, int64_t n, int64_t k, int64_t group_begin,
                      int64_t group_end, uint8_t* dst);
 
+// The inverse (unpack.cpp), for the tests: the n x k packed matrix `packed` back into its GGUF
+// bytes dst (n rows of gguf_row_bytes(qtype, k)).
+void unpack_matrix(QType qtype, const uint8_t* packed, int64_t n, int64_t k, uint8_t* dst);
+
 }  // namespace lfm

@@ -158,6 +158,31 @@ def test_exact_model_is_gguf_rounded_once(qtype):
     np.testing.assert_array_equal(exact_weights(qtype, n, k).astype(np.float32), want)
 
 
+PACKED_TYPES = [Q[name] for name in native.qtypes() if name not in ("F32", "F16", "BF16")]
+
+
+@pytest.mark.parametrize("qtype", PACKED_TYPES, ids=lambda q: q.name)
+def test_packed_matrix_gives_back_the_files_bytes(qtype):
+    # Every quantized type, old and new: the packed copy holds exactly the file's integers, so
+    # unpacking it (csrc/unpack.cpp) gives the file's bytes back, every bit of random blocks
+    # included, and those dequantize to gguf's weights bit for bit (where gguf's are finite: the
+    # random fp16 scales include infinities and NaNs, whose NaN bits numpy and C may choose
+    # differently).
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    n, k, e = 37, 3 * 256, 3
+    raw = np.random.default_rng([int(qtype), 11]).integers(0, 256, (e * n, k // block * nbytes), dtype=np.uint8)
+    stack = native.PackedMatrix(raw, qtype, n, k, e)
+    back = stack.gguf_bytes()
+    assert back.shape == raw.shape
+    np.testing.assert_array_equal(back, raw)
+    with np.errstate(over="ignore", invalid="ignore"):  # random fp16 scales include inf and NaN
+        want = gguf_quants.dequantize(raw, qtype).reshape(e * n, k)
+    got = native.dequantize(back, qtype, e * n, k)
+    finite = np.isfinite(want)
+    assert finite.mean() > 0.9 and np.array_equal(np.isfinite(got), finite)
+    np.testing.assert_array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
 def test_repacking_is_lossless(isa, qtype):
     # Read every weight back out of the packed matrix through the int8 kernel: token i is 127 at
