@@ -31,10 +31,21 @@ def version_string() -> str:
     return f"lfm-edge {__version__} (kernels: {isa})"
 
 
+class Parser(argparse.ArgumentParser):
+    """Argument errors in one line that says where the full usage is, not the whole usage text."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # `--temp` must not quietly mean `--temperature`
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="lfm-edge", description="Run Liquid AI LFM2 models on the CPU.")
+    parser = Parser(prog="lfm-edge", description="Run Liquid AI LFM2 models on the CPU.")
     parser.add_argument("--version", action="version", version=version_string())
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     modules = {}
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)

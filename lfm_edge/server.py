@@ -831,8 +831,8 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # a stuck client must not keep the process alive at exit
 
-    def __init__(self, engine: Engine, host: str, port: int):
-        self.engine = engine
+    def __init__(self, engine: Engine | None, host: str, port: int):
+        self.engine = engine  # None while the model loads: the port is taken first (see listen())
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, port), Handler)
@@ -873,14 +873,32 @@ def make_server(
     port: int = 8080,
     model_id: str | None = None,
     defaults: dict[str, Any] | None = None,
+    listener: Server | None = None,
 ) -> Server:
     """A server for `llm` bound to host:port (port 0: any free port); run it with serve_forever().
 
     `defaults` are the sampling options a request does not set (default: the
-    model card's recommendation).
+    model card's recommendation). `listener`: a socket already taken by listen(host, port).
     """
     engine = Engine(llm, model_id or llm.file.path.stem, defaults)
+    server = listen(host, port) if listener is None else listener
+    server.engine = engine
+    return server
+
+
+def check_port(port: Any) -> int:
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise LfmEdgeError(f"the port must be a number from 0 to 65535 (0: any free port), got {port!r}")
+    return port
+
+
+def listen(host: str, port: int) -> Server:
+    """Take host:port before the model loads, so a busy port is reported at once; hand the result
+    to make_server(listener=...). Requests are only accepted once serve_forever() runs."""
+    check_port(port)
     try:
-        return Server(engine, host, port)
-    except OSError as e:
+        return Server(None, host, port)
+    except OSError as e:  # busy, not allowed, or a host name that does not resolve
         raise LfmEdgeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    except OverflowError:  # what socket says about a port out of range
+        raise LfmEdgeError(f"cannot listen on {host}:{port}: not a valid port") from None

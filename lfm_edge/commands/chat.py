@@ -32,7 +32,7 @@ MARKERS = (THINK_START, THINK_END, CALL_START, CALL_END)
 def configure_parser(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_sampling_args(p)
-    p.add_argument("-s", "--system", default=None, help="a system prompt")
+    p.add_argument("--system", default=None, help="a system prompt (-s is the seed, as in llama.cpp)")
     p.add_argument("--show-reasoning", action="store_true", help="show LFM2.5's <think> reasoning (dimmed)")
     p.add_argument("-v", "--verbose", action="store_true", help="time to first token and tokens/s after each reply")
     p.add_argument("--load", default=None, metavar="FILE", help="start from a saved conversation")

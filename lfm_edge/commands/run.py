@@ -14,17 +14,24 @@ from .common import add_model_args, add_sampling_args, load_model, sampling_from
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", help="the prompt; '-' reads it from standard input")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt; '-' reads it from standard input")
+    p.add_argument("-p", "--prompt", dest="prompt_option", default=None, metavar="PROMPT",
+                   help="the prompt, as a flag (llama.cpp's spelling)")
     add_model_args(p)
     add_sampling_args(p)
-    p.add_argument("-s", "--system", default=None, help="a system prompt")
+    p.add_argument("--system", default=None, help="a system prompt (-s is the seed, as in llama.cpp)")
     p.add_argument("--raw", action="store_true", help="continue the text as is, without the chat template")
     p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON record: text, token counts, timings")
 
 
 def main(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.prompt is not None and args.prompt_option is not None:
+        raise LfmEdgeError("two prompts: give it as an argument or with -p/--prompt, not both")
+    prompt = args.prompt if args.prompt is not None else args.prompt_option
+    if prompt is None:
+        raise LfmEdgeError("no prompt: lfm-edge run \"PROMPT\" (or -p PROMPT, or '-' to read standard input)")
+    prompt = sys.stdin.read() if prompt == "-" else prompt
     if not prompt.strip():
         raise LfmEdgeError("the prompt is empty")
     start = time.perf_counter()

@@ -10,14 +10,14 @@ import sys
 from pathlib import Path
 
 from ..hub import DEFAULT_MODEL
-from ..server import bind_warning, make_server
-from .common import add_model_args, load_model
+from ..server import bind_warning, listen, make_server
+from .common import add_model_args, integer, load_model
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0: any free port)")
+    p.add_argument("--port", type=port_number, default=8080, help="port to listen on (default 8080; 0: any free port)")
     p.add_argument("-q", "--quiet", action="store_true", help="do not log each request")
 
 
@@ -28,6 +28,13 @@ def model_id(ref: str | None) -> str:
     return path.stem if path.exists() or ref.endswith(".gguf") else ref
 
 
+def port_number(text: str) -> int:
+    value = integer(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 65535 (0: any free port), got {value}")
+    return value
+
+
 def stop_on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt  # shut down as on Ctrl-C
 
@@ -36,8 +43,13 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
-    llm = load_model(args)
-    server = make_server(llm, host=args.host, port=args.port, model_id=model_id(args.model))
+    listener = listen(args.host, args.port)  # a busy port is reported now, not after a long load
+    try:
+        llm = load_model(args)
+    except BaseException:
+        listener.server_close()
+        raise
+    server = make_server(llm, host=args.host, port=args.port, model_id=model_id(args.model), listener=listener)
     warning = bind_warning(args.host)
     if warning:
         print(f"lfm-edge: {warning}", file=sys.stderr)
