@@ -25,6 +25,25 @@ from .sampling import Sampler
 SAVE_FORMAT = "lfm-edge-session/1"
 
 
+def turns_to_keep(
+    messages: list[dict[str, Any]], count_tokens: Callable[[list[dict[str, Any]]], int], budget: int
+) -> list[dict[str, Any]]:
+    """The messages to send when the history is too long: the system prompt (if any) and the newest
+    turns that fit in `budget` tokens together, the oldest turns dropped first.
+
+    A turn starts at a user message and holds the replies and tool results after it. The newest
+    turn is always kept, even when it alone is over budget (the caller decides what then).
+    `count_tokens(messages)` is the length of the prompt those messages make.
+    """
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest = messages[len(head):]
+    starts = [i for i, m in enumerate(rest) if m["role"] == "user" or i == 0]  # where a kept part may begin
+    for start in starts:  # keep rest[start:], oldest start first: the most that fits
+        if count_tokens(head + rest[start:]) <= budget:
+            return head + rest[start:]
+    return head + rest[starts[-1]:] if starts else head + rest
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -66,6 +85,7 @@ class Session:
         make_sampling_params(sampling)  # validate now, not at the first turn
         self.sampling: dict[str, Any] = dict(sampling)
         self.last_stats = GenerationStats()
+        self.dropped_messages = 0  # oldest messages left out so far, to fit the context (see _fit)
         self._cache = llm.new_cache()
         self._cached: list[int] = []  # the ids whose state the cache holds, in order
         self._mark: tuple[Checkpoint, list[int]] | None = None  # state near the end of the last prompt
@@ -117,18 +137,24 @@ class Session:
         params = make_sampling_params({**self.sampling, **sampling})
         max_tokens = self.max_tokens if max_tokens is None else max_tokens
         check_max_tokens(max_tokens)
-        pieces = self._turn(Sampler(params), max_tokens, list(stop or []), on_text)
+        pieces = self._turn(Sampler(params), max_tokens, list(stop or []), on_text, content is not None)
         return pieces if stream else "".join(pieces)
 
-    def _turn(self, sampler: Sampler, max_tokens: int, stop: list[str], on_text) -> Iterator[str]:
+    def _turn(self, sampler: Sampler, max_tokens: int, stop: list[str], on_text, added: bool) -> Iterator[str]:
         if not self._busy.acquire(blocking=False):
             raise LfmEdgeError("this session is already generating a reply; cancel it or wait")
+        try:
+            prompt = self._fit(max_tokens)
+        except BaseException:  # a message that can never fit must not stay and block every later turn
+            if added:
+                self.messages.pop()
+            self._busy.release()
+            raise
         self._cancel.clear()
         reply: list[str] = []
         stats = self.last_stats = GenerationStats()
         completed = False
         try:
-            prompt = self.llm.chat_tokens(self.messages, self.tools)
             stats.prompt_tokens = len(prompt)
             logits = self._prefill(prompt, stats)
             history = list(prompt)
@@ -147,6 +173,29 @@ class Session:
                 self.messages.append({"role": "assistant", "content": "".join(reply)})
             self._busy.release()
 
+    def _fit(self, max_tokens: int) -> list[int]:
+        """The prompt for the next reply, after dropping the oldest turns if the history and room
+        for the reply (max_tokens, at most a quarter of the context) do not fit the context.
+
+        Then the history is cut to half the context, so that the next turns fit too and the
+        shortened history (recomputed once) is reused by the turns after it.
+        """
+        n_ctx = self.llm.n_ctx
+        kept = self.messages
+        prompt = self.llm.chat_tokens(kept, self.tools)
+        if len(prompt) + min(max_tokens, n_ctx // 4) > n_ctx:
+            kept = turns_to_keep(kept, lambda m: len(self.llm.chat_tokens(m, self.tools)), n_ctx // 2)
+            prompt = self.llm.chat_tokens(kept, self.tools)
+        if len(prompt) > n_ctx:  # the newest message alone is too long: the history stays as it was
+            raise LfmEdgeError(
+                f"the message is {len(prompt)} tokens with the chat markup"
+                f"{' and the system prompt' if kept[0]['role'] == 'system' else ''}, more than the whole"
+                f" {n_ctx}-token context: shorten it, or load the model with a larger context (-c/--ctx-size)"
+            )
+        self.dropped_messages += len(self.messages) - len(kept)
+        self.messages = kept
+        return prompt
+
     def _track(self, tokens: Iterator[int]) -> Iterator[int]:
         """Pass tokens on, keeping `_cached` equal to what the cache holds.
 
@@ -155,12 +204,14 @@ class Session:
         """
         start = time.perf_counter()
         pending: int | None = None
-        for t in tokens:
-            if pending is not None:
-                self._cached.append(pending)
-            pending = t
-            yield t
-        self.last_stats.decode_s = time.perf_counter() - start
+        try:
+            for t in tokens:
+                if pending is not None:
+                    self._cached.append(pending)
+                pending = t
+                yield t
+        finally:  # a reply stopped by Ctrl-C or cancel() has a speed too
+            self.last_stats.decode_s = time.perf_counter() - start
         if pending is not None and self._cache.pos == len(self._cached) + 1:
             self._cached.append(pending)
 
@@ -183,10 +234,15 @@ class Session:
         # The checkpoint is taken one token before the prompt's end: the prompt
         # ends in "<|im_start|>assistant\n", and that last "\n" often merges with
         # the reply's first characters when the history is re-tokenized next turn.
-        if reuse < len(prompt) - 1:
-            self.llm.prefill(prompt[reuse:-1], self._cache)
-        self._mark = (self._cache.checkpoint(), prompt[:-1])
-        logits = self.llm.prefill(prompt[-1:], self._cache)
+        try:
+            if reuse < len(prompt) - 1:
+                self.llm.prefill(prompt[reuse:-1], self._cache)
+            self._mark = (self._cache.checkpoint(), prompt[:-1])
+            logits = self.llm.prefill(prompt[-1:], self._cache)
+        except BaseException:  # stopped halfway (Ctrl-C): what the cache holds is unknown
+            self._cache.reset()
+            self._cached, self._mark = [], None
+            raise
         self._cached = list(prompt)
         stats.prefill_s = time.perf_counter() - start
         return logits
