@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from gguf import GGMLQuantizationType
 
 from . import native
 from .cache import Cache
-from .chat_template import ChatTemplate
+from .chat_template import ChatTemplate, TemplateError
 from .errors import LfmEdgeError
 from .gguf_file import GGUFFile
 from .models import build_model
@@ -81,17 +82,15 @@ class LLM:
         self._compute = threading.Lock()
         self.n_threads = n_threads or usable_cores()
         native.set_threads(self.n_threads)  # one pool for the process: the last load sets its size
+        # a template that cannot be used is reported when a chat needs it: generate() still works
+        self.chat_template: ChatTemplate | None = None
+        self.chat_template_error: LfmEdgeError | None = None
         source = self.file.metadata.get("tokenizer.chat_template")
-        tok = self.tokenizer
-        self.chat_template = (
-            ChatTemplate(
-                source,
-                bos_token=tok.decode([tok.bos_id]) if tok.bos_id is not None else "",
-                eos_token=tok.decode([tok.eos_id]) if tok.eos_id is not None else "",
-            )
-            if isinstance(source, str)
-            else None
-        )
+        if isinstance(source, str):
+            try:
+                self.chat_template = ChatTemplate(source, **self._special_tokens())
+            except TemplateError as e:
+                self.chat_template_error = e
 
     # -- text <-> tokens ---------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
@@ -212,13 +211,49 @@ class LLM:
         pieces = self.tokenizer.stream(self.decode_tokens(ids, max_tokens, sampler, stats=stats, cancel=cancel))
         return stop_at(pieces, list(stop or []), stats)
 
-    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> str:
-        if self.chat_template is None:
-            raise LfmEdgeError(f"{self.file.path}: the model file has no chat template (tokenizer.chat_template)")
-        return self.chat_template.render(messages, tools=tools, add_generation_prompt=True)
+    # -- chat ------------------------------------------------------------------
+    def _special_tokens(self) -> dict[str, Any]:
+        """The named special tokens, which transformers passes to the template as variables."""
+        tok = self.tokenizer
+        named = {"pad_token": "tokenizer.ggml.padding_token_id", "unk_token": "tokenizer.ggml.unknown_token_id"}
+        extra = {}
+        for name, key in named.items():
+            tid = self.file.metadata.get(key)
+            if isinstance(tid, int) and 0 <= tid < tok.n_vocab:
+                extra[name] = tok.decode([tid])
+        return {
+            "bos_token": tok.decode([tok.bos_id]) if tok.bos_id is not None else "",
+            "eos_token": tok.decode([tok.eos_id]) if tok.eos_id is not None else "",
+            "special_tokens": extra,
+        }
 
-    def chat_tokens(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
-        text = self.render_chat(messages, tools)
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> str:
+        """The prompt text the model file's chat template makes of `messages`, as transformers renders it.
+
+        `tools` are JSON schemas, listed as given. Keywords become template
+        variables: `enable_thinking=False`, `preserve_thinking=True`,
+        `keep_past_thinking=True`, or any the template reads. OpenAI-shaped
+        messages are accepted too (`reasoning_content`, `arguments` as a JSON
+        string, content as a list of text parts).
+        """
+        if self.chat_template is None:
+            if self.chat_template_error is not None:
+                raise TemplateError(f"{self.file.path}: {self.chat_template_error}")
+            raise LfmEdgeError(f"{self.file.path}: the model file has no chat template (tokenizer.chat_template)")
+        return self.chat_template.render(messages, tools, add_generation_prompt, **template_kwargs)
+
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None = None, **template_kwargs: Any) -> str:
+        """The prompt for the assistant's next reply (apply_chat_template with the generation prompt)."""
+        return self.apply_chat_template(messages, tools, add_generation_prompt=True, **template_kwargs)
+
+    def chat_tokens(self, messages: list[dict[str, Any]], tools: list[dict] | None = None, **template_kwargs: Any) -> list[int]:
+        text = self.render_chat(messages, tools, **template_kwargs)
         tok = self.tokenizer
         bos = tok.decode([tok.bos_id]) if tok.bos_id is not None else None
         # the template writes the BOS token itself; do not add a second one
@@ -239,9 +274,22 @@ class LLM:
 
 
 def usable_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """Physical cores this process may run on: the default thread count.
+
+    Two threads on the hyper-threads of one core share its load and SIMD units and only add
+    barrier waits to a bandwidth-bound decode step (llama.cpp counts physical cores too).
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not cpus:
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        try:
+            siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text()
+        except OSError:
+            return len(cpus)  # no topology (not Linux, or a sandbox): count logical CPUs
+        cores.add(siblings.strip())
+    return max(1, len(cores))
 
 
 def make_sampling_params(options: dict[str, Any]) -> SamplingParams:
