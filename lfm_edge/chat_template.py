@@ -1,80 +1,376 @@
-"""Rendering the Jinja chat template stored in a model file, safely.
+"""Rendering the Jinja chat template stored in a model file, as transformers does, safely.
 
 A template comes from a downloaded file, so it runs in jinja2's immutable
 sandbox: it can format messages but cannot reach attributes like
-`__class__` or call methods that change state. The environment matches the
-one transformers renders with (trim_blocks, lstrip_blocks, loop controls,
-a `tojson` that keeps non-ASCII text, `raise_exception`, `strftime_now`).
+`__class__` or call methods that change state. The environment is the one
+transformers' `apply_chat_template` renders with, rebuilt here (not imported):
+
+- trim_blocks, lstrip_blocks, loop controls, the default `Undefined`;
+- `{% generation %}...{% endgeneration %}` renders its body (transformers only
+  uses the block to find the assistant's tokens for training masks);
+- `tojson` keeps non-ASCII text and takes indent / separators / sort_keys;
+- globals `raise_exception`, `strftime_now`, a `dict` that only builds dicts,
+  and a `namespace` that refuses attribute names starting with `_`;
+- variables `messages`, `tools` (as given), `documents` (None),
+  `add_generation_prompt`, the special tokens (`bos_token`, `eos_token`, ...)
+  and any keyword the caller adds (`enable_thinking`, `preserve_thinking`,
+  `keep_past_thinking`, ...), which override the special tokens.
+
+Messages pass through `normalize_messages` first. For messages shaped the way
+transformers takes them it changes nothing but what transformers changes too
+(keys whose value is None are dropped; `reasoning_content` / `thinking` /
+`reasoning` are copied onto each other), so the text is byte-for-byte
+transformers'. OpenAI-shaped input is made into that shape: `arguments` given
+as a JSON string are parsed (the newest templates refuse strings), content
+given as a list of text parts is joined (the LFM2.5 templates join parts with
+nothing between them, so this is what they render either way). And where a
+template never reads a field the model was trained to see, the field is
+written where the template does look: assistant `tool_calls` become LFM2's
+`<|tool_call_start|>[f(a="x")]<|tool_call_end|>` at the start of the content
+(the LFM2 and LFM2.5-Instruct templates, which transformers would let drop
+the calls silently), and `thinking` becomes `<think>...</think>` before the
+content for a template that only looks for `</think>` inside the content.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
 import jinja2
-from jinja2.ext import loopcontrols
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
 
 from .errors import LfmEdgeError
+from .tool_calls import CALL_END, CALL_START, THINK_END, THINK_START
 
 ROLES = {"system", "user", "assistant", "tool"}
+# the names transformers reads a message's reasoning under, the one templates read first
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+# variables the renderer sets itself; a caller's keyword may not replace them
+RESERVED = {"messages", "tools", "documents", "add_generation_prompt"}
 
 
 class TemplateError(LfmEdgeError):
     pass
 
 
+# -- the environment -------------------------------------------------------------------
+
+
+class GenerationBlock(Extension):
+    """`{% generation %}...{% endgeneration %}`: the body is rendered as if the tags were absent.
+
+    Like transformers, the body runs as a call block (a scope of its own), so a
+    variable set inside it is not seen after `{% endgeneration %}`.
+    """
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: Callable[[], str]) -> str:
+        return caller()
+
+
+class TemplateNamespace(Namespace):
+    """jinja's `namespace`, refusing names that start with `_` (a way towards Python's internals)."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 -- jinja's own signature trick
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _check_namespace_name(name)
+        Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _check_namespace_name(name)
+        Namespace.__setitem__(self, name, value)
+
+
+def _check_namespace_name(name: Any) -> None:
+    if isinstance(name, str) and name.startswith("_"):
+        raise jinja2.exceptions.SecurityError(f"a template may not set {name!r} on a namespace")
+
+
+class DictFactory:
+    """The template's `dict`: builds dicts, and is not the dict type itself."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+        return dict.fromkeys(*args, **kwargs)
+
+
 def _raise(message: str) -> None:
     raise TemplateError(f"chat template: {message}")
 
 
-def _tojson(value: Any, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
-    return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+def _tojson(value: Any, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _environment(clock: Callable[[], datetime]) -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols], undefined=jinja2.Undefined
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: clock().strftime(fmt)
+    env.globals["dict"] = DictFactory()
+    env.globals["namespace"] = TemplateNamespace
+    return env
+
+
+# -- the template ----------------------------------------------------------------------
 
 
 class ChatTemplate:
-    def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols], undefined=jinja2.Undefined
-        )
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    """A chat template, parsed once; `render` turns messages into the prompt text.
+
+    `clock` gives the time `strftime_now` formats (tests pin it).
+    """
+
+    def __init__(
+        self,
+        source: str,
+        bos_token: str = "",
+        eos_token: str = "",
+        special_tokens: Mapping[str, str] | None = None,
+        clock: Callable[[], datetime] = datetime.now,
+    ):
+        self.source = source
+        self.clock = clock
+        env = _environment(lambda: self.clock())
         try:
-            self._template = env.from_string(source)
+            ast = env.parse(source)
+            self._template = env.from_string(ast)
         except jinja2.TemplateSyntaxError as e:
             raise TemplateError(f"the chat template does not parse: {e.message} (line {e.lineno})") from None
-        self.bos_token, self.eos_token = bos_token, eos_token
+        # transformers passes the tokenizer's named special tokens as variables
+        self.special_tokens = {"bos_token": bos_token, "eos_token": eos_token, **(special_tokens or {})}
+        self.bos_token, self.eos_token = self.special_tokens["bos_token"], self.special_tokens["eos_token"]
+        names = _names_read(ast)
+        self.reads_tool_calls = "tool_calls" in names
+        self.reads_thinking = any(f in names for f in REASONING_FIELDS)
+        self.splits_thinking = any(THINK_END in s for s in _strings(ast))
 
     def render(
-        self, messages: list[dict[str, Any]], tools: list[dict] | None = None, add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
     ) -> str:
-        check_messages(messages)
+        """The prompt text; `template_kwargs` become template variables (e.g. enable_thinking=False)."""
+        messages = normalize_messages(
+            messages,
+            calls_in_content=not self.reads_tool_calls,
+            thinking_in_content=self.splits_thinking and not self.reads_thinking,
+        )
+        clash = RESERVED.intersection(template_kwargs)
+        if clash:
+            raise LfmEdgeError(f"{sorted(clash)[0]!r} is set by the renderer and cannot be a template variable")
+        check_tools(tools)
+        variables = {**self.special_tokens, **plain_data(template_kwargs)}
         try:
             return self._template.render(
                 messages=messages,
-                tools=tools or None,
+                tools=plain_data(tools),
+                documents=None,
                 add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
+                **variables,
             )
+        except LfmEdgeError:
+            raise
         except jinja2.exceptions.SecurityError as e:
             raise TemplateError(f"the chat template tried something unsafe and was stopped: {e}") from None
-        except jinja2.TemplateError as e:
+        except Exception as e:  # a template is a program: TypeError, UndefinedError, ... all mean it failed
             raise TemplateError(f"the chat template failed: {e}") from None
+
+
+def _names_read(ast: nodes.Template) -> set[str]:
+    """Attribute and item names the template reads (`message.tool_calls`, `message["thinking"]`)."""
+    names = {n.attr for n in ast.find_all(nodes.Getattr)}
+    return names | _strings(ast)
+
+
+def _strings(ast: nodes.Template) -> set[str]:
+    return {n.value for n in ast.find_all(nodes.Const) if isinstance(n.value, str)} | {
+        n.data for n in ast.find_all(nodes.TemplateData)
+    }
+
+
+# -- messages ---------------------------------------------------------------------------
 
 
 def check_messages(messages: Any) -> None:
     """A conversation is a list of {'role': ..., 'content': ...} dicts."""
+    normalize_messages(messages)
+
+
+def normalize_messages(
+    messages: Any, calls_in_content: bool = False, thinking_in_content: bool = False
+) -> list[dict[str, Any]]:
+    """Messages as the chat templates take them (see the module's docstring); the input is not changed.
+
+    `calls_in_content` / `thinking_in_content` write `tool_calls` / `thinking`
+    into the content, for a template that does not read those fields.
+    """
     if not isinstance(messages, list):
         raise LfmEdgeError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m:
+        if not isinstance(m, Mapping) or "role" not in m:
             raise LfmEdgeError(f"message {i} must be a dict with a 'role' and a 'content'")
         if m["role"] not in ROLES:
             raise LfmEdgeError(f"message {i} has role {m['role']!r}; roles are {', '.join(sorted(ROLES))}")
-        content = m.get("content")
-        if content is not None and not isinstance(content, str):
-            raise LfmEdgeError(f"message {i} has content that is not text")
+        # transformers drops keys whose value is None (OpenAI sends "content": null with tool calls)
+        m = {k: plain_data(v) for k, v in m.items() if v is not None}
+        if "content" in m:
+            m["content"] = content_text(m["content"], f"message {i}")
+        m = alias_reasoning(m)
+        if "tool_calls" in m:
+            m["tool_calls"] = parsed_tool_calls(m["tool_calls"], f"message {i}")
+        if m["role"] == "assistant":
+            m = _into_content(m, calls_in_content, thinking_in_content)
+        out.append(m)
+    return out
+
+
+def content_text(content: Any, where: str) -> str:
+    """A message's content as text: a string, or a list of text parts joined with nothing between them."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                raise LfmEdgeError(f"{where} has a content part {j} of type {kind!r}; only text parts are supported")
+        return "".join(texts)
+    raise LfmEdgeError(f"{where} has content that is not text (a string or a list of text parts)")
+
+
+def alias_reasoning(m: dict[str, Any]) -> dict[str, Any]:
+    """transformers' rule: `thinking` (unless given) and `reasoning_content` take the first reasoning field set."""
+    reasoning = next((m[k] for k in REASONING_FIELDS if m.get(k) is not None), None)
+    if reasoning is None:
+        return m
+    return {"thinking": reasoning, **m, "reasoning_content": reasoning}
+
+
+def parsed_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """`tool_calls` with every `arguments` a mapping: JSON strings parsed, a missing or empty one is {}."""
+    if not isinstance(calls, list):
+        raise LfmEdgeError(f"{where} has tool_calls that are not a list")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise LfmEdgeError(f"{where}: tool_calls[{j}] needs a function with a name")
+        args = fn.get("arguments")
+        if args is None or (isinstance(args, str) and not args.strip()):
+            args = {}
+        elif isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                raise LfmEdgeError(f"{where}: tool_calls[{j}].function.arguments is not valid JSON") from None
+        if not isinstance(args, dict):
+            raise LfmEdgeError(f"{where}: tool_calls[{j}].function.arguments must be a JSON object")
+        fn = {**fn, "arguments": args}
+        out.append({**call, "function": fn} if "function" in call else fn)
+    return out
+
+
+def _into_content(m: dict[str, Any], calls: bool, thinking: bool) -> dict[str, Any]:
+    """Write `tool_calls` / `thinking` into the content, LFM2's way: think block, calls, then words."""
+    head = ""
+    if thinking and isinstance(m.get("thinking"), str) and m["thinking"]:
+        head += THINK_START + m["thinking"] + THINK_END
+        m = {k: v for k, v in m.items() if k not in REASONING_FIELDS}
+    if calls and m.get("tool_calls"):
+        head += call_text([c.get("function", c) for c in m["tool_calls"]])
+        m = {k: v for k, v in m.items() if k != "tool_calls"}
+    if head:
+        m["content"] = head + m.get("content", "")
+    return m
+
+
+def call_text(functions: list[dict[str, Any]]) -> str:
+    """Calls the way LFM2 writes them: `<|tool_call_start|>[get_weather(city="Paris")]<|tool_call_end|>`.
+
+    Argument names Python cannot spell fall back to the JSON form, which LFM2 also reads.
+    """
+    pythonic = all(k.isidentifier() for f in functions for k in f["arguments"]) and all(
+        all(p.isidentifier() for p in f["name"].split(".")) for f in functions
+    )
+    if pythonic:
+        body = "[" + ", ".join(
+            f["name"] + "(" + ", ".join(f"{k}={py_literal(v)}" for k, v in f["arguments"].items()) + ")"
+            for f in functions
+        ) + "]"
+    else:
+        body = json.dumps([{"name": f["name"], "arguments": f["arguments"]} for f in functions], ensure_ascii=False)
+    return CALL_START + body + CALL_END
+
+
+def py_literal(value: Any) -> str:
+    """A JSON value as the Python literal LFM2 writes in its calls (strings in double quotes)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(py_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k), ensure_ascii=False)}: {py_literal(v)}" for k, v in value.items()) + "}"
+    raise LfmEdgeError(f"a tool call argument is not a JSON value: {value!r}")
+
+
+def check_tools(tools: Any) -> None:
+    if tools is None:
+        return
+    if not isinstance(tools, list) or not all(isinstance(t, (Mapping, str)) for t in tools):
+        raise LfmEdgeError(
+            "tools must be a list of JSON schemas (dicts such as {'type': 'function', 'function': {...}})"
+        )
+
+
+def plain_data(value: Any) -> Any:
+    """A copy made of plain JSON-like types only, as transformers gives the template.
+
+    Subclasses of str / int / float lose their extra methods; any other object
+    becomes a placeholder naming its type, so nothing with dangerous methods
+    reaches the sandbox.
+    """
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {plain_data(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_data(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(plain_data(v) for v in value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
+        return plain_data(value.item())  # a numpy scalar
+    return f"<{type(value).__name__}>"
