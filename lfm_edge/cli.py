@@ -54,9 +54,24 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     return parser, modules
 
 
+def kernels_problem() -> LfmEdgeError | None:
+    """Why the compiled kernels cannot load (e.g. Python runs in the source folder), if they cannot."""
+    try:
+        from . import native  # noqa: F401
+    except LfmEdgeError as e:
+        return e
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        parser, modules = build_parser()
+        try:
+            parser, modules = build_parser()
+        except ImportError:  # a part of the package is missing: say why, if the kernels are the reason
+            problem = kernels_problem()
+            if problem is None:
+                raise
+            raise problem from None
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()

@@ -25,7 +25,7 @@ SAMPLING_FLAGS = {
 
 
 # llama.cpp's and ollama's spellings that mean the same as ours
-SAMPLING_ALIASES = {"repetition_penalty": ["--repeat-penalty"], "seed": ["-s"]}
+SAMPLING_ALIASES = {"temperature": ["--temp"], "repetition_penalty": ["--repeat-penalty"], "seed": ["-s"]}
 DEFAULT_MAX_TOKENS = 1024
 THREADS_PER_CPU = 4  # more kernel threads than this per CPU only slows down: a larger -t is a typo
 
