@@ -1,7 +1,8 @@
 """The Python API: load a model, tokenize, compute logits, generate, chat.
 
 The generation loop is written in named steps (`prefill`, `decode_one_token`,
-`decode_tokens`); `generate` and `chat` turn the token stream into text.
+`decode_tokens`); `generate` and `chat` turn the token stream into text, and
+`generate_events` / `chat_events` into the events of lfm_edge.reply.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .chat_template import ChatTemplate, TemplateError
 from .errors import LfmEdgeError
 from .gguf_file import GGUFFile
 from .models import build_model
+from .reply import TEXT, Event, reply_events, reply_text
 from .sampling import Sampler, SamplingParams
 from .tokenizer import GGUFTokenizer
 
@@ -198,18 +200,37 @@ class LLM:
         cancel: threading.Event | None = None,
         **sampling: Any,
     ) -> Iterator[str]:
-        """Text pieces continuing `prompt` (text or token ids); stops at any `stop` string.
+        """Text pieces continuing `prompt` (text or token ids) as it is; stops at any `stop` string.
 
-        Pass a GenerationStats to read token counts and timings afterwards, and
-        a threading.Event to stop the generation from another thread.
+        Special tokens are left out of the text. Pass a GenerationStats to read token
+        counts and timings afterwards, and a threading.Event to stop the generation
+        from another thread.
+        """
+        events = self.generate_events(prompt, max_tokens, stop, stats, cancel, raw=True, **sampling)
+        return (e.text for e in events if e.kind == TEXT)
+
+    def generate_events(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int = 256,
+        stop: Sequence[str] | None = None,
+        stats: GenerationStats | None = None,
+        cancel: threading.Event | None = None,
+        raw: bool = False,
+        **sampling: Any,
+    ) -> Iterator[Event]:
+        """The reply to `prompt` as events (lfm_edge.reply): reasoning, text, tool calls, stop, end.
+
+        A prompt that ends in `<think>` starts the reply inside reasoning. raw=True: a plain
+        continuation, all text (what `generate` gives).
         """
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         sampler = Sampler(make_sampling_params(sampling))
         check_max_tokens(max_tokens)
         self._check_ids(ids)
         stats = stats if stats is not None else GenerationStats()
-        pieces = self.tokenizer.stream(self.decode_tokens(ids, max_tokens, sampler, stats=stats, cancel=cancel))
-        return stop_at(pieces, list(stop or []), stats)
+        tokens = self.decode_tokens(ids, max_tokens, sampler, stats=stats, cancel=cancel)
+        return reply_events(self.tokenizer, tokens, ids, list(stop or []), raw=raw, stats=stats)
 
     # -- chat ------------------------------------------------------------------
     def _special_tokens(self) -> dict[str, Any]:
@@ -268,9 +289,25 @@ class LLM:
         stop: Sequence[str] | None = None,
         **sampling: Any,
     ) -> Iterator[str] | str:
-        """The assistant's reply to `messages`: text pieces, or the whole text with stream=False."""
-        pieces = self.generate(self.chat_tokens(messages, tools), max_tokens=max_tokens, stop=stop, **sampling)
+        """The assistant's answer to `messages`: text pieces, or the whole text with stream=False.
+
+        Reasoning is left out (chat_events has it); tool-call blocks stay in, as written.
+        """
+        pieces = reply_text(self.chat_events(messages, tools, max_tokens=max_tokens, stop=stop, **sampling))
         return pieces if stream else "".join(pieces)
+
+    def chat_events(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict] | None = None,
+        max_tokens: int = 1024,
+        stop: Sequence[str] | None = None,
+        stats: GenerationStats | None = None,
+        cancel: threading.Event | None = None,
+        **sampling: Any,
+    ) -> Iterator[Event]:
+        """The assistant's reply to `messages` as events: reasoning, text, tool calls, stop, end."""
+        return self.generate_events(self.chat_tokens(messages, tools), max_tokens, stop, stats, cancel, **sampling)
 
 
 def usable_cores() -> int:
@@ -302,35 +339,6 @@ def make_sampling_params(options: dict[str, Any]) -> SamplingParams:
 def check_max_tokens(max_tokens: Any) -> None:
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
         raise LfmEdgeError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
-
-
-def stop_at(pieces: Iterator[str], stop: list[str], stats: GenerationStats | None = None) -> Iterator[str]:
-    """Pass text through until one of the `stop` strings appears; the stop string is not emitted.
-
-    Text that could be the start of a stop string is held back until it is
-    known not to be.
-    """
-    if not stop:
-        yield from pieces
-        return
-    held = ""
-    longest = max(len(s) for s in stop)
-    for piece in pieces:
-        held += piece
-        hits = [i for i in (held.find(s) for s in stop) if i >= 0]
-        if hits:
-            if min(hits):
-                yield held[: min(hits)]
-            if stats is not None:
-                stats.finish_reason = "stop"
-            return
-        # keep the tail that might still grow into a stop string
-        keep = next((k for k in range(min(longest - 1, len(held)), 0, -1) if any(s.startswith(held[-k:]) for s in stop)), 0)
-        if len(held) > keep:
-            yield held[: len(held) - keep]
-            held = held[len(held) - keep :]
-    if held:
-        yield held
 
 
 def load(
