@@ -10,11 +10,12 @@ turn of a chat) reuses its state, as `Session` does. A client that goes away
 mid-generation is noticed at the next token and its generation is cancelled,
 so the queue moves on.
 
-Replies are turned into OpenAI messages by `ReplyParser`: LFM2.5's leading
-`<think>...</think>` becomes `reasoning_content`, and when the request offered
-tools, `<|tool_call_start|>[f(a=1)]<|tool_call_end|>` blocks become
-`tool_calls`. The same parser runs on the whole reply and on the stream, so
-streamed and non-streamed answers agree.
+Replies are split by lfm_edge.reply, as in every front end: reasoning (LFM2.5's
+`<think>...</think>`, or a reply that starts inside it because the prompt ends in
+`<think>`) becomes `reasoning_content`, streamed as `delta.reasoning_content`; when
+the request offered tools, `<|tool_call_start|>[f(a=1)]<|tool_call_end|>` blocks
+become `tool_calls` (without tools they stay in the content as written). Whole and
+streamed answers are made from the same events, so they agree.
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ from typing import Any
 
 from . import __version__
 from .errors import LfmEdgeError
-from .llm import LLM, GenerationStats, make_sampling_params, stop_at
+from .llm import LLM, GenerationStats, make_sampling_params
+from .reply import REASONING, TEXT, TOOL_CALL, Event, Reply, reply_events
 from .sampling import Sampler, SamplingParams
 from .session import common_prefix
-from .tool_calls import CALL_END, CALL_START, THINK_END, THINK_START, ToolCall, parse_call_list
+from .tool_calls import CALL_END, CALL_START, ToolCall
 
 log = logging.getLogger("lfm_edge.server")
 
@@ -257,100 +259,6 @@ class Job:
 # -- from a reply to an OpenAI message ---------------------------------------------
 
 
-class ReplyParser:
-    """Splits a reply, whole or streamed, into reasoning, content and tool calls.
-
-    `feed` returns what became certain: ("reasoning", text), ("content", text)
-    or ("call", ToolCall); `finish` flushes the rest. Text that could be the
-    start of a marker is held back until it is known. Each channel is stripped
-    of surrounding whitespace, as `split_reasoning` and `parse_tool_calls` do,
-    and a call block that does not parse stays in the content as written.
-    """
-
-    def __init__(self, parse_calls: bool):
-        self.parse_calls = parse_calls
-        self.mode = "start"  # start -> think -> text <-> call
-        self.buf = ""
-        self.started = {"reasoning": False, "content": False}
-        self.pending = {"reasoning": "", "content": ""}  # trailing whitespace, emitted if more text follows
-        self.saw_reasoning = False
-
-    def feed(self, piece: str) -> list[tuple[str, Any]]:
-        self.buf += piece
-        out: list[tuple[str, Any]] = []
-        while self._step(out):
-            pass
-        return out
-
-    def finish(self) -> list[tuple[str, Any]]:
-        out: list[tuple[str, Any]] = []
-        self._emit(out, "reasoning" if self.mode == "think" else "content", self.buf)
-        self.buf = ""
-        return out
-
-    def _step(self, out: list) -> bool:
-        """Consume what can be decided in self.buf; True if the mode changed and there may be more."""
-        buf = self.buf
-        if self.mode == "start":
-            head = buf.lstrip()
-            if head.startswith(THINK_START):
-                self.mode, self.saw_reasoning = "think", True
-                self.buf = head[len(THINK_START) :]
-                return True
-            if THINK_START.startswith(head):  # empty, or a part of "<think>"
-                return False
-            self.mode = "text"
-            return True
-        if self.mode == "think":
-            end = buf.find(THINK_END)
-            if end >= 0:
-                self._emit(out, "reasoning", buf[:end])
-                self.mode, self.buf = "text", buf[end + len(THINK_END) :]
-                return True
-            keep = held_back(buf, THINK_END)
-            self._emit(out, "reasoning", buf[: len(buf) - keep])
-            self.buf = buf[len(buf) - keep :]
-            return False
-        if self.mode == "text":
-            start = buf.find(CALL_START) if self.parse_calls else -1
-            if start >= 0:
-                self._emit(out, "content", buf[:start])
-                self.mode, self.buf = "call", buf[start:]
-                return True
-            keep = held_back(buf, CALL_START) if self.parse_calls else 0
-            self._emit(out, "content", buf[: len(buf) - keep])
-            self.buf = buf[len(buf) - keep :]
-            return False
-        # mode "call": self.buf starts with CALL_START
-        end = buf.find(CALL_END)
-        if end < 0:
-            return False
-        calls = parse_call_list(buf[len(CALL_START) : end])
-        if calls is None:
-            self._emit(out, "content", buf[: end + len(CALL_END)])
-        else:
-            out.extend(("call", c) for c in calls)
-        self.mode, self.buf = "text", buf[end + len(CALL_END) :]
-        return True
-
-    def _emit(self, out: list, channel: str, text: str) -> None:
-        if not self.started[channel]:
-            text = text.lstrip()
-            if not text:
-                return
-            self.started[channel] = True
-        text = self.pending[channel] + text
-        body = text.rstrip()
-        self.pending[channel] = text[len(body) :]
-        if body:
-            out.append((channel, body))
-
-
-def held_back(text: str, marker: str) -> int:
-    """Length of the longest end of `text` that is the beginning of `marker`."""
-    return next((k for k in range(min(len(marker) - 1, len(text)), 0, -1) if text.endswith(marker[:k])), 0)
-
-
 def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
@@ -364,16 +272,13 @@ def openai_tool_call(call: ToolCall, index: int | None = None) -> dict:
     return out if index is None else {"index": index, **out}
 
 
-def reply_message(text: str, parse_calls: bool) -> dict:
-    """The OpenAI assistant message for a whole reply."""
-    parser = ReplyParser(parse_calls)
-    parts = parser.feed(text) + parser.finish()
-    content = "".join(v for k, v in parts if k == "content")
-    reasoning = "".join(v for k, v in parts if k == "reasoning")
-    calls = [v for k, v in parts if k == "call"]
+def openai_message(reply: Reply, parse_calls: bool) -> dict:
+    """The OpenAI assistant message for a whole reply; without tools offered, calls stay in the content."""
+    calls = reply.calls if parse_calls else []
+    content = reply.content if parse_calls else reply.text
     message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
-    if parser.saw_reasoning:
-        message["reasoning_content"] = reasoning
+    if reply.reasoning is not None:
+        message["reasoning_content"] = reply.reasoning
     if calls:
         message["tool_calls"] = [openai_tool_call(c) for c in calls]
     return message
@@ -505,8 +410,10 @@ class Engine:
         )
 
     # -- generation (only while holding self.turn) -------------------------------
-    def generate(self, job: Job, stats: GenerationStats, cancel: threading.Event) -> Iterator[str]:
-        """Text pieces of the reply to `job`; stops early when `cancel` is set."""
+    def generate(self, job: Job, stats: GenerationStats, cancel: threading.Event) -> Iterator[Event]:
+        """The reply to `job` as events (lfm_edge.reply); stops early when `cancel` is set.
+
+        A completion is a raw continuation: all text, no reasoning or tool calls."""
         history = list(job.prompt)
         stats.prompt_tokens = len(job.prompt)
         try:
@@ -515,7 +422,9 @@ class Engine:
             tokens = self.llm.sample_tokens(
                 logits, history, job.max_tokens, Sampler(job.sampling), self.cache, stats, cancel
             )
-            yield from stop_at(self.llm.tokenizer.stream(tokens), job.stop, stats)
+            yield from reply_events(
+                self.llm.tokenizer, tokens, job.prompt, job.stop, raw=job.kind == "completion", stats=stats
+            )
             stats.decode_s = time.perf_counter() - start
         except BaseException:
             self.cached, self.mark = [], None  # the state is unknown: start afresh next time
@@ -648,7 +557,7 @@ class Handler(BaseHTTPRequestHandler):
         engine = self.engine
         cancel = threading.Event()
         stats = GenerationStats(prompt_tokens=len(job.prompt))
-        text: list[str] = []
+        reply = Reply()
         with engine.turn:
             if engine.closing.is_set():
                 raise RequestError("the server is shutting down", status=503)
@@ -659,8 +568,8 @@ class Handler(BaseHTTPRequestHandler):
                 elif job.stream:
                     self._stream(job, engine.generate(job, stats, cancel), stats, cancel)
                 else:
-                    for piece in engine.generate(job, stats, cancel):
-                        text.append(piece)
+                    for event in engine.generate(job, stats, cancel):
+                        reply.add(event)
                         if not cancel.is_set() and self._client_gone():
                             cancel.set()  # the generator stops at its next token
             except LfmEdgeError as e:  # not expected after the checks in *_job, but a sentence all the same
@@ -676,9 +585,9 @@ class Handler(BaseHTTPRequestHandler):
                 engine.current_cancel = None
                 engine.record(job, stats)
         if not job.stream and not cancel.is_set():
-            self._send_json(200, self._response(job, "".join(text), stats))
+            self._send_json(200, self._response(job, reply, stats))
 
-    def _response(self, job: Job, text: str, stats: GenerationStats) -> dict:
+    def _response(self, job: Job, reply: Reply, stats: GenerationStats) -> dict:
         head = {
             "id": job.id,
             "object": "chat.completion" if job.kind == "chat" else "text_completion",
@@ -686,14 +595,14 @@ class Handler(BaseHTTPRequestHandler):
             "model": self.engine.model_id,
         }
         if job.kind == "completion":
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(stats, False)}
+            choice = {"index": 0, "text": reply.text, "logprobs": None, "finish_reason": finish_reason(stats, False)}
         else:
-            message = reply_message(text, job.parse_calls)
+            message = openai_message(reply, job.parse_calls)
             reason = finish_reason(stats, "tool_calls" in message)
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
         return {**head, "choices": [choice], "usage": usage(stats)}
 
-    def _stream(self, job: Job, pieces: Iterator[str], stats: GenerationStats, cancel: threading.Event) -> None:
+    def _stream(self, job: Job, events: Iterator[Event], stats: GenerationStats, cancel: threading.Event) -> None:
         """Server-sent events; a failed write or a closed socket cancels the generation."""
         head = {
             "id": job.id,
@@ -719,26 +628,27 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        parser = ReplyParser(job.parse_calls)
         n_calls = 0
 
-        def send_parts(parts: list[tuple[str, Any]]) -> None:
+        def send_part(event: Event) -> None:
             nonlocal n_calls
-            for kind, value in parts:
-                if kind == "call":
-                    send(chunk({"tool_calls": [openai_tool_call(value, n_calls)]}))
+            if job.kind == "completion":
+                if event.kind == TEXT:
+                    send(chunk(event.text))
+            elif event.kind == TOOL_CALL and job.parse_calls:
+                for call in event.calls:
+                    send(chunk({"tool_calls": [openai_tool_call(call, n_calls)]}))
                     n_calls += 1
-                else:
-                    send(chunk({"reasoning_content" if kind == "reasoning" else "content": value}))
+            elif event.kind in (TEXT, TOOL_CALL) and event.text:  # without tools, a call is content
+                send(chunk({"content": event.text}))
+            elif event.kind == REASONING and event.text:
+                send(chunk({"reasoning_content": event.text}))
 
         if job.kind == "chat":
             send(chunk({"role": "assistant", "content": ""}))
         try:
-            for piece in pieces:  # after a cancel this drains at once
-                if job.kind == "chat":
-                    send_parts(parser.feed(piece))
-                else:
-                    send(chunk(piece))
+            for event in events:  # after a cancel this drains at once
+                send_part(event)
                 if not cancel.is_set() and self._client_gone():
                     cancel.set()
         except Exception as e:  # the status line is gone: report in the stream, then close it
@@ -753,8 +663,6 @@ class Handler(BaseHTTPRequestHandler):
             return
         if cancel.is_set():
             return
-        if job.kind == "chat":
-            send_parts(parser.finish())
         send(chunk(None, finish_reason(stats, n_calls > 0)))
         if job.include_usage:
             send({**head, "choices": [], "usage": usage(stats)})

@@ -139,12 +139,47 @@ def test_bench_json_has_the_required_keys(gguf_path):
     assert r["ttft_s"] >= 0.9 * 16 / r["pp_tps_max"]
 
 
+def md_table(text: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+
+
 def test_bench_table_and_context_depth(gguf_path):
     path = gguf_path("moe", "q4_0")
     proc = cli("bench", "-m", str(path), "-p", "0", "-n", "3", "-r", "1", "--ctx-depth", "40")
     assert proc.returncode == 0, proc.stderr
-    assert "| tg3 @ d40 |" in proc.stdout and "pp" not in proc.stdout.split("\n")[2]
+    header, rule, *rows = md_table(proc.stdout)
+    assert header == ["model", "size", "params", "backend", "threads", "test", "t/s"]  # llama-bench's columns
+    assert [r[5] for r in rows] == ["tg3 @ d40"] and rows[0][0] == "lfm2moe Q4_0" and rows[0][3] == "CPU"
+    assert rows[0][6].endswith("± 0.00")  # one run: no spread
     assert "peak RSS" in proc.stdout and "f16 KV cache" in proc.stdout
+
+
+def test_bench_comma_lists_and_llama_bench_formats(gguf_path):
+    path = str(gguf_path("moe", "q4_0"))
+    proc = cli("bench", "-m", path, "-t", "1,2", "-p", "8,16", "-n", "2", "-r", "3", "-o", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    tests = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(t["n_threads"], t["n_prompt"], t["n_gen"]) for t in tests] == [
+        (1, 8, 0), (1, 16, 0), (1, 0, 2), (2, 8, 0), (2, 16, 0), (2, 0, 2)]
+    for t in tests:  # llama-bench's fields and their meaning: mean and sample deviation of the runs
+        assert len(t["samples_ts"]) == len(t["samples_ns"]) == 3
+        tokens = t["n_prompt"] or t["n_gen"]
+        assert t["samples_ts"] == pytest.approx([tokens * 1e9 / ns for ns in t["samples_ns"]])
+        assert t["avg_ts"] == pytest.approx(np.mean(t["samples_ts"]))
+        assert t["stddev_ts"] == pytest.approx(np.std(t["samples_ts"], ddof=1))
+        assert t["model_filename"] == path and t["backends"] == "CPU" and t["model_n_params"] > 100_000
+    md = md_table(cli("bench", "-m", path, "-t", "1,2", "-p", "8", "-n", "0", "-r", "2").stdout)
+    assert [(r[4], r[5]) for r in md[2:]] == [("1", "pp8"), ("2", "pp8")]
+    assert all(" ± " in r[6] for r in md[2:])
+    whole = json.loads(cli("bench", "-m", path, "-p", "8", "-n", "2", "-r", "1", "-o", "json").stdout)
+    assert [t["n_prompt"] for t in whole] == [8, 0] and "avg_ns" in whole[0]
+    lines = cli("bench", "-m", path, "-p", "8", "-n", "0", "-r", "1", "-o", "csv").stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith('"model_filename","model_type","model_size","model_n_params"')
+    assert '"avg_ts","stddev_ts"' in lines[0]
+    # the --json record per configuration stays what bench/compare.py reads
+    records = [json.loads(x) for x in cli("bench", "-m", path, "-t", "1,2", "-p", "8", "-n", "2", "-r", "1",
+                                          "--json").stdout.splitlines()]
+    assert [r["threads"] for r in records] == [1, 2] and all(r["pp_tps"] > 0 and r["tg_tps"] > 0 for r in records)
 
 
 def test_bench_takes_the_kv_cache_type(gguf_path):
@@ -164,6 +199,11 @@ def test_bench_takes_the_kv_cache_type(gguf_path):
         (["-m", "MODEL", "-n", "1.5"], ["-n/--n-gen"]),
         (["-m", "MODEL", "-p", "0", "-n", "0"], ["nothing to measure"]),
         (["-m", "MODEL", "-ctk", "q4"], ["kv_cache_type must be one of f16, f32", "'q4'"]),
+        (["-m", "MODEL", "-t", "1,x"], ["-t/--threads", "'x'"]),
+        (["-m", "MODEL", "-p", "16,-3"], ["-p/--n-prompt", "at least 0"]),
+        (["-m", "MODEL", "-o", "xml"], ["-o/--output", "md, csv, json, jsonl"]),
+        (["-m", "/"], ["/: is a directory"]),
+        (["-m", "MODEL", "--bogus"], ["unrecognized arguments: --bogus", "see lfm-edge bench --help"]),
     ],
 )
 def test_bench_bad_arguments_fail_with_one_line(args, words, gguf_path):
