@@ -19,7 +19,8 @@ from typing import Any
 from .cache import Checkpoint
 from .chat_template import check_messages
 from .errors import LfmEdgeError
-from .llm import LLM, GenerationStats, check_max_tokens, make_sampling_params, stop_at
+from .llm import LLM, GenerationStats, check_max_tokens, make_sampling_params
+from .reply import Event, Reply, reply_events, reply_text
 from .sampling import Sampler
 
 SAVE_FORMAT = "lfm-edge-session/1"
@@ -126,10 +127,25 @@ class Session:
     ) -> Iterator[str] | str:
         """Add a message (unless content is None) and generate the assistant's reply.
 
-        The reply, complete or cut short by cancel(), joins the history. With
-        stream=True the pieces are yielded; otherwise the whole reply is returned.
-        `on_text` is called with each piece as well.
+        The reply, complete or cut short by cancel(), joins the history, with its
+        reasoning as the message's `thinking`. With stream=True the pieces of the
+        answer are yielded (reasoning left out, tool-call blocks as written);
+        otherwise the whole answer is returned. `on_text` is called with each piece
+        as well. send_events gives the reply as events, reasoning included.
         """
+        events = self.send_events(content, role, max_tokens, stop, **sampling)
+        pieces = self._text(events, on_text)
+        return pieces if stream else "".join(pieces)
+
+    def send_events(
+        self,
+        content: str | None = None,
+        role: str = "user",
+        max_tokens: int | None = None,
+        stop: Sequence[str] | None = None,
+        **sampling: Any,
+    ) -> Iterator[Event]:
+        """As send, but the reply as events (lfm_edge.reply): reasoning, text, tool calls, stop, end."""
         if content is not None:
             message = {"role": role, "content": content}
             check_messages([message])
@@ -137,10 +153,19 @@ class Session:
         params = make_sampling_params({**self.sampling, **sampling})
         max_tokens = self.max_tokens if max_tokens is None else max_tokens
         check_max_tokens(max_tokens)
-        pieces = self._turn(Sampler(params), max_tokens, list(stop or []), on_text, content is not None)
-        return pieces if stream else "".join(pieces)
+        return self._turn(Sampler(params), max_tokens, list(stop or []), content is not None)
 
-    def _turn(self, sampler: Sampler, max_tokens: int, stop: list[str], on_text, added: bool) -> Iterator[str]:
+    @staticmethod
+    def _text(events: Iterator[Event], on_text: Callable[[str], None] | None) -> Iterator[str]:
+        try:
+            for piece in reply_text(events):
+                if on_text is not None:
+                    on_text(piece)
+                yield piece
+        finally:  # stopping early ends the turn now, not when the events are collected
+            events.close()
+
+    def _turn(self, sampler: Sampler, max_tokens: int, stop: list[str], added: bool) -> Iterator[Event]:
         if not self._busy.acquire(blocking=False):
             raise LfmEdgeError("this session is already generating a reply; cancel it or wait")
         try:
@@ -151,7 +176,7 @@ class Session:
             self._busy.release()
             raise
         self._cancel.clear()
-        reply: list[str] = []
+        reply = Reply()
         stats = self.last_stats = GenerationStats()
         completed = False
         try:
@@ -159,18 +184,18 @@ class Session:
             logits = self._prefill(prompt, stats)
             history = list(prompt)
             tokens = self.llm.sample_tokens(logits, history, max_tokens, sampler, self._cache, stats, self._cancel)
-            fed = self._track(tokens)
-            for piece in stop_at(self.llm.tokenizer.stream(fed), stop, stats):
-                reply.append(piece)
-                if on_text is not None:
-                    on_text(piece)
-                yield piece
+            for event in reply_events(self.llm.tokenizer, self._track(tokens), prompt, stop, stats=stats):
+                reply.add(event)
+                yield event
             completed = True
         finally:
             if not completed:  # the consumer stopped early, or Ctrl-C, or an error
                 stats.finish_reason = "cancelled"
-            if reply or self.messages[-1]["role"] != "assistant":
-                self.messages.append({"role": "assistant", "content": "".join(reply)})
+            if reply.text or reply.reasoning or self.messages[-1]["role"] != "assistant":
+                message = {"role": "assistant", "content": reply.text}
+                if reply.reasoning:  # kept, for the templates that show it again (LFM2.5's)
+                    message["thinking"] = reply.reasoning
+                self.messages.append(message)
             self._busy.release()
 
     def _fit(self, max_tokens: int) -> list[int]:

@@ -18,8 +18,10 @@ import pytest
 import lfm_edge
 from lfm_edge.commands import serve
 from lfm_edge.commands.common import card_defaults
-from lfm_edge.server import FifoLock, ReplyParser, bind_warning, chat_messages, make_server, reply_message
-from lfm_edge.tool_calls import parse_call_list, parse_tool_calls, split_reasoning
+from lfm_edge.reply import Reply, reply_events
+from lfm_edge.server import FifoLock, bind_warning, chat_messages, make_server, openai_message
+from lfm_edge.tool_calls import parse_call_list
+from test_reply import THINK_TEMPLATE, rewrite
 
 N_CTX = 8192
 WEATHER_TOOL = {
@@ -159,8 +161,7 @@ def test_chat_stream_equals_non_stream_and_the_library(client, llm):
     assert finish == reply.choices[0].finish_reason == "length"
     # the same generation as the Python API, with the model card's defaults
     ids = llm.chat_tokens(messages)
-    raw = "".join(llm.generate(ids, max_tokens=24, **{**card_defaults(llm), "temperature": 0.0}))
-    assert reply_message(raw, parse_calls=False)["content"] == text
+    assert llm.chat(messages, stream=False, max_tokens=24, **{**card_defaults(llm), "temperature": 0.0}) == text
     # usage: our tokenizer's counts
     for u in (reply.usage, usage):
         assert (u.prompt_tokens, u.completion_tokens, u.total_tokens) == (len(ids), 24, len(ids) + 24)
@@ -213,51 +214,45 @@ def test_seed_reproducibility(client):
 # -- tools and reasoning -------------------------------------------------------------
 
 CANNED = [
-    (CANNED_CALL, None, [("get_weather", {"city": "Paris"})]),
+    # (what the model writes, content, reasoning_content, calls)
+    (CANNED_CALL, None, None, [("get_weather", {"city": "Paris"})]),
     (
         'Checking.<|tool_call_start|>[a(x=1), b(y="z", n=[1, 2.5], ok=True)]<|tool_call_end|> Done.',
         "Checking. Done.",
+        None,
         [("a", {"x": 1}), ("b", {"y": "z", "n": [1, 2.5], "ok": True})],
     ),
-    ('<|tool_call_start|>[{"name": "f", "arguments": {"q": "x"}}]<|tool_call_end|>', None, [("f", {"q": "x"})]),
-    ("<think>\nLet me look.\n</think>\n\n" + CANNED_CALL, None, [("get_weather", {"city": "Paris"})]),
-    ("<think>\nShort.</think>\nThe answer is 4.", "The answer is 4.", []),
-    ("<think>still thinking", "", []),
+    ('<|tool_call_start|>[{"name": "f", "arguments": {"q": "x"}}]<|tool_call_end|>', None, None, [("f", {"q": "x"})]),
+    ("<think>\nLet me look.\n</think>\n\n" + CANNED_CALL, None, "Let me look.", [("get_weather", {"city": "Paris"})]),
+    ("<think>\nShort.</think>\nThe answer is 4.", "The answer is 4.", "Short.", []),
+    ("<think>still thinking", "", "still thinking", []),
     (
         'x <|tool_call_start|>[os.system("ls") + 1]<|tool_call_end|> y',
         'x <|tool_call_start|>[os.system("ls") + 1]<|tool_call_end|> y',
+        None,
         [],
     ),
-    ("Hello <|tool_call_st", "Hello <|tool_call_st", []),
-    ("  plain text, <think> later  ", "plain text, <think> later", []),
-    ("", "", []),
+    ("Hello <|tool_call_st", "Hello <|tool_call_st", None, []),
+    # <think> is a special token here: after the start it is not reasoning, and not text
+    ("  plain text, <think> later  ", "plain text,  later", None, []),
+    ("", "", None, []),
 ]
 
 
-@pytest.mark.parametrize("text, content, calls", CANNED)
-def test_reply_message_on_canned_outputs(text, content, calls):
-    message = reply_message(text, parse_calls=True)
+@pytest.mark.parametrize("text, content, reasoning, calls", CANNED)
+def test_openai_message_from_canned_tokens(llm, text, content, reasoning, calls):
+    ids = llm.tokenize(text, add_special=False)
+    message = openai_message(Reply.of(reply_events(llm.tokenizer, ids, llm.chat_tokens(hello()))), parse_calls=True)
     assert message["content"] == content
+    assert message.get("reasoning_content") == reasoning
     got = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message.get("tool_calls", [])]
     assert got == calls
     assert all(c["type"] == "function" and c["id"].startswith("call_") for c in message.get("tool_calls", []))
-    # agrees with the library's parsers
-    reasoning, answer = split_reasoning(text)
-    ref_content, ref_calls = parse_tool_calls(answer)
-    assert (message["content"] or "") == ref_content
-    assert [(c.name, c.arguments) for c in ref_calls] == calls
-    assert message.get("reasoning_content") == reasoning
-    # and streaming it in pieces of any size gives the same parts
-    for size in (1, 2, 3, 5, 8, 13):
-        parser = ReplyParser(parse_calls=True)
-        parts = [p for i in range(0, len(text), size) for p in parser.feed(text[i : i + size])] + parser.finish()
-        assert "".join(v for k, v in parts if k == "content") == (message["content"] or "")
-        assert "".join(v for k, v in parts if k == "reasoning") == (message.get("reasoning_content") or "")
-        assert [(v.name, v.arguments) for k, v in parts if k == "call"] == calls
 
 
-def test_without_tools_call_text_stays_content():
-    assert reply_message(CANNED_CALL, parse_calls=False) == {"role": "assistant", "content": CANNED_CALL}
+def test_without_tools_call_text_stays_content(llm):
+    reply = Reply.of(reply_events(llm.tokenizer, llm.tokenize(CANNED_CALL, add_special=False)))
+    assert openai_message(reply, parse_calls=False) == {"role": "assistant", "content": CANNED_CALL}
 
 
 def test_openai_messages_become_template_messages():
@@ -303,19 +298,25 @@ def test_openai_messages_become_template_messages():
     assert [(c.name, c.arguments) for c in parse_call_list(body)] == [("g", {"not ok": 1})]
 
 
+def say(llm, seen: dict):
+    """A stand-in for llm.sample_tokens: the tokens of seen["reply"], as if sampled; records the prompts."""
+
+    def sample_tokens(logits, history, max_tokens, sampler, cache, stats, cancel=None):
+        seen["prompts"].append(llm.detokenize(history))
+        for token in llm.tokenize(seen["reply"], add_special=False)[:max_tokens]:
+            stats.completion_tokens += 1
+            history.append(token)
+            yield token
+        stats.finish_reason = "stop"
+
+    return sample_tokens
+
+
 @pytest.fixture
 def canned_model(server, monkeypatch):
-    """Make the server's model 'say' a given text, in small pieces; records the prompts it got."""
+    """Make the server's model 'say' a given text, token by token; records the prompts it got."""
     seen: dict = {"prompts": []}
-
-    def fake_generate(job, stats, cancel):
-        seen["prompts"].append(server.engine.llm.detokenize(job.prompt))
-        text = seen["reply"]
-        stats.completion_tokens, stats.finish_reason = 7, "stop"
-        for i in range(0, len(text), 3):
-            yield text[i : i + 3]
-
-    monkeypatch.setattr(server.engine, "generate", fake_generate)
+    monkeypatch.setattr(server.engine.llm, "sample_tokens", say(server.engine.llm, seen))
     return seen
 
 
@@ -357,16 +358,71 @@ def test_tool_call_end_to_end(client, llm, canned_model):
     assert '<|im_start|>tool\n<|tool_response_start|>{"temp": 21}<|tool_response_end|><|im_end|>' in prompt
 
 
+def stream_parts(client, messages, **kw) -> tuple[str, str, list]:
+    """(reasoning, content, [chunk kinds]) of a streamed chat reply."""
+    reasoning, content, kinds = "", "", []
+    for chunk in chat(client, messages, stream=True, **kw):
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        part = getattr(delta, "reasoning_content", None) or ""
+        reasoning += part
+        content += delta.content or ""
+        kinds.append("reasoning" if part else "content" if delta.content else "other")
+    return reasoning, content, kinds
+
+
 def test_reasoning_is_returned_apart(client, canned_model):
     canned_model["reply"] = "<think>\nTwo and two.\n</think>\n\nFour."
     message = chat(client, hello()).choices[0].message
     assert message.content == "Four." and message.reasoning_content == "Two and two."
-    reasoning, content = "", ""
-    for chunk in chat(client, hello(), stream=True):
-        delta = chunk.choices[0].delta
-        reasoning += getattr(delta, "reasoning_content", None) or ""
-        content += delta.content or ""
+    reasoning, content, _ = stream_parts(client, hello())
     assert (reasoning, content) == ("Two and two.", "Four.")
+
+
+@pytest.fixture(scope="module")
+def think_server(gguf_path, tmp_path_factory):
+    """A server for the tiny model whose template ends the generation prompt in <think>, as LFM2.5-2.6B's does."""
+    path = rewrite(gguf_path("moe", "q8_0"), tmp_path_factory.mktemp("think") / "think.gguf", template=THINK_TEMPLATE)
+    m = lfm_edge.load(path, n_ctx=1024)
+    m.tokenizer.eog_ids = set()
+    srv = make_server(m, port=0, model_id="tiny-think")
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.close()
+    thread.join(10)
+
+
+def test_a_prompt_ending_in_think_starts_the_reply_in_reasoning(think_server, monkeypatch):
+    llm = think_server.engine.llm
+    client = openai.OpenAI(base_url=think_server.url, api_key="unused", max_retries=0, timeout=30)
+    seen: dict = {"prompts": [], "reply": "I should think.</think>The answer is 4."}
+    monkeypatch.setattr(llm, "sample_tokens", say(llm, seen))
+    message = chat(client, hello("What is 2+2?")).choices[0].message
+    assert seen["prompts"][-1].endswith("<|im_start|>assistant\n<think>")
+    assert (message.reasoning_content, message.content) == ("I should think.", "The answer is 4.")
+    reasoning, content, kinds = stream_parts(client, hello("What is 2+2?"))
+    assert (reasoning, content) == ("I should think.", "The answer is 4.")
+    assert "reasoning" in kinds and kinds.index("reasoning") < kinds.index("content")
+    # cut off while still thinking: all of it is reasoning
+    seen["reply"] = "Let me count: one, two"
+    cut = llm.detokenize(llm.tokenize(seen["reply"], add_special=False)[:4])
+    message = chat(client, hello("What is 2+2?"), max_tokens=4).choices[0].message
+    assert message.content == "" and message.reasoning_content == cut.strip()
+
+
+def test_reasoning_of_a_real_generation_streams_as_it_is_returned(think_server):
+    client = openai.OpenAI(base_url=think_server.url, api_key="unused", max_retries=0, timeout=30)
+    llm = think_server.engine.llm
+    kw = dict(max_tokens=20, temperature=0)
+    message = chat(client, hello(), **kw).choices[0].message
+    reasoning, content, _ = stream_parts(client, hello(), **kw)
+    assert (reasoning, content) == (message.reasoning_content, message.content or "")
+    assert message.reasoning_content  # the prompt opened it; random weights rarely close it
+    expected = Reply.of(llm.chat_events(hello(), **{**card_defaults(llm), "temperature": 0.0, "max_tokens": 20}))
+    assert (message.reasoning_content, message.content) == (expected.reasoning, expected.content)
 
 
 # -- queueing and disconnects ---------------------------------------------------------
