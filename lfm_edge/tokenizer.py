@@ -39,6 +39,18 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars)}
 
 
+def _merge_pairs(f: GGUFFile, merges: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """The merges as (left, right) pairs, each checked as `tokenizers` would, but as one sentence."""
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2 or not all(pair) or pair[0] not in vocab or pair[1] not in vocab or pair[0] + pair[1] not in vocab:
+            raise f.error(
+                f"tokenizer.ggml.merges entry {i} ({merges[i][:40]!r}) is not two known tokens "
+                "whose joined text is a token too"
+            )
+    return pairs
+
+
 class GGUFTokenizer:
     def __init__(self, f: GGUFFile):
         model = f.get("tokenizer.ggml.model", str)
@@ -52,6 +64,9 @@ class GGUFTokenizer:
         merges: list[str] = f.get("tokenizer.ggml.merges", list)
         if len(types) != len(tokens):
             raise f.error(f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+        for key, values, kind in (("tokens", tokens, str), ("token_type", types, int), ("merges", merges, str)):
+            if not all(type(v) is kind for v in values):
+                raise f.error(f"tokenizer.ggml.{key} should be an array of {'strings' if kind is str else 'integers'}")
         self.n_vocab = len(tokens)
         self.bos_id: int | None = f.get("tokenizer.ggml.bos_token_id", int, None)
         self.eos_id: int | None = f.get("tokenizer.ggml.eos_token_id", int, None)
@@ -61,7 +76,7 @@ class GGUFTokenizer:
                 raise f.error(f"tokenizer.ggml.{name}_token_id = {tid} is outside the vocabulary")
 
         vocab = {t: i for i, t in enumerate(tokens)}
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        pairs = _merge_pairs(f, merges, vocab)
         bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=True, fuse_unk=False, byte_fallback=False)
         tok = Tokenizer(bpe)
         tok.pre_tokenizer = pre_tokenizers.Sequence(
