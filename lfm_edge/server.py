@@ -36,6 +36,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from . import __version__
+from .chat_template import content_text, normalize_messages, parsed_tool_calls
 from .errors import LfmEdgeError
 from .llm import LLM, GenerationStats, make_sampling_params
 from .reply import REASONING, TEXT, TOOL_CALL, Event, Reply, reply_events
@@ -69,75 +70,33 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
 
 
 def message_text(content: Any, where: str) -> str | None:
-    """A message's content as text: a string, null, or a list of text parts."""
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise RequestError(f"{where}.content: only text parts are supported, got {kind!r}", f"{where}.content")
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise RequestError(f"{where}.content must be a string or a list of text parts", f"{where}.content")
+    """A message's content as text: a string, null, or a list of text parts (joined as the LFM2.5 templates join them)."""
+    if content is None:
+        return None
+    try:
+        return content_text(content, where)
+    except LfmEdgeError as e:
+        raise RequestError(str(e), f"{where}.content") from None
 
 
-def py_literal(value: Any) -> str:
-    """A JSON value written as the Python literal LFM2 uses in its calls (strings in double quotes)."""
-    if value is None or isinstance(value, bool):
-        return repr(value)
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list):
-        return "[" + ", ".join(py_literal(v) for v in value) + "]"
-    if isinstance(value, dict):
-        items = ", ".join(f"{json.dumps(str(k), ensure_ascii=False)}: {py_literal(v)}" for k, v in value.items())
-        return "{" + items + "}"
-    raise TypeError(f"not a JSON value: {value!r}")
+def render_tool_calls(calls: Any, where: str) -> list[dict]:
+    """An assistant message's OpenAI `tool_calls` with their JSON-string arguments parsed.
+
+    The template writes them: the LFM2.5 templates render `tool_calls` themselves;
+    for one that never reads them, the renderer puts them in the content as LFM2 writes them.
+    """
+    try:
+        return parsed_tool_calls(calls, where)
+    except LfmEdgeError as e:
+        raise RequestError(str(e), f"{where}.tool_calls") from None
 
 
-def python_call(call: ToolCall) -> str:
-    args = ", ".join(f"{k}={py_literal(v)}" for k, v in call.arguments.items())
-    return f"{call.name}({args})"
+def chat_messages(messages: Any) -> list[dict[str, Any]]:
+    """OpenAI chat messages as the chat template takes them (see chat_template.normalize_messages).
 
-
-def render_tool_calls(calls: Any, where: str) -> str:
-    """An assistant message's OpenAI `tool_calls`, written back the way LFM2 writes them."""
-    if not isinstance(calls, list):
-        raise RequestError(f"{where}.tool_calls must be a list", f"{where}.tool_calls")
-    parsed: list[ToolCall] = []
-    for j, call in enumerate(calls):
-        fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise RequestError(f"{where}.tool_calls[{j}] needs a function with a name", f"{where}.tool_calls")
-        args = fn.get("arguments") or {}
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except ValueError:
-                raise RequestError(
-                    f"{where}.tool_calls[{j}].function.arguments is not valid JSON", f"{where}.tool_calls"
-                ) from None
-        if not isinstance(args, dict):
-            raise RequestError(
-                f"{where}.tool_calls[{j}].function.arguments must be a JSON object", f"{where}.tool_calls"
-            )
-        parsed.append(ToolCall(fn["name"], args))
-    pythonic = all(k.isidentifier() for c in parsed for k in c.arguments) and all(
-        all(p.isidentifier() for p in c.name.split(".")) for c in parsed
-    )
-    if pythonic:  # LFM2's own form: [get_weather(city="Paris")]
-        body = "[" + ", ".join(python_call(c) for c in parsed) + "]"
-    else:  # argument names Python cannot spell: the JSON form, which LFM2 also reads
-        body = json.dumps([{"name": c.name, "arguments": c.arguments} for c in parsed], ensure_ascii=False)
-    return CALL_START + body + CALL_END
-
-
-def chat_messages(messages: Any) -> list[dict[str, str]]:
-    """OpenAI chat messages as the chat template takes them: {role, content} with text content."""
+    `developer` becomes `system`; every other field (`reasoning_content`,
+    `tool_call_id`, `name`, ...) reaches the template as sent.
+    """
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list of messages", "messages")
     out = []
@@ -151,15 +110,21 @@ def chat_messages(messages: Any) -> list[dict[str, str]]:
                 f"{where}.role is {m.get('role')!r}; roles are system, developer, user, assistant and tool",
                 f"{where}.role",
             )
+        message = {k: v for k, v in m.items() if v is not None} | {"role": role}
         content = message_text(m.get("content"), where)
-        if role == "assistant":
-            # the model wrote its calls first and its words after (see the model card)
-            calls = render_tool_calls(m["tool_calls"], where) if m.get("tool_calls") else ""
-            content = calls + (content or "")
-        elif content is None:
+        if content is not None:
+            message["content"] = content
+        elif role != "assistant":
             raise RequestError(f"{where} has no content", f"{where}.content")
-        out.append({"role": role, "content": content})
-    return out
+        if role == "assistant" and m.get("tool_calls"):
+            message["tool_calls"] = render_tool_calls(m["tool_calls"], where)
+        else:
+            message.pop("tool_calls", None)
+        out.append(message)
+    try:
+        return normalize_messages(out)
+    except LfmEdgeError as e:
+        raise RequestError(str(e), "messages") from None
 
 
 def template_tools(tools: Any, tool_choice: Any) -> list[dict] | None:

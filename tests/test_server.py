@@ -20,6 +20,7 @@ from lfm_edge.commands import serve
 from lfm_edge.commands.common import card_defaults
 from lfm_edge.reply import Reply, reply_events
 from lfm_edge.server import FifoLock, bind_warning, chat_messages, make_server, openai_message
+from lfm_edge.server import RequestError
 from lfm_edge.tool_calls import parse_call_list
 from test_reply import THINK_TEMPLATE, rewrite
 
@@ -255,14 +256,15 @@ def test_without_tools_call_text_stays_content(llm):
     assert openai_message(reply, parse_calls=False) == {"role": "assistant", "content": CANNED_CALL}
 
 
-def test_openai_messages_become_template_messages():
+def test_openai_messages_become_template_messages(llm):
     messages = chat_messages(
         [
             {"role": "developer", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "text", "text": "Weather"}, {"type": "text", "text": "in Paris?"}]},
+            {"role": "user", "content": [{"type": "text", "text": "Weather "}, {"type": "text", "text": "in Paris?"}]},
             {
                 "role": "assistant",
                 "content": None,
+                "reasoning_content": "Use the tool.",
                 "tool_calls": [
                     {
                         "id": "call_1",
@@ -280,22 +282,31 @@ def test_openai_messages_become_template_messages():
         ]
     )
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool"]
-    assert messages[1]["content"] == "Weather\nin Paris?"
-    assistant = messages[2]["content"]
-    assert assistant.startswith(
-        '<|tool_call_start|>[get_weather(city="Paris"), f(a=[1, None, True], b={"c": "d\\"q"})]'
-    )
-    calls = parse_call_list(assistant[len("<|tool_call_start|>") : -len("<|tool_call_end|>")])
-    assert [(c.name, c.arguments) for c in calls] == [
+    # text parts joined as the LFM2.5 templates join them; reasoning_content also under `thinking`
+    assert messages[1]["content"] == "Weather in Paris?"
+    assert messages[2]["thinking"] == messages[2]["reasoning_content"] == "Use the tool."
+    # string arguments parsed: the templates that render tool_calls want objects
+    assert [c["function"]["arguments"] for c in messages[2]["tool_calls"]] == [
+        {"city": "Paris"},
+        {"a": [1, None, True], "b": {"c": 'd"q'}},
+    ]
+    assert messages[3] == {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'}
+    # the tiny model's (LFM2) template never reads tool_calls: the calls are written
+    # into the content the way LFM2 writes them, and parse back
+    prompt = llm.render_chat(messages)
+    start = prompt.index("<|im_start|>assistant\n") + len("<|im_start|>assistant\n")
+    assert prompt[start:].startswith('<|tool_call_start|>[get_weather(city="Paris"), f(a=[1, None, True], b={"c": "d\\"q"})]')
+    body = prompt[start + len("<|tool_call_start|>") : prompt.index("<|tool_call_end|>")]
+    assert [(c.name, c.arguments) for c in parse_call_list(body)] == [
         ("get_weather", {"city": "Paris"}),
         ("f", {"a": [1, None, True], "b": {"c": 'd"q'}}),
     ]
-    # argument names Python cannot write fall back to the JSON form, which parses too
-    odd = chat_messages(
-        [{"role": "assistant", "tool_calls": [{"function": {"name": "g", "arguments": '{"not ok": 1}'}}]}]
-    )
-    body = odd[0]["content"][len("<|tool_call_start|>") : -len("<|tool_call_end|>")]
-    assert [(c.name, c.arguments) for c in parse_call_list(body)] == [("g", {"not ok": 1})]
+    with pytest.raises(RequestError) as e:
+        chat_messages([{"role": "assistant", "tool_calls": [{"function": {"name": "g", "arguments": "{oops"}}]}])
+    assert e.value.param == "messages[0].tool_calls" and "not valid JSON" in str(e.value)
+    with pytest.raises(RequestError) as e:
+        chat_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    assert e.value.param == "messages[0].content" and "only text parts" in str(e.value)
 
 
 def say(llm, seen: dict):
