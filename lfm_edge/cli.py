@@ -47,9 +47,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser.add_argument("--version", action="version", version=version_string())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     modules = {}
+    parser.commands = {}  # name -> its parser, to report errors as `lfm-edge CMD: ...`
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
-        module.configure_parser(sub.add_parser(name, help=help_text, description=help_text))
+        parser.commands[name] = sub.add_parser(name, help=help_text, description=help_text)
+        module.configure_parser(parser.commands[name])
         modules[name] = module
     return parser, modules
 
@@ -72,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             if problem is None:
                 raise
             raise problem from None
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the command's parser, which knows where its --help is
+            parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
         if args.command is None:
             parser.print_help()
             return 2
