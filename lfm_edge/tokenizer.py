@@ -21,6 +21,17 @@ LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# LFM2.5's tokenizer.json (LFM2.5-8B-A1B's 124,928-token vocabulary) writes its split regex
+# the way GPT-4's cl100k does (llama.cpp PR #23826), and the PR quotes it ending in a bare
+# `\s`. Both split every string exactly as LLAMA3_SPLIT does (pinned on random strings by
+# tests/test_tokenizer_lfm25.py), so the `lfm2` pre-tokenizer serves LFM2 and LFM2.5.
+LFM25_SPLIT = (
+    r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]|\s+(?!\S)|\s+"
+)
+LFM25_SPLIT_AS_QUOTED = LFM25_SPLIT[: -len("+")]
+# the split regexes a tokenizer.json may carry for the `lfm2` pre-tokenizer
+LFM2_SPLITS = (LLAMA3_SPLIT, LFM25_SPLIT, LFM25_SPLIT_AS_QUOTED)
 # GGUF pre-tokenizer names that mean llama-3's regex with whole-word lookup
 LLAMA3_LIKE = {"lfm2", "llama3", "llama-v3", "llama-bpe"}
 
