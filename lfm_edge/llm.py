@@ -29,6 +29,7 @@ from .sampling import Sampler, SamplingParams
 from .tokenizer import GGUFTokenizer
 
 KV_CACHE_TYPES = {"f16": np.float16, "f32": np.float32}
+PREFILL_CHUNK = 2048  # prompt tokens per model call
 
 
 @dataclass
@@ -124,12 +125,16 @@ class LLM:
         return self.model(self._check_ids(ids), self.new_cache())
 
     def prefill(self, ids: Sequence[int], cache: Cache) -> np.ndarray:
-        """Consume the prompt in one call; the logits [V] of its last token."""
+        """Consume the prompt; the logits [V] of its last token."""
         arr = self._check_ids(ids)
         if cache.pos + arr.size > cache.n_ctx:
             raise LfmEdgeError(f"the prompt does not fit: {cache.pos + arr.size} tokens for a context of {cache.n_ctx}")
-        with self._compute:
-            return self.model(arr, cache, all_logits=False)[0]
+        # in chunks, as llama.cpp's ubatch: a long prompt's activations stay small, and Ctrl-C
+        # (handled between two model calls) does not wait for a whole 100k-token layer
+        for start in range(0, arr.size, PREFILL_CHUNK):
+            with self._compute:
+                logits = self.model(arr[start : start + PREFILL_CHUNK], cache, all_logits=False)[0]
+        return logits
 
     def decode_one_token(self, token: int, cache: Cache) -> np.ndarray:
         with self._compute:

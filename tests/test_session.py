@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import threading
 
+import numpy as np
 import pytest
 
 import lfm_edge
 from lfm_edge.errors import LfmEdgeError
-from lfm_edge.session import Session
+from lfm_edge.session import Session, turns_to_keep
 
 GREEDY = dict(temperature=0.0, max_tokens=12)
 
@@ -150,3 +151,72 @@ def test_load_rejects_other_files(llm, tmp_path):
         Session.load(llm, p)
     with pytest.raises(LfmEdgeError, match="no such file"):
         Session.load(llm, tmp_path / "missing.json")
+
+
+def test_turns_to_keep_drops_the_oldest_turns_and_keeps_the_system_prompt():
+    msgs = [{"role": "system", "content": "S"}]
+    for i in range(4):
+        msgs += [{"role": "user", "content": f"u{i}"}, {"role": "assistant", "content": f"a{i}"}]
+    msgs += [{"role": "user", "content": "u4"}]
+    size = lambda m: sum(len(x["content"]) * 10 for x in m)  # noqa: E731 -- 10 "tokens" a character
+    keep = lambda budget: [m["content"] for m in turns_to_keep(msgs, size, budget)]  # noqa: E731
+    assert keep(10_000) == [m["content"] for m in msgs]  # everything fits: nothing dropped
+    assert keep(70) == ["S", "u3", "a3", "u4"]  # whole turns, the newest that fit
+    assert keep(50) == ["S", "u4"]
+    assert keep(5) == ["S", "u4"]  # the newest message stays even when over budget
+    no_system = msgs[1:]
+    assert [m["content"] for m in turns_to_keep(no_system, size, 60)] == ["u3", "a3", "u4"]
+
+
+def test_a_long_conversation_drops_its_oldest_turns_and_goes_on(gguf_path):
+    small = lfm_edge.load(gguf_path("moe", "q8_0"), n_ctx=192)
+    small.tokenizer.eog_ids = set()  # every reply is max_tokens long
+    s = Session(small, system="Be brief.", temperature=0.0, max_tokens=40)
+    prompts = []
+    for i in range(8):
+        s.send(f"Question number {i} about worms", stream=False)
+        prompts.append(s.last_stats.prompt_tokens)
+        assert s.last_stats.completion_tokens > 0 and s.last_stats.finish_reason == "length"
+    assert s.dropped_messages > 0  # it did not fit: old turns went ...
+    assert s.messages[0] == {"role": "system", "content": "Be brief."}  # ... the system prompt stayed ...
+    assert s.messages[-2]["content"] == "Question number 7 about worms"  # ... and the newest message
+    assert max(prompts) + 40 // 4 <= 192  # every prompt left room for a reply
+    users = [m["content"] for m in s.messages if m["role"] == "user"]
+    assert users == [f"Question number {i} about worms" for i in range(8 - len(users), 8)]  # the newest turns, in order
+    # the shortened history gives the reply a fresh session would give
+    assert Session(small, messages=s.messages[:-1], temperature=0.0, max_tokens=40).send(stream=False) == s.messages[-1]["content"]
+
+
+def test_a_message_longer_than_the_context_leaves_the_history_alone(llm):
+    s = Session(llm, system="Be brief.", **GREEDY)
+    s.send("Hello", stream=False)
+    before = [dict(m) for m in s.messages]
+    with pytest.raises(LfmEdgeError, match=r"more than the whole 512-token context.*-c/--ctx-size"):
+        s.send("word " * 600, stream=False)
+    assert s.messages == before and s.dropped_messages == 0
+    assert isinstance(s.send("Still there?", stream=False), str)
+
+
+def test_stats_after_a_cancelled_reply_have_a_speed(llm):
+    s = Session(llm, temperature=0.0, max_tokens=50)
+    pieces = s.send("Go on")
+    for i, _ in enumerate(pieces):
+        if i == 5:
+            break
+    pieces.close()
+    assert s.last_stats.finish_reason == "cancelled"
+    assert s.last_stats.decode_s > 0 and s.last_stats.decode_tps > 0
+
+
+def test_prefill_runs_in_chunks_with_the_same_result(llm, monkeypatch):
+    import lfm_edge.llm as llm_module
+
+    ids = llm.tokenize("the quick brown fox jumps over the lazy dog " * 6)
+    whole = llm.prefill(ids, llm.new_cache())
+    calls = []
+    model, cache = llm.model, llm.new_cache()
+    monkeypatch.setattr(llm_module, "PREFILL_CHUNK", 7)
+    monkeypatch.setattr(llm, "model", lambda x, cache, all_logits: calls.append(len(x)) or model(x, cache, all_logits))
+    chunked = llm.prefill(ids, cache)
+    assert max(calls) == 7 and sum(calls) == len(ids) and cache.pos == len(ids)  # Ctrl-C is seen between chunks
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-4 * np.abs(whole).max())
