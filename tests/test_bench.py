@@ -85,6 +85,37 @@ def test_synthetic_tokenizer_and_chat_template(synthetic_llm):
     assert chat[:2] == [1, 6] and chat.count(1) == 1  # <|startoftext|><|im_start|>, one BOS
 
 
+@pytest.fixture(scope="module")
+def synthetic_lfm25(tmp_path_factory) -> Path:
+    """LFM2.5-8B-A1B cut to its first layer: its vocabulary (specials at the end) and its template."""
+    out = tmp_path_factory.mktemp("synthetic") / "lfm2.5-8b-a1b-1layer-q4_0.gguf"
+    proc = subprocess.run([sys.executable, str(BENCH / "make_synthetic.py"), str(out), "--model", "lfm2.5-8b-a1b",
+                           "--layers", "1", "-q"], capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_synthetic_lfm25_has_the_published_vocabulary_and_template(synthetic_lfm25):
+    llm = lfm_edge.load(synthetic_lfm25, n_ctx=64)
+    a, tok = llm.args, llm.tokenizer
+    assert (a.n_vocab, a.n_ctx_train, a.rope_base) == (124928, 128000, 5e6)
+    assert a.norm_eps == pytest.approx(1e-6, rel=1e-6)  # stored as float32
+    # the published ids of LFM2.5's special tokens
+    assert (tok.bos_id, tok.eos_id) == (124894, 124900)
+    for text, want in (("<|im_start|>", 124899), ("<think>", 124901), ("</think>", 124902),
+                       ("<|tool_call_start|>", 124905), ("<|tool_call_end|>", 124906)):
+        assert llm.tokenize(text, add_special=False) == [want], text
+    template = (ROOT / "tests" / "golden" / "templates" / "hf-LFM2.5-8B-A1B.jinja").read_text(encoding="utf-8")
+    assert llm.file.metadata["tokenizer.chat_template"] == template
+    prompt = llm.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert prompt == "<|startoftext|><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    ids = llm.chat_tokens([{"role": "user", "content": "Hi"}])
+    assert ids[:2] == [124894, 124899] and ids.count(124894) == 1
+    # it runs: `lfm-edge run` on the chat template, greedy, a few tokens
+    proc = cli("run", "-m", str(synthetic_lfm25), "-n", "4", "--temp", "0", "Hi")
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_synthetic_merges_are_consistent_with_the_vocabulary():
     cfg = make_synthetic.Config("small", n_vocab=3000)
     tokens, types, merges = make_synthetic.vocabulary(cfg, seed=0)
