@@ -162,6 +162,8 @@ class LLM:
             if cancel is not None and cancel.is_set():
                 stats.finish_reason = "cancelled"
                 return
+            if not np.isfinite(logits).all():  # one pass over [V]: cheap next to a decode step
+                raise self.file.error("the model computed NaN or infinite logits; its weights are probably corrupt")
             token = sampler(logits, history)
             if token in self.tokenizer.eog_ids:
                 stats.finish_reason = "stop"
