@@ -18,13 +18,12 @@ from pathlib import Path
 from lfm_edge.errors import LfmEdgeError
 
 
-def missing_extension(error: ImportError) -> LfmEdgeError:
-    """What to do when lfm_edge._C cannot be imported.
+def missing_extension(error: ImportError, package: Path = Path(__file__).resolve().parent) -> LfmEdgeError:
+    """What to do when lfm_edge._C cannot be imported (`package`: the lfm_edge folder imported).
 
     The usual cause: Python runs in the source folder after `pip install .`, so `import lfm_edge`
     finds the folder's uncompiled sources before the installed package (python -m, pytest).
     """
-    package = Path(__file__).resolve().parent
     root = package.parent
     built = any(package.glob("_C.*.so")) or any(package.glob("_C.*.pyd"))
     if (root / "pyproject.toml").is_file() and (root / "csrc").is_dir() and not built:
