@@ -38,14 +38,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .tool_calls import CALL_END, CALL_START, ToolCall, parse_call_list
+from .tool_calls import CALL_END, CALL_START, THINK_END, THINK_START, ToolCall, parse_call_list
 
 if TYPE_CHECKING:
     from .llm import GenerationStats
     from .tokenizer import GGUFTokenizer
 
 TEXT, REASONING, TOOL_CALL, STOP, END = "text", "reasoning", "tool_call", "stop", "end"
-THINK_START, THINK_END = "<think>", "</think>"
 
 
 @dataclass(frozen=True)

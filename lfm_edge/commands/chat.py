@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import LfmEdgeError
 from ..sampling import SamplingParams
 from ..session import Session
-from ..tool_calls import CALL_END, CALL_START, THINK_END, THINK_START, parse_tool_calls
+from ..reply import REASONING, TEXT, TOOL_CALL, Event
 from .common import add_model_args, add_sampling_args, load_model, sampling_from_args
 
 HELP = """commands:
@@ -29,7 +29,6 @@ Multi-line input: paste it, start and end it with \"\"\", or end a line with a b
 Up and Down recall earlier messages (kept across chats); Ctrl-C stops a reply without leaving the chat."""
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
-MARKERS = (THINK_START, THINK_END, CALL_START, CALL_END)
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -42,67 +41,46 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 class ReplyView:
-    """Turns the raw reply stream into what the terminal shows.
+    """Shows a reply's events (lfm_edge.reply) in the terminal.
 
-    Reasoning is hidden or dimmed; tool-call blocks are hidden while they
-    stream and shown as calls at the end. A marker split across pieces is
-    held back until it is complete.
+    Reasoning is hidden, or dimmed with --show-reasoning (bracketed when the output is not
+    a terminal); tool calls are shown as calls at the end.
     """
 
     def __init__(self, out, show_reasoning: bool, color: bool):
         self.out, self.show_reasoning, self.color = out, show_reasoning, color
-        self.text = ""
-        self.shown = 0  # characters of render(self.text) already written
+        self.in_reasoning = False  # a shown reasoning block is open
+        self.calls: list = []
 
-    def render(self, text: str) -> str:
-        out, i, mode = [], 0, "text"
-        while i < len(text):
-            marker = next((m for m in MARKERS if text.startswith(m, i)), None)
-            if marker == THINK_START and mode == "text":
-                mode = "think"
-                if self.show_reasoning:
-                    out.append(DIM if self.color else "[thinking] ")
-            elif marker == THINK_END and mode == "think":
-                mode = "text"
-                if self.show_reasoning:
-                    out.append(RESET if self.color else "\n[/thinking]\n")
-            elif marker == CALL_START and mode == "text":
-                mode = "call"
-            elif marker == CALL_END and mode == "call":
-                mode = "text"
-            elif marker is None:
-                if mode == "text" or (mode == "think" and self.show_reasoning):
-                    out.append(text[i])
-                i += 1
-                continue
-            i += len(marker)
-        return "".join(out)
-
-    def feed(self, piece: str) -> None:
-        self.text += piece
-        text = self.text
-        # hold back a tail that may be the start of a marker
-        for k in range(min(len(text), max(map(len, MARKERS)) - 1), 0, -1):
-            if any(m.startswith(text[-k:]) for m in MARKERS):
-                text = text[:-k]
-                break
-        self._write(self.render(text))
+    def feed(self, event: Event) -> None:
+        if event.kind == REASONING:
+            if self.show_reasoning and event.text:
+                if not self.in_reasoning:
+                    self._write(DIM if self.color else "[thinking] ")
+                    self.in_reasoning = True
+                self._write(event.text)
+        elif event.kind in (TEXT, TOOL_CALL):
+            self._close_reasoning()
+            if event.kind == TOOL_CALL:
+                self.calls.extend(event.calls)
+            else:
+                self._write(event.text)
 
     def finish(self) -> None:
-        self._write(self.render(self.text))
-        if self.color and self.show_reasoning and THINK_START in self.text and THINK_END not in self.text:
-            self.out.write(RESET)
-        _, calls = parse_tool_calls(self.text.split(THINK_END)[-1])
-        for call in calls:
+        self._close_reasoning()
+        for call in self.calls:
             self.out.write(f"\n→ tool call: {call}")
         self.out.write("\n")
         self.out.flush()
 
-    def _write(self, rendered: str) -> None:
-        if len(rendered) > self.shown:
-            self.out.write(rendered[self.shown :])
-            self.out.flush()
-            self.shown = len(rendered)
+    def _close_reasoning(self) -> None:
+        if self.in_reasoning:
+            self._write(RESET if self.color else "\n[/thinking]\n")
+            self.in_reasoning = False
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
 
 
 HISTORY_LENGTH = 1000  # messages kept in the history file
@@ -256,16 +234,16 @@ def main(args: argparse.Namespace) -> int:
 
 def reply(session: Session, text: str, out, args, color: bool) -> None:
     view = ReplyView(out, args.show_reasoning, color)
-    pieces = session.send(text)
+    events = session.send_events(text)
     try:
-        for piece in pieces:
-            view.feed(piece)
+        for event in events:
+            view.feed(event)
     except KeyboardInterrupt:
         view.finish()
         out.write("[stopped]\n")
         return
     finally:
-        pieces.close()  # a partial reply stays in the history
+        events.close()  # a partial reply stays in the history
     view.finish()
     if args.verbose:
         print_stats(session, out)

@@ -9,7 +9,8 @@ import time
 
 from ..errors import LfmEdgeError
 from ..llm import GenerationStats
-from ..tool_calls import parse_tool_calls, split_reasoning
+from ..reply import Reply
+from .chat import ReplyView
 from .common import add_model_args, add_sampling_args, load_model, sampling_from_args
 
 
@@ -22,7 +23,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="a system prompt (-s is the seed, as in llama.cpp)")
     p.add_argument("--raw", action="store_true", help="continue the text as is, without the chat template")
     p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
-    p.add_argument("--json", action="store_true", help="print one JSON record: text, token counts, timings")
+    p.add_argument("--show-reasoning", action="store_true", help="show LFM2.5's <think> reasoning (dimmed)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON record: content, reasoning, tool calls, token counts, timings")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -46,17 +49,15 @@ def main(args: argparse.Namespace) -> int:
         ]
         ids = llm.chat_tokens(messages)
     stats = GenerationStats()
-    pieces = llm.generate(ids, max_tokens=args.max_tokens, stop=args.stop, stats=stats, **sampling)
+    events = llm.generate_events(ids, args.max_tokens, args.stop, stats, raw=args.raw, **sampling)
     if args.json:
-        text = "".join(pieces)
-        reasoning, answer = split_reasoning(text)
-        content, calls = parse_tool_calls(answer)
+        reply = Reply.of(events)
         record = {
             "model": str(llm.file.path),
-            "text": text,
-            "content": content,
-            "reasoning": reasoning,
-            "tool_calls": [{"name": c.name, "arguments": c.arguments} for c in calls],
+            "text": reply.text,  # the answer with tool-call blocks as written
+            "content": reply.content,
+            "reasoning": reply.reasoning,  # null: the reply did not reason
+            "tool_calls": [{"name": c.name, "arguments": c.arguments} for c in reply.calls],
             "prompt_tokens": stats.prompt_tokens,
             "completion_tokens": stats.completion_tokens,
             "finish_reason": stats.finish_reason,
@@ -68,8 +69,8 @@ def main(args: argparse.Namespace) -> int:
         }
         print(json.dumps(record, ensure_ascii=False))
         return 0
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    view = ReplyView(sys.stdout, args.show_reasoning, sys.stdout.isatty())
+    for event in events:
+        view.feed(event)
+    view.finish()
     return 0
