@@ -8,11 +8,14 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import lfm_edge
 from lfm_edge.commands.chat import ReplyView
+from lfm_edge.reply import ReplyParser
+from test_reply import CALL_END, CALL_START, IDS, TEXT_THINK, THINK_TEMPLATE, rewrite
 
 
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -30,8 +33,8 @@ def test_run_prints_the_chat_reply(model):
     proc = cli("run", "-m", model, "Hello there", "-n", "12", "--temperature", "0")
     assert proc.returncode == 0, proc.stderr
     llm = lfm_edge.load(model)
-    ids = llm.chat_tokens([{"role": "user", "content": "Hello there"}])
-    expected = "".join(llm.generate(ids, max_tokens=12, temperature=0.0, repetition_penalty=1.05, min_p=0.15))
+    messages = [{"role": "user", "content": "Hello there"}]
+    expected = llm.chat(messages, stream=False, max_tokens=12, temperature=0.0, repetition_penalty=1.05, min_p=0.15)
     assert proc.stdout == expected + "\n"
 
 
@@ -122,11 +125,16 @@ def test_ctrl_c_stops_the_reply_but_not_the_chat(model):
     assert child.exitstatus == 0
 
 
-def render(pieces, show_reasoning=False, color=False):
+def render(parts, show_reasoning=False, color=False, markers=TEXT_THINK, prompt=""):
+    """What chat shows for a reply made of `parts` (str: text, int: a token id)."""
     out = io.StringIO()
     view = ReplyView(out, show_reasoning, color)
-    for p in pieces:
-        view.feed(p)
+    parser = ReplyParser(markers, prompt=prompt)
+    for p in parts:
+        for event in parser.feed(p, "") if isinstance(p, int) else parser.feed(None, p):
+            view.feed(event)
+    for event in parser.finish():
+        view.feed(event)
     view.finish()
     return out.getvalue()
 
@@ -135,11 +143,77 @@ def test_reasoning_is_hidden_or_dimmed_even_when_split_across_pieces():
     pieces = ["<th", "ink>let me ", "think</th", "ink>The answer", " is 4."]
     assert render(pieces) == "The answer is 4.\n"
     assert render(pieces, show_reasoning=True, color=True) == "\x1b[2mlet me think\x1b[0mThe answer is 4.\n"
+    assert render(pieces, show_reasoning=True) == "[thinking] let me think\n[/thinking]\nThe answer is 4.\n"
+    # only at the start of a reply
+    assert render(["Yes, <think> is a tag."], show_reasoning=True) == "Yes, <think> is a tag.\n"
+    # opened by the prompt, cut off before it closes
+    assert render(["still thinking"], show_reasoning=True, color=True, prompt="<think>") == "\x1b[2mstill thinking\x1b[0m\n"
+    assert render(["still thinking"], prompt="<think>") == "\n"
 
 
 def test_tool_calls_are_shown_as_calls():
-    pieces = ["Checking.", "<|tool_call_", 'start|>[get_weather(city="Paris", days=2)]', "<|tool_call_end|>"]
-    assert render(pieces) == "Checking.\n→ tool call: get_weather(city='Paris', days=2)\n"
+    parts = ["Checking.", CALL_START, '[get_weather(city="Paris", days=2)]', CALL_END]
+    assert render(parts, markers=IDS) == "Checking.\n→ tool call: get_weather(city='Paris', days=2)\n"
+
+
+CANNED_RUN = """
+import sys
+from lfm_edge.llm import LLM
+
+SAID = sys.argv.pop(1)
+
+
+def sample_tokens(self, logits, history, max_tokens, sampler, cache, stats=None, cancel=None):
+    for t in self.tokenize(SAID, add_special=False)[:max_tokens]:
+        stats.completion_tokens += 1
+        history.append(t)
+        yield t
+    stats.finish_reason = "stop"
+
+LLM.sample_tokens = sample_tokens  # the model 'says' argv[1]
+from lfm_edge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def canned(reply: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", CANNED_RUN, reply, *args], input=stdin, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def think_model(model, tmp_path_factory):
+    """The tiny model with a template whose generation prompt ends in <think> (LFM2.5-2.6B's habit)."""
+    return str(rewrite(Path(model), tmp_path_factory.mktemp("think") / "think.gguf", template=THINK_TEMPLATE))
+
+
+def test_chat_and_run_split_a_reply_that_starts_inside_reasoning(think_model):
+    said = "I should think.</think>The answer is 4."
+    record = json.loads(canned(said, "run", "-m", think_model, "What is 2+2?", "--json").stdout)
+    assert (record["reasoning"], record["content"], record["text"]) == ("I should think.", "The answer is 4.", "The answer is 4.")
+    assert canned(said, "run", "-m", think_model, "What is 2+2?").stdout == "The answer is 4.\n"
+    shown = canned(said, "run", "-m", think_model, "What is 2+2?", "--show-reasoning").stdout
+    assert shown == "[thinking] I should think.\n[/thinking]\nThe answer is 4.\n"
+    chat = canned(said, "chat", "-m", think_model, "--show-reasoning", stdin="What is 2+2?\n/exit\n")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.startswith(shown)
+    hidden = canned(said, "chat", "-m", think_model, stdin="What is 2+2?\n/exit\n").stdout
+    assert hidden.startswith("The answer is 4.\n") and "think" not in hidden
+    # a tool call after the reasoning
+    said = 'Use the tool.</think><|tool_call_start|>[get_weather(city="Paris")]<|tool_call_end|>'
+    record = json.loads(canned(said, "run", "-m", think_model, "Weather?", "--json").stdout)
+    assert record["reasoning"] == "Use the tool." and record["content"] == ""
+    assert record["tool_calls"] == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+
+
+def test_chat_and_run_json_agree_on_a_real_generation(think_model):
+    args = ("-m", think_model, "-n", "12", "--temperature", "0")
+    record = json.loads(cli("run", *args, "Hello there", "--json").stdout)
+    assert record["reasoning"]  # the prompt opened it
+    shown = cli("chat", *args, "--show-reasoning", stdin="Hello there\n/exit\n").stdout
+    expected = "[thinking] " + record["reasoning"] + "\n[/thinking]\n" + record["content"] + "\n"
+    assert shown.startswith(expected) if record["content"] else shown.startswith(expected[: -len("\n")])
 
 
 def test_demo_model_is_labelled_and_runs(tmp_path):
