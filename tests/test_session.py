@@ -220,3 +220,35 @@ def test_prefill_runs_in_chunks_with_the_same_result(llm, monkeypatch):
     chunked = llm.prefill(ids, cache)
     assert max(calls) == 7 and sum(calls) == len(ids) and cache.pos == len(ids)  # Ctrl-C is seen between chunks
     np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-4 * np.abs(whole).max())
+
+
+def test_reasoning_is_kept_in_the_history_as_the_template_expects(gguf_path, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from lfm_edge.reply import REASONING, TEXT
+    from test_reply import rewrite
+
+    # the newest LFM2.5 template: its generation prompt ends in <think>, and it shows the
+    # `thinking` of the replies after the last user message again
+    template = (Path(__file__).parent / "golden" / "templates" / "hf-LFM2.5-2.6B.jinja").read_text()
+    m = lfm_edge.load(rewrite(gguf_path("moe", "q8_0"), tmp_path / "lfm25.gguf", template=template), n_ctx=512)
+    said = iter(["\nI should think.\n</think>\n\nThe answer is 4.", "Six.</think>6"])
+
+    def sample_tokens(logits, history, max_tokens, sampler, cache, stats, cancel=None):
+        for t in m.tokenize(next(said), add_special=False)[:max_tokens]:
+            stats.completion_tokens += 1
+            history.append(t)
+            yield t
+        stats.finish_reason = "stop"
+
+    monkeypatch.setattr(m, "sample_tokens", sample_tokens)
+    s = Session(m, temperature=0.0, max_tokens=64)
+    events = list(s.send_events("What is 2+2?"))
+    assert "".join(e.text for e in events if e.kind == REASONING) == "I should think."
+    assert "".join(e.text for e in events if e.kind == TEXT) == "The answer is 4."
+    assert s.messages[-1] == {"role": "assistant", "content": "The answer is 4.", "thinking": "I should think."}
+    assert m.render_chat(s.messages).endswith(
+        "<|im_start|>assistant\n<think>I should think.</think>The answer is 4.<|im_end|>\n<|im_start|>assistant\n<think>"
+    )
+    assert s.send("And 3+3?", stream=False) == "6"  # send gives the answer alone
+    assert s.messages[-1] == {"role": "assistant", "content": "6", "thinking": "Six."}
