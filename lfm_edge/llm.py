@@ -23,8 +23,9 @@ from .cache import Cache
 from .chat_template import ChatTemplate, TemplateError
 from .errors import LfmEdgeError
 from .gguf_file import GGUFFile
+from .grammar import Constraint, Grammar, Vocabulary, chat_grammar, grammar_from
 from .models import build_model
-from .reply import TEXT, Event, reply_events, reply_text
+from .reply import TEXT, Event, Markers, opens_reasoning, reply_events, reply_text
 from .sampling import Sampler, SamplingParams
 from .tokenizer import GGUFTokenizer
 
@@ -83,6 +84,8 @@ class LLM:
         # default too); a float32 model keeps float32 ones, so that it stays exact
         self.kv_cache_type = kv_cache_type or ("f32" if self._float32_weights() else "f16")
         self._compute = threading.Lock()
+        self._vocabulary: Vocabulary | None = None  # built by the first constrained request
+        self._vocabulary_lock = threading.Lock()
         self.n_threads = n_threads or usable_cores()
         native.set_threads(self.n_threads)  # one pool for the process: the last load sets its size
         # a template that cannot be used is reported when a chat needs it: generate() still works
@@ -171,6 +174,9 @@ class LLM:
             stats.completion_tokens += 1
             history.append(token)
             yield token
+            if sampler.is_done():  # the grammar is complete: only an end token could follow
+                stats.finish_reason = "stop"
+                return
             if cache.pos >= cache.n_ctx:
                 return
             logits = self.decode_one_token(token, cache)
@@ -197,6 +203,20 @@ class LLM:
             yield token
         stats.decode_s = time.perf_counter() - start
 
+    # -- constrained decoding --------------------------------------------------
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """The vocabulary as llguidance sees it, built once (~0.1-1 s) at the first use."""
+        with self._vocabulary_lock:
+            if self._vocabulary is None:
+                self._vocabulary = Vocabulary(self.tokenizer)
+            return self._vocabulary
+
+    def constraint(self, grammar: Grammar) -> Constraint:
+        """A Constraint for one sequence (Sampler(params, constraint)); compiling is
+        bounded, and a grammar that cannot be used is an LfmEdgeError of one sentence."""
+        return self.vocabulary.constraint(grammar)
+
     # -- text generation -------------------------------------------------------
     def generate(
         self,
@@ -205,15 +225,20 @@ class LLM:
         stop: Sequence[str] | None = None,
         stats: GenerationStats | None = None,
         cancel: threading.Event | None = None,
+        grammar: Grammar | str | None = None,
+        json_schema: dict[str, Any] | str | None = None,
+        regex: str | None = None,
         **sampling: Any,
     ) -> Iterator[str]:
         """Text pieces continuing `prompt` (text or token ids) as it is; stops at any `stop` string.
 
         Special tokens are left out of the text. Pass a GenerationStats to read token
         counts and timings afterwards, and a threading.Event to stop the generation
-        from another thread.
+        from another thread. At most one of `grammar` (a lfm_edge.grammar.Grammar, or
+        Lark text), `json_schema` and `regex` holds the text to that form.
         """
-        events = self.generate_events(prompt, max_tokens, stop, stats, cancel, raw=True, **sampling)
+        events = self.generate_events(prompt, max_tokens, stop, stats, cancel, raw=True,
+                                      grammar=grammar, json_schema=json_schema, regex=regex, **sampling)
         return (e.text for e in events if e.kind == TEXT)
 
     def generate_events(
@@ -224,17 +249,24 @@ class LLM:
         stats: GenerationStats | None = None,
         cancel: threading.Event | None = None,
         raw: bool = False,
+        grammar: Grammar | str | None = None,
+        json_schema: dict[str, Any] | str | None = None,
+        regex: str | None = None,
         **sampling: Any,
     ) -> Iterator[Event]:
         """The reply to `prompt` as events (lfm_edge.reply): reasoning, text, tool calls, stop, end.
 
         A prompt that ends in `<think>` starts the reply inside reasoning. raw=True: a plain
-        continuation, all text (what `generate` gives).
+        continuation, all text (what `generate` gives). grammar / json_schema / regex: see
+        generate; the reply follows it from its first token (finish_reason "stop" once
+        it is complete, "length" if the budget ends first).
         """
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        sampler = Sampler(make_sampling_params(sampling))
+        params = make_sampling_params(sampling)
         check_max_tokens(max_tokens)
         self._check_ids(ids)
+        form = grammar_from(grammar, json_schema, regex)
+        sampler = Sampler(params, self.constraint(form) if form is not None else None)
         stats = stats if stats is not None else GenerationStats()
         tokens = self.decode_tokens(ids, max_tokens, sampler, stats=stats, cancel=cancel)
         return reply_events(self.tokenizer, tokens, ids, list(stop or []), raw=raw, stats=stats)
@@ -294,13 +326,19 @@ class LLM:
         stream: bool = True,
         max_tokens: int = 1024,
         stop: Sequence[str] | None = None,
+        response_format: dict[str, Any] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
         **sampling: Any,
     ) -> Iterator[str] | str:
         """The assistant's answer to `messages`: text pieces, or the whole text with stream=False.
 
         Reasoning is left out (chat_events has it); tool-call blocks stay in, as written.
+        response_format, tool_choice, parallel_tool_calls: as in OpenAI's API (see chat_events).
         """
-        pieces = reply_text(self.chat_events(messages, tools, max_tokens=max_tokens, stop=stop, **sampling))
+        events = self.chat_events(messages, tools, max_tokens=max_tokens, stop=stop, response_format=response_format,
+                                  tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls, **sampling)
+        pieces = reply_text(events)
         return pieces if stream else "".join(pieces)
 
     def chat_events(
@@ -311,10 +349,33 @@ class LLM:
         stop: Sequence[str] | None = None,
         stats: GenerationStats | None = None,
         cancel: threading.Event | None = None,
+        response_format: dict[str, Any] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
+        grammar: Grammar | None = None,
         **sampling: Any,
     ) -> Iterator[Event]:
-        """The assistant's reply to `messages` as events: reasoning, text, tool calls, stop, end."""
-        return self.generate_events(self.chat_tokens(messages, tools), max_tokens, stop, stats, cancel, **sampling)
+        """The assistant's reply to `messages` as events: reasoning, text, tool calls, stop, end.
+
+        response_format: {"type": "json_object"} or {"type": "json_schema", "json_schema":
+        {"schema": {...}}}: the answer is that JSON. tool_choice: "auto" (default), "none"
+        (no tool call), "required" (one call block, of any tool), or {"type": "function",
+        "function": {"name": ...}} (a call of that tool); a forced call follows the tool's
+        JSON schema, as TOOL_CALL events. parallel_tool_calls=False: one call per block.
+        grammar: any other lfm_edge.grammar.Grammar for the answer. A reply that opens in
+        reasoning (a prompt ending in <think>) reasons freely first.
+        """
+        ids = self.chat_tokens(messages, tools)
+        form = chat_grammar(response_format, tools, tool_choice, parallel_tool_calls)
+        if grammar is not None:
+            if form is not None:
+                raise LfmEdgeError("give grammar or response_format / tool_choice, not both")
+            form = grammar if isinstance(grammar, Grammar) else Grammar.from_lark(grammar)
+        if form is not None and opens_reasoning(self.tokenizer.decode(ids[-8:])):
+            think_end = Markers.of(self.tokenizer).think_end
+            if think_end is not None:  # a special token ends the reasoning, and the answer follows it
+                form = form.after_reasoning(self.tokenizer.decode([think_end]))
+        return self.generate_events(ids, max_tokens, stop, stats, cancel, grammar=form, **sampling)
 
 
 def usable_cores() -> int:
