@@ -197,6 +197,8 @@ class Bench:
 
     def pp(self, n_prompt: int, repetitions: int) -> Test:
         prompt = random_ids(self.rng, self.allowed, n_prompt)
+        self.cache.reset()
+        self.llm.prefill(prompt, self.cache)  # warm-up at this size, as llama-bench does
         samples, ttft = [], []
         for _ in range(repetitions):
             self.cache.reset()
