@@ -354,7 +354,7 @@ class Engine:
         if len(prompt) > self.llm.n_ctx:
             raise RequestError(
                 f"the prompt is {len(prompt)} tokens but the context holds {self.llm.n_ctx}"
-                " (start the server with a larger --n-ctx)",
+                " (start the server with a larger -c/--ctx-size)",
                 where,
                 "context_length_exceeded",
             )
