@@ -90,7 +90,8 @@ setup(
     ext_modules=[CMakeExtension("lfm_edge._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
     # huggingface_hub: hub downloads into the shared cache, with resume and progress bars
-    install_requires=["numpy", "gguf", "tokenizers", "jinja2", "huggingface_hub"],
+    # llguidance: constrained decoding (JSON schema / regex / Lark token masks); MIT, abi3 wheels
+    install_requires=["numpy", "gguf", "tokenizers", "jinja2", "huggingface_hub", "llguidance"],
     extras_require={"test": ["pytest", "pytest-benchmark", "safetensors", "pexpect", "openai"]},
     entry_points={"console_scripts": ["lfm-edge = lfm_edge.cli:main"]},
     zip_safe=False,

@@ -8,6 +8,7 @@ import sys
 import time
 
 from ..errors import LfmEdgeError
+from ..grammar import Grammar
 from ..llm import GenerationStats
 from ..reply import Reply
 from .chat import ReplyView
@@ -26,6 +27,26 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show-reasoning", action="store_true", help="show LFM2.5's <think> reasoning (dimmed)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON record: content, reasoning, tool calls, token counts, timings")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--json-schema", metavar="FILE", default=None, help="the answer is JSON valid under this schema")
+    form.add_argument("--grammar", metavar="FILE", default=None, help="the answer follows this Lark grammar (llguidance's dialect)")
+    form.add_argument("--regex", metavar="PATTERN", default=None, help="the answer matches this regular expression")
+
+
+def read_form(args: argparse.Namespace) -> Grammar | None:
+    """The grammar the flags ask for, read before the model loads."""
+    if args.regex is not None:
+        return Grammar.from_regex(args.regex)
+    path = args.json_schema or args.grammar
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        flag = "--json-schema" if args.json_schema else "--grammar"
+        raise LfmEdgeError(f"{flag} {path}: {getattr(e, 'strerror', None) or e}") from None
+    return Grammar.from_json_schema(text) if args.json_schema else Grammar.from_lark(text)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -37,19 +58,20 @@ def main(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if prompt == "-" else prompt
     if not prompt.strip():
         raise LfmEdgeError("the prompt is empty")
+    form = read_form(args)
     start = time.perf_counter()
     llm = load_model(args)
     load_s = time.perf_counter() - start
     sampling = sampling_from_args(llm, args)
+    stats = GenerationStats()
     if args.raw:
         ids = llm.tokenize(prompt)
+        events = llm.generate_events(ids, args.max_tokens, args.stop, stats, raw=True, grammar=form, **sampling)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}
         ]
-        ids = llm.chat_tokens(messages)
-    stats = GenerationStats()
-    events = llm.generate_events(ids, args.max_tokens, args.stop, stats, raw=args.raw, **sampling)
+        events = llm.chat_events(messages, max_tokens=args.max_tokens, stop=args.stop, stats=stats, grammar=form, **sampling)
     if args.json:
         reply = Reply.of(events)
         record = {
