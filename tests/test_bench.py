@@ -231,6 +231,7 @@ def test_bench_takes_the_kv_cache_type(gguf_path):
         (["-m", "MODEL", "-p", "0", "-n", "0"], ["nothing to measure"]),
         (["-m", "MODEL", "-ctk", "q4"], ["kv_cache_type must be one of f16, f32", "'q4'"]),
         (["-m", "MODEL", "-t", "1,x"], ["-t/--threads", "'x'"]),
+        (["-m", "MODEL", "-t", "2,100000"], ["-t/--threads", "100000 threads"]),
         (["-m", "MODEL", "-p", "16,-3"], ["-p/--n-prompt", "at least 0"]),
         (["-m", "MODEL", "-o", "xml"], ["-o/--output", "md, csv, json, jsonl"]),
         (["-m", "/"], ["/: is a directory"]),

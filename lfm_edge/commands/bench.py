@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import LfmEdgeError
 from ..hub import resolve_model
-from .common import add_gpu_flags
+from .common import add_gpu_flags, thread_count
 
 OUTPUTS = ("md", "csv", "json", "jsonl")
 
@@ -354,6 +354,12 @@ def main(args: argparse.Namespace) -> int:
     if not args.model:
         raise LfmEdgeError("bench needs a model: -m FILE.gguf (or a hub reference)")
     threads = [None] if args.threads is None else counts(args.threads, "-t/--threads", 1)
+    for t in threads:
+        if t is not None:
+            try:
+                thread_count(str(t))
+            except argparse.ArgumentTypeError as e:
+                raise LfmEdgeError(f"-t/--threads: {e}") from None
     prompts = counts(args.n_prompt, "-p/--n-prompt", 0)
     gens = counts(args.n_gen, "-n/--n-gen", 0)
     repetitions = count(args.repetitions, "-r/--repetitions", 1)
