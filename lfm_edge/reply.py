@@ -94,9 +94,9 @@ class ReplyParser:
     """
 
     def __init__(self, markers: Markers, stop: Iterable[str] = (), prompt: str = "", raw: bool = False):
+        """prompt: the end of the rendered prompt, enough to see whether it opens reasoning."""
         self.m = markers
         self.stops = [s for s in stop if s]
-        self.longest_stop = max(map(len, self.stops), default=0)
         self.raw = raw
         self.mode = "text" if raw else "start"  # start -> [reasoning ->] text <-> call; "done" after a stop
         self.buf = ""  # text of the current channel not yet emitted
