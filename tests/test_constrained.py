@@ -14,7 +14,7 @@ import pytest
 
 import lfm_edge
 from lfm_edge.errors import LfmEdgeError
-from lfm_edge.grammar import Grammar, tool_call_grammar
+from lfm_edge.grammar import Grammar, chat_grammar, tool_call_grammar
 from lfm_edge.llm import GenerationStats
 from lfm_edge.reply import Reply
 from lfm_edge.sampling import Sampler, SamplingParams
@@ -174,15 +174,7 @@ def test_tool_choice_required_always_gives_valid_calls(llm):
     ('lookup(q="x")', False),  # not a tool
 ])
 def test_the_tool_call_grammar_accepts_exactly_the_valid_calls(llm, call, valid):
-    constraint = llm.constraint(tool_call_grammar(TOOLS))
-    ids = llm.tokenize(f"<|tool_call_start|>[{call}]<|tool_call_end|>", add_special=False)
-    accepted = 0
-    for token in ids:
-        if not constraint.allowed()[token]:
-            break
-        constraint.advance(token)
-        accepted += 1
-    assert (accepted == len(ids) and constraint.is_done()) == valid
+    assert accepts(llm, tool_call_grammar(TOOLS), f"<|tool_call_start|>[{call}]<|tool_call_end|>") == valid
 
 
 def test_tool_choice_named_calls_that_tool(llm):
@@ -197,6 +189,39 @@ def test_response_format_json_schema_in_chat(llm):
         text = llm.chat([{"role": "user", "content": "Who?"}], stream=False, max_tokens=200, temperature=1.0, seed=seed,
                         response_format={"type": "json_schema", "json_schema": {"name": "who", "schema": schema, "strict": True}})
         validate(json.loads(text), schema)
+
+
+def test_response_format_with_tools_on_auto_is_the_json_or_a_call(llm):
+    schema = SCHEMAS["enum"]
+    grammar = chat_grammar({"type": "json_schema", "json_schema": {"schema": schema}}, TOOLS, "auto")
+    for text, valid in [('{"color": "red", "size": None}', False), ('{"color": "red", "size": null}', True),
+                        ("<|tool_call_start|>[ping()]<|tool_call_end|>", True), ("Hello", False)]:
+        assert accepts(llm, grammar, text) == valid, text
+    for seed in SEEDS[:3]:
+        reply = Reply.of(llm.chat_events([{"role": "user", "content": "hi"}], TOOLS, max_tokens=200, temperature=1.0,
+                                         seed=seed, response_format={"type": "json_schema", "json_schema": {"schema": schema}}))
+        if reply.calls:
+            assert reply.content == ""
+        else:
+            validate(json.loads(reply.content), schema)
+
+
+def test_a_reply_that_opens_in_reasoning_reasons_first(llm):
+    """LFM2.5: the answer's grammar starts after </think> (a special token)."""
+    grammar = Grammar.from_json_schema(SCHEMAS["enum"]).after_reasoning()
+    assert accepts(llm, grammar, 'Any thoughts {"color" at all.</think>{"color": "blue", "size": 2}')
+    assert not accepts(llm, grammar, 'Thoughts.</think>{"color": "pink", "size": 2}')
+    assert not accepts(llm, grammar, '{"color": "blue", "size": 2}')  # still reasoning: not complete
+
+
+def accepts(llm, grammar, text):
+    """The grammar takes text's tokens one by one and is then complete."""
+    constraint = llm.constraint(grammar)
+    for token in llm.tokenize(text, add_special=False):
+        if not constraint.allowed()[token]:
+            return False
+        constraint.advance(token)
+    return constraint.is_done() or bool(constraint.allowed()[llm.tokenizer.eos_id])
 
 
 def test_tool_choice_none_never_calls(llm):
