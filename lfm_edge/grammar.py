@@ -227,6 +227,11 @@ class _PyLiteralRules:
         self.n += 1
         return f"r{self.n}_{re.sub(r'[^a-z0-9]', '_', hint.lower())[:24]}"
 
+    def _rule(self, hint: str, body: str) -> str:
+        name = self._new(hint)
+        self.rules[name] = body
+        return name
+
     def call(self, name: str, params: dict[str, Any]) -> str:
         self.root = params
         rule = self._new(f"call_{name}")
@@ -255,21 +260,26 @@ class _PyLiteralRules:
         sep = '", "'
         key = (lambda k: json.dumps(f"{k}=")) if as_keywords else (lambda k: json.dumps(json.dumps(k, ensure_ascii=False) + ": "))
         items = [(key(k), self.value(v, f"{hint}.{k}", depth + 1), k in required) for k, v in props.items()]
-        # rest[i]: properties i.. each preceded by sep; first[i]: the same without a sep before the first
-        rest, first = [""] * (len(items) + 1), [""] * (len(items) + 1)
-        for i in range(len(items) - 1, -1, -1):
+        # first[i] is needed while every property before i is optional; rest[0] never is
+        n = len(items)
+        needed = [True] * n
+        for i in range(1, n):
+            needed[i] = needed[i - 1] and not items[i - 1][2]
+        rest, first = [""] * (n + 1), [""] * (n + 1)  # rule names; "": nothing left
+        for i in range(n - 1, -1, -1):
             name, value, req = items[i]
             pair = f"{name} {value}"
-            r, f = self._new(f"{hint}_rest{i}"), self._new(f"{hint}_first{i}")
             tail = f" {rest[i + 1]}" if rest[i + 1] else ""
-            self.rules[r] = f"{sep} {pair}{tail}" if req else f"({sep} {pair})?{tail}" if tail else f"({sep} {pair})?"
-            if req:
-                self.rules[f] = f"{pair}{tail}"
-            elif first[i + 1]:
-                self.rules[f] = f"{pair}{tail} | {first[i + 1]}"
-            else:
-                self.rules[f] = f"({pair})?"
-            rest[i], first[i] = r, f
+            if i > 0:
+                rest[i] = self._rule(hint, f"{sep} {pair}{tail}" if req else f"({sep} {pair})?{tail}")
+            if needed[i]:
+                if req:
+                    body = f"{pair}{tail}"
+                elif first[i + 1]:
+                    body = f"{pair}{tail} | {first[i + 1]}"
+                else:
+                    body = f"({pair})?"
+                first[i] = self._rule(hint, body)
         return first[0]
 
     def value(self, schema: Any, hint: str, depth: int = 0) -> str:
@@ -477,17 +487,17 @@ def chat_grammar(
 
 # -- from grammar to token masks ------------------------------------------------------------
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
+_POOLS: dict[str, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
 
 
-def _pool() -> ThreadPoolExecutor:
-    """Worker threads for compiling and for masks computed during forward passes."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lfm-edge-grammar")
-        return _POOL
+def _pool(kind: str) -> ThreadPoolExecutor:
+    """Worker threads: "compile" (a compile past its deadline keeps one busy until llguidance's
+    limits stop it) apart from "mask" (masks computed during forward passes)."""
+    with _POOLS_LOCK:
+        if kind not in _POOLS:
+            _POOLS[kind] = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"lfm-edge-{kind}")
+        return _POOLS[kind]
 
 
 def _one_sentence(error: str) -> str:
@@ -541,7 +551,7 @@ class Vocabulary:
                 self._compiled.move_to_end(source)
                 return template.deep_copy()
         llg = _llguidance()
-        job = _pool().submit(llg.LLMatcher, self.ll, source, log_level=0, limits=self.limits)
+        job = _pool("compile").submit(llg.LLMatcher, self.ll, source, log_level=0, limits=self.limits)
         try:
             matcher = job.result(timeout=COMPILE_TIMEOUT_S)
         except FutureTimeout:
@@ -585,7 +595,7 @@ class Constraint:
         self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
 
     def _start(self) -> None:
-        self._pending = _pool().submit(self._compute)
+        self._pending = _pool("mask").submit(self._compute)
 
     def _join(self) -> None:
         if self._pending is not None:
@@ -625,9 +635,3 @@ class Constraint:
     def is_accepting(self) -> bool:
         self._join()
         return self.matcher.is_accepting()
-
-    def close(self) -> None:
-        """Wait for a mask still being computed (before dropping the matcher)."""
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None

@@ -352,7 +352,7 @@ class LLM:
         response_format: dict[str, Any] | None = None,
         tool_choice: str | dict[str, Any] | None = None,
         parallel_tool_calls: bool = True,
-        grammar: Grammar | None = None,
+        grammar: Grammar | str | None = None,
         **sampling: Any,
     ) -> Iterator[Event]:
         """The assistant's reply to `messages` as events: reasoning, text, tool calls, stop, end.

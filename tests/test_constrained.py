@@ -133,12 +133,14 @@ TOOLS = [
         "unit": {"enum": ["celsius", "fahrenheit"]},
         "hourly": {"type": "boolean"},
         "hours": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 23}, "minItems": 1, "maxItems": 3},
-        "near": obj({"lat": {"type": "number", "minimum": -90, "maximum": 90}, "label": {"type": ["string", "null"], "maxLength": 4}},
+        "near": obj({"lat": {"type": "number", "minimum": -90, "maximum": 90, "multipleOf": 0.5}, "label": {"type": ["string", "null"], "maxLength": 4}},
                     required=["lat"]),
     }, required=["city"])}},
     {"type": "function", "function": {"name": "send_email", "parameters": obj({
         "to": {"type": "string", "pattern": "^[a-z]{1,6}@example\\.com$"}, "urgent": {"type": "boolean"}})}},
     {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {}}}},
+    {"type": "function", "function": {"name": "search", "parameters": obj({
+        "q": {"type": "string", "maxLength": 5}, "n": {"type": "integer", "minimum": 1, "maximum": 3}}, required=[])}},
 ]
 SCHEMA_OF = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
@@ -172,6 +174,13 @@ def test_tool_choice_required_always_gives_valid_calls(llm):
     ('send_email(to="ann@example.org", urgent=True)', False),  # the pattern
     ('get_weather(city="Paris", hours=[])', False),  # minItems 1
     ('lookup(q="x")', False),  # not a tool
+    ('search()', True),
+    ('search(n=2)', True),
+    ('search(q="a", n=3)', True),
+    ('search(n=2, q="a")', False),  # the schema's order
+    ('search(, n=2)', False),
+    ('search(q=\'a\')', False),  # strings are double-quoted
+    ('ping(), ping()', True),
 ])
 def test_the_tool_call_grammar_accepts_exactly_the_valid_calls(llm, call, valid):
     assert accepts(llm, tool_call_grammar(TOOLS), f"<|tool_call_start|>[{call}]<|tool_call_end|>") == valid
@@ -181,6 +190,9 @@ def test_tool_choice_named_calls_that_tool(llm):
     for seed in SEEDS:
         calls = forced_calls(llm, {"type": "function", "function": {"name": "get_weather"}}, seed, parallel=False)
         assert [c.name for c in calls] == ["get_weather"]
+    grammar = chat_grammar(None, TOOLS, {"type": "function", "function": {"name": "ping"}}, parallel_tool_calls=False)
+    assert accepts(llm, grammar, "<|tool_call_start|>[ping()]<|tool_call_end|>")
+    assert not accepts(llm, grammar, "<|tool_call_start|>[ping(), ping()]<|tool_call_end|>")
 
 
 def test_response_format_json_schema_in_chat(llm):
@@ -225,6 +237,8 @@ def accepts(llm, grammar, text):
 
 
 def test_tool_choice_none_never_calls(llm):
+    grammar = chat_grammar(None, TOOLS, "none")
+    assert accepts(llm, grammar, "Plain words.") and not accepts(llm, grammar, "<|tool_call_start|>[ping()]<|tool_call_end|>")
     for seed in SEEDS[:3]:
         reply = Reply.of(llm.chat_events([{"role": "user", "content": "hi"}], TOOLS, max_tokens=30, tool_choice="none",
                                          temperature=1.0, seed=seed))
