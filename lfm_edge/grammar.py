@@ -161,7 +161,10 @@ def _json_rule(schema: Any, options: dict[str, Any]) -> str:
         schema = {"x-guidance": options}
     else:  # false: nothing is valid
         raise LfmEdgeError("the JSON schema is false: no value satisfies it")
-    return "%json " + json.dumps(schema, ensure_ascii=False)
+    try:
+        return "%json " + json.dumps(schema, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise LfmEdgeError(f"the JSON schema holds a value JSON cannot write: {e}") from None
 
 
 # -- LFM2's tool calls ---------------------------------------------------------------------
@@ -516,7 +519,7 @@ class Vocabulary:
     """llguidance's tokenizer for one model: each token's bytes, special tokens marked,
     the end-of-generation tokens as EOS. Build once per model; thread-safe."""
 
-    CACHE_SIZE = 32  # compiled grammars kept, so a repeated schema is not compiled again
+    CACHE_SIZE = 8  # compiled grammars kept, so a repeated schema is not compiled again (each < ~100 MB)
 
     def __init__(self, tokenizer: GGUFTokenizer):
         llg = _llguidance()
