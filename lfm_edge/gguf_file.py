@@ -35,7 +35,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
@@ -277,43 +277,40 @@ class _Cursor:
                 raise _Corrupt(f"string {i} of metadata array {key} claims {length} bytes, but only {size - pos} remain")
             pos += length
         starts[n] = pos + _STRING_HEADER
-        begin, self.pos = self.pos, pos
+        self.pos = pos
         offsets = np.frombuffer(starts, np.int64)
-        _check_utf8(buf, begin, pos, offsets, key)
+        _check_utf8(buf, offsets, key)
         return StringArray(buf, offsets)
 
 
-def _check_utf8(buf: Any, begin: int, end: int, starts: np.ndarray, key: str) -> None:
-    """Check that every string of an array is UTF-8, in one decode of their bytes joined.
+def _check_utf8(buf: Any, starts: np.ndarray, key: str, chunk: int = 1 << 18) -> None:
+    """Check that every string of an array is UTF-8, with one decode per chunk of strings joined.
 
-    The joined bytes are UTF-8 and no string starts with a continuation byte
-    exactly when each string on its own is UTF-8.
+    Joined bytes are UTF-8 and no string starts with a continuation byte exactly
+    when each string on its own is UTF-8. Chunks keep the scratch memory small.
     """
-    if len(starts) <= 1:
-        return
-    region = np.frombuffer(buf, np.uint8, end - begin, begin)
-    # mark each 8-byte length field: +1 where it starts, -1 where its string starts
-    step = np.zeros(end - begin + 1, np.int8)
-    step[starts[:-1] - _STRING_HEADER - begin] = 1
-    step[starts[:-1] - begin] -= 1
-    keep = np.cumsum(step[:-1], dtype=np.int8) == 0
-    joined = region[keep].tobytes()
-    lengths = starts[1:] - starts[:-1] - _STRING_HEADER
-    first = region[starts[:-1][lengths > 0] - begin]
-    bad_start = np.flatnonzero((first & 0xC0) == 0x80)
-    try:
-        joined.decode("utf-8")
-    except UnicodeDecodeError as e:
-        # which string holds the first bad byte
-        i = int(np.searchsorted(np.cumsum(lengths), e.start, side="right"))
-        raise _Corrupt(f"string {i} of metadata array {key} is not valid UTF-8") from None
-    if bad_start.size:
-        i = int(np.flatnonzero(lengths > 0)[bad_start[0]])
-        raise _Corrupt(f"string {i} of metadata array {key} is not valid UTF-8")
+    for lo in range(0, len(starts) - 1, chunk):
+        s = starts[lo : lo + chunk + 1]
+        begin, end = int(s[0]) - _STRING_HEADER, int(s[-1]) - _STRING_HEADER
+        region = np.frombuffer(buf, np.uint8, end - begin, begin)
+        # mark each 8-byte length field: +1 where it starts, -1 where its string starts
+        step = np.zeros(end - begin + 1, np.int8)
+        step[s[:-1] - _STRING_HEADER - begin] = 1
+        step[s[:-1] - begin] -= 1
+        joined = region[np.cumsum(step[:-1], dtype=np.int8) == 0].tobytes()
+        lengths = s[1:] - s[:-1] - _STRING_HEADER
+        nonempty = np.flatnonzero(lengths > 0)
+        bad_start = np.flatnonzero((region[s[:-1][nonempty] - begin] & 0xC0) == 0x80)
+        try:
+            joined.decode("utf-8")
+        except UnicodeDecodeError as e:
+            i = lo + int(np.searchsorted(np.cumsum(lengths), e.start, side="right"))  # the string with the bad byte
+            raise _Corrupt(f"string {i} of metadata array {key} is not valid UTF-8") from None
+        if bad_start.size:
+            raise _Corrupt(f"string {lo + int(nonempty[bad_start[0]])} of metadata array {key} is not valid UTF-8")
 
 
-@dataclass(frozen=True)
-class _TensorInfo:
+class _TensorInfo(NamedTuple):
     name: str
     dims: tuple[int, ...]  # ggml order: the row length first
     type_id: int
@@ -337,50 +334,52 @@ class GGUFFile:
             raise self.error(f"is truncated or corrupt ({e})") from None
         self.alignment: int = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         self.data_offset = data_start
-        data = np.frombuffer(self._map, np.uint8)  # tensor views keep the mapping alive
         self.tensors: dict[str, Tensor] = {}
-        for info in infos:
-            self.tensors[info.name] = self._check_tensor(info, data, data_start, size)
-        self._check_overlaps(infos)
+        self._check_tensors(infos, data_start, size)
         self.arch: str = self.get("general.architecture", str)
 
-    def _check_tensor(self, info: _TensorInfo, data: np.ndarray, data_start: int, file_size: int) -> Tensor:
-        name = info.name
+    def _encoding(self, type_id: int, name: str) -> tuple[GGMLQuantizationType, int, int]:
+        """A tensor type's encoding, block length and block bytes; unknown or unsupported types refused."""
         try:
-            qtype = GGMLQuantizationType(info.type_id)
+            qtype = GGMLQuantizationType(type_id)
         except ValueError:
-            raise self.error(f"tensor {name} has unknown type id {info.type_id}") from None
+            raise self.error(f"tensor {name} has unknown type id {type_id}") from None
         if qtype not in SUPPORTED_TYPES:
             supported = ", ".join(sorted(q.name for q in SUPPORTED_TYPES))
             raise self.error(
                 f"tensor {name} is stored as {qtype.name}, which lfm-edge does not support yet "
                 f"(supported: {supported})"
             )
-        shape = tuple(reversed(info.dims))
-        block, _ = GGML_QUANT_SIZES[qtype]
-        if shape[-1] % block:
-            raise self.error(
-                f"is truncated or corrupt (tensor {name} has rows of {shape[-1]} values, "
-                f"not a multiple of {qtype.name}'s blocks of {block})"
-            )
-        tensor = Tensor(name, qtype, shape, np.empty(0, np.uint8))
-        n_rows = 1
-        for d in shape[:-1]:
-            n_rows *= d  # Python integers: no overflow, compared with the file below
-        nbytes = n_rows * row_bytes(qtype, shape[-1])
-        if info.offset % self.alignment:
-            raise self.error(
-                f"is truncated or corrupt (tensor {name} starts at offset {info.offset}, "
-                f"not a multiple of the alignment {self.alignment})"
-            )
-        start = data_start + info.offset
-        end = start + nbytes
-        if end > file_size:
-            raise self.error(f"is truncated: tensor {name} ends at byte {end} but the file has {file_size} bytes")
-        return Tensor(name, qtype, shape, data[start:end])
+        return (qtype, *GGML_QUANT_SIZES[qtype])
 
-    def _check_overlaps(self, infos: list[_TensorInfo]) -> None:
-        spans = sorted((i.offset, self.tensors[i.name].data.nbytes, i.name) for i in infos)
+    def _check_tensors(self, infos: list[_TensorInfo], data_start: int, file_size: int) -> None:
+        data = np.frombuffer(self._map, np.uint8)  # tensor views keep the mapping alive
+        encodings: dict[int, tuple[GGMLQuantizationType, int, int]] = {}
+        spans = []
+        for name, dims, type_id, offset in infos:
+            enc = encodings.get(type_id) or encodings.setdefault(type_id, self._encoding(type_id, name))
+            qtype, block, block_bytes = enc
+            if dims[0] % block:
+                raise self.error(
+                    f"is truncated or corrupt (tensor {name} has rows of {dims[0]} values, "
+                    f"not a multiple of {qtype.name}'s blocks of {block})"
+                )
+            if offset % self.alignment:
+                raise self.error(
+                    f"is truncated or corrupt (tensor {name} starts at offset {offset}, "
+                    f"not a multiple of the alignment {self.alignment})"
+                )
+            nbytes = dims[0] // block * block_bytes
+            for d in dims[1:]:
+                nbytes *= d  # Python integers: no overflow, compared with the file below
+            start = data_start + offset
+            if start + nbytes > file_size:
+                raise self.error(
+                    f"is truncated: tensor {name} ends at byte {start + nbytes} but the file has {file_size} bytes"
+                )
+            self.tensors[name] = Tensor(name, qtype, dims[::-1], data[start : start + nbytes])
+            spans.append((offset, nbytes, name))
+        spans.sort()
         for (a, n, name), (b, _, other) in zip(spans, spans[1:]):
             if a + n > b:
                 raise self.error(f"is truncated or corrupt (the data of tensors {name} and {other} overlap)")
@@ -456,27 +455,42 @@ def _read_header(buf: Any, size: int) -> tuple[dict[str, Any], list[_TensorInfo]
         raise _Corrupt(f"the header claims {n_tensors} tensors, more than the {c.left()} bytes left can hold")
     infos: list[_TensorInfo] = []
     names: set[str] = set()
-    for _ in range(n_tensors):
-        name = c.string("a tensor name")
+    pos, u32, u64 = c.pos, _U32.unpack_from, _U64.unpack_from
+    for _ in range(n_tensors):  # inlined reads: a file may list a million tensors
+        if pos + 8 > size:
+            raise _Corrupt(f"tensor info {len(infos)} starts past the end of the file")
+        (n,) = u64(buf, pos)
+        pos += 8
+        if n > size - pos:
+            raise _Corrupt(f"the name of tensor {len(infos)} claims {n} bytes, but only {size - pos} remain")
+        try:
+            name = buf[pos : pos + n].decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Corrupt(f"the name of tensor {len(infos)} is not valid UTF-8") from None
+        pos += n
         if name in names:
             raise _Corrupt(f"tensor {name} is listed twice")
         names.add(name)
-        n_dims = c.u32(f"the dimension count of tensor {name}")
+        if pos + 4 > size:
+            raise _Corrupt(f"the info of tensor {name} runs past the end of the file")
+        (n_dims,) = u32(buf, pos)
         if not 1 <= n_dims <= MAX_DIMS:
             raise _Corrupt(f"tensor {name} has {n_dims} dimensions; a tensor has 1 to {MAX_DIMS}")
-        c.need(8 * n_dims, f"the dimensions of tensor {name}")
-        dims = struct.unpack_from(f"<{n_dims}Q", buf, c.pos)
-        c.pos += 8 * n_dims
+        end = pos + 4 + 8 * n_dims + 12
+        if end > size:
+            raise _Corrupt(f"the info of tensor {name} runs past the end of the file")
+        dims = struct.unpack_from(f"<{n_dims}QIQ", buf, pos + 4)  # dims..., type, offset
+        pos = end
+        type_id, offset, dims = dims[-2], dims[-1], dims[:-2]
         count = 1
         for d in dims:
             count *= d
-        if min(dims) < 1 or count > INT64_MAX:
+        if not 0 < count <= INT64_MAX or min(dims) < 1:
             raise _Corrupt(f"tensor {name} has dimensions {list(dims)}, which no tensor can have")
-        type_id = c.u32(f"the type of tensor {name}")
-        offset = c.u64(f"the data offset of tensor {name}")
         if offset > size:
             raise _Corrupt(f"tensor {name} starts at offset {offset}, past the end of the file")
         infos.append(_TensorInfo(name, dims, type_id, offset))
+    c.pos = pos
 
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if isinstance(alignment, bool) or not isinstance(alignment, int) or not 1 <= alignment <= MAX_ALIGNMENT:
