@@ -450,7 +450,7 @@ def response_format_grammar(response_format: Any) -> Grammar | None:
     raise LfmEdgeError(f"response_format type {kind!r} is not supported (text, json_object or json_schema)")
 
 
-def tool_choice_name(tool_choice: Any) -> str | None:
+def tool_choice_name(tool_choice: Any) -> str:
     """The function a named tool_choice forces: {"type": "function", "function": {"name": X}}."""
     if isinstance(tool_choice, dict):
         fn = tool_choice.get("function")
