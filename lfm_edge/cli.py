@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from . import __version__
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         return modules[args.command].main(args) or 0
     except LfmEdgeError as e:
         print(f"lfm-edge: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `lfm-edge bench | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 1
     except OSError as e:  # a file we were told to read or write
         where = f"{e.filename}: " if e.filename else ""
