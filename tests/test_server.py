@@ -327,7 +327,7 @@ def say(llm, seen: dict):
 def canned_model(server, monkeypatch):
     """Make the server's model 'say' a given text, token by token; records the prompts it got."""
     seen: dict = {"prompts": []}
-    monkeypatch.setattr(server.engine.llm, "sample_tokens", say(server.engine.llm, seen))
+    monkeypatch.setattr(server.runner.llm, "sample_tokens", say(server.runner.llm, seen))
     return seen
 
 
@@ -407,7 +407,7 @@ def think_server(gguf_path, tmp_path_factory):
 
 
 def test_a_prompt_ending_in_think_starts_the_reply_in_reasoning(think_server, monkeypatch):
-    llm = think_server.engine.llm
+    llm = think_server.runner.llm
     client = openai.OpenAI(base_url=think_server.url, api_key="unused", max_retries=0, timeout=30)
     seen: dict = {"prompts": [], "reply": "I should think.</think>The answer is 4."}
     monkeypatch.setattr(llm, "sample_tokens", say(llm, seen))
@@ -426,7 +426,7 @@ def test_a_prompt_ending_in_think_starts_the_reply_in_reasoning(think_server, mo
 
 def test_reasoning_of_a_real_generation_streams_as_it_is_returned(think_server):
     client = openai.OpenAI(base_url=think_server.url, api_key="unused", max_retries=0, timeout=30)
-    llm = think_server.engine.llm
+    llm = think_server.runner.llm
     kw = dict(max_tokens=20, temperature=0)
     message = chat(client, hello(), **kw).choices[0].message
     reasoning, content, _ = stream_parts(client, hello(), **kw)
@@ -462,17 +462,17 @@ def test_concurrent_clients_get_what_they_get_alone(client, server, monkeypatch)
     kw = dict(max_tokens=40, temperature=0)
     alone = [chat(client, hello(p), **kw).choices[0].message.content for p in prompts]
     running, overlaps = [0], []
-    generate = server.engine.generate
+    decode = server.runner._decode
 
-    def watched(job, stats, cancel):
+    def watched(job, stats, cancel, trace):
         running[0] += 1
         overlaps.append(running[0])
         try:
-            yield from generate(job, stats, cancel)
+            yield from decode(job, stats, cancel, trace)
         finally:
             running[0] -= 1
 
-    monkeypatch.setattr(server.engine, "generate", watched)
+    monkeypatch.setattr(server.runner, "_decode", watched)
     results: dict[int, str] = {}
     start = threading.Barrier(len(prompts))
 
@@ -502,7 +502,7 @@ def wait_for(predicate, seconds: float = 10.0) -> bool:
 
 
 def test_a_client_that_leaves_mid_stream_is_cancelled(server, client):
-    engine = server.engine
+    engine = server.runner
     before = engine.finished["cancelled"]
     host, port = server.server_address[:2]
     conn = http.client.HTTPConnection(host, port, timeout=30)
@@ -574,16 +574,26 @@ BAD_REQUESTS = [
     (POST, CHAT, {"messages": USER, "max_tokens": -1}, 400, "max_tokens", ">= 0"),
     (POST, CHAT, {"messages": USER, "stop": 5}, 400, "stop", "stop must be"),
     (POST, CHAT, {"messages": USER, "stream": "yes"}, 400, "stream", "true or false"),
+    (POST, CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice", "has no tools"),
     (
         POST,
         CHAT,
-        {"messages": USER, "tools": [WEATHER_TOOL], "tool_choice": "required"},
+        {"messages": USER, "tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
         400,
         "tool_choice",
-        "not supported",
+        "'nope', which is not one of the tools (the tools are get_weather)",
     ),
+    (POST, CHAT, {"messages": USER, "tools": [WEATHER_TOOL], "tool_choice": "sometimes"}, 400, "tool_choice", "must be"),
+    (POST, CHAT, {"messages": USER, "parallel_tool_calls": "yes"}, 400, "parallel_tool_calls", "true or false"),
+    (POST, CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "from 0 to 20"),
+    (POST, CHAT, {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs", "needs logprobs"),
+    (POST, COMPLETIONS, {"prompt": "a", "logprobs": 6}, 400, "logprobs", "from 0 to 5"),
     (POST, CHAT, {"messages": USER, "frequency_penalty": 3}, 400, "frequency_penalty", "[-2, 2]"),
-    (POST, CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format", "only"),
+    (POST, CHAT, {"messages": USER, "response_format": {"type": "yaml"}}, 400, "response_format", "'yaml' is not supported"),
+    (POST, CHAT, {"messages": USER, "response_format": {"type": "json_schema"}}, 400, "response_format", "json_schema needs"),
+    (POST, "/tokenize", {"content": 5.5}, 400, "content", "strings and token ids"),
+    (POST, "/detokenize", {"tokens": [1, 10**9]}, 400, "tokens", "outside the vocabulary"),
+    (POST, "/detokenize", {"tokens": "abc"}, 400, "tokens", "list of token ids"),
     (POST, COMPLETIONS, {"prompt": ["a", "b"]}, 400, "prompt", "list of one string"),
     (POST, COMPLETIONS, {}, 400, "prompt", "must be a string"),
     (POST, COMPLETIONS, {"prompt": "hello " * (N_CTX + 500)}, 400, "prompt", "context holds 8192"),
@@ -614,11 +624,11 @@ def test_context_overflow_code_and_the_openai_client(client):
 
 
 def test_an_internal_error_is_a_short_500_and_logged(server, client, monkeypatch, caplog):
-    def broken(job, stats, cancel):
+    def broken(job, stats, cancel, trace):
         raise RuntimeError("secret detail")
         yield
 
-    monkeypatch.setattr(server.engine, "generate", broken)
+    monkeypatch.setattr(server.runner, "_decode", broken)
     status, reply = raw_request(server, "POST", "/v1/chat/completions", {"messages": USER})
     assert status == 500 and reply["error"]["type"] == "server_error"
     assert "secret" not in reply["error"]["message"] and "Traceback" not in json.dumps(reply)

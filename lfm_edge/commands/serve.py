@@ -1,4 +1,4 @@
-"""`lfm-edge serve -m MODEL`: an OpenAI-compatible HTTP server (see lfm_edge/server.py)."""
+"""`lfm-edge serve -m MODEL`: an OpenAI- and ollama-compatible HTTP server (see lfm_edge/server/)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,16 @@ from ..hub import DEFAULT_MODEL
 from ..server import bind_warning, listen, make_server
 from .common import add_model_args, integer, load_model
 
+API_KEY_ENV = "LFM_EDGE_API_KEY"
+
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port_number, default=8080, help="port to listen on (default 8080; 0: any free port)")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None, metavar="KEY",
+                   help=f"require this key of every request but /health ('Authorization: Bearer KEY'); "
+                        f"default: ${API_KEY_ENV}")
     p.add_argument("-q", "--quiet", action="store_true", help="do not log each request")
 
 
@@ -43,14 +48,14 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
-    listener = listen(args.host, args.port)  # a busy port is reported now, not after a long load
+    listener = listen(args.host, args.port, api_key=args.api_key)  # a busy port is reported now, not after a long load
     try:
         llm = load_model(args)
     except BaseException:
         listener.server_close()
         raise
     server = make_server(llm, host=args.host, port=args.port, model_id=model_id(args.model), listener=listener)
-    warning = bind_warning(args.host)
+    warning = bind_warning(args.host, args.api_key)
     if warning:
         print(f"lfm-edge: {warning}", file=sys.stderr)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
