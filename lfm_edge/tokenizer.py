@@ -87,6 +87,9 @@ class GGUFTokenizer:
                 raise f.error(f"tokenizer.ggml.{name}_token_id = {tid} is outside the vocabulary")
 
         vocab = {t: i for i, t in enumerate(tokens)}
+        if len(vocab) != len(tokens):
+            i = next(i for i, t in enumerate(tokens) if vocab[t] != i)
+            raise f.error(f"token {tokens[i][:40]!r} is listed twice in the vocabulary (ids {i} and {vocab[tokens[i]]})")
         pairs = _merge_pairs(f, merges, vocab)
         bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=True, fuse_unk=False, byte_fallback=False)
         tok = Tokenizer(bpe)
