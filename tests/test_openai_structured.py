@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import re
 import threading
 
 import numpy as np
@@ -241,8 +242,8 @@ BAD = [
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "array", "minItems": 5, "maxItems": 2}}}},
      "response_format", "nsatisfiable"),
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"enum": [f"v{i}" for i in range(200_000)]}}}},
-     "response_format", "too large"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "'nope'"),
+     "response_format", "too large|too complex"),  # whichever bound it meets first on a loaded machine
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "'nope', which is not one"),
     ({"tools": [{"type": "function", "function": {"name": "get-weather"}}], "tool_choice": "required"}, "tool_choice",
      "Python name"),
     ({"tools": [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
@@ -254,7 +255,7 @@ BAD = [
 def test_bad_structure_is_one_sentence(server, extra, param, words):
     status, body = raw(server, "POST", "/v1/chat/completions", {"messages": ASK, **extra})
     assert status == 400 and body["error"]["param"] == param, body
-    assert words in body["error"]["message"] and "\n" not in body["error"]["message"]
+    assert re.search(words, body["error"]["message"]) and "\n" not in body["error"]["message"]
 
 
 # -- /tokenize and /detokenize ----------------------------------------------------------------

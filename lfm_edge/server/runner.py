@@ -148,12 +148,16 @@ class Runner:
             sampler = LoggingSampler(sampler, job.logprobs, trace.logprobs)
         try:
             logits = self._prefill(job.prompt, stats)
+            prefilled = (stats.prompt_tokens, stats.cached_tokens, stats.prefill_s)
             start = time.perf_counter()
             tokens = self.llm.sample_tokens(logits, history, job.max_tokens, sampler, self.cache, stats, cancel)
-            yield from reply_events(
-                self.llm.tokenizer, self._noted(tokens, trace), job.prompt, job.stop,
-                raw=job.kind == "completion", stats=stats,
-            )
+            try:
+                yield from reply_events(
+                    self.llm.tokenizer, self._noted(tokens, trace), job.prompt, job.stop,
+                    raw=job.kind == "completion", stats=stats,
+                )
+            finally:  # what the prefill did is ours to report, whatever the sampling loop counts
+                stats.prompt_tokens, stats.cached_tokens, stats.prefill_s = prefilled
             stats.decode_s = time.perf_counter() - start
             del trace.logprobs[len(trace.ids):]  # a sampled end token is not part of the reply
         except LfmEdgeError as e:  # not expected after the checks of protocol, but a sentence all the same
