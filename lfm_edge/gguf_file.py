@@ -385,7 +385,7 @@ class GGUFFile:
                 raise self.error(f"is truncated or corrupt (the data of tensors {name} and {other} overlap)")
 
     def error(self, problem: str) -> LfmEdgeError:
-        return LfmEdgeError(f"{self.path}: {problem}")
+        return LfmEdgeError(f"{self.path}: {_one_line(problem)}")
 
     def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
         """The metadata value `key`, checked to be of `kind` (int, float, str, list or a tuple of them).
@@ -408,6 +408,13 @@ class GGUFFile:
             found = "array" if isinstance(value, np.ndarray | StringArray) else type(value).__name__
             raise self.error(f"metadata key {key} should be {' or '.join(k.__name__ for k in kinds)}, found {found}")
         return value
+
+
+def _one_line(text: str, limit: int = 600) -> str:
+    """`text` as one printable line of bounded length: keys, names and values come from the file."""
+    if not text.isprintable():
+        text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+    return text if len(text) <= limit else f"{text[: limit // 2]} ... {text[-limit // 2 :]}"
 
 
 def _libc() -> ctypes.CDLL:
@@ -493,8 +500,10 @@ def _read_header(buf: Any, size: int) -> tuple[dict[str, Any], list[_TensorInfo]
     c.pos = pos
 
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if isinstance(alignment, bool) or not isinstance(alignment, int) or not 1 <= alignment <= MAX_ALIGNMENT:
-        raise _Corrupt(f"general.alignment = {alignment!r}; it must be a power of two from 1 to {MAX_ALIGNMENT}")
+    if isinstance(alignment, bool) or not isinstance(alignment, int):
+        raise _Corrupt(f"general.alignment should be an integer, found {type(alignment).__name__}")
+    if not 1 <= alignment <= MAX_ALIGNMENT:
+        raise _Corrupt(f"general.alignment = {alignment}; it must be a power of two from 1 to {MAX_ALIGNMENT}")
     if alignment & (alignment - 1):
         raise _Corrupt(f"general.alignment = {alignment} is not a power of two")
     data_start = -(-c.pos // alignment) * alignment

@@ -156,6 +156,12 @@ def test_duplicates(tmp_path):
     assert "tensor w is listed twice" in error_of(write(tmp_path, [], tensors, bytes(64)))
 
 
+def test_names_from_the_file_stay_one_printable_line(tmp_path):
+    assert "metadata key a\\nb\\x00 is given twice" in error_of(write(tmp_path, [("a\nb\0", U32, 1)] * 2))
+    msg = error_of(write(tmp_path, [("k" * 10**5, U32, 1)] * 2))
+    assert " ... " in msg and len(msg) < 1000
+
+
 def test_tensor_infos(tmp_path):
     def err(dims, ttype=F32, offset=0, data=bytes(64), alignment=None):
         kvs = [] if alignment is None else [("general.alignment", U32, alignment)]
