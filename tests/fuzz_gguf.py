@@ -418,7 +418,7 @@ def mut_tensor(g: Gguf, rng: random.Random) -> str:
         return f"{t.name} offset moved"
     gate = [u for u in g.tensors if "gate" in u.name and u.ttype != F32]
     up = [u for u in g.tensors if "up" in u.name and u.ttype != F32]
-    if gate and up:  # a gate/up pair of two types: relabel a Q4_0 tensor as Q8_0-sized? keep bytes, change type
+    if gate and up:  # a gate or up weight relabelled, so the pair has two types (and wrong sizes)
         u = rng.choice(gate + up)
         u.ttype = Q8_0 if u.ttype == Q4_0 else Q4_0
         return f"{u.name} relabelled as type {u.ttype}"
@@ -439,9 +439,7 @@ def mut_data(g: Gguf, rng: random.Random) -> str:
     kind = rng.choice(["nan", "inf", "huge", "random", "zero"])
     if t.ttype == F32:
         fill = {"nan": b"\x00\x00\xc0\x7f", "inf": b"\x00\x00\x80\x7f", "huge": b"\xff\xff\x7f\x7f", "zero": bytes(4)}.get(kind)
-    elif t.ttype == F16:
-        fill = {"nan": b"\x00\x7e", "inf": b"\x00\x7c", "huge": b"\xff\x7b", "zero": bytes(2)}.get(kind)
-    else:
+    else:  # float16 values, or the float16 scale that starts a Q4_0 / Q8_0 block
         fill = {"nan": b"\x00\x7e", "inf": b"\x00\x7c", "huge": b"\xff\x7b", "zero": bytes(2)}.get(kind)
     if fill is None:
         data[t.offset : end] = rng.randbytes(max(0, end - t.offset))
