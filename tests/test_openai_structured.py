@@ -12,6 +12,7 @@ import re
 import threading
 
 import numpy as np
+import ollama
 import openai
 import pytest
 
@@ -178,6 +179,10 @@ def test_strict_tools_on_auto_hold_any_call_to_its_schema(llm, client):
                      ('<|tool_call_start|>[get_weather(days=3)]<|tool_call_end|>', False),
                      ('<|tool_call_start|>[lookup(q="x")]<|tool_call_end|>', False)]:
         assert accepts(llm, grammar, text) == ok, text
+    # where the vocabulary has <think> tokens, a reply may reason first, then call
+    thinking = strict_calls_grammar([t["function"] for t in strict], parallel=True, think=True)
+    assert accepts(llm, thinking, "<think>Which tool?</think>Sure. <|tool_call_start|>[ping()]<|tool_call_end|>")
+    assert not accepts(llm, thinking, "<think>x</think><|tool_call_start|>[get_weather(days=3)]<|tool_call_end|>")
     for seed in SEEDS:
         reply = chat(client, tools=strict, max_tokens=60, seed=seed, **HOT)
         for name, args in calls_of(reply.choices[0].message):
@@ -297,6 +302,12 @@ def test_api_key(llm, monkeypatch):
         assert status == 401 and "API key" in body["error"]  # ollama's error shape
         assert raw(srv, "GET", "/api/tags", headers={"X-Api-Key": "sekret"})[0] == 200
         assert raw(srv, "GET", "/health")[0] == 200  # public, as in llama-server
+        # the ollama client sends the key as a header
+        with pytest.raises(ollama.ResponseError) as e:
+            ollama.Client(host=srv.base_url).list()
+        assert e.value.status_code == 401
+        keyed = ollama.Client(host=srv.base_url, headers={"Authorization": "Bearer sekret"})
+        assert [m.model for m in keyed.list().models] == ["tiny-moe"]
     finally:
         stop(srv, thread)
     # the command: --api-key, or the environment
