@@ -2,8 +2,11 @@
 
 A template comes from a downloaded file, so it runs in jinja2's immutable
 sandbox: it can format messages but cannot reach attributes like
-`__class__` or call methods that change state. The environment is the one
-transformers' `apply_chat_template` renders with, rebuilt here (not imported):
+`__class__` or call methods that change state; and in the bounds of
+template_sandbox.py: time, the text it makes, loops, recursion. Whatever goes
+wrong in a template is one sentence (a TemplateError) when a chat renders it,
+never when the model loads. The environment is the one transformers'
+`apply_chat_template` renders with, rebuilt here (not imported):
 
 - trim_blocks, lstrip_blocks, loop controls, the default `Undefined`;
 - `{% generation %}...{% endgeneration %}` renders its body (transformers only
@@ -42,10 +45,10 @@ from typing import Any
 import jinja2
 from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from jinja2.utils import Namespace
+from jinja2.utils import Namespace, pass_environment
 
 from .errors import LfmEdgeError
+from .template_sandbox import MAX_INDENT, BoundedEnvironment, Budget, TemplateError, TemplateLimit, input_size
 from .tool_calls import CALL_END, CALL_START, THINK_END, THINK_START
 
 ROLES = {"system", "user", "assistant", "tool"}
@@ -53,10 +56,9 @@ ROLES = {"system", "user", "assistant", "tool"}
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 # variables the renderer sets itself; a caller's keyword may not replace them
 RESERVED = {"messages", "tools", "documents", "add_generation_prompt"}
+MAX_STRFTIME = 1000
 
-
-class TemplateError(LfmEdgeError):
-    pass
+__all__ = ["ChatTemplate", "TemplateError", "TemplateLimit", "normalize_messages"]
 
 
 # -- the environment -------------------------------------------------------------------
@@ -110,21 +112,44 @@ class DictFactory:
         return dict.fromkeys(*args, **kwargs)
 
 
-def _raise(message: str) -> None:
-    raise TemplateError(f"chat template: {message}")
+def _raise(message: Any) -> None:
+    raise TemplateError(f"chat template: {one_line(message)}")
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+def one_line(message: Any, limit: int = 300) -> str:
+    """A message as one short line (a template's exception may hold newlines or megabytes)."""
+    text = " ".join(str(message)[: limit * 4].split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _environment(clock: Callable[[], datetime]) -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+@pass_environment
+def _tojson(
+    env: BoundedEnvironment, value: Any, ensure_ascii: bool = False, indent=None, separators=None, sort_keys=False
+) -> str:
+    """json.dumps's text, made a piece at a time under the render's bounds."""
+    sizes = [len(indent) if isinstance(indent, str) else indent if isinstance(indent, int) else 0]
+    sizes += [len(s) for s in separators if isinstance(s, str)] if isinstance(separators, (list, tuple)) else []
+    if max(sizes) > MAX_INDENT:
+        raise TemplateLimit(
+            f"the chat template asked tojson for an indent or separator of more than {MAX_INDENT} characters"
+        )
+    encoder = json.JSONEncoder(ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return env.join_text(encoder.iterencode(value))
+
+
+def _strftime(clock: Callable[[], datetime], fmt: Any) -> str:
+    if isinstance(fmt, str) and len(fmt) > MAX_STRFTIME:  # each %c can become 24 characters
+        raise TemplateLimit(f"the chat template gave strftime_now a format of more than {MAX_STRFTIME} characters")
+    return clock().strftime(fmt)
+
+
+def _environment(clock: Callable[[], datetime]) -> BoundedEnvironment:
+    env = BoundedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols], undefined=jinja2.Undefined
     )
-    env.filters["tojson"] = _tojson
+    env.set_filter("tojson", _tojson)
     env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = lambda fmt: clock().strftime(fmt)
+    env.globals["strftime_now"] = lambda fmt: _strftime(clock, fmt)
     env.globals["dict"] = DictFactory()
     env.globals["namespace"] = TemplateNamespace
     return env
@@ -149,19 +174,21 @@ class ChatTemplate:
     ):
         self.source = source
         self.clock = clock
-        env = _environment(lambda: self.clock())
+        self._env = env = _environment(lambda: self.clock())
         try:
             ast = env.parse(source)
-            self._template = env.from_string(ast)
+            names, strings = _names_read(ast), _strings(ast)
+            self._template = env.from_string(env.bound(ast))
         except jinja2.TemplateSyntaxError as e:
-            raise TemplateError(f"the chat template does not parse: {e.message} (line {e.lineno})") from None
+            raise TemplateError(f"the chat template does not parse: {one_line(e.message)} (line {e.lineno})") from None
+        except Exception as e:  # a template nested past the parser's recursion, ...
+            raise TemplateError(f"the chat template cannot be compiled: {_reason(e)}") from None
         # transformers passes the tokenizer's named special tokens as variables
         self.special_tokens = {"bos_token": bos_token, "eos_token": eos_token, **(special_tokens or {})}
         self.bos_token, self.eos_token = self.special_tokens["bos_token"], self.special_tokens["eos_token"]
-        names = _names_read(ast)
         self.reads_tool_calls = "tool_calls" in names
         self.reads_thinking = any(f in names for f in REASONING_FIELDS)
-        self.splits_thinking = any(THINK_END in s for s in _strings(ast))
+        self.splits_thinking = any(THINK_END in s for s in strings)
 
     def render(
         self,
@@ -181,20 +208,50 @@ class ChatTemplate:
             raise LfmEdgeError(f"{sorted(clash)[0]!r} is set by the renderer and cannot be a template variable")
         check_tools(tools)
         variables = {**self.special_tokens, **plain_data(template_kwargs)}
+        tools = plain_data(tools)
+        budget = Budget(*input_size((messages, tools, variables)))
         try:
-            return self._template.render(
-                messages=messages,
-                tools=plain_data(tools),
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **variables,
-            )
+            with self._env.bounded(budget):
+                text = self._template.render(
+                    messages=messages,
+                    tools=tools,
+                    documents=None,
+                    add_generation_prompt=add_generation_prompt,
+                    **variables,
+                )
         except LfmEdgeError:
             raise
         except jinja2.exceptions.SecurityError as e:
-            raise TemplateError(f"the chat template tried something unsafe and was stopped: {e}") from None
+            raise TemplateError(f"the chat template tried something unsafe and was stopped: {one_line(e)}") from None
         except Exception as e:  # a template is a program: TypeError, UndefinedError, ... all mean it failed
-            raise TemplateError(f"the chat template failed: {e}") from None
+            raise TemplateError(f"the chat template failed: {_reason(e)}") from None
+        if len(text) > budget.output_limit:
+            raise TemplateLimit(
+                f"the chat template wrote {len(text):,} characters, "
+                f"more than the {budget.output_limit:,} a prompt may have"
+            )
+        check_unicode(text, "the rendered prompt holds")
+        return text
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, MemoryError):
+        return "it ran out of memory"
+    if isinstance(e, RecursionError):
+        return "it recursed too deeply"
+    return one_line(e) or type(e).__name__
+
+
+def check_unicode(text: str, where: str) -> None:
+    """Text that UTF-8 can hold: a lone surrogate (from JSON's "\\ud800", say) cannot be tokenized."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise LfmEdgeError(
+            f"{where} a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), which is not text"
+        ) from None
 
 
 def _names_read(ast: nodes.Template) -> set[str]:
@@ -237,6 +294,7 @@ def normalize_messages(
         m = {k: plain_data(v) for k, v in m.items() if v is not None}
         if "content" in m:
             m["content"] = content_text(m["content"], f"message {i}")
+            check_unicode(m["content"], f"message {i} holds")
         m = alias_reasoning(m)
         if "tool_calls" in m:
             m["tool_calls"] = parsed_tool_calls(m["tool_calls"], f"message {i}")
@@ -355,8 +413,16 @@ def plain_data(value: Any) -> Any:
 
     Subclasses of str / int / float lose their extra methods; any other object
     becomes a placeholder naming its type, so nothing with dangerous methods
-    reaches the sandbox.
+    reaches the sandbox. A container that appears twice is copied once (and
+    stays shared), so `[a, a]` nested 40 deep does not become 2**40 copies.
     """
+    try:
+        return _plain(value, {})
+    except RecursionError:
+        raise LfmEdgeError("the messages or tools are nested too deeply to render") from None
+
+
+def _plain(value: Any, copies: dict[int, Any]) -> Any:
     if value is None or type(value) in (str, int, float, bool):
         return value
     if isinstance(value, str):
@@ -365,12 +431,18 @@ def plain_data(value: Any) -> Any:
         return int.__int__(value)
     if isinstance(value, float):
         return float.__float__(value)
-    if isinstance(value, Mapping):
-        return {plain_data(k): plain_data(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain_data(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(plain_data(v) for v in value)
+    if isinstance(value, (Mapping, list, tuple)):
+        if id(value) in copies:
+            return copies[id(value)]
+        if isinstance(value, Mapping):
+            out = copies[id(value)] = {}
+            out.update((_plain(k, copies), _plain(v, copies)) for k, v in value.items())
+        elif isinstance(value, list):
+            out = copies[id(value)] = []
+            out.extend(_plain(v, copies) for v in value)
+        else:
+            out = copies[id(value)] = tuple(_plain(v, copies) for v in value)
+        return out
     if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
-        return plain_data(value.item())  # a numpy scalar
+        return _plain(value.item(), copies)  # a numpy scalar
     return f"<{type(value).__name__}>"
