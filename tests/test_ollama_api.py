@@ -15,6 +15,8 @@ import pytest
 
 import lfm_edge
 from lfm_edge.commands.common import card_defaults
+from lfm_edge.server import make_server
+from lfm_edge.server import ollama as ollama_api
 from lfm_edge.reply import Reply
 from test_constrained import SCHEMAS, validate
 from test_reply import THINK_TEMPLATE, rewrite
@@ -26,7 +28,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 def start(llm, model_id="tiny-moe"):
-    srv = lfm_edge.server.make_server(llm, port=0, model_id=model_id)
+    srv = make_server(llm, port=0, model_id=model_id)
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     return srv, thread
@@ -236,6 +238,22 @@ def test_thinking_comes_apart(think_server, monkeypatch):
     reply = client.chat("tiny-think", ASK, think=True, options=options)
     expected = Reply.of(llm.chat_events(ASK, max_tokens=12, **{**card_defaults(llm), "temperature": 0.0}))
     assert (reply.message.thinking, reply.message.content) == (expected.reasoning, expected.content)
+
+
+def test_format_after_reasoning(think_server):
+    """A prompt that opens <think>: the reply reasons freely, and its answer follows the format."""
+    llm = think_server.runner.llm
+    job = ollama_api.chat_job({"model": "tiny-think", "messages": ASK, "format": SCHEMAS["enum"]}, think_server.runner)
+
+    def takes(text):
+        constraint = job.constraint
+        for token in llm.tokenize(text, add_special=False):
+            if not constraint.allowed()[token]:
+                return False
+            constraint.advance(token)
+        return constraint.is_done()
+
+    assert takes('Let me see: {"color" maybe.</think>{"color": "red", "size": 1}')
 
 
 def test_logprobs(client):

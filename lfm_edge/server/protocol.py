@@ -192,10 +192,16 @@ def reply_grammar(body: dict, llm: LLM, functions: list[dict] | None, prompt: li
             grammar = strict_calls_grammar(functions, parallel, think)
     except LfmEdgeError as e:
         raise RequestError(str(e), "tools" if tool_choice in (None, "auto", "none") else "tool_choice") from None
-    if grammar is not None and opened and markers.think_end is not None:
-        # a special token ends the reasoning, and the answer follows it
-        grammar = grammar.after_reasoning(llm.tokenizer.decode([markers.think_end]))
-    return grammar
+    return reasoning_first(llm, grammar, prompt)
+
+
+def reasoning_first(llm: LLM, grammar: Grammar | None, prompt: list[int]) -> Grammar | None:
+    """`grammar` after free reasoning when the prompt leaves the reply inside `<think>`
+    (LFM2.5-2.6B's template) and a special token closes it; else `grammar` itself."""
+    if grammar is None or not opens_reasoning(llm.tokenizer.decode(prompt[-8:])):
+        return grammar
+    think_end = Markers.of(llm.tokenizer).think_end
+    return grammar if think_end is None else grammar.after_reasoning(llm.tokenizer.decode([think_end]))
 
 
 def compile_grammar(llm: LLM, grammar: Grammar | None, param: str) -> Constraint | None:
