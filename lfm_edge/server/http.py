@@ -27,7 +27,7 @@ from ..errors import LfmEdgeError
 from ..llm import LLM, GenerationStats
 from ..reply import Event, Reply
 from . import ollama, protocol
-from .protocol import OpenAIReply, RequestError, error_body
+from .protocol import OpenAIReply, ReplyShapes, RequestError, error_body
 from .runner import Runner, Trace
 
 log = logging.getLogger("lfm_edge.server")
@@ -142,11 +142,14 @@ class Handler(BaseHTTPRequestHandler):
         llm = self.runner.llm
         content = body.get("content", "")
         add_special, pieces = body.get("add_special", False), body.get("with_pieces", False)
-        for name, value in (("add_special", add_special), ("with_pieces", pieces), ("parse_special", body.get("parse_special", True))):
+        flags = (("add_special", add_special), ("with_pieces", pieces), ("parse_special", body.get("parse_special", True)))
+        for name, value in flags:
             if not isinstance(value, bool):
                 raise RequestError(f"{name} must be true or false", name)
         if body.get("parse_special") is False:
-            raise RequestError("parse_special false is not supported: special-token text is always read as the token", "parse_special")
+            raise RequestError(
+                "parse_special false is not supported: special-token text is always read as the token", "parse_special"
+            )
         parts = content if isinstance(content, list) else [content]
         ids: list[int] = []
         for i, part in enumerate(parts):
@@ -211,7 +214,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send_json(200, ollama.ps(self.runner))
 
     # -- one generation ----------------------------------------------------------
-    def _run(self, job: protocol.Job, out: Any) -> None:
+    def _run(self, job: protocol.Job, out: ReplyShapes) -> None:
         """Run `job` and answer with `out`'s shapes (OpenAIReply or ollama.OllamaReply)."""
         cancel = threading.Event()
         stats = GenerationStats(prompt_tokens=len(job.prompt))
@@ -231,7 +234,9 @@ class Handler(BaseHTTPRequestHandler):
                 return
             self._send_json(200, out.whole(reply, stats, trace.logprobs[: len(trace.ids)], trace.ids))
 
-    def _stream(self, out: Any, events: Iterator[Event], stats: GenerationStats, cancel: threading.Event, trace: Trace) -> None:
+    def _stream(
+        self, out: ReplyShapes, events: Iterator[Event], stats: GenerationStats, cancel: threading.Event, trace: Trace
+    ) -> None:
         """Server-sent events or NDJSON lines; a failed write or a closed socket cancels the generation."""
         first = next(events, None)  # errors before the first event (a full queue, ...) are plain error replies
         if first is None:  # cancelled while waiting

@@ -190,13 +190,16 @@ def options(body: dict, defaults: dict[str, Any], n_ctx: int) -> tuple[dict[str,
         if name in OPTION_NAMES or name in ("num_predict", "num_ctx"):
             ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
             if not ok or isinstance(value, bool):
-                raise RequestError(f"options.{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}", "options")
+                kind_name = "an integer" if kind is int else "a number"
+                raise RequestError(f"options.{name} must be {kind_name}, got {value!r}", "options")
         if name in OPTION_NAMES:
             sampling[OPTION_NAMES[name]] = kind(value)
     num_predict = opts.get("num_predict")
     num_predict = -1 if num_predict is None else num_predict
     if num_predict < -2:
-        raise RequestError(f"options.num_predict must be -1 (no limit), -2 (fill the context) or >= 0, got {num_predict}", "options")
+        raise RequestError(
+            f"options.num_predict must be -1 (no limit), -2 (fill the context) or >= 0, got {num_predict}", "options"
+        )
     # the context is the server's (-c): a smaller num_ctx limits this request, a larger one
     # cannot grow it (ollama would reload the model; this server keeps its one context)
     num_ctx = opts.get("num_ctx")
@@ -408,7 +411,9 @@ class OllamaReply:
     def stream_error(self, message: str, status: int) -> Any:
         return error_body(message)
 
-    def whole(self, reply: Reply, stats: GenerationStats, logprobs: Sequence[TokenLogprob], trace_ids: Sequence[int]) -> dict:
+    def whole(
+        self, reply: Reply, stats: GenerationStats, logprobs: Sequence[TokenLogprob], trace_ids: Sequence[int]
+    ) -> dict:
         calls = reply.calls if self.job.parse_calls else []
         content = reply.content if self.job.parse_calls else reply.text
         thinking = reply.reasoning if self.think is not False else None

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..chat_template import content_text, normalize_messages, parsed_tool_calls
 from ..errors import LfmEdgeError
@@ -482,6 +482,20 @@ def usage(stats: GenerationStats) -> dict:
     }
 
 
+class ReplyShapes(Protocol):
+    """What the HTTP layer needs of a protocol to answer a job (OpenAIReply, ollama.OllamaReply)."""
+
+    job: Job
+    framing: str  # "sse" (server-sent events) or "ndjson" (a JSON object per line)
+
+    def start(self) -> list[Any]: ...  # the stream's first parts
+    def event(self, e: Event, logprobs: Sequence[TokenLogprob]) -> list[Any]: ...  # the parts for one event
+    def end(self, stats: GenerationStats, logprobs: Sequence[TokenLogprob], trace_ids: Sequence[int]) -> list[Any]: ...
+    def stream_error(self, message: str, status: int) -> Any: ...  # an error after the status line went
+    def whole(self, reply: Reply, stats: GenerationStats, logprobs: Sequence[TokenLogprob],
+              trace_ids: Sequence[int]) -> dict: ...  # the answer in one object
+
+
 class OpenAIReply:
     """A job's answer in OpenAI's shapes: whole (`whole`) or as stream chunks (`start`,
     `event`, `end`); the HTTP layer frames the chunks as server-sent events."""
@@ -555,7 +569,9 @@ class OpenAIReply:
         return error_body(message, status)
 
     # -- whole -------------------------------------------------------------------
-    def whole(self, reply: Reply, stats: GenerationStats, logprobs: Sequence[TokenLogprob], trace_ids: Sequence[int]) -> dict:
+    def whole(
+        self, reply: Reply, stats: GenerationStats, logprobs: Sequence[TokenLogprob], trace_ids: Sequence[int]
+    ) -> dict:
         job = self.job
         if job.kind == "completion":
             lp = completion_logprobs_object(self.llm, logprobs) if job.logprobs is not None else None
