@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -134,6 +135,39 @@ def test_serve_command_prints_its_url_and_stops_on_ctrl_c(gguf_path):
         assert proc.wait(timeout=10) == 0
         err = proc.stderr.read()
         assert "lfm-edge: stopped" in err and "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_command_takes_the_api_key_from_the_environment(gguf_path):
+    model = gguf_path("moe", "q8_0")
+    env = {**os.environ, "LFM_EDGE_API_KEY": "sekret"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lfm_edge", "serve", "-m", str(model), "--port", "0", "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        url = proc.stdout.readline().split(" at ")[1].split()[0]
+        host, port = url[len("http://") :].split("/")[0].split(":")
+
+        def get(path: str, headers: dict) -> int:
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            conn.request("GET", path, headers=headers)
+            status = conn.getresponse().status
+            conn.close()
+            return status
+
+        assert get("/v1/models", {}) == 401 and get("/v1/models", {"Authorization": "Bearer wrong"}) == 401
+        assert get("/v1/models", {"Authorization": "Bearer sekret"}) == 200
+        assert get("/api/tags", {}) == 401 and get("/health", {}) == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+        assert "sekret" not in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
