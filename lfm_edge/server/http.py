@@ -353,9 +353,11 @@ class Handler(BaseHTTPRequestHandler):
             self._write_raw(data)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (a malformed request line, an unknown method) in OpenAI's shape."""
+        """http.server's own errors (a malformed request line, an unknown method) in the path's protocol's shape."""
         self.close_connection = True
-        self._send_json(code, error_body(message or HTTPStatus(code).phrase, code))
+        if not hasattr(self, "path"):  # the request line did not parse
+            self.path = "/"
+        self._send_error(RequestError(message or HTTPStatus(code).phrase, status=code))
 
     def log_message(self, format: str, *args: Any) -> None:
         log.info("%s %s", self.address_string(), format % args)
