@@ -236,6 +236,12 @@ def test_stop_strings(client):
     assert stream_chat(client, hello(), max_tokens=30, temperature=0, stop=stop)[:2] == (expected, "stop")
 
 
+def test_tool_choice_none_without_tools_is_free_text(client):
+    """Nothing to forbid: no grammar (this model has no end token, which a grammar needs)."""
+    free = chat(client, hello(), max_tokens=5, temperature=0).choices[0].message.content
+    assert chat(client, hello(), max_tokens=5, temperature=0, tool_choice="none").choices[0].message.content == free
+
+
 def test_seed_reproducibility(client):
     kw = dict(max_tokens=24, temperature=1.0, top_p=1.0, extra_body={"min_p": 0.0, "top_k": 0})
     a = chat(client, hello(), seed=11, **kw).choices[0].message.content

@@ -183,6 +183,8 @@ def reply_grammar(body: dict, llm: LLM, functions: list[dict] | None, prompt: li
         response_format_grammar(fmt)  # checked even where a forced call makes it moot
     except LfmEdgeError as e:
         raise RequestError(str(e), "response_format") from None
+    if tool_choice == "none" and not functions:
+        tool_choice = None  # nothing to forbid: no mask to compute
     try:
         grammar = chat_grammar(fmt, functions, tool_choice, parallel)
         markers = Markers.of(llm.tokenizer)
@@ -352,7 +354,7 @@ def chat_job(body: dict, llm: LLM, defaults: dict[str, Any]) -> Job:
         max_tokens=max_tokens(body, default=llm.n_ctx),
         stop=stop_strings(body.get("stop")),
         sampling=sampling_params(body, defaults),
-        constraint=compile_grammar(llm, reply_grammar(body, llm, listed, prompt), grammar_param(body)),
+        constraint=compile_grammar(llm, reply_grammar(body, llm, functions, prompt), grammar_param(body)),
         stream=stream_flag(body),
         include_usage=bool(opts.get("include_usage")),
         parse_calls=listed is not None,
