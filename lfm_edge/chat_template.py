@@ -37,8 +37,11 @@ content for a template that only looks for `</think>` inside the content.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Callable, Mapping
+import re
+import threading
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -174,7 +177,8 @@ class ChatTemplate:
     ):
         self.source = source
         self.clock = clock
-        self._env = env = _environment(lambda: self.clock())
+        self._pinned = threading.local()
+        self._env = env = _environment(self._now)
         try:
             ast = env.parse(source)
             names, strings = _names_read(ast), _strings(ast)
@@ -233,6 +237,36 @@ class ChatTemplate:
         check_unicode(text, "the rendered prompt holds")
         return text
 
+    def render_prompt(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        control_tokens: Collection[str] = (),
+        **template_kwargs: Any,
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """`render`'s text, and where in it control-token text came from the messages or tools.
+
+        Those (start, end) character ranges are to be tokenized as plain text
+        (GGUFTokenizer.encode_prompt), so text a user, a tool or a document
+        holds can never end a turn or start a role. An assistant message may
+        hold its own reasoning and tool-call markers (`<think>`, `</think>`,
+        `<|tool_call_start|>`, `<|tool_call_end|>`): the model wrote them as
+        those tokens, and they stay tokens; every other control token in it is text.
+        See `protected_spans` for how they are found.
+        """
+        self._pinned.now = self.clock()  # both renders see the same strftime_now
+        try:
+            text = self.render(messages, tools, add_generation_prompt, **template_kwargs)
+            spans = protected_spans(self, text, messages, tools, add_generation_prompt, control_tokens, template_kwargs)
+        finally:
+            self._pinned.now = None
+        return text, spans
+
+    def _now(self) -> datetime:
+        pinned = getattr(self._pinned, "now", None)
+        return pinned if pinned is not None else self.clock()
+
 
 def _reason(e: BaseException) -> str:
     if isinstance(e, MemoryError):
@@ -264,6 +298,126 @@ def _strings(ast: nodes.Template) -> set[str]:
     return {n.value for n in ast.find_all(nodes.Const) if isinstance(n.value, str)} | {
         n.data for n in ast.find_all(nodes.TemplateData)
     }
+
+
+# -- message text stays text --------------------------------------------------------------
+
+# the markers an assistant message may hold as tokens: the model itself writes them as such
+ASSISTANT_MARKERS = frozenset({THINK_START, THINK_END, CALL_START, CALL_END})
+# private-use characters, one of which marks control-token text in a second render
+MARKS = range(0xE000, 0xF900)
+
+
+def protected_spans(
+    template: ChatTemplate,
+    text: str,
+    messages: Any,
+    tools: Any,
+    add_generation_prompt: bool,
+    control_tokens: Collection[str],
+    template_kwargs: dict[str, Any],
+) -> list[tuple[int, int]]:
+    """Where control-token text in `text` (the render of `messages` and `tools`) came from them.
+
+    Most conversations hold none, and cost one regular-expression search. When
+    one does, the messages and tools are rendered again with a private-use
+    character put inside each such control-token text (`<` + mark + `|im_end|>`):
+    the template treats the text as before (it strips it, splits it at
+    `</think>`, ...), so with the marks taken out the second render is the
+    first, and each mark points at text that came from a message. A template
+    that changes message text so that this fails (cuts it at a length, say)
+    falls back to finding each such string verbatim in the prompt; a control
+    token found neither way is refused in one sentence, never read as a token.
+    """
+    if not control_tokens:
+        return []
+    pattern = _token_pattern(tuple(sorted(control_tokens)))
+    mark = next((chr(c) for c in MARKS if chr(c) not in text and chr(c) not in template.source), None)
+    if mark is None or not isinstance(messages, list):
+        return []
+    found: list[tuple[str, list[tuple[int, int]]]] = []  # each string holding control-token text: (text, spans)
+    marked_messages = [
+        _mark(m, pattern, ASSISTANT_MARKERS if m.get("role") == "assistant" else frozenset(), mark, found)
+        if isinstance(m, Mapping) else m
+        for m in messages
+    ]
+    marked_tools = _mark(tools, pattern, frozenset(), mark, found)
+    if not found:
+        return []
+    try:
+        marked = template.render(marked_messages, marked_tools, add_generation_prompt, **template_kwargs)
+    except LfmEdgeError:
+        marked = None
+    if marked is not None and marked.replace(mark, "") == text:
+        spans, k, p = [], 0, marked.find(mark)
+        while p != -1:
+            at = p - k - 1  # the control token's first character, in `text`
+            m = pattern.match(text, at)
+            if m:
+                spans.append(m.span())
+            k, p = k + 1, marked.find(mark, p + 1)
+        return spans
+    return _verbatim_spans(text, marked, pattern, found)
+
+
+def _verbatim_spans(
+    text: str, marked: str | None, pattern: re.Pattern, found: list[tuple[str, list[tuple[int, int]]]]
+) -> list[tuple[int, int]]:
+    """Control-token text of the strings in `found` wherever a string appears whole in `text`."""
+    spans: set[tuple[int, int]] = set()
+    for string, inside in found:
+        at = text.find(string)
+        while at != -1:
+            spans.update((at + a, at + b) for a, b in inside)
+            at = text.find(string, at + len(string))
+    # every control token the messages added to the prompt must be among them: the marked
+    # render (where their text is broken) tells how many of each the template wrote itself
+    unplaced = None
+    if marked is None:
+        unplaced = next((s[a:b] for s, inside in found if s not in text for a, b in inside), None)
+    else:
+        made, located = _count(pattern, marked), _count(pattern, "".join(text[a:b] + " " for a, b in spans))
+        for token, n in _count(pattern, text).items():
+            if located.get(token, 0) < n - made.get(token, 0):
+                unplaced = token
+    if unplaced is not None:
+        raise LfmEdgeError(
+            f"a message holds the control token {unplaced!r} where this chat template rewrites the text "
+            "around it, so it cannot be kept as plain text; take it out of the message"
+        )
+    return sorted(spans)
+
+
+def _count(pattern: re.Pattern, text: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for m in pattern.finditer(text):
+        counts[m.group()] = counts.get(m.group(), 0) + 1
+    return counts
+
+
+def _mark(value: Any, pattern: re.Pattern, keep: frozenset[str], mark: str, found: list) -> Any:
+    """`value` with `mark` after the first character of each control-token text not in `keep`."""
+    if isinstance(value, str):
+        inside = [m.span() for m in pattern.finditer(value) if m.group() not in keep]
+        if not inside:
+            return value
+        found.append((value, inside))
+        out, last = [], 0
+        for a, _ in inside:
+            out += [value[last : a + 1], mark]
+            last = a + 1
+        return "".join(out) + value[last:]
+    if isinstance(value, Mapping):
+        return {_mark(k, pattern, keep, mark, found): _mark(v, pattern, keep, mark, found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_mark(v, pattern, keep, mark, found) for v in value)
+    return value
+
+
+@functools.lru_cache(maxsize=8)
+def _token_pattern(tokens: tuple[str, ...]) -> re.Pattern:
+    """Leftmost-longest matches of the tokens' text, as the tokenizer finds them."""
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
 
 
 # -- messages ---------------------------------------------------------------------------

@@ -4,12 +4,18 @@ LFM2 uses byte-level BPE (`tokenizer.ggml.model = gpt2`). Its pre-tokenizer
 `lfm2` is llama-3's split regex, and, as in llama.cpp, a pre-token that is a
 whole vocabulary entry is taken as is before any merge (`ignore_merges`).
 Tokens of type CONTROL or USER_DEFINED are matched whole, never split.
+
+A chat prompt is tokenized with `encode_prompt`: the text of the messages is
+read as plain text there, so a `<|im_start|>` a user types is the characters
+`<|`, `im`, `_start`, `|>`, never the control token.
 """
 
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterable, Iterator
+import re
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 
 from gguf import TokenType
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -109,6 +115,13 @@ class GGUFTokenizer:
                 self.special_ids.add(i)
         self._tok = tok
         self._check_ids(f, tokens)
+        self.special_texts = {tokens[i]: i for i in self.special_ids}
+        # leftmost-longest, as `tokenizers` finds special tokens in text (Aho-Corasick, LeftmostLongest)
+        self.special_pattern = re.compile(
+            "|".join(re.escape(t) for t in sorted(self.special_texts, key=len, reverse=True)) or r"(?!)"
+        )
+        self._plain: Tokenizer | None = None  # the same tokenizer with special-token text read as text
+        self._plain_lock = threading.Lock()
         if self.add_bos:
             bos = tokens[self.bos_id]
             tok.post_processor = processors.TemplateProcessing(
@@ -134,6 +147,45 @@ class GGUFTokenizer:
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         """Token ids of `text`; special-token text in it is read as those tokens."""
         return self._tok.encode(text, add_special_tokens=add_special).ids
+
+    def encode_prompt(self, text: str, plain_spans: Sequence[tuple[int, int]], add_special: bool = True) -> list[int]:
+        """Token ids of `text`, with special-token text read as those tokens, except where
+        it overlaps one of `plain_spans` (character ranges): there it is plain text.
+
+        With no span, or no special token in one, the ids are `encode(text)`'s: the text
+        between the special tokens read as such is tokenized exactly as `encode` does.
+        """
+        if not plain_spans:
+            return self.encode(text, add_special)
+        spans = sorted(plain_spans)
+        ids = [self.bos_id] if add_special and self.add_bos else []
+        start, j = 0, 0  # start of the text not yet tokenized; first span that may overlap a match
+        pieces: list[str] = []
+        kept: list[int] = []
+        for m in self.special_pattern.finditer(text):
+            while j < len(spans) and spans[j][1] <= m.start():
+                j += 1
+            if j < len(spans) and spans[j][0] < m.end():  # overlaps message text: plain text
+                continue
+            pieces.append(text[start : m.start()])
+            kept.append(self.special_texts[m.group()])
+            start = m.end()
+        pieces.append(text[start:])
+        plain = self._plain_tokenizer()
+        for piece, special in zip(pieces, [*kept, None]):
+            if piece:
+                ids += plain.encode(piece, add_special_tokens=False).ids
+            if special is not None:
+                ids.append(special)
+        return ids
+
+    def _plain_tokenizer(self) -> Tokenizer:
+        with self._plain_lock:
+            if self._plain is None:
+                plain = Tokenizer.from_str(self._tok.to_str())
+                plain.encode_special_tokens = True  # special-token text is split and merged as any text
+                self._plain = plain
+            return self._plain
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes[token_id]
