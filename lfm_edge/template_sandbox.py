@@ -26,6 +26,7 @@ sentence (a `TemplateLimit`).
 from __future__ import annotations
 
 import contextlib
+import operator
 import re
 import threading
 import time
@@ -48,6 +49,7 @@ MAX_OUTPUT = 16 << 20  # characters of the rendered prompt, plus OUTPUT_PER_INPU
 OUTPUT_PER_INPUT = 2
 MAX_ITEMS = 1 << 20  # items of one list the template builds, plus 4 per input item
 MAX_ITERATIONS = 1 << 20  # loop steps in one render, plus 16 per input item
+MAX_COMPARED = 1 << 16  # items of a structure compared or hashed, plus 2 per input item
 MAX_RANGE = 100_000  # jinja2's own sandbox limit, kept
 MAX_DEPTH = 64  # nested macro, caller() and recursive-loop calls
 MAX_INT_BITS = 1 << 16  # about 20,000 digits
@@ -74,6 +76,7 @@ class Budget:
         self.output_limit = MAX_OUTPUT + OUTPUT_PER_INPUT * input_chars
         self.item_limit = MAX_ITEMS + 4 * input_items
         self.iteration_limit = MAX_ITERATIONS + 16 * input_items
+        self.compare_limit = MAX_COMPARED + 2 * input_items
         self.iterations = 0
         self.depth = 0
 
@@ -183,6 +186,26 @@ def text_size(value: Any, cap: int) -> int:
     except _TooBig:
         return cap + 1
     return n if n <= cap else cap + 1
+
+
+def tree_size(value: Any, cap: int) -> int:
+    """Items in `value` counted as Python compares or hashes them (a shared part once per
+    appearance), or cap + 1 once it is known to pass cap; walked without a memo, so at most
+    cap + 1 steps."""
+    n, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        n += 1
+        if n > cap:
+            return cap + 1
+        if isinstance(v, Namespace):
+            v = _namespace_attrs(v)
+        if isinstance(v, Mapping):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            stack.extend(v)
+    return n
 
 
 def _namespace_attrs(ns: Namespace) -> dict:
@@ -296,6 +319,8 @@ def _check_method(budget: Budget, method: Any, args: tuple, kwargs: dict) -> tup
 
 # -- filters -----------------------------------------------------------------------------
 
+# filters that compare or hash the items of their value
+_COMPARING = {"sort", "unique", "min", "max", "groupby", "dictsort"}
 # filters that work per character or word in Python, or build a list of its words
 _SLOW = {"wordwrap", "urlize", "pprint", "wordcount", "striptags", "title"}
 # filters that print their value, with how many characters one character of it can become
@@ -342,10 +367,25 @@ def _check_filter(budget: Budget, name: str, value: Any, args: tuple, kwargs: di
         budget.need(_text_len(budget, value) + (len(sep) * count if isinstance(sep, str) else 0))
     elif name == "list" and hasattr(value, "__len__") and len(value) > budget.item_limit:
         budget.too_many_items()
+    elif name in _COMPARING and tree_size(value, budget.compare_limit) > budget.compare_limit:
+        _too_big_to_compare(budget)
     elif name in ("batch", "slice"):
         n = _arg(args, kwargs, 0, "linecount" if name == "batch" else "slices", 0)
         if isinstance(n, int) and n > budget.item_limit:
             budget.too_many_items()
+
+
+def _too_big_to_compare(budget: Budget) -> None:
+    raise TemplateLimit(
+        f"the chat template compared or hashed a structure of more than {budget.compare_limit:,} items and was stopped"
+    )
+
+
+_COMPARE = {
+    "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "lteq": operator.le, "gt": operator.gt,
+    "gteq": operator.ge, "in": lambda a, b: a in b, "notin": lambda a, b: a not in b,
+}
+_CONTAINERS = (list, tuple, dict, set, frozenset, Namespace)
 
 
 def _bounded_sum(env: BoundedEnvironment, context: Context, budget: Budget, iterable: Any,
@@ -414,6 +454,32 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         budget.need(sum(map(len, parts)))
         return budget.spend("".join(parts))
 
+    def compare(self, left: Any, *ops: Any) -> Any:
+        """`left op1 right1 op2 right2 ...` as Python chains it; structures are measured
+        first, since comparing or hashing one whose parts are shared is a walk of every path."""
+        budget = self.budget()
+        budget.tick()
+        result: Any = True
+        for op, right in zip(ops[::2], ops[1::2]):
+            deep = isinstance(left, _CONTAINERS) if op in ("in", "notin") else (
+                isinstance(left, _CONTAINERS) and isinstance(right, _CONTAINERS))
+            if deep and (tree_size(left, budget.compare_limit) > budget.compare_limit
+                         or op not in ("in", "notin") and tree_size(right, budget.compare_limit) > budget.compare_limit):
+                _too_big_to_compare(budget)
+            result = _COMPARE[op](left, right)
+            if not result:
+                return result
+            left = right
+        return result
+
+    def make_tuple(self, *items: Any) -> tuple:
+        """A tuple literal, measured: a tuple can be hashed (a dict key, `in`), which walks every path."""
+        budget = self.budget()
+        budget.tick()
+        if any(isinstance(v, _CONTAINERS) for v in items) and tree_size(items, budget.compare_limit) > budget.compare_limit:
+            _too_big_to_compare(budget)
+        return items
+
     def _text(self, budget: Budget, value: Any) -> str:
         if type(value) is str:
             budget.tick()
@@ -433,6 +499,8 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
                 budget.need(len(seq) * max(n, 0))
                 if isinstance(seq, (list, tuple)) and len(seq) * n > budget.item_limit:
                     budget.too_many_items()
+                if isinstance(seq, tuple) and n > 1 and tree_size(seq, budget.compare_limit // n) * n > budget.compare_limit:
+                    _too_big_to_compare(budget)
             elif type(left) is int and type(right) is int:
                 budget.int_result(left.bit_length() + right.bit_length())
         elif op == "**" and type(left) is int and type(right) is int and right > 0 and abs(left) > 1:
@@ -441,6 +509,9 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
             budget.need(len(left) + len(right))
             if isinstance(left, (list, tuple)) and len(left) + len(right) > budget.item_limit:
                 budget.too_many_items()
+            if isinstance(left, tuple) and isinstance(right, tuple) and (
+                    tree_size(left, budget.compare_limit) + tree_size(right, budget.compare_limit) > budget.compare_limit):
+                _too_big_to_compare(budget)
         elif op == "%" and isinstance(left, (str, bytes)):
             _check_percent(budget, left, right)
         return budget.spend(self.binop_table[op](left, right))
@@ -550,7 +621,8 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
 
 
 # what _RouteThroughChecks makes the template call
-_ROUTES = {BoundedEnvironment.emit, BoundedEnvironment.concat_text, BoundedEnvironment.loop_items}
+_ROUTES = {BoundedEnvironment.emit, BoundedEnvironment.concat_text, BoundedEnvironment.loop_items,
+           BoundedEnvironment.compare, BoundedEnvironment.make_tuple}
 
 
 def _check(name: str, *args: nodes.Expr, lineno: int | None = None) -> nodes.Call:
@@ -560,7 +632,8 @@ def _check(name: str, *args: nodes.Expr, lineno: int | None = None) -> nodes.Cal
 
 
 class _RouteThroughChecks(NodeTransformer):
-    """Loops step through `loop_items`, output pieces through `emit`, `~` through `concat_text`."""
+    """Loops step through `loop_items`, output pieces through `emit`, `~` through `concat_text`,
+    comparisons through `compare`, tuple literals through `make_tuple`."""
 
     def visit_For(self, node: nodes.For) -> nodes.For:
         self.generic_visit(node)
@@ -575,3 +648,16 @@ class _RouteThroughChecks(NodeTransformer):
     def visit_Concat(self, node: nodes.Concat) -> nodes.Call:
         self.generic_visit(node)
         return _check("concat_text", *node.nodes, lineno=node.lineno)
+
+    def visit_Compare(self, node: nodes.Compare) -> nodes.Call:
+        self.generic_visit(node)
+        args: list[nodes.Expr] = [node.expr]
+        for operand in node.ops:
+            args += [nodes.Const(operand.op), operand.expr]
+        return _check("compare", *args, lineno=node.lineno)
+
+    def visit_Tuple(self, node: nodes.Tuple) -> nodes.Node:
+        self.generic_visit(node)
+        if node.ctx != "load":  # `{% for a, b in ... %}`, `{% set a, b = ... %}`
+            return node
+        return _check("make_tuple", *node.items, lineno=node.lineno)

@@ -103,6 +103,21 @@ HOSTILE = {
         "{% set s = 'ab' * 5000000 %}{% for i in range(100000) %}{{ s.count('a') }}{% endfor %}",
         "2 s",
     ),
+    "comparing shared structures": (
+        "{% set ns = namespace(a=[1], b=[1]) %}{% for i in range(40) %}{% set ns.a = [ns.a, ns.a] %}"
+        "{% set ns.b = [ns.b, ns.b] %}{% endfor %}{{ ns.a == ns.b }}",
+        "compared",
+    ),
+    "hashing a shared tuple": (
+        "{% set ns = namespace(a=(1,)) %}{% for i in range(40) %}{% set ns.a = (ns.a,) * 2 %}{% endfor %}"
+        "{{ ns.a in {} }}",
+        "compared",
+    ),
+    "sorting shared structures": (
+        "{% set ns = namespace(a=[1]) %}{% for i in range(40) %}{% set ns.a = [ns.a, ns.a] %}{% endfor %}"
+        "{{ [ns.a, [1]]|sort }}",
+        "compared",
+    ),
     "raise_exception with a huge message": ("{{ raise_exception('line\\n' * 1000000) }}", "chat template: line"),
     "include": ("{% include 'x' %}", "failed"),
     "undefined call": ("{{ nothing() }}", "failed"),
