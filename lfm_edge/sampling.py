@@ -140,7 +140,7 @@ class Sampler:
             logits = self.constraint.mask(logits)
         if p.temperature == 0.0:
             return int(np.argmax(logits))
-        logits = logits / np.float32(p.temperature)
+        logits = logits.astype(np.float64) / p.temperature  # float64: finite float32 logits stay finite (no inf - inf = NaN)
         logits = min_p_filter(top_p_filter(top_k_filter(logits, p.top_k), p.top_p), p.min_p)
         probs = softmax(logits.astype(np.float64))
         return int(self.rng.choice(probs.size, p=probs))

@@ -267,6 +267,15 @@ def test_nan_weights_are_one_sentence_at_the_first_token(gguf_path, tmp_path):
         "".join(llm.generate("Hello", max_tokens=2))
 
 
+def test_huge_but_finite_logits_sample_without_nan():
+    """Logits near float32's limit divided by a temperature below 1 overflowed to inf, then NaN."""
+    from lfm_edge.sampling import Sampler, SamplingParams
+
+    logits = np.zeros(64, np.float32)
+    logits[[3, 5]] = 3e38, 2e38
+    assert Sampler(SamplingParams(temperature=0.01, min_p=0.1, top_p=0.9, seed=0))(logits, []) == 3
+
+
 # -- the fuzzer ---------------------------------------------------------------------------------
 # Failure classes whose fix lies outside the reader and the tokenizer checks: tolerated here
 # (their regression files stay in tests/fuzz/), to be removed when they are fixed.
