@@ -1,17 +1,16 @@
 """The Python API: load a model, tokenize, compute logits, generate, chat.
 
-The generation loop is written in named steps (`prefill`, `decode_one_token`,
-`decode_tokens`); `generate` and `chat` turn the token stream into text, and
-`generate_events` / `chat_events` into the events of lfm_edge.reply.
+Generation runs on the model's engine (lfm_edge.engine, `LLM.engine`), which decodes every
+request of every front end together; `generate` and `chat` turn its token stream into text,
+and `generate_events` / `chat_events` into the events of lfm_edge.reply. `prefill` and
+`decode_one_token` are the model's single steps on a cache of the caller's.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,39 +20,23 @@ from gguf import GGMLQuantizationType
 from . import native
 from .cache import Cache
 from .chat_template import ChatTemplate, TemplateError
+from .engine import PREFILL_CHUNK, Engine, GenerationStats
 from .errors import LfmEdgeError
 from .gguf_file import GGUFFile
 from .grammar import Constraint, Grammar, Vocabulary, chat_grammar, grammar_from
 from .models import build_model
-from .reply import TEXT, Event, Markers, opens_reasoning, reply_events, reply_text
+from .reply import TEXT, Event, Markers, opens_reasoning, reply_text
 from .sampling import Sampler, SamplingParams
 from .tokenizer import GGUFTokenizer
 
 KV_CACHE_TYPES = {"f16": np.float16, "f32": np.float32}
-PREFILL_CHUNK = 2048  # prompt tokens per model call
-
-
-@dataclass
-class GenerationStats:
-    """What one generation did; filled in as it runs."""
-
-    prompt_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens whose state was reused, not recomputed
-    completion_tokens: int = 0
-    prefill_s: float = 0.0  # time to first token, prompt processing included
-    decode_s: float = 0.0
-    finish_reason: str | None = None  # "stop", "length" or "cancelled"
-
-    @property
-    def decode_tps(self) -> float:
-        return self.completion_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
 
 class LLM:
     """A loaded model with its tokenizer and chat template.
 
-    Several threads may share one LLM (one Session each): model calls are
-    serialised by a lock, so their steps interleave but never mix.
+    Several threads may share one LLM (one Session each): their requests are decoded
+    together by the LLM's engine, each sequence with its own cache.
     """
 
     def __init__(
@@ -83,7 +66,9 @@ class LLM:
         # float16 keys and values halve what attention reads at long context (llama.cpp's
         # default too); a float32 model keeps float32 ones, so that it stays exact
         self.kv_cache_type = kv_cache_type or ("f32" if self._float32_weights() else "f16")
-        self._compute = threading.Lock()
+        self._compute = threading.Lock()  # one model call at a time
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
         self._vocabulary: Vocabulary | None = None  # built by the first constrained request
         self._vocabulary_lock = threading.Lock()
         self.n_threads = n_threads or usable_cores()
@@ -143,6 +128,14 @@ class LLM:
         with self._compute:
             return self.model(np.array([token], dtype=np.int32), cache, all_logits=False)[0]
 
+    @property
+    def engine(self) -> Engine:
+        """The engine every generation of this LLM runs on (made at the first use)."""
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = Engine(self)
+            return self._engine
+
     def sample_tokens(
         self,
         logits: np.ndarray,
@@ -153,33 +146,18 @@ class LLM:
         stats: GenerationStats | None = None,
         cancel: threading.Event | None = None,
     ) -> Iterator[int]:
-        """Tokens sampled after a prefill that gave `logits`; each is fed back into `cache`.
+        """Tokens sampled after a prefill of `cache` that gave `logits`; each is fed back into `cache`.
 
         Ends at an end-of-generation token ("stop"), after max_tokens or when the
         context is full ("length"), or when `cancel` is set ("cancelled").
         `history` (the ids so far) grows as tokens are made.
         """
-        stats = stats if stats is not None else GenerationStats()
-        stats.finish_reason = "length"
-        for _ in range(max_tokens):
-            if cancel is not None and cancel.is_set():
-                stats.finish_reason = "cancelled"
-                return
-            if not np.isfinite(logits).all():  # one pass over [V]: cheap next to a decode step
-                raise self.file.error("the model computed NaN or infinite logits; its weights are probably corrupt")
-            token = sampler(logits, history)
-            if token in self.tokenizer.eog_ids:
-                stats.finish_reason = "stop"
-                return
-            stats.completion_tokens += 1
-            history.append(token)
-            yield token
-            if sampler.is_done():  # the grammar is complete: only an end token could follow
-                stats.finish_reason = "stop"
-                return
-            if cache.pos >= cache.n_ctx:
-                return
-            logits = self.decode_one_token(token, cache)
+        def tokens() -> Iterator[int]:  # queued at the first next(), as a generator runs
+            yield from self.engine.continue_cache(
+                cache, [], max_tokens, sampler, stats=stats, cancel=cancel, logits=logits, history=history
+            ).tokens()
+
+        return tokens()
 
     def decode_tokens(
         self,
@@ -190,18 +168,18 @@ class LLM:
         stats: GenerationStats | None = None,
         cancel: threading.Event | None = None,
     ) -> Iterator[int]:
-        """Prefill `prompt`, then sample up to max_tokens tokens (see sample_tokens)."""
-        cache = cache if cache is not None else self.new_cache()
-        stats = stats if stats is not None else GenerationStats()
-        stats.prompt_tokens = len(prompt)
-        start = time.perf_counter()
-        logits = self.prefill(prompt, cache)
-        stats.prefill_s = time.perf_counter() - start
-        history = list(prompt)
-        start = time.perf_counter()
-        for token in self.sample_tokens(logits, history, max_tokens, sampler, cache, stats, cancel):
-            yield token
-        stats.decode_s = time.perf_counter() - start
+        """Read `prompt` (after what `cache` holds, if given), then sample up to max_tokens
+        tokens (see sample_tokens)."""
+        ids = self._check_ids(prompt)
+
+        def tokens() -> Iterator[int]:
+            if cache is None:
+                handle = self.engine.submit(ids, max_tokens, sampler, stats=stats, cancel=cancel)
+            else:
+                handle = self.engine.continue_cache(cache, ids, max_tokens, sampler, stats=stats, cancel=cancel)
+            yield from handle.tokens()
+
+        return tokens()
 
     # -- constrained decoding --------------------------------------------------
     @property
@@ -268,8 +246,12 @@ class LLM:
         form = grammar_from(grammar, json_schema, regex)
         sampler = Sampler(params, self.constraint(form) if form is not None else None)
         stats = stats if stats is not None else GenerationStats()
-        tokens = self.decode_tokens(ids, max_tokens, sampler, stats=stats, cancel=cancel)
-        return reply_events(self.tokenizer, tokens, ids, list(stop or []), raw=raw, stats=stats)
+
+        def events() -> Iterator[Event]:  # queued at the first next(), as a generator runs
+            handle = self.engine.submit(ids, max_tokens, sampler, stats=stats, cancel=cancel)
+            yield from handle.events(list(stop or []), raw=raw)
+
+        return events()
 
     # -- chat ------------------------------------------------------------------
     def _special_tokens(self) -> dict[str, Any]:
@@ -302,22 +284,31 @@ class LLM:
         messages are accepted too (`reasoning_content`, `arguments` as a JSON
         string, content as a list of text parts).
         """
+        return self._chat_template().render(messages, tools, add_generation_prompt, **template_kwargs)
+
+    def _chat_template(self) -> ChatTemplate:
         if self.chat_template is None:
             if self.chat_template_error is not None:
                 raise TemplateError(f"{self.file.path}: {self.chat_template_error}")
             raise LfmEdgeError(f"{self.file.path}: the model file has no chat template (tokenizer.chat_template)")
-        return self.chat_template.render(messages, tools, add_generation_prompt, **template_kwargs)
+        return self.chat_template
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None = None, **template_kwargs: Any) -> str:
         """The prompt for the assistant's next reply (apply_chat_template with the generation prompt)."""
         return self.apply_chat_template(messages, tools, add_generation_prompt=True, **template_kwargs)
 
     def chat_tokens(self, messages: list[dict[str, Any]], tools: list[dict] | None = None, **template_kwargs: Any) -> list[int]:
-        text = self.render_chat(messages, tools, **template_kwargs)
+        """The token ids of render_chat's prompt, with the messages' text read as text.
+
+        A `<|im_end|>` or `<|im_start|>` typed in a message (or in a tool's result or
+        schema) is tokenized as those characters, never as the control token; the
+        template's own markup keeps its tokens (ChatTemplate.render_prompt).
+        """
         tok = self.tokenizer
+        text, plain = self._chat_template().render_prompt(messages, tools, True, tok.special_texts, **template_kwargs)
         bos = tok.decode([tok.bos_id]) if tok.bos_id is not None else None
         # the template writes the BOS token itself; do not add a second one
-        return self.tokenize(text, add_special=not (bos and text.startswith(bos)))
+        return tok.encode_prompt(text, plain, add_special=not (bos and text.startswith(bos)))
 
     def chat(
         self,

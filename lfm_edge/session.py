@@ -11,16 +11,15 @@ import json
 import os
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .cache import Checkpoint
 from .chat_template import check_messages
+from .engine import Slot, common_prefix  # noqa: F401 -- common_prefix: also imported from here
 from .errors import LfmEdgeError
 from .llm import LLM, GenerationStats, check_max_tokens, make_sampling_params
-from .reply import Event, Reply, reply_events, reply_text
+from .reply import Event, Reply, reply_text
 from .sampling import Sampler
 
 SAVE_FORMAT = "lfm-edge-session/1"
@@ -43,14 +42,6 @@ def turns_to_keep(
         if count_tokens(head + rest[start:]) <= budget:
             return head + rest[start:]
     return head + rest[starts[-1]:] if starts else head + rest
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 class Session:
@@ -87,9 +78,7 @@ class Session:
         self.sampling: dict[str, Any] = dict(sampling)
         self.last_stats = GenerationStats()
         self.dropped_messages = 0  # oldest messages left out so far, to fit the context (see _fit)
-        self._cache = llm.new_cache()
-        self._cached: list[int] = []  # the ids whose state the cache holds, in order
-        self._mark: tuple[Checkpoint, list[int]] | None = None  # state near the end of the last prompt
+        self._slot = Slot(llm.new_cache())  # its cache, kept between turns (see engine.Slot)
         self._busy = threading.Lock()
         self._cancel = threading.Event()
 
@@ -179,16 +168,17 @@ class Session:
         reply = Reply()
         stats = self.last_stats = GenerationStats()
         completed = False
+        events = None
         try:
-            stats.prompt_tokens = len(prompt)
-            logits = self._prefill(prompt, stats)
-            history = list(prompt)
-            tokens = self.llm.sample_tokens(logits, history, max_tokens, sampler, self._cache, stats, self._cancel)
-            for event in reply_events(self.llm.tokenizer, self._track(tokens), prompt, stop, stats=stats):
+            handle = self.llm.engine.submit(prompt, max_tokens, sampler, slot=self._slot, stats=stats, cancel=self._cancel)
+            events = handle.events(stop)
+            for event in events:
                 reply.add(event)
                 yield event
             completed = True
         finally:
+            if events is not None:
+                events.close()  # the request ends now, its cache as of its last whole step
             if not completed:  # the consumer stopped early, or Ctrl-C, or an error
                 stats.finish_reason = "cancelled"
             if reply.text or reply.reasoning or self.messages[-1]["role"] != "assistant":
@@ -220,57 +210,6 @@ class Session:
         self.dropped_messages += len(self.messages) - len(kept)
         self.messages = kept
         return prompt
-
-    def _track(self, tokens: Iterator[int]) -> Iterator[int]:
-        """Pass tokens on, keeping `_cached` equal to what the cache holds.
-
-        Every token but the last of a turn is fed back into the cache; the last
-        one is fed at the start of the next turn, as part of its prompt.
-        """
-        start = time.perf_counter()
-        pending: int | None = None
-        try:
-            for t in tokens:
-                if pending is not None:
-                    self._cached.append(pending)
-                pending = t
-                yield t
-        finally:  # a reply stopped by Ctrl-C or cancel() has a speed too
-            self.last_stats.decode_s = time.perf_counter() - start
-        if pending is not None and self._cache.pos == len(self._cached) + 1:
-            self._cached.append(pending)
-
-    def _prefill(self, prompt: list[int], stats: GenerationStats):
-        start = time.perf_counter()
-        reuse = common_prefix(self._cached, prompt)
-        if reuse == len(self._cached) and reuse < len(prompt):
-            pass  # the cache holds a prefix of the prompt: continue from it
-        elif self._mark is not None and len(self._mark[1]) <= reuse and len(self._mark[1]) < len(prompt):
-            # the prompt leaves the cached path after the last prompt ended: go back there
-            cp, ids = self._mark
-            self._cache.restore(cp)
-            self._cached = list(ids)
-            reuse = len(ids)
-        else:
-            self._cache.reset()
-            self._cached = []
-            reuse = 0
-        stats.cached_tokens = reuse
-        # The checkpoint is taken one token before the prompt's end: the prompt
-        # ends in "<|im_start|>assistant\n", and that last "\n" often merges with
-        # the reply's first characters when the history is re-tokenized next turn.
-        try:
-            if reuse < len(prompt) - 1:
-                self.llm.prefill(prompt[reuse:-1], self._cache)
-            self._mark = (self._cache.checkpoint(), prompt[:-1])
-            logits = self.llm.prefill(prompt[-1:], self._cache)
-        except BaseException:  # stopped halfway (Ctrl-C): what the cache holds is unknown
-            self._cache.reset()
-            self._cached, self._mark = [], None
-            raise
-        self._cached = list(prompt)
-        stats.prefill_s = time.perf_counter() - start
-        return logits
 
     # -- for GUI toolkits ------------------------------------------------------
     def start(

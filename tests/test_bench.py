@@ -219,6 +219,24 @@ def test_bench_takes_the_kv_cache_type(gguf_path):
     assert json.loads(proc.stdout)["kv_cache_type"] == "f32"
 
 
+def test_bench_parallel_reports_aggregate_and_per_sequence_speed(gguf_path):
+    path = str(gguf_path("moe", "q4_0"))
+    proc = cli("bench", "-m", path, "-t", "1", "-p", "0", "-n", "6", "-np", "1,3", "-r", "2", "-o", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    tests = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(t["n_parallel"], t["n_gen"]) for t in tests] == [(1, 6), (3, 6)]
+    for t in tests:  # every sequence makes n tokens in the time of a run: the aggregate is n_parallel times each's rate
+        assert t["samples_ts"] == pytest.approx([t["n_parallel"] * 6 * 1e9 / ns for ns in t["samples_ns"]])
+        assert t["seq_ts"] == pytest.approx(t["avg_ts"] / t["n_parallel"])
+    md = cli("bench", "-m", path, "-t", "1", "-p", "0", "-n", "4", "-np", "2", "-d", "8", "-r", "1").stdout
+    assert [r[5] for r in md_table(md)[2:]] == ["tg4 np2 @ d8"]
+    assert "1 thread: each sequence's decode speed tg4 np2 @ d8" in md
+    records = [json.loads(x) for x in cli("bench", "-m", path, "-t", "1", "-p", "8", "-n", "2", "-np", "1,2", "-r", "1",
+                                          "--json").stdout.splitlines()]
+    assert [r["n_parallel"] for r in records] == [1, 2] and all(r["pp_tps"] > 0 for r in records)
+    assert records[1]["tg_seq_tps"] == pytest.approx(records[1]["tg_tps"] / 2)
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -234,6 +252,7 @@ def test_bench_takes_the_kv_cache_type(gguf_path):
         (["-m", "MODEL", "-t", "2,100000"], ["-t/--threads", "100000 threads"]),
         (["-m", "MODEL", "-p", "16,-3"], ["-p/--n-prompt", "at least 0"]),
         (["-m", "MODEL", "-o", "xml"], ["-o/--output", "md, csv, json, jsonl"]),
+        (["-m", "MODEL", "-np", "0"], ["-np/--parallel", "at least 1"]),
         (["-m", "/"], ["/: is a directory"]),
         (["-m", "MODEL", "--bogus"], ["unrecognized arguments: --bogus", "see lfm-edge bench --help"]),
     ],

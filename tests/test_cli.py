@@ -158,19 +158,17 @@ def test_tool_calls_are_shown_as_calls():
 
 CANNED_RUN = """
 import sys
-from lfm_edge.llm import LLM
+from lfm_edge.engine import Engine
 
 SAID = sys.argv.pop(1)
 
 
-def sample_tokens(self, logits, history, max_tokens, sampler, cache, stats=None, cancel=None):
-    for t in self.tokenize(SAID, add_special=False)[:max_tokens]:
-        stats.completion_tokens += 1
-        history.append(t)
-        yield t
-    stats.finish_reason = "stop"
+def next_token(self, request, logits):
+    if not hasattr(request, "canned"):
+        request.canned = iter(self.llm.tokenize(SAID, add_special=False) + [self.llm.tokenizer.eos_id])
+    return next(request.canned)
 
-LLM.sample_tokens = sample_tokens  # the model 'says' argv[1]
+Engine.next_token = next_token  # the model 'says' argv[1], then ends
 from lfm_edge.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -234,14 +234,14 @@ def test_reasoning_is_kept_in_the_history_as_the_template_expects(gguf_path, tmp
     m = lfm_edge.load(rewrite(gguf_path("moe", "q8_0"), tmp_path / "lfm25.gguf", template=template), n_ctx=512)
     said = iter(["\nI should think.\n</think>\n\nThe answer is 4.", "Six.</think>6"])
 
-    def sample_tokens(logits, history, max_tokens, sampler, cache, stats, cancel=None):
-        for t in m.tokenize(next(said), add_special=False)[:max_tokens]:
-            stats.completion_tokens += 1
-            history.append(t)
-            yield t
-        stats.finish_reason = "stop"
+    replies = {}
 
-    monkeypatch.setattr(m, "sample_tokens", sample_tokens)
+    def next_token(request, logits):  # each reply is the next of `said`, then the end token
+        if request not in replies:
+            replies[request] = iter(m.tokenize(next(said), add_special=False) + [m.tokenizer.eos_id])
+        return next(replies[request])
+
+    monkeypatch.setattr(m.engine, "next_token", next_token)
     s = Session(m, temperature=0.0, max_tokens=64)
     events = list(s.send_events("What is 2+2?"))
     assert "".join(e.text for e in events if e.kind == REASONING) == "I should think."

@@ -3,7 +3,9 @@
     lfm-edge bench -m model.gguf -t 1,2 -p 512,4096 -n 128 -r 3 [-d 4096] [-o md|csv|json|jsonl]
 
 pp: one prefill of p random prompt tokens from an empty state, in tokens/s.
-tg: n single-token decode steps (after d tokens of context), in tokens/s.
+tg: n single-token decode steps (after d tokens of context), in tokens/s. With -np, tg runs that
+many sequences at once on the generation engine (each after d tokens of its own context, as
+llama-batched-bench's TG): the aggregate tokens/s of all of them, and each sequence's own rate.
 Each number of -t, -p, -n and -d may be a comma list; every combination is a test, run r times
 after a short warm-up and reported as llama-bench does: mean ± sample standard deviation of the
 runs' tokens/s. `-o` picks llama-bench's output formats and field names (md, csv, json, jsonl);
@@ -27,6 +29,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +51,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-r", "--repetitions", default="3", help="runs of each test (default 3)")
     p.add_argument("-d", "--ctx-depth", "--n-depth", default="0",
                    help="tokens of context before the tg steps, a comma list (default 0)")
+    p.add_argument("-np", "--parallel", default=None,
+                   help="sequences decoded at once for tg, a comma list: aggregate and per-sequence tokens/s "
+                        "on the generation engine (default: one sequence, the plain decode loop)")
     p.add_argument("-ctk", "--cache-type-k", "--kv-cache-type", dest="kv_cache_type", default=None,
                    help="f16 or f32 keys and values (default: f32 for a float32 model, else f16)")
     p.add_argument("--seed", default="0", help="seed of the random token ids (default 0)")
@@ -98,10 +104,13 @@ class Test:
     samples_ts: list[float]
     ttft_s: float | None = None  # pp: median prefill of n_prompt tokens + argmax of the logits
     tg_overhead: float | None = None  # tg: share of the time spent outside the kernels
+    n_parallel: int | None = None  # tg -np: sequences decoded at once (avg_ts: all of them together)
+    seq_ts: float | None = None  # tg -np: mean tokens/s of one sequence
 
     @property
     def name(self) -> str:
         test = f"pp{self.n_prompt}" if self.n_prompt else f"tg{self.n_gen}"
+        test += f" np{self.n_parallel}" if self.n_parallel else ""
         return test + (f" @ d{self.n_depth}" if self.n_depth else "")
 
 
@@ -129,6 +138,8 @@ class Result:
     tg_tps_max: float | None = None
     tg_runs: list[float] = field(default_factory=list)
     tg_overhead: float | None = None  # share of the tg time spent outside the kernels (Python, bindings)
+    n_parallel: int | None = None  # -np: tg is that many sequences at once, tg_tps their aggregate
+    tg_seq_tps: float | None = None  # -np: median tokens/s of one sequence
     rss_mb: float = 0.0  # peak resident set of this process, file pages touched included
     kernel_threads: int | None = None  # what the native thread pool reports
     kv_cache_type: str = ""
@@ -183,7 +194,7 @@ class Bench:
         return self.llm.n_threads
 
     def test(self, n_prompt: int, n_gen: int, n_depth: int, samples_ns: list[int], **extra) -> Test:
-        tokens = n_prompt or n_gen
+        tokens = (n_prompt or n_gen) * (extra.get("n_parallel") or 1)
         ts = [tokens * 1e9 / ns for ns in samples_ns]
         return Test(
             model_filename=str(self.path), model_type=self.model_type, model_size=self.model_size,
@@ -229,6 +240,45 @@ class Bench:
             samples.append(wall)
             overhead.append(1.0 - (native.kernel_time_ns() - k0) / wall)
         return self.test(0, n_gen, n_depth, samples, tg_overhead=statistics.median(overhead))
+
+    def tg_parallel(self, n_gen: int, n_depth: int, n_seq: int, repetitions: int) -> Test:
+        """n_seq sequences decoding n_gen tokens together on the engine, each after n_depth tokens
+        of its own random context (read untimed); timed from the step after every prompt's first
+        token to the last token."""
+        from .. import native
+        from ..engine import Engine
+
+        engine = Engine(self.llm, n_parallel=n_seq)
+        samples, overhead = [], []
+        for _ in range(repetitions):
+            handles = [engine.submit(random_ids(self.rng, self.allowed, max(n_depth, 1)), n_gen + 1,
+                                     RandomTokens(random_ids(self.rng, self.allowed, n_gen + 1))) for _ in range(n_seq)]
+            while any(h.stats.completion_tokens == 0 for h in handles):
+                engine.step()
+            k0, t0 = native.kernel_time_ns(), time.perf_counter_ns()
+            while engine.step():  # each step: one token of every sequence
+                pass
+            wall = time.perf_counter_ns() - t0
+            if any(h.stats.completion_tokens != n_gen + 1 for h in handles):
+                raise LfmEdgeError("a sequence of the tg -np test ended early (an end-of-generation token?)")
+            samples.append(wall)
+            overhead.append(1.0 - (native.kernel_time_ns() - k0) / wall)
+        seq_ts = statistics.mean(n_gen * 1e9 / ns for ns in samples)
+        return self.test(0, n_gen, n_depth, samples, tg_overhead=statistics.median(overhead), n_parallel=n_seq,
+                         seq_ts=seq_ts)
+
+
+class RandomTokens:
+    """Stands for a sampler in tg -np: the given random ids, one a step (llama-bench times no sampling)."""
+
+    def __init__(self, ids: list[int]):
+        self.ids = iter(ids)
+
+    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
+        return next(self.ids)
+
+    def is_done(self) -> bool:
+        return False
 
 
 def stdev(values: list[float]) -> float:
@@ -314,17 +364,20 @@ def footer(bench: Bench, tests: list[Test], repetitions: int) -> str:
         mine = [t for t in tests if t.n_threads == th]
         ttft = [f"pp{t.n_prompt} {t.ttft_s:.3f} s" for t in mine if t.ttft_s is not None]
         outside = [f"{t.name} {100 * t.tg_overhead:.1f}%" for t in mine if t.tg_overhead is not None]
+        per_seq = [f"{t.name} {t.seq_ts:.2f} t/s" for t in mine if t.seq_ts is not None]
         threads = f"{th} thread{'s' if th > 1 else ''}"
         if ttft:
             lines.append(f"{threads}: time to first token {', '.join(ttft)}")
         if outside:
             lines.append(f"{threads}: share of a decode step outside the kernels {', '.join(outside)}")
+        if per_seq:
+            lines.append(f"{threads}: each sequence's decode speed {', '.join(per_seq)}")
     return "\n".join(lines)
 
 
 def records(bench: Bench, tests: list[Test], threads: list[int], prompts: list[int], gens: list[int],
-            depths: list[int], repetitions: int) -> list[Result]:
-    """lfm-edge's --json records: one per (threads, p, n, d), its pp and tg tests together."""
+            depths: list[int], repetitions: int, parallel: Sequence[int | None] = (None,)) -> list[Result]:
+    """lfm-edge's --json records: one per (threads, p, n, d, np), its pp and tg tests together."""
     import lfm_edge
 
     from .. import native
@@ -333,9 +386,10 @@ def records(bench: Bench, tests: list[Test], threads: list[int], prompts: list[i
     for th in threads:
         for p in prompts:
             for n in gens:
-                for d in depths:
+                for d, n_seq in ((d, n_seq) for d in depths for n_seq in parallel):
                     pp = next((t for t in tests if t.n_threads == th and t.n_prompt == p and p), None)
-                    tg = next((t for t in tests if t.n_threads == th and t.n_gen == n and t.n_depth == d and n), None)
+                    tg = next((t for t in tests if t.n_threads == th and t.n_gen == n and t.n_depth == d and n
+                               and t.n_parallel == n_seq), None)
                     r = Result(model=str(bench.path), model_bytes=bench.path.stat().st_size, arch=bench.llm.args.arch,
                                isa=isa(), threads=th, n_prompt=p, n_gen=n, ctx_depth=d, repetitions=repetitions,
                                load_s=bench.load_s, rss_mb=peak_rss_mb(), kernel_threads=native.threads(),
@@ -345,6 +399,9 @@ def records(bench: Bench, tests: list[Test], threads: list[int], prompts: list[i
                         r.pp_tps, r.pp_tps_min, r.pp_tps_max = statistics.median(pp.samples_ts), min(pp.samples_ts), max(pp.samples_ts)
                     if tg is not None:
                         r.tg_runs, r.tg_overhead = tg.samples_ts, tg.tg_overhead
+                        r.n_parallel = tg.n_parallel
+                        if tg.n_parallel:
+                            r.tg_seq_tps = statistics.median(t / tg.n_parallel for t in tg.samples_ts)
                         r.tg_tps, r.tg_tps_min, r.tg_tps_max = statistics.median(tg.samples_ts), min(tg.samples_ts), max(tg.samples_ts)
                     out.append(r)
     return out
@@ -364,6 +421,7 @@ def main(args: argparse.Namespace) -> int:
     gens = counts(args.n_gen, "-n/--n-gen", 0)
     repetitions = count(args.repetitions, "-r/--repetitions", 1)
     depths = counts(args.ctx_depth, "-d/--ctx-depth", 0)
+    parallel: list[int | None] = [None] if args.parallel is None else counts(args.parallel, "-np/--parallel", 1)
     seed = count(args.seed, "--seed", 0)
     if args.output not in OUTPUTS:
         raise LfmEdgeError(f"-o/--output must be one of {', '.join(OUTPUTS)}, got {args.output!r}")
@@ -372,7 +430,7 @@ def main(args: argparse.Namespace) -> int:
     if max(prompts) == 0 and max(gens) == 0:
         raise LfmEdgeError("nothing to measure: -p and -n are both 0")
     path = resolve_model(args.model)
-    n_ctx = max(max(prompts), max(depths) + max(gens), 1)
+    n_ctx = max(max(prompts), max(depths) + max(gens) + (args.parallel is not None), 1)  # -np: a 1-token prompt at d0
     bench = Bench(path, n_ctx, seed, args.kv_cache_type)
     printer = None if args.json else Printer(args.output)
     tests: list[Test] = []
@@ -385,12 +443,13 @@ def main(args: argparse.Namespace) -> int:
                 printer.test(tests[-1])
         for d in depths:
             for n in (n for n in gens if n):
-                tests.append(bench.tg(n, d, repetitions))
-                if printer:
-                    printer.test(tests[-1])
+                for n_seq in parallel:
+                    tests.append(bench.tg(n, d, repetitions) if n_seq is None else bench.tg_parallel(n, d, n_seq, repetitions))
+                    if printer:
+                        printer.test(tests[-1])
     if printer:
         printer.finish(footer(bench, tests, repetitions))
     else:
-        for r in records(bench, tests, used_threads, prompts, gens, depths, repetitions):
+        for r in records(bench, tests, used_threads, prompts, gens, depths, repetitions, parallel):
             print(json.dumps(asdict(r)))
     return 0
