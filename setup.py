@@ -91,7 +91,7 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     # huggingface_hub: hub downloads into the shared cache, with resume and progress bars
     # llguidance: constrained decoding (JSON schema / regex / Lark token masks); MIT, abi3 wheels
-    install_requires=["numpy", "gguf", "tokenizers", "jinja2", "huggingface_hub", "llguidance"],
+    install_requires=["numpy", "gguf", "tokenizers", "jinja2>=3.1.5", "huggingface_hub", "llguidance"],
     extras_require={"test": ["pytest", "pytest-benchmark", "safetensors", "pexpect", "openai", "ollama"]},
     entry_points={"console_scripts": ["lfm-edge = lfm_edge.cli:main"]},
     zip_safe=False,

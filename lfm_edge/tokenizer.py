@@ -120,7 +120,7 @@ class GGUFTokenizer:
         self.special_pattern = re.compile(
             "|".join(re.escape(t) for t in sorted(self.special_texts, key=len, reverse=True)) or r"(?!)"
         )
-        self._plain: Tokenizer | None = None  # the same tokenizer with special-token text read as text
+        self._plain: Tokenizer | bool | None = None  # the same tokenizer with special-token text read as text
         self._plain_lock = threading.Lock()
         if self.add_bos:
             bos = tokens[self.bos_id]
@@ -171,21 +171,27 @@ class GGUFTokenizer:
             kept.append(self.special_texts[m.group()])
             start = m.end()
         pieces.append(text[start:])
-        plain = self._plain_tokenizer()
         for piece, special in zip(pieces, [*kept, None]):
             if piece:
-                ids += plain.encode(piece, add_special_tokens=False).ids
+                ids += self._encode_plain(piece)
             if special is not None:
                 ids.append(special)
         return ids
 
-    def _plain_tokenizer(self) -> Tokenizer:
+    def _encode_plain(self, text: str) -> list[int]:
+        """`text` through the split regex and the BPE, special-token text included."""
         with self._plain_lock:
             if self._plain is None:
                 plain = Tokenizer.from_str(self._tok.to_str())
-                plain.encode_special_tokens = True  # special-token text is split and merged as any text
+                try:
+                    plain.encode_special_tokens = True  # tokenizers >= 0.15.1
+                except AttributeError:
+                    plain = False
                 self._plain = plain
-            return self._plain
+        if self._plain:
+            return self._plain.encode(text, add_special_tokens=False).ids
+        pieces = self._tok.pre_tokenizer.pre_tokenize_str(text)
+        return [t.id for piece, _ in pieces for t in self._tok.model.tokenize(piece)]
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes[token_id]

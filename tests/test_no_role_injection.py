@@ -76,6 +76,13 @@ def test_typed_control_tokens_are_their_plain_text_ids(llm):
     assert naive.count(im_start) == 4 and naive != ids
 
 
+def test_without_encode_special_tokens_the_ids_are_the_same(llm, monkeypatch):
+    """tokenizers before 0.15.1 cannot read special-token text as text: the fallback splits and merges by hand."""
+    want = llm.chat_tokens([{"role": "user", "content": INJECTION}])
+    monkeypatch.setattr(llm.tokenizer, "_plain", False)
+    assert llm.chat_tokens([{"role": "user", "content": INJECTION}]) == want
+
+
 @pytest.mark.parametrize("role", ["system", "user", "tool"])
 def test_every_role_and_tool_schemas_are_protected(llm, role):
     tok = llm.tokenizer
