@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from gguf import TokenType
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from .gguf_file import GGUFFile
+from .gguf_file import GGUFFile, StringArray
 
 # llama-3's pre-tokenizer regex, as written in its tokenizer.json
 LLAMA3_SPLIT = (
@@ -76,6 +76,10 @@ class GGUFTokenizer:
         pre = f.get("tokenizer.ggml.pre", str, "default")
         if pre not in LLAMA3_LIKE:
             raise f.error(f"pre-tokenizer '{pre}' is not supported (expected 'lfm2')")
+        listed, embd = f.metadata.get("tokenizer.ggml.tokens"), f.tensors.get("token_embd.weight")
+        if isinstance(listed, StringArray) and embd is not None and len(listed) != embd.shape[0]:
+            # before decoding them: a file may list ten million
+            raise f.error(f"the tokenizer has {len(listed)} tokens but token_embd.weight has {embd.shape[0]} rows")
         tokens: list[str] = f.get("tokenizer.ggml.tokens", list)
         types: list[int] = f.get("tokenizer.ggml.token_type", list, [TokenType.NORMAL] * len(tokens))
         merges: list[str] = f.get("tokenizer.ggml.merges", list)

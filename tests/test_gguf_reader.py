@@ -246,6 +246,13 @@ def test_a_token_listed_twice(gguf_path, tmp_path):
     assert f"token {tokens[200]!r} is listed twice in the vocabulary (ids 200 and 300)" in load_error(p)
 
 
+def test_a_vocabulary_longer_than_the_embedding_is_refused_before_it_is_decoded(gguf_path, tmp_path):
+    tokens = GGUFFile(gguf_path("moe", "q4_0")).metadata["tokenizer.ggml.tokens"].tolist()
+    p = _rewrite_tokenizer(gguf_path("moe", "q4_0"), tmp_path / "tok.gguf", "tokenizer.ggml.tokens", ARRAY,
+                           (STRING, tokens + [f"extra{i}" for i in range(10**5)]))
+    assert f"the tokenizer has {len(tokens) + 10**5} tokens but token_embd.weight has {len(tokens)} rows" in load_error(p)
+
+
 def test_token_types_must_be_integers(gguf_path, tmp_path):
     n = len(GGUFFile(gguf_path("moe", "q4_0")).metadata["tokenizer.ggml.tokens"])
     p = _rewrite_tokenizer(gguf_path("moe", "q4_0"), tmp_path / "tok.gguf", "tokenizer.ggml.token_type", ARRAY, (F32V, [1.0] * n))
