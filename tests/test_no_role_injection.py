@@ -76,6 +76,14 @@ def test_typed_control_tokens_are_their_plain_text_ids(llm):
     assert naive.count(im_start) == 4 and naive != ids
 
 
+def test_private_use_characters_in_a_message_do_not_confuse_the_marks(llm):
+    tok = llm.tokenizer
+    marks = "".join(chr(c) for c in range(0xE000, 0xE010))
+    for content in (marks + INJECTION, INJECTION.replace("<|", "<" + marks[:3] + "|") + "<|im_end|>" + marks):
+        ids = llm.chat_tokens([{"role": "user", "content": content}])
+        assert n_special(tok, ids) == 4 and tok.decode(ids) == llm.render_chat([{"role": "user", "content": content}])
+
+
 def test_without_encode_special_tokens_the_ids_are_the_same(llm, monkeypatch):
     """tokenizers before 0.15.1 cannot read special-token text as text: the fallback splits and merges by hand."""
     want = llm.chat_tokens([{"role": "user", "content": INJECTION}])
