@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 from .chat_template import check_messages
 from .engine import Slot, common_prefix  # noqa: F401 -- common_prefix: also imported from here
 from .errors import LfmEdgeError
+from .files import write_atomic
 from .llm import LLM, GenerationStats, check_max_tokens, make_sampling_params
 from .reply import Event, Reply, reply_text
 from .sampling import Sampler
@@ -255,33 +255,41 @@ class Session:
 
     @classmethod
     def load(cls, llm: LLM, path: str | os.PathLike[str]) -> Session:
+        """A conversation saved by `save`; a file that is not one (missing, not JSON, nested
+        too deep, fields of the wrong type) is refused in one sentence."""
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise LfmEdgeError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise LfmEdgeError(f"{path}: is a directory, not a saved conversation") from None
+        except RecursionError:
+            raise LfmEdgeError(f"{path}: is not a saved conversation (its JSON is nested too deeply)") from None
         except (OSError, ValueError) as e:
             raise LfmEdgeError(f"{path}: is not a saved conversation ({e})") from None
         if not isinstance(data, dict) or data.get("format") != SAVE_FORMAT:
             raise LfmEdgeError(f"{path}: is not a saved lfm-edge conversation")
-        return cls(
-            llm,
-            messages=data.get("messages") or [],
-            tools=data.get("tools"),
-            max_tokens=data.get("max_tokens", 1024),
-            **(data.get("sampling") or {}),
-        )
+        messages, tools, sampling = data.get("messages") or [], data.get("tools"), data.get("sampling") or {}
+        if not isinstance(messages, list):
+            raise LfmEdgeError(f"{path}: 'messages' must be a list of messages, not {type(messages).__name__}")
+        if not (tools is None or isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise LfmEdgeError(f"{path}: 'tools' must be a list of tool definitions")
+        if not isinstance(sampling, dict):
+            raise LfmEdgeError(f"{path}: 'sampling' must be an object of settings, not {type(sampling).__name__}")
+        try:
+            return cls(llm, messages=messages, tools=tools, max_tokens=data.get("max_tokens", 1024), **sampling)
+        except LfmEdgeError as e:
+            raise LfmEdgeError(f"{path}: {e}") from None
+        except (TypeError, ValueError, RecursionError) as e:  # shapes no check above foresaw
+            raise LfmEdgeError(f"{path}: is not a saved conversation ({type(e).__name__}: {e})") from None
 
 
 def save_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """`data` as JSON, written by lfm_edge.files.write_atomic (whole or not at all; a symlink
+    written through; a directory, FIFO or device refused); missing folders are created."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        text = json.dumps(data, ensure_ascii=False, indent=1)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise LfmEdgeError(f"cannot save to {path}: the conversation is not JSON ({e})") from None
+    write_atomic(path, text, make_parents=True)

@@ -20,6 +20,7 @@ from gguf import ExpertGatingFuncType, GGMLQuantizationType, GGUFWriter, LlamaFi
 from gguf.quants import quantize as gguf_quantize
 
 from lfm_edge.errors import LfmEdgeError
+from lfm_edge.files import atomic_output, resolve_output
 from lfm_edge.gguf_file import row_bytes
 from lfm_edge.tokenizer import LFM2_SPLITS
 
@@ -124,23 +125,20 @@ def convert(
         else:
             byte_shape = (*t.shape[:-1], row_bytes(t.qtype, t.shape[-1]))
             writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=t.qtype)
-    tmp = dst.with_name(dst.name + ".partial")
-    try:
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for i, t in enumerate(tensors):
-            data = gguf_quantize(np.ascontiguousarray(t.load(), dtype=np.float32), t.qtype)
-            if data.nbytes != t.nbytes:
-                raise LfmEdgeError(f"internal error: {t.name} encoded to {data.nbytes} bytes, expected {t.nbytes}")
-            writer.write_tensor_data(data)
-            log(f"[{i + 1:4d}/{len(tensors)}] {t.name:36s} {t.qtype.name:5s} {list(t.shape)}")
-        writer.close()
-        os.replace(tmp, dst)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    resolve_output(dst)  # a directory, FIFO or device given as OUT is refused before the work
+    with atomic_output(dst) as tmp:  # OUT is replaced only when complete (see lfm_edge.files)
+        try:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for i, t in enumerate(tensors):
+                data = gguf_quantize(np.ascontiguousarray(t.load(), dtype=np.float32), t.qtype)
+                if data.nbytes != t.nbytes:
+                    raise LfmEdgeError(f"internal error: {t.name} encoded to {data.nbytes} bytes, expected {t.nbytes}")
+                writer.write_tensor_data(data)
+                log(f"[{i + 1:4d}/{len(tensors)}] {t.name:36s} {t.qtype.name:5s} {list(t.shape)}")
+        finally:
+            writer.close()
     return dst
 
 

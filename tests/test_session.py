@@ -123,7 +123,7 @@ def test_save_and_restore(llm, tmp_path):
     s.send("Hello", stream=False)
     path = tmp_path / "chat.json"
     s.save(path)
-    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+    assert not list(tmp_path.glob(".*lfm-edge-tmp*"))  # no temporary file left behind
     data = json.loads(path.read_text())
     assert data["messages"] == s.messages and data["sampling"]["top_k"] == 5
     restored = Session.load(llm, path)
@@ -138,7 +138,7 @@ def test_save_is_atomic_when_writing_fails(llm, tmp_path, monkeypatch):
     s.save(path)
     before = path.read_text()
     s.messages.append({"role": "user", "content": object()})  # not JSON-serialisable
-    with pytest.raises(TypeError):
+    with pytest.raises(LfmEdgeError, match="not JSON"):
         s.save(path)
     assert path.read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json"]
