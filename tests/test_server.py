@@ -20,7 +20,7 @@ import lfm_edge
 from lfm_edge.commands import serve
 from lfm_edge.commands.common import card_defaults
 from lfm_edge.reply import Reply, reply_events
-from lfm_edge.server import FifoLock, bind_warning, chat_messages, make_server, openai_message
+from lfm_edge.server import bind_warning, chat_messages, make_server, openai_message
 from lfm_edge.server import RequestError
 from lfm_edge.tool_calls import parse_call_list
 from test_reply import THINK_TEMPLATE, rewrite
@@ -107,7 +107,9 @@ def test_binds_to_loopback_by_default(llm):
     p = argparse.ArgumentParser()
     serve.configure_parser(p)
     args = p.parse_args(["-m", "x.gguf"])
-    assert (args.host, args.port, args.n_ctx) == ("127.0.0.1", 8080, 4096)
+    assert (args.host, args.port, args.n_ctx, args.parallel, args.max_queue) == ("127.0.0.1", 8080, 4096, 4, 16)
+    args = p.parse_args(["-m", "x.gguf", "-np", "2", "--max-queue", "0"])
+    assert (args.parallel, args.max_queue) == (2, 0)
     assert bind_warning("127.0.0.1") is None and bind_warning("localhost") is None and bind_warning("::1") is None
     assert "anyone who can reach this port" in bind_warning("0.0.0.0")
     assert serve.model_id("LiquidAI/LFM2-8B-A1B-GGUF:Q8_0") == "LiquidAI/LFM2-8B-A1B-GGUF:Q8_0"
@@ -349,25 +351,27 @@ def test_openai_messages_become_template_messages(llm):
     assert e.value.param == "messages[0].content" and "only text parts" in str(e.value)
 
 
-def say(llm, seen: dict):
-    """A stand-in for llm.sample_tokens: the tokens of seen["reply"], as if sampled; records the prompts."""
+def say(server, seen: dict, monkeypatch):
+    """Make the server's model 'say' seen["reply"], token by token, then its end token (the
+    engine's next_token, replaced); records the prompts it got."""
+    llm = server.runner.llm
+    replies = {}
 
-    def sample_tokens(logits, history, max_tokens, sampler, cache, stats, cancel=None):
-        seen["prompts"].append(llm.detokenize(history))
-        for token in llm.tokenize(seen["reply"], add_special=False)[:max_tokens]:
-            stats.completion_tokens += 1
-            history.append(token)
-            yield token
-        stats.finish_reason = "stop"
+    def next_token(request, logits):
+        if request not in replies:
+            seen["prompts"].append(llm.detokenize(request.prompt))
+            replies[request] = iter(llm.tokenize(seen["reply"], add_special=False) + [llm.tokenizer.eos_id])
+        return next(replies[request])
 
-    return sample_tokens
+    monkeypatch.setattr(server.runner.engine, "next_token", next_token)
+    monkeypatch.setattr(llm.tokenizer, "eog_ids", {llm.tokenizer.eos_id})
 
 
 @pytest.fixture
 def canned_model(server, monkeypatch):
     """Make the server's model 'say' a given text, token by token; records the prompts it got."""
     seen: dict = {"prompts": []}
-    monkeypatch.setattr(server.runner.llm, "sample_tokens", say(server.runner.llm, seen))
+    say(server, seen, monkeypatch)
     return seen
 
 
@@ -450,7 +454,7 @@ def test_a_prompt_ending_in_think_starts_the_reply_in_reasoning(think_server, mo
     llm = think_server.runner.llm
     client = openai.OpenAI(base_url=think_server.url, api_key="unused", max_retries=0, timeout=30)
     seen: dict = {"prompts": [], "reply": "I should think.</think>The answer is 4."}
-    monkeypatch.setattr(llm, "sample_tokens", say(llm, seen))
+    say(think_server, seen, monkeypatch)
     message = chat(client, hello("What is 2+2?")).choices[0].message
     assert seen["prompts"][-1].endswith("<|im_start|>assistant\n<think>")
     assert (message.reasoning_content, message.content) == ("I should think.", "The answer is 4.")
@@ -479,40 +483,20 @@ def test_reasoning_of_a_real_generation_streams_as_it_is_returned(think_server):
 # -- queueing and disconnects ---------------------------------------------------------
 
 
-def test_the_queue_is_first_come_first_served():
-    lock, order = FifoLock(), []
-
-    def waiter(i: int) -> None:
-        with lock:
-            order.append(i)
-
-    with lock:
-        threads = []
-        for i in range(5):  # each starts waiting only after the one before
-            threads.append(threading.Thread(target=waiter, args=(i,)))
-            threads[-1].start()
-            assert wait_for(lambda i=i: lock.queued == i + 2)
-    for t in threads:
-        t.join(10)
-    assert order == [0, 1, 2, 3, 4] and lock.queued == 0
-
-
-def test_concurrent_clients_get_what_they_get_alone(client, server, monkeypatch):
+def test_concurrent_clients_are_decoded_together_and_get_what_they_get_alone(client, server, monkeypatch):
     prompts = ["Hello there", "Write a poem", "What is 2+2?"]
     kw = dict(max_tokens=40, temperature=0)
     alone = [chat(client, hello(p), **kw).choices[0].message.content for p in prompts]
-    running, overlaps = [0], []
-    decode = server.runner._decode
+    model, batches = server.runner.llm.model, []
+    forward = model.forward
 
-    def watched(job, stats, cancel, trace):
-        running[0] += 1
-        overlaps.append(running[0])
-        try:
-            yield from decode(job, stats, cancel, trace)
-        finally:
-            running[0] -= 1
+    def watched(ids, batch, rows=None):
+        if not batches:  # the first step waits for all three requests
+            assert wait_for(lambda: server.runner.queued == len(prompts))
+        batches.append(len(batch.lengths))
+        return forward(ids, batch, rows)
 
-    monkeypatch.setattr(server.runner, "_decode", watched)
+    monkeypatch.setattr(model, "forward", watched)
     results: dict[int, str] = {}
     start = threading.Barrier(len(prompts))
 
@@ -529,7 +513,33 @@ def test_concurrent_clients_get_what_they_get_alone(client, server, monkeypatch)
     for t in threads:
         t.join(30)
     assert [results.get(i) for i in range(len(prompts))] == alone
-    assert overlaps == [1, 1, 1]  # one generation at a time
+    assert max(batches) == len(prompts)  # one forward call for the three
+
+
+def test_a_full_queue_is_a_503_with_retry_after(llm):
+    srv = make_server(llm, port=0, model_id="tiny-moe", parallel=1, max_queued=0)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        host, port = srv.server_address[:2]
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        body = {"messages": hello(), "max_tokens": 2000, "temperature": 0, "stream": True}
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read(20).startswith(b"data: ")  # decoding: the one place is taken
+        busy = http.client.HTTPConnection(host, port, timeout=30)
+        busy.request("POST", "/v1/chat/completions", body=json.dumps({"messages": hello(), "max_tokens": 2}),
+                     headers={"Content-Type": "application/json"})
+        refused = busy.getresponse()
+        error = json.loads(refused.read())["error"]
+        assert refused.status == 503 and refused.getheader("Retry-After") == "2"
+        assert error["code"] == "queue_full" and "1 requests are running and 0 waiting; try again shortly" in error["message"]
+        resp.close()
+        conn.close()
+    finally:
+        srv.shutdown()
+        srv.close()
+        thread.join(10)
 
 
 def wait_for(predicate, seconds: float = 10.0) -> bool:
@@ -550,16 +560,16 @@ def test_a_client_that_leaves_mid_stream_is_cancelled(server, client):
     conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200 and resp.read(20).startswith(b"data: ")
-    # a second client waits in the queue behind the long generation
+    # a second client is served beside the long generation ...
     result: dict = {}
     waiting = threading.Thread(target=lambda: result.update(reply=chat(client, hello(), max_tokens=4, temperature=0)))
     waiting.start()
-    assert wait_for(lambda: engine.turn.queued == 2)
-    resp.close()
-    conn.close()
     waiting.join(20)
     assert result["reply"].usage.completion_tokens == 4
-    assert engine.finished["cancelled"] == before + 1
+    assert engine.queued == 1  # ... while the long one still runs
+    resp.close()
+    conn.close()
+    assert wait_for(lambda: engine.finished["cancelled"] == before + 1)
     cancelled = [s for s in engine.recent if s.finish_reason == "cancelled"][-1]
     assert cancelled.completion_tokens < N_CTX // 2  # stopped early, not at max_tokens
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..hub import DEFAULT_MODEL
 from ..server import bind_warning, listen, make_server
-from .common import add_model_args, integer, load_model
+from .common import add_model_args, integer, load_model, positive_int
 
 API_KEY_ENV = "LFM_EDGE_API_KEY"
 
@@ -23,6 +23,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None, metavar="KEY",
                    help=f"require this key of every request but /health ('Authorization: Bearer KEY'); "
                         f"default: ${API_KEY_ENV}")
+    p.add_argument("-np", "--parallel", type=positive_int, default=4, metavar="N",
+                   help="requests decoded together, each with its own cache (default 4)")
+    p.add_argument("--max-queue", type=non_negative, default=16, metavar="N",
+                   help="requests that may wait beyond those; more get a 503 with Retry-After (default 16)")
     p.add_argument("-q", "--quiet", action="store_true", help="do not log each request")
 
 
@@ -40,6 +44,13 @@ def port_number(text: str) -> int:
     return value
 
 
+def non_negative(text: str) -> int:
+    value = integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def stop_on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt  # shut down as on Ctrl-C
 
@@ -54,7 +65,8 @@ def main(args: argparse.Namespace) -> int:
     except BaseException:
         listener.server_close()
         raise
-    server = make_server(llm, host=args.host, port=args.port, model_id=model_id(args.model), listener=listener)
+    server = make_server(llm, host=args.host, port=args.port, model_id=model_id(args.model), listener=listener,
+                         parallel=args.parallel, max_queued=args.max_queue)
     warning = bind_warning(args.host, args.api_key)
     if warning:
         print(f"lfm-edge: {warning}", file=sys.stderr)

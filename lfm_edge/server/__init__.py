@@ -10,7 +10,8 @@ POST /tokenize and /detokenize; GET /health. ollama: POST /api/chat, /api/genera
 The parts, in layers (as llama.cpp's tools/server):
 - protocol.py: the OpenAI API: requests checked and turned into Jobs, replies shaped;
 - ollama.py: the same for ollama's API;
-- runner.py: the one place that drives the model (jobs in arrival order on one state);
+- runner.py: the one place that drives the model (every request a sequence of the batched
+  engine, lfm_edge/engine.py: up to `parallel` decode together, more wait in a bounded queue);
 - http.py: the handler, the routes, authentication and the wire.
 
 Replies are split by lfm_edge.reply, as in every front end: reasoning becomes
@@ -22,9 +23,9 @@ response_format / format, a forced tool choice or strict tools hold the reply to
 
 from .http import Handler, Server, bind_warning, check_port, is_loopback, listen, make_server
 from .protocol import Job, RequestError, chat_messages, error_body, openai_message
-from .runner import FifoLock, Runner
+from .runner import Runner
 
 __all__ = [
-    "FifoLock", "Handler", "Job", "RequestError", "Runner", "Server", "bind_warning", "chat_messages",
+    "Handler", "Job", "RequestError", "Runner", "Server", "bind_warning", "chat_messages",
     "check_port", "error_body", "is_loopback", "listen", "make_server", "openai_message",
 ]

@@ -28,7 +28,7 @@ from ..llm import LLM, GenerationStats
 from ..reply import Event, Reply
 from . import ollama, protocol
 from .protocol import OpenAIReply, ReplyShapes, RequestError, error_body
-from .runner import Runner, Trace
+from .runner import RETRY_AFTER_S, Runner, Trace
 
 log = logging.getLogger("lfm_edge.server")
 
@@ -125,7 +125,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send_json(200, self._model_card())
 
     def _health(self) -> None:
-        self._send_json(200, {"status": "ok", "model": self.runner.model_id, "queued": self.runner.turn.queued})
+        self._send_json(200, {"status": "ok", "model": self.runner.model_id, "queued": self.runner.queued})
 
     def _chat(self) -> None:
         job = protocol.chat_job(self._read_json(), self.runner.llm, self.runner.defaults)
@@ -346,6 +346,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Allow", self.ROUTES.get(self._path(), ("GET",))[0])
         if status == 401:
             self.send_header("WWW-Authenticate", "Bearer")
+        if status == 503:  # busy (a full queue) or shutting down
+            self.send_header("Retry-After", str(RETRY_AFTER_S))
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -423,14 +425,17 @@ def make_server(
     defaults: dict[str, Any] | None = None,
     listener: Server | None = None,
     api_key: str | None = None,
+    parallel: int = 4,
+    max_queued: int = 16,
 ) -> Server:
     """A server for `llm` bound to host:port (port 0: any free port); run it with serve_forever().
 
     `defaults` are the sampling options a request does not set (default: the
     model card's recommendation). `listener`: a socket already taken by listen(host, port).
-    `api_key`: required of every request but /health.
+    `api_key`: required of every request but /health. `parallel`: requests decoded together;
+    `max_queued`: more that may wait (beyond, a 503 with Retry-After).
     """
-    runner = Runner(llm, model_id or llm.file.path.stem, defaults)
+    runner = Runner(llm, model_id or llm.file.path.stem, defaults, parallel=parallel, max_queued=max_queued)
     server = listen(host, port) if listener is None else listener
     server.runner = runner
     if api_key is not None:

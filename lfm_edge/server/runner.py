@@ -1,10 +1,11 @@
-"""The server's use of the model: jobs run one at a time on one model state.
+"""The server's use of the model: every request a sequence of one generation engine.
 
-This is the one module of the server that drives generation (the batched engine of
-lfm_edge/engine.py replaces it here, behind the same `Runner.generate`). Requests run in
-arrival order (`FifoLock`): the model has one state, and requests are never mixed into it.
-A request that continues the previous one (the next turn of a chat) reuses its state, as
-`Session` does. A cancelled generation (the client went away) stops at its next token.
+This is the one module of the server that drives generation. Up to `parallel` requests
+decode together (lfm_edge.engine: one forward call a step for all of them, each with its own
+cache); more wait in the engine's queue, and beyond `max_queued` waiting a request is refused
+with a 503 (Retry-After). The engine keeps `parallel` caches, and a request takes the one that
+already holds most of its prompt (the next turn of a chat continues its state, as `Session`
+does). A cancelled generation (the client went away) stops before its next token.
 """
 
 from __future__ import annotations
@@ -19,41 +20,16 @@ from typing import Any
 
 import numpy as np
 
+from ..engine import Engine, QueueFull
 from ..errors import LfmEdgeError
 from ..llm import LLM, GenerationStats, make_sampling_params
 from ..reply import Event, reply_events
 from ..sampling import Sampler
-from ..session import common_prefix
 from .protocol import Job, RequestError, TokenLogprob
 
+RETRY_AFTER_S = 2  # what a 503 for a full queue tells the client to wait
+
 log = logging.getLogger("lfm_edge.server")
-
-
-class FifoLock:
-    """A lock that serves waiters in the order they came (threading.Lock promises no order)."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._next_ticket = 0
-        self._now_serving = 0
-
-    def __enter__(self) -> FifoLock:
-        with self._cond:
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            self._cond.wait_for(lambda: self._now_serving == ticket)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        with self._cond:
-            self._now_serving += 1
-            self._cond.notify_all()
-
-    @property
-    def queued(self) -> int:
-        """Requests holding or waiting for the lock."""
-        with self._cond:
-            return self._next_ticket - self._now_serving
 
 
 @dataclass
@@ -86,9 +62,10 @@ class LoggingSampler(Sampler):
 
 
 class Runner:
-    """The model with one state, shared by all requests in turn, and what they did."""
+    """The model's engine, shared by all requests, and what they did."""
 
-    def __init__(self, llm: LLM, model_id: str, defaults: dict[str, Any] | None = None):
+    def __init__(self, llm: LLM, model_id: str, defaults: dict[str, Any] | None = None, parallel: int = 4,
+                 max_queued: int = 16):
         self.llm = llm
         self.model_id = model_id
         if defaults is None:
@@ -98,15 +75,17 @@ class Runner:
         make_sampling_params(defaults)
         self.defaults = dict(defaults)
         self.created = int(time.time())
-        self.turn = FifoLock()
-        self.cache = llm.new_cache()
-        self.cached: list[int] = []  # the ids whose state self.cache holds
-        self.mark = None  # (checkpoint, ids): the state one token before the last prompt's end
+        self.engine = Engine(llm, n_parallel=parallel, max_queued=max_queued, reuse_slots=True)
         self.finished: Counter[str] = Counter()  # generations by finish reason
         self.recent: deque[GenerationStats] = deque(maxlen=64)
         self.closing = threading.Event()
-        self.current_cancel: threading.Event | None = None
-        self.busy_since: float | None = None  # when the running generation started (for /api/ps)
+        self._running: set[threading.Event] = set()  # the cancel events of the generations under way
+        self._running_lock = threading.Lock()
+
+    @property
+    def queued(self) -> int:
+        """Requests generating or waiting to."""
+        return self.engine.active + self.engine.queued
 
     def generate(
         self,
@@ -116,93 +95,59 @@ class Runner:
         trace: Trace | None = None,
         abandoned: Callable[[], bool] | None = None,
     ) -> Iterator[Event]:
-        """The reply to `job` as events (lfm_edge.reply), once its turn comes; stops early
-        when `cancel` is set. `abandoned()` is asked when the turn comes: True cancels at once
-        (the client left while waiting). `trace` collects the token ids and logprobs."""
+        """The reply to `job` as events (lfm_edge.reply); stops early when `cancel` is set.
+        `abandoned()` is asked before the request is queued: True cancels at once (the client
+        left). `trace` collects the token ids and logprobs. A full queue is a RequestError (503)."""
         trace = trace if trace is not None else Trace()
         stats.prompt_tokens = len(job.prompt)
-        with self.turn:
-            if self.closing.is_set():
-                raise RequestError("the server is shutting down", status=503)
-            self.current_cancel, self.busy_since = cancel, time.time()
-            try:
-                if abandoned is not None and abandoned():
-                    cancel.set()
-                else:
-                    yield from self._decode(job, stats, cancel, trace)
-            except BaseException:
-                stats.finish_reason = "error"
-                raise
-            finally:
-                if cancel.is_set():
-                    stats.finish_reason = "cancelled"
-                self.current_cancel, self.busy_since = None, None
-                self.record(job, stats)
+        if self.closing.is_set():
+            raise RequestError("the server is shutting down", status=503)
+        with self._running_lock:
+            self._running.add(cancel)
+        try:
+            if abandoned is not None and abandoned():
+                cancel.set()
+            else:
+                yield from self._decode(job, stats, cancel, trace)
+        except BaseException:
+            stats.finish_reason = "error"
+            raise
+        finally:
+            if cancel.is_set():
+                stats.finish_reason = "cancelled"
+            with self._running_lock:
+                self._running.discard(cancel)
+            self.record(job, stats)
 
     def _decode(self, job: Job, stats: GenerationStats, cancel: threading.Event, trace: Trace) -> Iterator[Event]:
-        """Generation proper (only while holding self.turn). A completion is a raw
-        continuation: all text, no reasoning or tool calls."""
-        history = list(job.prompt)
+        """Generation proper, on the engine. A completion is a raw continuation: all text, no
+        reasoning or tool calls."""
         sampler = Sampler(job.sampling, job.constraint)
         if job.logprobs is not None:
             sampler = LoggingSampler(sampler, job.logprobs, trace.logprobs)
         try:
-            logits = self._prefill(job.prompt, stats)
-            prefilled = (stats.prompt_tokens, stats.cached_tokens, stats.prefill_s)
-            start = time.perf_counter()
-            tokens = self.llm.sample_tokens(logits, history, job.max_tokens, sampler, self.cache, stats, cancel)
-            try:
-                yield from reply_events(
-                    self.llm.tokenizer, self._noted(tokens, trace), job.prompt, job.stop,
-                    raw=job.kind == "completion", stats=stats,
-                )
-            finally:  # what the prefill did is ours to report, whatever the sampling loop counts
-                stats.prompt_tokens, stats.cached_tokens, stats.prefill_s = prefilled
-            stats.decode_s = time.perf_counter() - start
-            del trace.logprobs[len(trace.ids):]  # a sampled end token is not part of the reply
+            handle = self.engine.submit(job.prompt, job.max_tokens, sampler, stats=stats, cancel=cancel)
+        except QueueFull as e:
+            raise RequestError(str(e), code="queue_full", status=503) from None
         except LfmEdgeError as e:  # not expected after the checks of protocol, but a sentence all the same
-            self._forget()
             raise RequestError(str(e)) from None
-        except BaseException:
-            self._forget()
-            raise
-        else:
-            # every token of `history` but (perhaps) the last was fed to the cache
-            self.cached = history[: self.cache.pos]
+        tokens = handle.tokens()
+        try:
+            yield from reply_events(
+                self.llm.tokenizer, self._noted(tokens, trace), job.prompt, job.stop,
+                raw=job.kind == "completion", stats=stats,
+            )
+        except LfmEdgeError as e:
+            raise RequestError(str(e)) from None
+        finally:
+            tokens.close()  # a stop string or a client that left ends the request now
+        del trace.logprobs[len(trace.ids):]  # a sampled end token is not part of the reply
 
     @staticmethod
     def _noted(tokens: Iterator[int], trace: Trace) -> Iterator[int]:
         for t in tokens:
             trace.ids.append(t)
             yield t
-
-    def _forget(self) -> None:
-        """The state is unknown: start afresh next time."""
-        self.cached, self.mark = [], None
-        self.cache.reset()
-
-    def _prefill(self, prompt: list[int], stats: GenerationStats):
-        """Session's prefix reuse: continue from the cache, or from the last prompt's end, or afresh."""
-        start = time.perf_counter()
-        reuse = common_prefix(self.cached, prompt)
-        if reuse == len(self.cached) and reuse < len(prompt):
-            pass  # the cache holds a prefix of the prompt
-        elif self.mark is not None and len(self.mark[1]) <= reuse and len(self.mark[1]) < len(prompt):
-            checkpoint, ids = self.mark
-            self.cache.restore(checkpoint)
-            reuse = len(ids)
-        else:
-            self.cache.reset()
-            reuse = 0
-        self.cached = []  # until the prefill below succeeds
-        stats.cached_tokens = reuse
-        if reuse < len(prompt) - 1:
-            self.llm.prefill(prompt[reuse:-1], self.cache)
-        self.mark = (self.cache.checkpoint(), prompt[:-1])
-        logits = self.llm.prefill(prompt[-1:], self.cache)
-        self.cached = list(prompt)
-        stats.prefill_s = time.perf_counter() - start
-        return logits
 
     def record(self, job: Job, stats: GenerationStats) -> None:
         self.finished[stats.finish_reason or "error"] += 1
@@ -219,7 +164,8 @@ class Runner:
         )
 
     def close(self) -> None:
-        """Stop the running generation and refuse new ones."""
+        """Stop the running generations and refuse new ones."""
         self.closing.set()
-        if self.current_cancel is not None:
-            self.current_cancel.set()
+        with self._running_lock:
+            for cancel in self._running:
+                cancel.set()
