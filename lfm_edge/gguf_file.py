@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import operator
 import os
 import struct
 from array import array
@@ -162,7 +163,7 @@ class StringArray(Sequence[str]):
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
+        n, i = len(self), operator.index(i)
         if not -n <= i < n:
             raise IndexError("string array index out of range")
         return self._bytes(i % n).decode("utf-8")
