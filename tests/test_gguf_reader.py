@@ -286,11 +286,7 @@ def test_huge_but_finite_logits_sample_without_nan():
 # -- the fuzzer ---------------------------------------------------------------------------------
 # Failure classes whose fix lies outside the reader and the tokenizer checks: tolerated here
 # (their regression files stay in tests/fuzz/), to be removed when they are fixed.
-KNOWN_OPEN = {
-    # a gate/up pair of two supported types passes the load and fails in the first forward;
-    # issue 12 item 1 asks for a refusal at load, in the architecture files (lfm_edge/models/)
-    "gate and up must have the same type": "issue 12 item 1",
-}
+KNOWN_OPEN: dict[str, str] = {}  # failure text -> the issue that will fix it; none open now
 SHORT_SEED, SHORT_CASES = 12, 300
 
 

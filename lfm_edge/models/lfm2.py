@@ -96,6 +96,16 @@ class Weights:
     def vector(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         return ops.to_float(self.get(name, shape))
 
+    def gate_up(self, gate: str, up: str, shape: tuple[int, ...]) -> tuple[Linear, Linear]:
+        """A SwiGLU's gate and up matrices; the fused kernel reads both in one pass, so they
+        must share a type (llama.cpp's quantizer always writes them alike)."""
+        g, u = self.get(gate, shape), self.get(up, shape)
+        if g.qtype != u.qtype:
+            raise self.file.error(
+                f"tensors {gate} ({g.qtype.name}) and {up} ({u.qtype.name}) must have the same type"
+            )
+        return Linear(g), Linear(u)
+
 
 class ShortConv:
     """Gated short conv: in_proj -> (B, C, x); y = C * conv(B * x); out_proj."""
@@ -145,8 +155,7 @@ class MLP:
 
     def __init__(self, args: ModelArgs, w: Weights, i: int):
         h, f = args.hidden, args.ffn_dim
-        self.gate = w.linear(f"blk.{i}.ffn_gate.weight", (f, h))
-        self.up = w.linear(f"blk.{i}.ffn_up.weight", (f, h))
+        self.gate, self.up = w.gate_up(f"blk.{i}.ffn_gate.weight", f"blk.{i}.ffn_up.weight", (f, h))
         self.down = w.linear(f"blk.{i}.ffn_down.weight", (h, f))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
