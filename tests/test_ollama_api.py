@@ -57,7 +57,8 @@ def raw(server, method, path, body=None):
     host, port = server.server_address[:2]
     conn = http.client.HTTPConnection(host, port, timeout=30)
     try:
-        conn.request(method, path, body=None if body is None else json.dumps(body).encode())
+        data, headers = (None, {}) if body is None else (json.dumps(body).encode(), {"Content-Type": "application/json"})
+        conn.request(method, path, body=data, headers=headers)
         resp = conn.getresponse()
         return resp.status, resp.getheader("Content-Type"), resp.read()
     finally:

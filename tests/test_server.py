@@ -577,7 +577,7 @@ def test_a_client_that_leaves_mid_stream_is_cancelled(server, client):
     sock = socket.create_connection((host, port), timeout=10)
     data = json.dumps({"messages": hello(), "max_tokens": N_CTX - 100, "temperature": 0}).encode()
     sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
     )
     sock.close()

@@ -27,6 +27,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="requests decoded together, each with its own cache (default 4)")
     p.add_argument("--max-queue", type=non_negative, default=16, metavar="N",
                    help="requests that may wait beyond those; more get a 503 with Retry-After (default 16)")
+    p.add_argument("--allowed-hosts", type=name_list, action="extend", default=[], metavar="NAMES",
+                   help="more host names requests may be addressed to (comma-separated; '*': any). By default "
+                        "a request's Host must be the address listened on or a loopback name (localhost, "
+                        "127.0.0.1, ::1); with --host 0.0.0.0 also any IP address and this machine's host name. "
+                        "Others get a 403, so a web page cannot reach the server by DNS rebinding")
+    p.add_argument("--cors", type=name_list, action="extend", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000; comma-separated; '*': any) call "
+                        "the server from a browser: their preflight requests are answered and the replies carry "
+                        "Access-Control-Allow-Origin. Default: no CORS headers, so browsers keep pages out")
     p.add_argument("-q", "--quiet", action="store_true", help="do not log each request")
 
 
@@ -51,6 +60,13 @@ def non_negative(text: str) -> int:
     return value
 
 
+def name_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give one or more names, separated by commas")
+    return names
+
+
 def stop_on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt  # shut down as on Ctrl-C
 
@@ -59,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
-    listener = listen(args.host, args.port, api_key=args.api_key)  # a busy port is reported now, not after a long load
+    listener = listen(args.host, args.port, api_key=args.api_key, allowed_hosts=args.allowed_hosts, cors=args.cors)  # a busy port is reported now, not after a long load
     try:
         llm = load_model(args)
     except BaseException:

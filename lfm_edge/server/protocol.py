@@ -33,6 +33,8 @@ INT_OPTIONS = ("top_k", "repeat_last_n", "seed")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit (chat); /v1/completions allows 5
 TOOL_CHOICES = ("auto", "none", "required")
+MAX_JSON_DEPTH = 128  # levels of nesting a request body may have (a schema's own limit is 64)
+SAMPLER_RANGE = (1e-6, 1e6)  # temperature (unless 0) and repetition_penalty: beyond, the logits overflow
 
 
 class RequestError(Exception):
@@ -230,6 +232,7 @@ def number(body: dict, name: str, kind: type, default: Any = None, where: str | 
 
 def make_sampling(options: dict[str, Any], where: str | None = None) -> SamplingParams:
     """SamplingParams, or a RequestError naming the option at fault (under `where`, if given)."""
+    check_sampler_range(options, where)
     try:
         return make_sampling_params(options)
     except LfmEdgeError as e:
@@ -306,6 +309,109 @@ def max_tokens(body: dict, default: int) -> int:
     if value < 0:
         raise RequestError(f"{name} must be >= 0, got {value}", name)
     return value
+
+
+def check_sampler_range(options: dict[str, Any], where: str | None = None) -> None:
+    """temperature and repetition_penalty divide the logits: beyond SAMPLER_RANGE (1e-40,
+    1e40, inf) they overflow into NaN, so they are refused here (<= 0: SamplingParams says)."""
+    low, high = SAMPLER_RANGE
+    for name in ("temperature", "repetition_penalty"):
+        value = options.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 and not math.isnan(value):
+            continue
+        if not low <= value <= high:
+            zero = " 0 (greedy) or" if name == "temperature" else ""
+            raise RequestError(f"{name} must be{zero} from {low:g} to {high:g}, got {value!r}", where or name)
+
+
+def check_body(body: Any) -> None:
+    """What any request body must be, whatever the endpoint: nested at most MAX_JSON_DEPTH
+    levels, and text that UTF-8 can hold (JSON's "\\ud800" is a lone surrogate, not text).
+    Walked without recursion, so no depth costs a stack."""
+    stack: list[tuple[Any, int, tuple | None]] = [(body, 1, None)]  # (value, depth, (parent's place, key))
+    while stack:
+        value, depth, place = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            top = (json_path(place) or "").split("[")[0].split(".")[0]
+            raise RequestError(f"the body is nested more than {MAX_JSON_DEPTH} levels deep", top or None)
+        if isinstance(value, dict):
+            for k, v in value.items():
+                check_text(k, place)
+                stack.append((v, depth + 1, (place, k)))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1, (place, i)) for i, v in enumerate(value))
+        elif isinstance(value, str):
+            check_text(value, place)
+
+
+def check_text(text: str, place: tuple | None) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = json_path(place)
+        raise RequestError(
+            f"{where or 'the body'} holds a lone surrogate (U+{ord(text[e.start]):04X}), which is not text", where
+        ) from None
+
+
+def json_path(place: tuple | None) -> str | None:
+    """messages[0].content for ((((None, 'messages'), 0), 'content'))."""
+    keys = []
+    while place is not None:
+        place, key = place
+        keys.append(key)
+    out = ""
+    for key in reversed(keys):
+        out += f"[{key}]" if isinstance(key, int) else f".{key}" if out else str(key)
+    return out or None
+
+
+def utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def prompt_texts(body: dict) -> list[tuple[str, str]]:
+    """(param, text) for the text of a request that is certainly in its prompt, as any chat
+    template renders it: the content of system, developer, user and tool messages (an
+    assistant's may be cut: templates drop past reasoning), a completion's or ollama's
+    `prompt`, ollama's `system` (without raw), /tokenize's `content`."""
+    out = []
+    messages = body.get("messages")
+    for i, m in enumerate(messages if isinstance(messages, list) else []):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "tool"):
+            continue
+        content = m.get("content")
+        parts = content if isinstance(content, list) else [content]
+        for part in parts:
+            text = part.get("text") if isinstance(part, dict) else part
+            if isinstance(text, str):
+                out.append((f"messages[{i}].content", text))
+    keys = ("prompt", "content") if body.get("raw") else ("prompt", "content", "system")
+    for key in keys:
+        value = body.get(key)
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                out.append((key, text))
+    return out
+
+
+def check_prompt_size(body: dict, n_ctx: int, longest_token: int) -> None:
+    """Refuse, before any tokenizing, a request whose text cannot fit the context. Each token
+    stands for at most `longest_token` bytes of text (byte-level BPE: the tokens' bytes are the
+    text's), so N bytes of text are at least ceil(N / longest_token) tokens."""
+    texts = prompt_texts(body)
+    n_bytes = sum(utf8_len(t) for _, t in texts)
+    least = -(-n_bytes // max(longest_token, 1))
+    if least > n_ctx:
+        where = max(texts, key=lambda t: len(t[1]))[0]
+        raise RequestError(
+            f"the prompt is at least {least} tokens ({n_bytes} bytes of text, and no token is longer than "
+            f"{longest_token} bytes) but the context holds {n_ctx} (start the server with a larger -c/--ctx-size)",
+            where,
+            "context_length_exceeded",
+        )
 
 
 def check_fits(prompt: list[int], n_ctx: int, where: str) -> None:
