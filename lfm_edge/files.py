@@ -71,7 +71,8 @@ def resolve_output(path: str | os.PathLike[str]) -> Path:
             continue
         if not stat.S_ISREG(st.st_mode):
             shown = given if target == Path(os.path.abspath(given)) else f"{given} (-> {target})"
-            raise LfmEdgeError(f"cannot write {shown}: it is {kind_of(st.st_mode)}, and only a regular file is replaced")
+            what = kind_of(st.st_mode)
+            raise LfmEdgeError(f"cannot write {shown}: it is {what}, and only a regular file is replaced")
         return target
     raise LfmEdgeError(f"cannot write {given}: too many levels of symbolic links")
 

@@ -75,7 +75,8 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
-    listener = listen(args.host, args.port, api_key=args.api_key, allowed_hosts=args.allowed_hosts, cors=args.cors)  # a busy port is reported now, not after a long load
+    # a busy port is reported now, not after a long load
+    listener = listen(args.host, args.port, api_key=args.api_key, allowed_hosts=args.allowed_hosts, cors=args.cors)
     try:
         llm = load_model(args)
     except BaseException:
