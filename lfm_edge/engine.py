@@ -307,17 +307,28 @@ class Engine:
     def step(self) -> int:
         """Run one step for every sequence; returns the tokens it ran through the model."""
         with self._step_lock:
-            return self._step()
+            ran = self._step()
+        with self._lock:
+            self._changed.notify_all()
+        return ran
 
     def _advance(self, handle: Handle) -> None:
-        """Run steps until `handle` has a token or has ended (or another thread ran one)."""
-        with self._step_lock:
+        """Run the next step, unless another thread is running one: then wait for it to end
+        (a thread that waited for the step lock instead could miss its tokens while the other
+        thread ran step after step). Either way `handle` may have a token afterwards."""
+        if self._step_lock.acquire(blocking=False):
+            try:
+                with self._lock:
+                    if handle._out or handle.finished:
+                        return
+                ran = self._step()
+            finally:
+                self._step_lock.release()
             with self._lock:
-                if handle._out or handle.finished:
-                    return
-            if self._step():
+                self._changed.notify_all()  # the step is over: its tokens are out
+            if ran:
                 return
-        with self._lock:  # nothing to run: wait for a slot to free up or a request to end
+        with self._lock:  # a step is running elsewhere, or there was nothing to run: wait a little
             if not (handle._out or handle.finished):
                 self._changed.wait(0.05)
 

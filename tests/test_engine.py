@@ -3,6 +3,9 @@ stay consistent whatever interrupts a step; cancelling; the queue; slots kept fo
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -122,6 +125,35 @@ def test_a_long_prompt_is_read_in_chunks_between_decode_steps(llm, monkeypatch):
     assert forwards[1:6] == [[1, 8]] * 5
     assert list(b.tokens()) == alone
     tokens_a.close()
+
+
+def test_a_stream_gets_its_token_after_every_step_while_another_thread_runs_them(llm, monkeypatch):
+    short, long = prompts(llm, [3, 60], seed=7)
+    engine = Engine(llm, shared_chunk=8)
+    steps = []
+    forward = llm.model.forward
+
+    def slow(ids, batch, rows=None):  # long enough for a waiting thread to be outrun
+        time.sleep(0.05)
+        steps.append(list(batch.lengths))
+        return forward(ids, batch, rows)
+
+    monkeypatch.setattr(llm.model, "forward", slow)
+    a = engine.submit(short, 20, greedy())
+    tokens_a = a.tokens()
+    next(tokens_a)
+    b = engine.submit(long, 2, greedy())
+    reader = threading.Thread(target=lambda: list(b.tokens()))
+    reader.start()  # b's thread runs steps too
+    seen = []
+    for _ in range(8):  # while b's prompt is read, 8 tokens at a time
+        next(tokens_a)
+        seen.append(len(steps))
+    reader.join(30)
+    tokens_a.close()
+    # each step's token as soon as it is made (a step of slack for a busy machine), not all at the end
+    assert max(y - x for x, y in zip(seen, seen[1:])) <= 2 and seen[-1] < len(steps)
+    assert [8] in [s[1:] for s in steps]
 
 
 # -- interrupted steps -------------------------------------------------------------------
