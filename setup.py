@@ -90,10 +90,11 @@ setup(
     ext_modules=[CMakeExtension("lfm_edge._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
     # huggingface_hub: hub downloads into the shared cache, with resume and progress bars
-    install_requires=["numpy", "gguf", "tokenizers", "jinja2", "huggingface_hub"],
+    # llguidance: constrained decoding (JSON schema / regex / Lark token masks); MIT, abi3 wheels
+    install_requires=["numpy", "gguf", "tokenizers", "jinja2>=3.1.5", "huggingface_hub", "llguidance"],
     # simde-py: SIMDe's headers, so tests/test_avx512_emulated.py can check the AVX-512 kernels
     # on a CPU without AVX-512
-    extras_require={"test": ["pytest", "pytest-benchmark", "safetensors", "pexpect", "openai", "simde-py"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "safetensors", "pexpect", "openai", "ollama", "simde-py"]},
     entry_points={"console_scripts": ["lfm-edge = lfm_edge.cli:main"]},
     zip_safe=False,
 )

@@ -54,13 +54,19 @@ class Config:
     n_ctx_train: int = 32768
     rope_base: float = 1e6
     norm_eps: float = 1e-5
-    think_tokens: bool = False  # LFM2.5 is a reasoning model: <think> and </think> are special tokens
+    # LFM2.5's vocabulary puts its special tokens at its end (<|startoftext|> = 124894), with
+    # <think> and </think> among them; LFM2's has them at ids 0-13 and no think tokens.
+    specials_at_end: bool = False
+    chat_template: str = "lfm2"  # a key of CHAT_TEMPLATES
 
 
 MODELS = {
     "lfm2-8b-a1b": Config("LFM2-8B-A1B (synthetic)"),
+    # vocabulary, context, RoPE base and norm eps of the published LFM2.5-8B-A1B (its config facts:
+    # 124,928 tokens, 128k context, rope_theta 5e6, norm_eps 1e-6), with its chat template
     "lfm2.5-8b-a1b": Config(
-        "LFM2.5-8B-A1B (synthetic)", n_vocab=128000, n_ctx_train=128000, rope_base=5e6, think_tokens=True
+        "LFM2.5-8B-A1B (synthetic)", n_vocab=124928, n_ctx_train=128000, rope_base=5e6, norm_eps=1e-6,
+        specials_at_end=True, chat_template="lfm2.5-8b-a1b",
     ),
 }
 # --type -> (the type of every weight matrix, the file type it declares). Files of one type, not
@@ -128,8 +134,16 @@ SPECIAL_TOKENS = [
 ]
 # ids 14.. are ordinary vocabulary entries named <|reserved_N|> in the real vocabulary
 RESERVED_TOKENS = [f"<|reserved_{i}|>" for i in range(4, 10)]
-THINK_TOKENS = ["<think>", "</think>"]
 BOS_ID, EOS_ID, PAD_ID = 1, 7, 0
+# LFM2.5's special tokens, the last 35 ids of its 124,928: <|pad|> = 124893,
+# <|startoftext|> = 124894, <|im_start|> = 124899, <|im_end|> = 124900, <think> = 124901,
+# </think> = 124902, <|tool_call_start|> = 124905 (the published ids), then reserved tokens.
+LFM25_SPECIAL_TOKENS = [
+    "<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|fim_pre|>", "<|fim_mid|>", "<|fim_suf|>",
+    "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|tool_list_start|>", "<|tool_list_end|>",
+    "<|tool_call_start|>", "<|tool_call_end|>", "<|tool_response_start|>", "<|tool_response_end|>",
+]
+LFM25_FIRST_SPECIAL = 124893
 
 # LFM2's chat template (ChatML, tools listed in the system turn), as in the published files.
 CHAT_TEMPLATE = """{{- bos_token -}}
@@ -157,6 +171,17 @@ CHAT_TEMPLATE = """{{- bos_token -}}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{- "<|im_start|>assistant\\n" -}}{%- endif -%}
 """
+
+
+# The published LFM2.5-8B-A1B template (reasoning, {% generation %}, Pythonic tool calls), kept
+# with its source and licence among the test goldens.
+LFM25_TEMPLATE_FILE = Path(__file__).resolve().parent.parent / "tests" / "golden" / "templates" / "hf-LFM2.5-8B-A1B.jinja"
+
+
+def chat_template(cfg: Config) -> str:
+    if cfg.chat_template == "lfm2":
+        return CHAT_TEMPLATE
+    return LFM25_TEMPLATE_FILE.read_text(encoding="utf-8")
 
 
 # -- tensors ---------------------------------------------------------------------------
@@ -276,9 +301,14 @@ def vocabulary(cfg: Config, seed: int) -> tuple[list[str], list[int], list[str]]
     Words look like byte-level BPE words: letters, most with a leading 'Ġ' (a space).
     """
     rng = np.random.default_rng(seed)
-    specials = list(SPECIAL_TOKENS)
-    tail = THINK_TOKENS if cfg.think_tokens else []
-    tokens = specials + RESERVED_TOKENS + byte_chars()
+    if cfg.specials_at_end:
+        specials: list[str] = []
+        n_reserved = cfg.n_vocab - LFM25_FIRST_SPECIAL - len(LFM25_SPECIAL_TOKENS)
+        tail = LFM25_SPECIAL_TOKENS + [f"<|reserved_{i}|>" for i in range(n_reserved)]
+        tokens = byte_chars()
+    else:
+        specials, tail = list(SPECIAL_TOKENS), []
+        tokens = specials + RESERVED_TOKENS + byte_chars()
     types = [TokenType.CONTROL] * len(specials) + [TokenType.NORMAL] * (len(tokens) - len(specials))
     known = set(tokens)
     merges: list[str] = []
@@ -355,12 +385,13 @@ def write(out: Path, model: str = "lfm2-8b-a1b", out_type: str = "q4_0", n_layer
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    w.add_bos_token_id(BOS_ID)
-    w.add_eos_token_id(EOS_ID)
-    w.add_pad_token_id(PAD_ID)
+    bos, eos, pad = (tokens.index(t) for t in ("<|startoftext|>", "<|im_end|>", "<|pad|>"))
+    w.add_bos_token_id(bos)
+    w.add_eos_token_id(eos)
+    w.add_pad_token_id(pad)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    w.add_chat_template(chat_template(cfg))
 
     for s in specs:
         if s.qtype == F32:

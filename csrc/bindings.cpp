@@ -622,6 +622,12 @@ PYBIND11_MODULE(_C, m) {
               lfm::set_num_threads(n);
           }, py::arg("n"), "Use n threads (the caller included) for every kernel from now on.");
     m.def("threads", [] { return lfm::num_threads(); }, "Threads the kernels use.");
+    m.def("pool_stats", [] {
+              const lfm::PoolStats s = lfm::pool_stats();
+              return py::dict(py::arg("stalls") = s.stalls, py::arg("solo_jobs") = s.solo_jobs);
+          },
+          "Jobs that waited for a helper thread that was not running (stalls), and jobs run on the "
+          "calling thread alone after one (solo_jobs), since the pool was made.");
     m.def("kernel_time_ns", [] { return g_kernel_ns.load(std::memory_order_relaxed); },
           "Nanoseconds spent inside kernels (GIL released) since the module loaded, all threads' calls summed.");
 }

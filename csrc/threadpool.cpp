@@ -20,6 +20,19 @@ namespace {
 // kernels of a decode step (tens of microseconds), short enough not to burn a core for long.
 constexpr auto kSpinTime = std::chrono::microseconds(2000);
 
+// Another busy process can take a helper's core. The caller then finishes its own share and
+// waits for a helper that is not running: a whole scheduler time slice (milliseconds) per job,
+// and a spinning helper competes with the caller for the one core left. Measured on a 2-core
+// machine with one busy process beside it, decode fell to half of what one thread gives. So a
+// job whose caller waited for stragglers longer than it worked, and longer than kStallTime,
+// counts as stalled; after a stall the pool runs every job on the caller alone (its helpers
+// fall asleep) for a quiet period, then tries its helpers again. The period doubles while the
+// stalls go on (up to kMaxSolo) and falls back to kMinSolo after kCleanJobs jobs without one.
+constexpr auto kStallTime = std::chrono::microseconds(300);
+constexpr auto kMinSolo = std::chrono::milliseconds(25);
+constexpr auto kMaxSolo = std::chrono::milliseconds(1600);
+constexpr int kCleanJobs = 256;
+
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
@@ -61,6 +74,13 @@ class Pool {
             body(0, n_tasks);
             return;
         }
+        using Clock = std::chrono::steady_clock;
+        const Clock::time_point start = Clock::now();
+        if (start < solo_until_) {
+            ++solo_jobs_;
+            body(0, n_tasks);
+            return;
+        }
         body_ = &body;
         n_tasks_ = n_tasks;
         grain_ = grain;
@@ -70,8 +90,12 @@ class Pool {
             std::lock_guard<std::mutex> lock(sleep_mutex_);  // no lost wake-up: see helper_loop
             generation_.fetch_add(1, std::memory_order_release);
         }
-        if (sleepers_.load(std::memory_order_acquire) > 0) wake_.notify_all();
+        // Sleeping helpers take a wake-up (tens to hundreds of microseconds on a VM) to join:
+        // waiting for them then is not a stall.
+        const bool woke_sleepers = sleepers_.load(std::memory_order_acquire) > 0;
+        if (woke_sleepers) wake_.notify_all();
         work();
+        const Clock::time_point own_done = Clock::now();
         // A helper that the OS took off its core (more runnable threads than cores) would
         // otherwise keep us spinning for a whole time slice.
         for (uint32_t spins = 0; busy_.load(std::memory_order_acquire) != 0; ++spins) {
@@ -82,7 +106,20 @@ class Pool {
             }
         }
         body_ = nullptr;
+        const Clock::time_point end = Clock::now();
+        const auto waited = end - own_done;
+        if (!woke_sleepers && waited > kStallTime && waited > own_done - start) {
+            ++stalls_;
+            solo_period_ = clean_jobs_ < kCleanJobs ? std::min<std::chrono::steady_clock::duration>(2 * solo_period_, kMaxSolo)
+                                                    : kMinSolo;
+            clean_jobs_ = 0;
+            solo_until_ = end + solo_period_;
+        } else {
+            ++clean_jobs_;
+        }
     }
+
+    PoolStats stats() const { return {stalls_, solo_jobs_}; }
 
    private:
     void work() {
@@ -130,6 +167,12 @@ class Pool {
     const std::function<void(int64_t, int64_t)>* body_ = nullptr;
     int64_t n_tasks_ = 0;
     int64_t grain_ = 1;
+    // Stall tracking; only the calling thread (under pool_mutex) touches these.
+    std::chrono::steady_clock::time_point solo_until_{};
+    std::chrono::steady_clock::duration solo_period_ = kMinSolo;
+    int clean_jobs_ = kCleanJobs;
+    int64_t stalls_ = 0;
+    int64_t solo_jobs_ = 0;
 };
 
 std::mutex& pool_mutex() {  // one job at a time, and no resize during one
@@ -174,6 +217,11 @@ void set_num_threads(int n) {
 int num_threads() {
     std::lock_guard<std::mutex> lock(pool_mutex());
     return pool_locked().n_threads();
+}
+
+PoolStats pool_stats() {
+    std::lock_guard<std::mutex> lock(pool_mutex());
+    return pool_locked().stats();
 }
 
 void parallel_for(int64_t n_tasks, int64_t grain, const std::function<void(int64_t, int64_t)>& body) {

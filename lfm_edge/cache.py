@@ -1,8 +1,17 @@
-"""Per-sequence state: a KV cache for attention layers, a conv state for conv layers."""
+"""Per-sequence state, and the rows of a forward call that runs several sequences at once.
+
+A sequence's Cache is two things: keys and values (KVCache, one per attention layer), written in
+place, and a committed record (State: the length and every conv layer's window) that is replaced
+whole, never changed. A forward call works on a Batch: it writes keys and values past each
+cache's length, where nothing reads them yet, and conv windows into copies; `Batch.commit`
+then swaps in each cache's new State in one assignment. A step that does not finish (Ctrl-C,
+an error in a kernel) therefore leaves every cache as it was before the step.
+"""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,47 +36,81 @@ class KVCache:
         return self.keys, self.values
 
 
-class ConvState:
-    """The last L-1 gated inputs (B*x) of one short-conv layer."""
+@dataclass(frozen=True)
+class State:
+    """What a cache holds, as of its last committed step: never written after it is made, so
+    it is its own checkpoint. Keys and values past `pos` are simply overwritten later, so
+    rewinding attention needs only the position; conv windows are recurrent and are kept
+    whole ([L-1, H] floats per conv layer, a few hundred KB)."""
 
-    def __init__(self, kernel_size: int, hidden: int):
-        self.window = np.zeros((kernel_size - 1, hidden), dtype=np.float32)  # [L-1, H]
+    pos: int  # tokens consumed
+    conv: np.ndarray  # [n_conv_layers, L-1, H]: each conv layer's last L-1 gated inputs (B*x)
+
+
+Checkpoint = State  # what Cache.checkpoint() returns and Cache.restore() takes
 
 
 class Cache:
     """Everything one sequence needs to continue: per-layer state and its length."""
 
-    def __init__(self, layers: list[KVCache | ConvState], n_ctx: int):
-        self.layers = layers
+    def __init__(self, kv: list[KVCache | None], n_ctx: int, kernel_size: int, hidden: int):
+        self.kv = kv  # per layer: an attention layer's KVCache, None for a conv layer
         self.n_ctx = n_ctx
-        self.pos = 0  # tokens consumed so far
+        conv_layers = [i for i, c in enumerate(kv) if c is None]
+        self.conv_index = {layer: j for j, layer in enumerate(conv_layers)}  # layer -> row of State.conv
+        self._zero = State(0, np.zeros((len(conv_layers), kernel_size - 1, hidden), dtype=np.float32))
+        self.state = self._zero
+
+    @property
+    def pos(self) -> int:
+        return self.state.pos
 
     def copy(self) -> Cache:
         return copy.deepcopy(self)
 
     def checkpoint(self) -> Checkpoint:
-        """What it takes to come back to this position later.
-
-        Keys and values past a position are simply overwritten, so rewinding
-        attention needs only the position; a conv state is recurrent and must
-        be saved. That is [L-1, H] floats per conv layer, a few hundred KB.
-        """
-        return Checkpoint(self.pos, [s.window.copy() if isinstance(s, ConvState) else None for s in self.layers])
+        """What it takes to come back to this position later (free: states are never changed)."""
+        return self.state
 
     def restore(self, cp: Checkpoint) -> None:
-        for state, window in zip(self.layers, cp.windows):
-            if window is not None:
-                state.window[...] = window
-        self.pos = cp.pos
+        self.state = cp
 
     def reset(self) -> None:
-        for state in self.layers:
-            if isinstance(state, ConvState):
-                state.window[...] = 0.0
-        self.pos = 0
+        self.state = self._zero
 
 
-class Checkpoint:
-    def __init__(self, pos: int, windows: list[np.ndarray | None]):
-        self.pos = pos
-        self.windows = windows
+class Batch:
+    """The new tokens of several sequences in one forward call, each with its own cache.
+
+    Rows are sequence after sequence: `lengths[i]` tokens of `caches[i]`, at positions
+    caches[i].pos onwards. Layers that work along a sequence (short conv, attention) take
+    their per-sequence parts from `conv(layer)` and `kv(layer)`; everything else runs over
+    all rows at once. Nothing a cache's readers see changes until commit().
+    """
+
+    def __init__(self, caches: list[Cache], lengths: list[int]):
+        if len(caches) != len(lengths) or len({id(c) for c in caches}) != len(caches):
+            raise ValueError("a batch needs one length per cache, and each cache once")
+        ends = np.cumsum([0, *lengths])
+        self.caches = caches
+        self.lengths = list(lengths)
+        self.rows = [slice(int(a), int(b)) for a, b in zip(ends[:-1], ends[1:])]
+        self.starts = [c.pos for c in caches]
+        for c, start, n in zip(caches, self.starts, lengths):
+            if start + n > c.n_ctx:
+                raise ValueError(f"{start + n} tokens do not fit a cache of {c.n_ctx}")
+        self.positions = np.concatenate([np.arange(s, s + n) for s, n in zip(self.starts, lengths)])  # [T]
+        self._conv = [c.state.conv.copy() for c in caches]  # the new windows, written by this call
+
+    def conv(self, layer: int) -> list[tuple[slice, np.ndarray]]:
+        """Each sequence's rows and its (new) conv window [L-1, H] of `layer`, updated in place."""
+        return [(rows, conv[c.conv_index[layer]]) for rows, conv, c in zip(self.rows, self._conv, self.caches)]
+
+    def kv(self, layer: int) -> list[tuple[slice, KVCache, int]]:
+        """Each sequence's rows, its KVCache of `layer` and the position of its first row."""
+        return [(rows, c.kv[layer], start) for rows, c, start in zip(self.rows, self.caches, self.starts)]
+
+    def commit(self) -> None:
+        """The step is done: each cache moves on, in one assignment."""
+        for c, start, n, conv in zip(self.caches, self.starts, self.lengths, self._conv):
+            c.state = State(start + n, conv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from . import __version__
@@ -31,28 +32,61 @@ def version_string() -> str:
     return f"lfm-edge {__version__} (kernels: {isa})"
 
 
+class Parser(argparse.ArgumentParser):
+    """Argument errors in one line that says where the full usage is, not the whole usage text."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # `--temp` must not quietly mean `--temperature`
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="lfm-edge", description="Run Liquid AI LFM2 models on the CPU.")
+    parser = Parser(prog="lfm-edge", description="Run Liquid AI LFM2 models on the CPU.")
     parser.add_argument("--version", action="version", version=version_string())
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     modules = {}
+    parser.commands = {}  # name -> its parser, to report errors as `lfm-edge CMD: ...`
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
-        module.configure_parser(sub.add_parser(name, help=help_text, description=help_text))
+        parser.commands[name] = sub.add_parser(name, help=help_text, description=help_text)
+        module.configure_parser(parser.commands[name])
         modules[name] = module
     return parser, modules
 
 
+def kernels_problem() -> LfmEdgeError | None:
+    """Why the compiled kernels cannot load (e.g. Python runs in the source folder), if they cannot."""
+    try:
+        from . import native  # noqa: F401
+    except LfmEdgeError as e:
+        return e
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        parser, modules = build_parser()
-        args = parser.parse_args(argv)
+        try:
+            parser, modules = build_parser()
+        except ImportError:  # a part of the package is missing: say why, if the kernels are the reason
+            problem = kernels_problem()
+            if problem is None:
+                raise
+            raise problem from None
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the command's parser, which knows where its --help is
+            parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
         if args.command is None:
             parser.print_help()
             return 2
         return modules[args.command].main(args) or 0
     except LfmEdgeError as e:
         print(f"lfm-edge: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `lfm-edge bench | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 1
     except OSError as e:  # a file we were told to read or write
         where = f"{e.filename}: " if e.filename else ""

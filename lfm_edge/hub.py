@@ -32,9 +32,7 @@ def resolve_model(ref: str | None) -> Path:
     ref = ref or DEFAULT_MODEL
     path = Path(os.path.expanduser(ref))
     if path.exists() or ref.endswith(".gguf") or os.sep in ref.replace("/", "", 1) or not HUB_REF.match(ref):
-        if not path.exists():
-            raise LfmEdgeError(f"{ref}: no such file")
-        return path
+        return local_model_file(path, ref)
     m = HUB_REF.match(ref)
     repo, quant = m.group("repo"), (m.group("quant") or DEFAULT_QUANT).upper()
     try:
@@ -66,6 +64,18 @@ def resolve_model(ref: str | None) -> Path:
             )
         raise LfmEdgeError(f"{repo} has no {quant} GGUF file; choose another with {repo}:QUANT (e.g. :Q8_0)")
     return found
+
+
+def local_model_file(path: Path, ref: str) -> Path:
+    """`path` if it is a file one can read a model from; a directory or a pipe is refused, since
+    reading one would fail with a confusing error or, for a FIFO, wait forever."""
+    if not path.exists():
+        raise LfmEdgeError(f"{ref}: no such file")
+    if path.is_dir():
+        raise LfmEdgeError(f"{ref}: is a directory; -m takes a .gguf file (or a hub reference)")
+    if not path.is_file():
+        raise LfmEdgeError(f"{ref}: is not a regular file (a pipe or a device?); -m takes a .gguf file")
+    return path
 
 
 def _snapshot(download, repo: str, pattern: str, local_only: bool, errors: tuple) -> Path | None:

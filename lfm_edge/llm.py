@@ -1,16 +1,17 @@
 """The Python API: load a model, tokenize, compute logits, generate, chat.
 
-The generation loop is written in named steps (`prefill`, `decode_one_token`,
-`decode_tokens`); `generate` and `chat` turn the token stream into text.
+Generation runs on the model's engine (lfm_edge.engine, `LLM.engine`), which decodes every
+request of every front end together; `generate` and `chat` turn its token stream into text,
+and `generate_events` / `chat_events` into the events of lfm_edge.reply. `prefill` and
+`decode_one_token` are the model's single steps on a cache of the caller's.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,37 +19,24 @@ from gguf import GGMLQuantizationType
 
 from . import native
 from .cache import Cache
-from .chat_template import ChatTemplate
+from .chat_template import ChatTemplate, TemplateError
+from .engine import PREFILL_CHUNK, Engine, GenerationStats
 from .errors import LfmEdgeError
 from .gguf_file import GGUFFile
+from .grammar import Constraint, Grammar, Vocabulary, chat_grammar, grammar_from
 from .models import build_model
+from .reply import TEXT, Event, Markers, opens_reasoning, reply_text
 from .sampling import Sampler, SamplingParams
 from .tokenizer import GGUFTokenizer
 
 KV_CACHE_TYPES = {"f16": np.float16, "f32": np.float32}
 
 
-@dataclass
-class GenerationStats:
-    """What one generation did; filled in as it runs."""
-
-    prompt_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens whose state was reused, not recomputed
-    completion_tokens: int = 0
-    prefill_s: float = 0.0  # time to first token, prompt processing included
-    decode_s: float = 0.0
-    finish_reason: str | None = None  # "stop", "length" or "cancelled"
-
-    @property
-    def decode_tps(self) -> float:
-        return self.completion_tokens / self.decode_s if self.decode_s > 0 else 0.0
-
-
 class LLM:
     """A loaded model with its tokenizer and chat template.
 
-    Several threads may share one LLM (one Session each): model calls are
-    serialised by a lock, so their steps interleave but never mix.
+    Several threads may share one LLM (one Session each): their requests are decoded
+    together by the LLM's engine, each sequence with its own cache.
     """
 
     def __init__(
@@ -78,20 +66,22 @@ class LLM:
         # float16 keys and values halve what attention reads at long context (llama.cpp's
         # default too); a float32 model keeps float32 ones, so that it stays exact
         self.kv_cache_type = kv_cache_type or ("f32" if self._float32_weights() else "f16")
-        self._compute = threading.Lock()
+        self._compute = threading.Lock()  # one model call at a time
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
+        self._vocabulary: Vocabulary | None = None  # built by the first constrained request
+        self._vocabulary_lock = threading.Lock()
         self.n_threads = n_threads or usable_cores()
         native.set_threads(self.n_threads)  # one pool for the process: the last load sets its size
+        # a template that cannot be used is reported when a chat needs it: generate() still works
+        self.chat_template: ChatTemplate | None = None
+        self.chat_template_error: LfmEdgeError | None = None
         source = self.file.metadata.get("tokenizer.chat_template")
-        tok = self.tokenizer
-        self.chat_template = (
-            ChatTemplate(
-                source,
-                bos_token=tok.decode([tok.bos_id]) if tok.bos_id is not None else "",
-                eos_token=tok.decode([tok.eos_id]) if tok.eos_id is not None else "",
-            )
-            if isinstance(source, str)
-            else None
-        )
+        if isinstance(source, str):
+            try:
+                self.chat_template = ChatTemplate(source, **self._special_tokens())
+            except TemplateError as e:
+                self.chat_template_error = e
 
     # -- text <-> tokens ---------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
@@ -123,16 +113,28 @@ class LLM:
         return self.model(self._check_ids(ids), self.new_cache())
 
     def prefill(self, ids: Sequence[int], cache: Cache) -> np.ndarray:
-        """Consume the prompt in one call; the logits [V] of its last token."""
+        """Consume the prompt; the logits [V] of its last token."""
         arr = self._check_ids(ids)
         if cache.pos + arr.size > cache.n_ctx:
             raise LfmEdgeError(f"the prompt does not fit: {cache.pos + arr.size} tokens for a context of {cache.n_ctx}")
-        with self._compute:
-            return self.model(arr, cache, all_logits=False)[0]
+        # in chunks, as llama.cpp's ubatch: a long prompt's activations stay small, and Ctrl-C
+        # (handled between two model calls) does not wait for a whole 100k-token layer
+        for start in range(0, arr.size, PREFILL_CHUNK):
+            with self._compute:
+                logits = self.model(arr[start : start + PREFILL_CHUNK], cache, all_logits=False)[0]
+        return logits
 
     def decode_one_token(self, token: int, cache: Cache) -> np.ndarray:
         with self._compute:
             return self.model(np.array([token], dtype=np.int32), cache, all_logits=False)[0]
+
+    @property
+    def engine(self) -> Engine:
+        """The engine every generation of this LLM runs on (made at the first use)."""
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = Engine(self)
+            return self._engine
 
     def sample_tokens(
         self,
@@ -144,28 +146,18 @@ class LLM:
         stats: GenerationStats | None = None,
         cancel: threading.Event | None = None,
     ) -> Iterator[int]:
-        """Tokens sampled after a prefill that gave `logits`; each is fed back into `cache`.
+        """Tokens sampled after a prefill of `cache` that gave `logits`; each is fed back into `cache`.
 
         Ends at an end-of-generation token ("stop"), after max_tokens or when the
         context is full ("length"), or when `cancel` is set ("cancelled").
         `history` (the ids so far) grows as tokens are made.
         """
-        stats = stats if stats is not None else GenerationStats()
-        stats.finish_reason = "length"
-        for _ in range(max_tokens):
-            if cancel is not None and cancel.is_set():
-                stats.finish_reason = "cancelled"
-                return
-            token = sampler(logits, history)
-            if token in self.tokenizer.eog_ids:
-                stats.finish_reason = "stop"
-                return
-            stats.completion_tokens += 1
-            history.append(token)
-            yield token
-            if cache.pos >= cache.n_ctx:
-                return
-            logits = self.decode_one_token(token, cache)
+        def tokens() -> Iterator[int]:  # queued at the first next(), as a generator runs
+            yield from self.engine.continue_cache(
+                cache, [], max_tokens, sampler, stats=stats, cancel=cancel, logits=logits, history=history
+            ).tokens()
+
+        return tokens()
 
     def decode_tokens(
         self,
@@ -176,18 +168,32 @@ class LLM:
         stats: GenerationStats | None = None,
         cancel: threading.Event | None = None,
     ) -> Iterator[int]:
-        """Prefill `prompt`, then sample up to max_tokens tokens (see sample_tokens)."""
-        cache = cache if cache is not None else self.new_cache()
-        stats = stats if stats is not None else GenerationStats()
-        stats.prompt_tokens = len(prompt)
-        start = time.perf_counter()
-        logits = self.prefill(prompt, cache)
-        stats.prefill_s = time.perf_counter() - start
-        history = list(prompt)
-        start = time.perf_counter()
-        for token in self.sample_tokens(logits, history, max_tokens, sampler, cache, stats, cancel):
-            yield token
-        stats.decode_s = time.perf_counter() - start
+        """Read `prompt` (after what `cache` holds, if given), then sample up to max_tokens
+        tokens (see sample_tokens)."""
+        ids = self._check_ids(prompt)
+
+        def tokens() -> Iterator[int]:
+            if cache is None:
+                handle = self.engine.submit(ids, max_tokens, sampler, stats=stats, cancel=cancel)
+            else:
+                handle = self.engine.continue_cache(cache, ids, max_tokens, sampler, stats=stats, cancel=cancel)
+            yield from handle.tokens()
+
+        return tokens()
+
+    # -- constrained decoding --------------------------------------------------
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """The vocabulary as llguidance sees it, built once (~0.1-1 s) at the first use."""
+        with self._vocabulary_lock:
+            if self._vocabulary is None:
+                self._vocabulary = Vocabulary(self.tokenizer)
+            return self._vocabulary
+
+    def constraint(self, grammar: Grammar) -> Constraint:
+        """A Constraint for one sequence (Sampler(params, constraint)); compiling is
+        bounded, and a grammar that cannot be used is an LfmEdgeError of one sentence."""
+        return self.vocabulary.constraint(grammar)
 
     # -- text generation -------------------------------------------------------
     def generate(
@@ -197,32 +203,112 @@ class LLM:
         stop: Sequence[str] | None = None,
         stats: GenerationStats | None = None,
         cancel: threading.Event | None = None,
+        grammar: Grammar | str | None = None,
+        json_schema: dict[str, Any] | str | None = None,
+        regex: str | None = None,
         **sampling: Any,
     ) -> Iterator[str]:
-        """Text pieces continuing `prompt` (text or token ids); stops at any `stop` string.
+        """Text pieces continuing `prompt` (text or token ids) as it is; stops at any `stop` string.
 
-        Pass a GenerationStats to read token counts and timings afterwards, and
-        a threading.Event to stop the generation from another thread.
+        Special tokens are left out of the text. Pass a GenerationStats to read token
+        counts and timings afterwards, and a threading.Event to stop the generation
+        from another thread. At most one of `grammar` (a lfm_edge.grammar.Grammar, or
+        Lark text), `json_schema` and `regex` holds the text to that form.
+        """
+        events = self.generate_events(prompt, max_tokens, stop, stats, cancel, raw=True,
+                                      grammar=grammar, json_schema=json_schema, regex=regex, **sampling)
+        return (e.text for e in events if e.kind == TEXT)
+
+    def generate_events(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int = 256,
+        stop: Sequence[str] | None = None,
+        stats: GenerationStats | None = None,
+        cancel: threading.Event | None = None,
+        raw: bool = False,
+        grammar: Grammar | str | None = None,
+        json_schema: dict[str, Any] | str | None = None,
+        regex: str | None = None,
+        **sampling: Any,
+    ) -> Iterator[Event]:
+        """The reply to `prompt` as events (lfm_edge.reply): reasoning, text, tool calls, stop, end.
+
+        A prompt that ends in `<think>` starts the reply inside reasoning. raw=True: a plain
+        continuation, all text (what `generate` gives). grammar / json_schema / regex: see
+        generate; the reply follows it from its first token (finish_reason "stop" once
+        it is complete, "length" if the budget ends first).
         """
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        sampler = Sampler(make_sampling_params(sampling))
+        params = make_sampling_params(sampling)
         check_max_tokens(max_tokens)
         self._check_ids(ids)
+        form = grammar_from(grammar, json_schema, regex)
+        sampler = Sampler(params, self.constraint(form) if form is not None else None)
         stats = stats if stats is not None else GenerationStats()
-        pieces = self.tokenizer.stream(self.decode_tokens(ids, max_tokens, sampler, stats=stats, cancel=cancel))
-        return stop_at(pieces, list(stop or []), stats)
 
-    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> str:
-        if self.chat_template is None:
-            raise LfmEdgeError(f"{self.file.path}: the model file has no chat template (tokenizer.chat_template)")
-        return self.chat_template.render(messages, tools=tools, add_generation_prompt=True)
+        def events() -> Iterator[Event]:  # queued at the first next(), as a generator runs
+            handle = self.engine.submit(ids, max_tokens, sampler, stats=stats, cancel=cancel)
+            yield from handle.events(list(stop or []), raw=raw)
 
-    def chat_tokens(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
-        text = self.render_chat(messages, tools)
+        return events()
+
+    # -- chat ------------------------------------------------------------------
+    def _special_tokens(self) -> dict[str, Any]:
+        """The named special tokens, which transformers passes to the template as variables."""
         tok = self.tokenizer
+        named = {"pad_token": "tokenizer.ggml.padding_token_id", "unk_token": "tokenizer.ggml.unknown_token_id"}
+        extra = {}
+        for name, key in named.items():
+            tid = self.file.metadata.get(key)
+            if isinstance(tid, int) and 0 <= tid < tok.n_vocab:
+                extra[name] = tok.decode([tid])
+        return {
+            "bos_token": tok.decode([tok.bos_id]) if tok.bos_id is not None else "",
+            "eos_token": tok.decode([tok.eos_id]) if tok.eos_id is not None else "",
+            "special_tokens": extra,
+        }
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> str:
+        """The prompt text the model file's chat template makes of `messages`, as transformers renders it.
+
+        `tools` are JSON schemas, listed as given. Keywords become template
+        variables: `enable_thinking=False`, `preserve_thinking=True`,
+        `keep_past_thinking=True`, or any the template reads. OpenAI-shaped
+        messages are accepted too (`reasoning_content`, `arguments` as a JSON
+        string, content as a list of text parts).
+        """
+        return self._chat_template().render(messages, tools, add_generation_prompt, **template_kwargs)
+
+    def _chat_template(self) -> ChatTemplate:
+        if self.chat_template is None:
+            if self.chat_template_error is not None:
+                raise TemplateError(f"{self.file.path}: {self.chat_template_error}")
+            raise LfmEdgeError(f"{self.file.path}: the model file has no chat template (tokenizer.chat_template)")
+        return self.chat_template
+
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None = None, **template_kwargs: Any) -> str:
+        """The prompt for the assistant's next reply (apply_chat_template with the generation prompt)."""
+        return self.apply_chat_template(messages, tools, add_generation_prompt=True, **template_kwargs)
+
+    def chat_tokens(self, messages: list[dict[str, Any]], tools: list[dict] | None = None, **template_kwargs: Any) -> list[int]:
+        """The token ids of render_chat's prompt, with the messages' text read as text.
+
+        A `<|im_end|>` or `<|im_start|>` typed in a message (or in a tool's result or
+        schema) is tokenized as those characters, never as the control token; the
+        template's own markup keeps its tokens (ChatTemplate.render_prompt).
+        """
+        tok = self.tokenizer
+        text, plain = self._chat_template().render_prompt(messages, tools, True, tok.special_texts, **template_kwargs)
         bos = tok.decode([tok.bos_id]) if tok.bos_id is not None else None
         # the template writes the BOS token itself; do not add a second one
-        return self.tokenize(text, add_special=not (bos and text.startswith(bos)))
+        return tok.encode_prompt(text, plain, add_special=not (bos and text.startswith(bos)))
 
     def chat(
         self,
@@ -231,17 +317,75 @@ class LLM:
         stream: bool = True,
         max_tokens: int = 1024,
         stop: Sequence[str] | None = None,
+        response_format: dict[str, Any] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
         **sampling: Any,
     ) -> Iterator[str] | str:
-        """The assistant's reply to `messages`: text pieces, or the whole text with stream=False."""
-        pieces = self.generate(self.chat_tokens(messages, tools), max_tokens=max_tokens, stop=stop, **sampling)
+        """The assistant's answer to `messages`: text pieces, or the whole text with stream=False.
+
+        Reasoning is left out (chat_events has it); tool-call blocks stay in, as written.
+        response_format, tool_choice, parallel_tool_calls: as in OpenAI's API (see chat_events).
+        """
+        events = self.chat_events(messages, tools, max_tokens=max_tokens, stop=stop, response_format=response_format,
+                                  tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls, **sampling)
+        pieces = reply_text(events)
         return pieces if stream else "".join(pieces)
+
+    def chat_events(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict] | None = None,
+        max_tokens: int = 1024,
+        stop: Sequence[str] | None = None,
+        stats: GenerationStats | None = None,
+        cancel: threading.Event | None = None,
+        response_format: dict[str, Any] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
+        grammar: Grammar | str | None = None,
+        **sampling: Any,
+    ) -> Iterator[Event]:
+        """The assistant's reply to `messages` as events: reasoning, text, tool calls, stop, end.
+
+        response_format: {"type": "json_object"} or {"type": "json_schema", "json_schema":
+        {"schema": {...}}}: the answer is that JSON. tool_choice: "auto" (default), "none"
+        (no tool call), "required" (one call block, of any tool), or {"type": "function",
+        "function": {"name": ...}} (a call of that tool); a forced call follows the tool's
+        JSON schema, as TOOL_CALL events. parallel_tool_calls=False: one call per block.
+        grammar: any other lfm_edge.grammar.Grammar for the answer. A reply that opens in
+        reasoning (a prompt ending in <think>) reasons freely first.
+        """
+        ids = self.chat_tokens(messages, tools)
+        form = chat_grammar(response_format, tools, tool_choice, parallel_tool_calls)
+        if grammar is not None:
+            if form is not None:
+                raise LfmEdgeError("give grammar or response_format / tool_choice, not both")
+            form = grammar if isinstance(grammar, Grammar) else Grammar.from_lark(grammar)
+        if form is not None and opens_reasoning(self.tokenizer.decode(ids[-8:])):
+            think_end = Markers.of(self.tokenizer).think_end
+            if think_end is not None:  # a special token ends the reasoning, and the answer follows it
+                form = form.after_reasoning(self.tokenizer.decode([think_end]))
+        return self.generate_events(ids, max_tokens, stop, stats, cancel, grammar=form, **sampling)
 
 
 def usable_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """Physical cores this process may run on: the default thread count.
+
+    Two threads on the hyper-threads of one core share its load and SIMD units and only add
+    barrier waits to a bandwidth-bound decode step (llama.cpp counts physical cores too).
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not cpus:
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        try:
+            siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text()
+        except OSError:
+            return len(cpus)  # no topology (not Linux, or a sandbox): count logical CPUs
+        cores.add(siblings.strip())
+    return max(1, len(cores))
 
 
 def make_sampling_params(options: dict[str, Any]) -> SamplingParams:
@@ -254,35 +398,6 @@ def make_sampling_params(options: dict[str, Any]) -> SamplingParams:
 def check_max_tokens(max_tokens: Any) -> None:
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
         raise LfmEdgeError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
-
-
-def stop_at(pieces: Iterator[str], stop: list[str], stats: GenerationStats | None = None) -> Iterator[str]:
-    """Pass text through until one of the `stop` strings appears; the stop string is not emitted.
-
-    Text that could be the start of a stop string is held back until it is
-    known not to be.
-    """
-    if not stop:
-        yield from pieces
-        return
-    held = ""
-    longest = max(len(s) for s in stop)
-    for piece in pieces:
-        held += piece
-        hits = [i for i in (held.find(s) for s in stop) if i >= 0]
-        if hits:
-            if min(hits):
-                yield held[: min(hits)]
-            if stats is not None:
-                stats.finish_reason = "stop"
-            return
-        # keep the tail that might still grow into a stop string
-        keep = next((k for k in range(min(longest - 1, len(held)), 0, -1) if any(s.startswith(held[-k:]) for s in stop)), 0)
-        if len(held) > keep:
-            yield held[: len(held) - keep]
-            held = held[len(held) - keep :]
-    if held:
-        yield held
 
 
 def load(

@@ -15,16 +15,35 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 from lfm_edge.errors import LfmEdgeError
+
+
+def missing_extension(error: ImportError, package: Path = Path(__file__).resolve().parent) -> LfmEdgeError:
+    """What to do when lfm_edge._C cannot be imported (`package`: the lfm_edge folder imported).
+
+    The usual cause: Python runs in the source folder after `pip install .`, so `import lfm_edge`
+    finds the folder's uncompiled sources before the installed package (python -m, pytest).
+    """
+    root = package.parent
+    built = any(package.glob("_C.*.so")) or any(package.glob("_C.*.pyd"))
+    if (root / "pyproject.toml").is_file() and (root / "csrc").is_dir() and not built:
+        return LfmEdgeError(
+            f"this Python imports lfm_edge from the source folder {root}, which has no compiled kernels "
+            "(the current folder comes first on sys.path): run it from another folder to use the installed "
+            f"lfm-edge, or build the kernels in place with `pip install -e .` in {root}"
+        )
+    return LfmEdgeError(
+        f"the lfm-edge C++ extension (lfm_edge._C) cannot load ({error}); "
+        "reinstall lfm-edge with `pip install .` in its source folder (a C++17 compiler is needed)"
+    )
+
 
 try:
     from lfm_edge import _C
 except ImportError as error:
-    raise LfmEdgeError(
-        f"the lfm-edge C++ extension (lfm_edge._C) is not built or cannot load ({error}); "
-        "run `pip install .` in the lfm-edge source folder"
-    ) from error
+    raise missing_extension(error) from error
 
 __all__ = [
     "ISA_ENV_VAR",
@@ -40,6 +59,7 @@ __all__ = [
     "linear",
     "matmul",
     "moe",
+    "pool_stats",
     "qtypes",
     "quantize_activations",
     "rms_norm",
@@ -86,6 +106,8 @@ attention = _C.attention
 route = _C.route
 # nanoseconds spent inside kernels (GIL released) since import, every thread's calls summed
 kernel_time_ns = _C.kernel_time_ns
+# {"stalls", "solo_jobs"}: how often the pool found a helper thread off its core (see threadpool.cpp)
+pool_stats = _C.pool_stats
 
 
 def set_threads(n: int) -> None:

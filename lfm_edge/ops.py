@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import native, reference
+from .cache import KVCache
 from .gguf_file import Tensor
 from .packed import Linear
 
@@ -104,6 +105,29 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_start: int) -> np.n
     [T, S] score matrix.
     """
     return native.attention(_f32(q), k, v, q_start)
+
+
+def gated_short_conv_per_sequence(
+    bcx: np.ndarray, windows: list[tuple[slice, np.ndarray]], kernel: np.ndarray
+) -> np.ndarray:
+    """gated_short_conv of several sequences' rows of one batch (cache.Batch.conv): each
+    sequence's rows `rows` of bcx [T, 3H] run along its own window. Returns [T, H]."""
+    if len(windows) == 1:
+        return gated_short_conv(bcx, windows[0][1], kernel)
+    return np.concatenate([gated_short_conv(bcx[rows], window, kernel) for rows, window in windows])
+
+
+def attention_per_sequence(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, caches: list[tuple[slice, KVCache, int]]
+) -> np.ndarray:
+    """Each sequence's new keys and values [T, n_kv, d] stored in its KVCache, and its
+    queries [T, n_heads, d] attending over that cache (cache.Batch.kv: rows, cache, first
+    position). Returns [T, n_heads*d]."""
+    out = []
+    for rows, cache, start in caches:
+        keys, values = cache.append(start, k[rows], v[rows])
+        out.append(attention(q[rows], keys, values, start))
+    return out[0] if len(out) == 1 else np.concatenate(out)
 
 
 def route(

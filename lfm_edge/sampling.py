@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Protocol
 
 import numpy as np
 
@@ -101,19 +102,45 @@ def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
     return np.where(probs < min_p * probs.max(), -np.inf, logits)
 
 
+class Constraint(Protocol):
+    """What a sequence may write next (lfm_edge.grammar.Constraint is one)."""
+
+    def mask(self, logits: np.ndarray) -> np.ndarray: ...  # forbidden tokens to -inf, in place
+    def advance(self, token: int) -> None: ...  # the token chosen
+    def is_done(self) -> bool: ...  # complete: nothing but an end-of-generation token may follow
+
+
 class Sampler:
-    def __init__(self, params: SamplingParams):
+    """One sequence's sampler: its parameters, its random state, and the constraint its
+    reply follows, if any (applied before temperature and the filters, so they only
+    ever see allowed tokens)."""
+
+    def __init__(self, params: SamplingParams, constraint: Constraint | None = None):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self.constraint = constraint
 
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
         """The next token for logits [V], given the ids so far."""
+        token = self._choose(logits, history)
+        if self.constraint is not None:
+            self.constraint.advance(token)
+        return token
+
+    def is_done(self) -> bool:
+        """The constraint is complete: end the reply without another step."""
+        return self.constraint is not None and self.constraint.is_done()
+
+    def _choose(self, logits: np.ndarray, history: Sequence[int]) -> int:
         p = self.params
         window = history if p.repeat_last_n == -1 else history[len(history) - p.repeat_last_n :] if p.repeat_last_n else []
-        logits = apply_repetition_penalty(logits.astype(np.float32), window, p.repetition_penalty)
+        logits = logits.astype(np.float32)  # a copy: the caller's logits stay as they are
+        logits = apply_repetition_penalty(logits, window, p.repetition_penalty)
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
         if p.temperature == 0.0:
             return int(np.argmax(logits))
-        logits = logits / np.float32(p.temperature)
+        logits = logits.astype(np.float64) / p.temperature  # float64: finite float32 logits stay finite (no inf - inf = NaN)
         logits = min_p_filter(top_p_filter(top_k_filter(logits, p.top_k), p.top_p), p.min_p)
         probs = softmax(logits.astype(np.float64))
         return int(self.rng.choice(probs.size, p=probs))

@@ -9,28 +9,39 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .cache import Checkpoint
 from .chat_template import check_messages
+from .engine import Slot, common_prefix  # noqa: F401 -- common_prefix: also imported from here
 from .errors import LfmEdgeError
-from .llm import LLM, GenerationStats, check_max_tokens, make_sampling_params, stop_at
+from .files import write_atomic
+from .llm import LLM, GenerationStats, check_max_tokens, make_sampling_params
+from .reply import Event, Reply, reply_text
 from .sampling import Sampler
 
 SAVE_FORMAT = "lfm-edge-session/1"
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+def turns_to_keep(
+    messages: list[dict[str, Any]], count_tokens: Callable[[list[dict[str, Any]]], int], budget: int
+) -> list[dict[str, Any]]:
+    """The messages to send when the history is too long: the system prompt (if any) and the newest
+    turns that fit in `budget` tokens together, the oldest turns dropped first.
+
+    A turn starts at a user message and holds the replies and tool results after it. The newest
+    turn is always kept, even when it alone is over budget (the caller decides what then).
+    `count_tokens(messages)` is the length of the prompt those messages make.
+    """
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest = messages[len(head):]
+    starts = [i for i, m in enumerate(rest) if m["role"] == "user" or i == 0]  # where a kept part may begin
+    for start in starts:  # keep rest[start:], oldest start first: the most that fits
+        if count_tokens(head + rest[start:]) <= budget:
+            return head + rest[start:]
+    return head + rest[starts[-1]:] if starts else head + rest
 
 
 class Session:
@@ -66,9 +77,8 @@ class Session:
         make_sampling_params(sampling)  # validate now, not at the first turn
         self.sampling: dict[str, Any] = dict(sampling)
         self.last_stats = GenerationStats()
-        self._cache = llm.new_cache()
-        self._cached: list[int] = []  # the ids whose state the cache holds, in order
-        self._mark: tuple[Checkpoint, list[int]] | None = None  # state near the end of the last prompt
+        self.dropped_messages = 0  # oldest messages left out so far, to fit the context (see _fit)
+        self._slot = Slot(llm.new_cache())  # its cache, kept between turns (see engine.Slot)
         self._busy = threading.Lock()
         self._cancel = threading.Event()
 
@@ -106,10 +116,25 @@ class Session:
     ) -> Iterator[str] | str:
         """Add a message (unless content is None) and generate the assistant's reply.
 
-        The reply, complete or cut short by cancel(), joins the history. With
-        stream=True the pieces are yielded; otherwise the whole reply is returned.
-        `on_text` is called with each piece as well.
+        The reply, complete or cut short by cancel(), joins the history, with its
+        reasoning as the message's `thinking`. With stream=True the pieces of the
+        answer are yielded (reasoning left out, tool-call blocks as written);
+        otherwise the whole answer is returned. `on_text` is called with each piece
+        as well. send_events gives the reply as events, reasoning included.
         """
+        events = self.send_events(content, role, max_tokens, stop, **sampling)
+        pieces = self._text(events, on_text)
+        return pieces if stream else "".join(pieces)
+
+    def send_events(
+        self,
+        content: str | None = None,
+        role: str = "user",
+        max_tokens: int | None = None,
+        stop: Sequence[str] | None = None,
+        **sampling: Any,
+    ) -> Iterator[Event]:
+        """As send, but the reply as events (lfm_edge.reply): reasoning, text, tool calls, stop, end."""
         if content is not None:
             message = {"role": role, "content": content}
             check_messages([message])
@@ -117,79 +142,74 @@ class Session:
         params = make_sampling_params({**self.sampling, **sampling})
         max_tokens = self.max_tokens if max_tokens is None else max_tokens
         check_max_tokens(max_tokens)
-        pieces = self._turn(Sampler(params), max_tokens, list(stop or []), on_text)
-        return pieces if stream else "".join(pieces)
+        return self._turn(Sampler(params), max_tokens, list(stop or []), content is not None)
 
-    def _turn(self, sampler: Sampler, max_tokens: int, stop: list[str], on_text) -> Iterator[str]:
-        if not self._busy.acquire(blocking=False):
-            raise LfmEdgeError("this session is already generating a reply; cancel it or wait")
-        self._cancel.clear()
-        reply: list[str] = []
-        stats = self.last_stats = GenerationStats()
-        completed = False
+    @staticmethod
+    def _text(events: Iterator[Event], on_text: Callable[[str], None] | None) -> Iterator[str]:
         try:
-            prompt = self.llm.chat_tokens(self.messages, self.tools)
-            stats.prompt_tokens = len(prompt)
-            logits = self._prefill(prompt, stats)
-            history = list(prompt)
-            tokens = self.llm.sample_tokens(logits, history, max_tokens, sampler, self._cache, stats, self._cancel)
-            fed = self._track(tokens)
-            for piece in stop_at(self.llm.tokenizer.stream(fed), stop, stats):
-                reply.append(piece)
+            for piece in reply_text(events):
                 if on_text is not None:
                     on_text(piece)
                 yield piece
+        finally:  # stopping early ends the turn now, not when the events are collected
+            events.close()
+
+    def _turn(self, sampler: Sampler, max_tokens: int, stop: list[str], added: bool) -> Iterator[Event]:
+        if not self._busy.acquire(blocking=False):
+            raise LfmEdgeError("this session is already generating a reply; cancel it or wait")
+        try:
+            prompt = self._fit(max_tokens)
+        except BaseException:  # a message that can never fit must not stay and block every later turn
+            if added:
+                self.messages.pop()
+            self._busy.release()
+            raise
+        self._cancel.clear()
+        reply = Reply()
+        stats = self.last_stats = GenerationStats()
+        completed = False
+        events = None
+        try:
+            handle = self.llm.engine.submit(prompt, max_tokens, sampler, slot=self._slot, stats=stats, cancel=self._cancel)
+            events = handle.events(stop)
+            for event in events:
+                reply.add(event)
+                yield event
             completed = True
         finally:
+            if events is not None:
+                events.close()  # the request ends now, its cache as of its last whole step
             if not completed:  # the consumer stopped early, or Ctrl-C, or an error
                 stats.finish_reason = "cancelled"
-            if reply or self.messages[-1]["role"] != "assistant":
-                self.messages.append({"role": "assistant", "content": "".join(reply)})
+            if reply.text or reply.reasoning or self.messages[-1]["role"] != "assistant":
+                message = {"role": "assistant", "content": reply.text}
+                if reply.reasoning:  # kept, for the templates that show it again (LFM2.5's)
+                    message["thinking"] = reply.reasoning
+                self.messages.append(message)
             self._busy.release()
 
-    def _track(self, tokens: Iterator[int]) -> Iterator[int]:
-        """Pass tokens on, keeping `_cached` equal to what the cache holds.
+    def _fit(self, max_tokens: int) -> list[int]:
+        """The prompt for the next reply, after dropping the oldest turns if the history and room
+        for the reply (max_tokens, at most a quarter of the context) do not fit the context.
 
-        Every token but the last of a turn is fed back into the cache; the last
-        one is fed at the start of the next turn, as part of its prompt.
+        Then the history is cut to half the context, so that the next turns fit too and the
+        shortened history (recomputed once) is reused by the turns after it.
         """
-        start = time.perf_counter()
-        pending: int | None = None
-        for t in tokens:
-            if pending is not None:
-                self._cached.append(pending)
-            pending = t
-            yield t
-        self.last_stats.decode_s = time.perf_counter() - start
-        if pending is not None and self._cache.pos == len(self._cached) + 1:
-            self._cached.append(pending)
-
-    def _prefill(self, prompt: list[int], stats: GenerationStats):
-        start = time.perf_counter()
-        reuse = common_prefix(self._cached, prompt)
-        if reuse == len(self._cached) and reuse < len(prompt):
-            pass  # the cache holds a prefix of the prompt: continue from it
-        elif self._mark is not None and len(self._mark[1]) <= reuse and len(self._mark[1]) < len(prompt):
-            # the prompt leaves the cached path after the last prompt ended: go back there
-            cp, ids = self._mark
-            self._cache.restore(cp)
-            self._cached = list(ids)
-            reuse = len(ids)
-        else:
-            self._cache.reset()
-            self._cached = []
-            reuse = 0
-        stats.cached_tokens = reuse
-        # The checkpoint is taken one token before the prompt's end: the prompt
-        # ends in "<|im_start|>assistant\n", and that last "\n" often merges with
-        # the reply's first characters when the history is re-tokenized next turn.
-        if reuse < len(prompt) - 1:
-            self.llm.prefill(prompt[reuse:-1], self._cache)
-        self._mark = (self._cache.checkpoint(), prompt[:-1])
-        logits = self.llm.prefill(prompt[-1:], self._cache)
-        self._cached = list(prompt)
-        stats.prefill_s = time.perf_counter() - start
-        return logits
+        n_ctx = self.llm.n_ctx
+        kept = self.messages
+        prompt = self.llm.chat_tokens(kept, self.tools)
+        if len(prompt) + min(max_tokens, n_ctx // 4) > n_ctx:
+            kept = turns_to_keep(kept, lambda m: len(self.llm.chat_tokens(m, self.tools)), n_ctx // 2)
+            prompt = self.llm.chat_tokens(kept, self.tools)
+        if len(prompt) > n_ctx:  # the newest message alone is too long: the history stays as it was
+            raise LfmEdgeError(
+                f"the message is {len(prompt)} tokens with the chat markup"
+                f"{' and the system prompt' if kept[0]['role'] == 'system' else ''}, more than the whole"
+                f" {n_ctx}-token context: shorten it, or load the model with a larger context (-c/--ctx-size)"
+            )
+        self.dropped_messages += len(self.messages) - len(kept)
+        self.messages = kept
+        return prompt
 
     # -- for GUI toolkits ------------------------------------------------------
     def start(
@@ -235,33 +255,41 @@ class Session:
 
     @classmethod
     def load(cls, llm: LLM, path: str | os.PathLike[str]) -> Session:
+        """A conversation saved by `save`; a file that is not one (missing, not JSON, nested
+        too deep, fields of the wrong type) is refused in one sentence."""
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise LfmEdgeError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise LfmEdgeError(f"{path}: is a directory, not a saved conversation") from None
+        except RecursionError:
+            raise LfmEdgeError(f"{path}: is not a saved conversation (its JSON is nested too deeply)") from None
         except (OSError, ValueError) as e:
             raise LfmEdgeError(f"{path}: is not a saved conversation ({e})") from None
         if not isinstance(data, dict) or data.get("format") != SAVE_FORMAT:
             raise LfmEdgeError(f"{path}: is not a saved lfm-edge conversation")
-        return cls(
-            llm,
-            messages=data.get("messages") or [],
-            tools=data.get("tools"),
-            max_tokens=data.get("max_tokens", 1024),
-            **(data.get("sampling") or {}),
-        )
+        messages, tools, sampling = data.get("messages") or [], data.get("tools"), data.get("sampling") or {}
+        if not isinstance(messages, list):
+            raise LfmEdgeError(f"{path}: 'messages' must be a list of messages, not {type(messages).__name__}")
+        if not (tools is None or isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise LfmEdgeError(f"{path}: 'tools' must be a list of tool definitions")
+        if not isinstance(sampling, dict):
+            raise LfmEdgeError(f"{path}: 'sampling' must be an object of settings, not {type(sampling).__name__}")
+        try:
+            return cls(llm, messages=messages, tools=tools, max_tokens=data.get("max_tokens", 1024), **sampling)
+        except LfmEdgeError as e:
+            raise LfmEdgeError(f"{path}: {e}") from None
+        except (TypeError, ValueError, RecursionError) as e:  # shapes no check above foresaw
+            raise LfmEdgeError(f"{path}: is not a saved conversation ({type(e).__name__}: {e})") from None
 
 
 def save_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """`data` as JSON, written by lfm_edge.files.write_atomic (whole or not at all; a symlink
+    written through; a directory, FIFO or device refused); missing folders are created."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        text = json.dumps(data, ensure_ascii=False, indent=1)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise LfmEdgeError(f"cannot save to {path}: the conversation is not JSON ({e})") from None
+    write_atomic(path, text, make_parents=True)

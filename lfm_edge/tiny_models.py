@@ -239,6 +239,49 @@ def build_tokenizer_json() -> dict:
     return data
 
 
+# LFM2.5's 124,928-token vocabulary keeps its named special tokens at the end, in LFM2's
+# order with <think>/</think> after <|im_end|> (LFM2.5-8B-A1B: <|startoftext|> = 124894,
+# <|im_start|> = 124899, <|im_end|> = 124900, <think> = 124901, <|tool_call_start|> = 124905),
+# then reserved tokens up to the last id: 35 ids in all.
+LFM25_SPECIAL_TOKENS = [
+    "<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|fim_pre|>", "<|fim_mid|>", "<|fim_suf|>",
+    "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|tool_list_start|>", "<|tool_list_end|>",
+    "<|tool_call_start|>", "<|tool_call_end|>", "<|tool_response_start|>", "<|tool_response_end|>",
+] + [f"<|reserved_{i}|>" for i in range(19)]
+# added but not special in LFM2.5's tokenizer_config (matched whole, kept when decoding)
+LFM25_NOT_SPECIAL = {"<|tool_call_start|>", "<|tool_call_end|>"}
+
+
+def build_lfm25_tokenizer_json(n_vocab: int = 1024) -> dict:
+    """A tiny tokenizer.json laid out like LFM2.5's: byte-level BPE written with LFM2.5's split
+    regex, then the LFM25_SPECIAL_TOKENS as added tokens ending at id n_vocab - 1."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from lfm_edge.tokenizer import LFM25_SPLIT
+
+    n_normal = n_vocab - len(LFM25_SPECIAL_TOKENS)
+    tok = Tokenizer(models.BPE(ignore_merges=True, byte_fallback=False, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LFM25_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=n_normal, min_frequency=2, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    assert tok.get_vocab_size() == n_normal, (tok.get_vocab_size(), n_normal)
+    for t in LFM25_SPECIAL_TOKENS:
+        special = t not in LFM25_NOT_SPECIAL
+        tok.add_tokens([AddedToken(t, special=special, normalized=False)])
+    bos = LFM25_SPECIAL_TOKENS[1]
+    bos_id = tok.token_to_id(bos)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
+    data = json.loads(tok.to_str())
+    assert [a["id"] for a in data["added_tokens"]] == list(range(n_normal, n_vocab))
+    return data
+
+
 _TOKENIZER_CACHE: dict[str, str] = {}
 
 

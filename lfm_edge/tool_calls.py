@@ -1,23 +1,22 @@
-"""Reading what LFM2 writes around its answers: tool calls and reasoning.
+"""LFM2's tool calls: the markers, and the body of a call block.
 
 LFM2 calls tools as a Python list of calls between special tokens,
 `<|tool_call_start|>[get_weather(city="Paris", days=2)]<|tool_call_end|>`, and
 sometimes as JSON (`[{"name": ..., "arguments": {...}}]`). The Python form is
 parsed with `ast` and only literal values are accepted: nothing is evaluated.
-LFM2.5 may open its reply with a `<think>...</think>` reasoning block.
+LFM2.5 may reason first, between `<think>` and `</think>`. Where these markers
+are found in a reply is decided in one place, lfm_edge/reply.py.
 """
 
 from __future__ import annotations
 
 import ast
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 CALL_START, CALL_END = "<|tool_call_start|>", "<|tool_call_end|>"
 THINK_START, THINK_END = "<think>", "</think>"
-CALL_BLOCK = re.compile(re.escape(CALL_START) + r"(.*?)" + re.escape(CALL_END), re.DOTALL)
 
 
 @dataclass
@@ -30,24 +29,8 @@ class ToolCall:
         return f"{self.name}({args})"
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
-    """The text with well-formed call blocks removed, and the calls they held.
-
-    A block that parses as neither form stays in the text untouched.
-    """
-    calls: list[ToolCall] = []
-
-    def take(match: re.Match) -> str:
-        parsed = parse_call_list(match.group(1))
-        if parsed is None:
-            return match.group(0)
-        calls.extend(parsed)
-        return ""
-
-    return CALL_BLOCK.sub(take, text).strip(), calls
-
-
 def parse_call_list(body: str) -> list[ToolCall] | None:
+    """The calls in the body of a call block, or None if it is neither form."""
     body = body.strip()
     return _from_json(body) if body[:1] in "[{" and _looks_json(body) else _from_python(body)
 
@@ -107,14 +90,3 @@ def _from_python(body: str) -> list[ToolCall] | None:
             return None
         calls.append(ToolCall(name, args))
     return calls
-
-
-def split_reasoning(text: str) -> tuple[str | None, str]:
-    """(reasoning, answer) for a reply that may open with <think>...</think>."""
-    stripped = text.lstrip()
-    if not stripped.startswith(THINK_START):
-        return None, text
-    end = stripped.find(THINK_END)
-    if end < 0:  # still thinking (or cut off)
-        return stripped[len(THINK_START) :].strip(), ""
-    return stripped[len(THINK_START) : end].strip(), stripped[end + len(THINK_END) :].lstrip()

@@ -20,8 +20,11 @@ from gguf import ExpertGatingFuncType, GGMLQuantizationType, GGUFWriter, LlamaFi
 from gguf.quants import quantize as gguf_quantize
 
 from lfm_edge.errors import LfmEdgeError
+from lfm_edge.files import atomic_output, resolve_output
 from lfm_edge.gguf_file import row_bytes
+from lfm_edge.tokenizer import LFM2_SPLITS
 
+from .hf_config import ModelConfig, read_config
 from .safetensors_io import Checkpoint
 
 OUT_TYPES = {
@@ -31,7 +34,6 @@ OUT_TYPES = {
     "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
     "q4_0": (GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
 }
-ARCH = {"lfm2": "lfm2", "lfm2_moe": "lfm2moe"}
 
 
 # per-layer HF suffix -> GGUF suffix
@@ -107,18 +109,15 @@ def convert(
     if not dst.parent.resolve().is_dir():
         raise LfmEdgeError(f"{dst}: cannot write there, {dst.parent} is not a directory")
     config = read_json(src / "config.json")
-    model_type = config.get("model_type")
-    if model_type not in ARCH:
-        raise LfmEdgeError(f"{src}: model_type '{model_type}' is not supported (expected lfm2 or lfm2_moe)")
+    mc = read_config(config, f"{src / 'config.json'}")
     qtype, file_type = OUT_TYPES[out_type]
     ckpt = Checkpoint(src)
-    arch = ARCH[model_type]
-    tensors = plan_tensors(ckpt, config, arch, qtype, src)
-    writer = GGUFWriter(path=None, arch=arch)
-    write_metadata(writer, config, arch, tensors, file_type, src, name)
+    tensors = plan_tensors(ckpt, mc, qtype, src)
+    writer = GGUFWriter(path=None, arch=mc.arch)
+    write_metadata(writer, mc, file_type, src, name or config.get("_name_or_path"))
     for key, value in (flags or {}).items():
         writer.add_bool(key, value)
-    write_vocab(writer, src, config)
+    write_vocab(writer, src, mc)
     for t in tensors:
         if t.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             dtype = np.float32 if t.qtype == GGMLQuantizationType.F32 else np.float16
@@ -126,37 +125,31 @@ def convert(
         else:
             byte_shape = (*t.shape[:-1], row_bytes(t.qtype, t.shape[-1]))
             writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=t.qtype)
-    tmp = dst.with_name(dst.name + ".partial")
-    try:
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for i, t in enumerate(tensors):
-            data = gguf_quantize(np.ascontiguousarray(t.load(), dtype=np.float32), t.qtype)
-            if data.nbytes != t.nbytes:
-                raise LfmEdgeError(f"internal error: {t.name} encoded to {data.nbytes} bytes, expected {t.nbytes}")
-            writer.write_tensor_data(data)
-            log(f"[{i + 1:4d}/{len(tensors)}] {t.name:36s} {t.qtype.name:5s} {list(t.shape)}")
-        writer.close()
-        os.replace(tmp, dst)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    resolve_output(dst)  # a directory, FIFO or device given as OUT is refused before the work
+    with atomic_output(dst) as tmp:  # OUT is replaced only when complete (see lfm_edge.files)
+        try:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for i, t in enumerate(tensors):
+                data = gguf_quantize(np.ascontiguousarray(t.load(), dtype=np.float32), t.qtype)
+                if data.nbytes != t.nbytes:
+                    raise LfmEdgeError(f"internal error: {t.name} encoded to {data.nbytes} bytes, expected {t.nbytes}")
+                writer.write_tensor_data(data)
+                log(f"[{i + 1:4d}/{len(tensors)}] {t.name:36s} {t.qtype.name:5s} {list(t.shape)}")
+        finally:
+            writer.close()
     return dst
 
 
-def plan_tensors(
-    ckpt: Checkpoint, config: dict, arch: str, qtype: GGMLQuantizationType, src: Path
-) -> list[OutTensor]:
+def plan_tensors(ckpt: Checkpoint, mc: ModelConfig, qtype: GGMLQuantizationType, src: Path) -> list[OutTensor]:
     """Every output tensor: its GGUF name, shape and encoding, and how to read it."""
     out: list[OutTensor] = []
     experts: dict[tuple[int, str], dict[int, str]] = {}
-    tied = config.get("tie_word_embeddings", config.get("tie_embedding", True))
     for name in ckpt.names():
         shape = ckpt.shape(name)
         if name in GLOBAL_NAMES:
-            if name == "lm_head.weight" and tied:
+            if name == "lm_head.weight" and mc.tied:
                 continue  # the same matrix as the embedding
             out.append(OutTensor(GLOBAL_NAMES[name], shape, qtype, lambda n=name: ckpt.load(n)))
             continue
@@ -170,6 +163,8 @@ def plan_tensors(
         if rest in ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"):
             out.extend(fused_experts(ckpt, name, layer, rest, qtype))
             continue
+        if rest == "feed_forward.expert_bias" and not mc.use_expert_bias:
+            continue  # transformers ignores it too (use_expert_bias = false); zeros are written below
         if rest not in LAYER_NAMES:
             raise LfmEdgeError(f"{src}: unexpected tensor {name}")
         gguf_name = f"blk.{layer}.{LAYER_NAMES[rest]}"
@@ -178,7 +173,7 @@ def plan_tensors(
             shape = (shape[0], shape[-1])
             load = lambda n=name: ckpt.load(n).reshape(ckpt.shape(n)[0], -1)  # noqa: E731
         out.append(OutTensor(gguf_name, shape, qtype, load))
-    n_expert = config.get("num_experts", 0)
+    n_expert = mc.n_expert
     for (layer, w), by_expert in sorted(experts.items()):
         if sorted(by_expert) != list(range(n_expert)):
             raise LfmEdgeError(f"{src}: layer {layer} has experts {sorted(by_expert)} of {w}, expected 0..{n_expert - 1}")
@@ -186,9 +181,65 @@ def plan_tensors(
         shape = (n_expert, *ckpt.shape(names[0]))
         load = lambda ns=names: np.stack([ckpt.load(n) for n in ns])  # noqa: E731
         out.append(OutTensor(f"blk.{layer}.{EXPERT_NAMES[w]}", shape, qtype, load))
+    if mc.moe and not mc.use_expert_bias:
+        # routing on the scores alone is routing with a zero expert bias
+        for layer in range(mc.n_dense_layers, mc.n_layer):
+            zeros = lambda: np.zeros(mc.n_expert, np.float32)  # noqa: E731
+            out.append(OutTensor(f"blk.{layer}.exp_probs_b.bias", (mc.n_expert,), qtype, zeros))
+    check_against_config(out, mc, src)
     for t in out:
         t.qtype = output_type(t, qtype)
     return sorted(out, key=tensor_order)
+
+
+def check_against_config(tensors: list[OutTensor], mc: ModelConfig, src: Path) -> None:
+    """The weights must be the model config.json describes; say where they differ."""
+    shapes = {t.name: t.shape for t in tensors}
+    where = f"{src / 'config.json'}"
+    need = {"token_embd.weight": (mc.n_vocab, mc.hidden), "token_embd_norm.weight": (mc.hidden,)}
+    if not mc.tied:
+        need["output.weight"] = (mc.n_vocab, mc.hidden)
+    head_dim = mc.hidden // mc.n_head
+    for i in range(mc.n_layer):
+        p = f"blk.{i}."
+        if mc.is_attention(i):
+            need[p + "attn_q.weight"] = (mc.n_head * head_dim, mc.hidden)
+            need[p + "attn_k.weight"] = (mc.n_head_kv * head_dim, mc.hidden)
+        else:
+            need[p + "shortconv.in_proj.weight"] = (3 * mc.hidden, mc.hidden)
+            need[p + "shortconv.conv.weight"] = (mc.hidden, mc.conv_L_cache)
+        if mc.is_dense(i):
+            need[p + "ffn_gate.weight"] = (mc.ff_dense, mc.hidden)
+        else:
+            need[p + "ffn_gate_inp.weight"] = (mc.n_expert, mc.hidden)
+            need[p + "ffn_gate_exps.weight"] = (mc.n_expert, mc.ff_expert, mc.hidden)
+    blocks = {int(m.group(1)) for n in shapes if (m := re.match(r"blk\.(\d+)\.", n))}
+    if blocks - set(range(mc.n_layer)):
+        raise LfmEdgeError(f"{where} does not match the weights: they have layer {max(blocks)}, "
+                           f"num_hidden_layers is {mc.n_layer}")
+    for name in shapes:
+        m = re.match(r"blk\.(\d+)\.(\w+)\.", name)
+        if not m:
+            continue
+        layer, part = int(m.group(1)), m.group(2)
+        misplaced = (
+            (part.startswith("attn_") and part != "attn_norm" and not mc.is_attention(layer))
+            or (part == "shortconv" and mc.is_attention(layer))
+            or (part in ("ffn_gate", "ffn_up", "ffn_down") and not mc.is_dense(layer))
+            or (part.startswith(("ffn_gate_inp", "ffn_gate_exps", "exp_probs")) and mc.is_dense(layer))
+        )
+        if misplaced:
+            kind = mc.layer_types[layer] + ("" if mc.is_dense(layer) else " with experts")
+            raise LfmEdgeError(f"{where} does not match the weights: it makes layer {layer} {kind}, "
+                               f"but the weights have {name}")
+    for name, shape in need.items():
+        if name not in shapes:
+            m = re.match(r"blk\.(\d+)\.", name)
+            what = f"layer {m.group(1)} ({mc.layer_types[int(m.group(1))]})" if m else "the model"
+            raise LfmEdgeError(f"{where} does not match the weights: {what} has no {name} tensor")
+        if tuple(shapes[name]) != shape:
+            raise LfmEdgeError(f"{where} does not match the weights: {name} is {list(shapes[name])}, "
+                               f"the config gives {list(shape)}")
 
 
 def fused_experts(ckpt: Checkpoint, name: str, layer: int, rest: str, qtype) -> list[OutTensor]:
@@ -223,61 +274,61 @@ def tensor_order(t: OutTensor) -> tuple:
     return (1, int(m.group(1)), t.name) if m else (0, 0, t.name)
 
 
-def rope_theta(config: dict) -> float:
-    params = config.get("rope_parameters") or {}
-    return float(params.get("rope_theta", config.get("rope_theta", 1_000_000.0)))
-
-
-def write_metadata(
-    writer: GGUFWriter, config: dict, arch: str, tensors: list[OutTensor], file_type, src: Path, name: str | None = None
-) -> None:
-    shapes = {t.name: t.shape for t in tensors}
-    n_layer = config["num_hidden_layers"]
-    layer_types = config.get("layer_types")
-    if layer_types is None or len(layer_types) != n_layer:
-        raise LfmEdgeError(f"{src}/config.json: layer_types must list the type of each of the {n_layer} layers")
-    writer.add_name(name or config.get("_name_or_path") or src.resolve().name)
+def write_metadata(writer: GGUFWriter, mc: ModelConfig, file_type, src: Path, name: str | None = None) -> None:
+    writer.add_name(name or src.resolve().name)
     writer.add_file_type(int(file_type))
-    writer.add_block_count(n_layer)
-    writer.add_context_length(config.get("max_position_embeddings", 128_000))
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(
-        [config["num_key_value_heads"] if t == "full_attention" else 0 for t in layer_types]
-    )
-    writer.add_rope_freq_base(rope_theta(config))
-    writer.add_layer_norm_rms_eps(config["norm_eps"])
-    writer.add_vocab_size(config["vocab_size"])
-    writer.add_shortconv_l_cache(config["conv_L_cache"])
-    # the dense FFN width is read off the weights rather than re-derived from
-    # LFM2's block_auto_adjust_ff_dim arithmetic
-    dense = [s for n, s in shapes.items() if n.endswith(".ffn_gate.weight")]
-    writer.add_feed_forward_length(dense[0][0] if dense else config.get("intermediate_size", 0))
-    if arch == "lfm2moe":
-        writer.add_expert_count(config["num_experts"])
-        writer.add_expert_used_count(config["num_experts_per_tok"])
-        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
-        writer.add_leading_dense_block_count(config.get("num_dense_layers", 0))
+    writer.add_block_count(mc.n_layer)
+    writer.add_context_length(mc.n_ctx)
+    writer.add_embedding_length(mc.hidden)
+    writer.add_head_count(mc.n_head)
+    # 0 marks a conv layer: how llama.cpp stores the layer types
+    writer.add_head_count_kv([mc.n_head_kv if mc.is_attention(i) else 0 for i in range(mc.n_layer)])
+    writer.add_rope_freq_base(mc.rope_theta)
+    writer.add_layer_norm_rms_eps(mc.norm_eps)
+    writer.add_vocab_size(mc.n_vocab)
+    writer.add_shortconv_l_cache(mc.conv_L_cache)
+    writer.add_feed_forward_length(mc.ff_dense)  # LFM2's after the auto-adjust, as llama.cpp writes it
+    if mc.moe:
+        writer.add_expert_count(mc.n_expert)
+        writer.add_expert_used_count(mc.n_expert_used)
+        writer.add_expert_feed_forward_length(mc.ff_expert)
+        writer.add_leading_dense_block_count(mc.n_dense_layers)
         writer.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
-        writer.add_expert_weights_norm(bool(config.get("norm_topk_prob", True)))
-        writer.add_expert_weights_scale(float(config.get("routed_scaling_factor", 1.0)))
-        if not config.get("use_expert_bias", True):
-            raise LfmEdgeError(f"{src}/config.json: use_expert_bias = false is not supported by the GGUF layout")
+        writer.add_expert_weights_norm(mc.norm_topk_prob)
+        writer.add_expert_weights_scale(mc.routed_scaling_factor)
 
 
 def load_added_tokens(tok: dict) -> dict[int, dict]:
     return {t["id"]: t for t in tok.get("added_tokens", [])}
 
 
-def write_vocab(writer: GGUFWriter, src: Path, config: dict) -> None:
+def check_pre_tokenizer(tok: dict, where: str) -> None:
+    """The GGUF says `lfm2` (llama-3's split regex, then bytes): the tokenizer.json must split that way.
+
+    LFM2.5's file writes the regex differently; tests/test_tokenizer_lfm25.py pins that it splits the same.
+    """
+    pre = tok.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    splits = [p for p in steps if p.get("type") == "Split"]
+    byte_level = [p for p in steps if p.get("type") == "ByteLevel"]
+    regexes = [(p.get("pattern") or {}).get("Regex") for p in splits]
+    isolated = all((p.get("behavior"), p.get("invert")) in (("Isolated", False), ("Removed", True)) for p in splits)
+    if not (len(splits) == 1 and regexes[0] in LFM2_SPLITS and isolated and len(byte_level) == 1
+            and len(steps) == 2 and not byte_level[0].get("use_regex", True)):
+        raise LfmEdgeError(f"{where}: the pre-tokenizer is not LFM2's (llama-3's split regex then byte-level), "
+                           "so the GGUF's 'lfm2' pre-tokenizer would split text differently")
+
+
+def write_vocab(writer: GGUFWriter, src: Path, mc: ModelConfig) -> None:
     """tokenizer.json -> llama.cpp's gpt2-style BPE vocabulary, plus the chat template."""
     tok = read_json(src / "tokenizer.json")
     model = tok.get("model", {})
     if model.get("type") != "BPE":
         raise LfmEdgeError(f"{src}/tokenizer.json: the tokenizer is {model.get('type')}, expected byte-level BPE")
+    check_pre_tokenizer(tok, f"{src / 'tokenizer.json'}")
     vocab: dict[str, int] = model["vocab"]
     added = load_added_tokens(tok)
-    n_vocab = config["vocab_size"]
+    n_vocab = mc.n_vocab
     by_id = {i: t for t, i in vocab.items()}
     tokens, types = [], []
     for i in range(n_vocab):
@@ -300,13 +351,10 @@ def write_vocab(writer: GGUFWriter, src: Path, config: dict) -> None:
     writer.add_token_types(types)
     writer.add_token_merges(merges)
     tcfg = read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").exists() else {}
-    for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
-                     ("pad_token_id", writer.add_pad_token_id)):
-        value = config.get(key)
-        if isinstance(value, list):
-            value = value[0]
+    for value, add in ((mc.bos_id, writer.add_bos_token_id), (mc.eos_id, writer.add_eos_token_id),
+                       (mc.pad_id, writer.add_pad_token_id)):
         if value is not None:
-            add(int(value))
+            add(value)
     writer.add_add_bos_token(bool(tcfg.get("add_bos_token", post_processor_adds_bos(tok))))
     writer.add_add_eos_token(bool(tcfg.get("add_eos_token", False)))
     template = chat_template(src, tcfg)

@@ -63,7 +63,12 @@ class Checkpoint:
     def __init__(self, directory: Path):
         index = directory / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                if not isinstance(weight_map, dict) or not weight_map:
+                    raise ValueError("no tensors")
+            except (ValueError, KeyError, TypeError) as e:
+                raise LfmEdgeError(f"{index}: is not a safetensors index with a weight_map ({e})") from None
             files = {f: SafetensorsFile(directory / f) for f in sorted(set(weight_map.values()))}
             self.where = {name: files[f] for name, f in weight_map.items()}
         else:

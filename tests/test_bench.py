@@ -99,6 +99,37 @@ def test_synthetic_tokenizer_and_chat_template(synthetic_llm):
     assert chat[:2] == [1, 6] and chat.count(1) == 1  # <|startoftext|><|im_start|>, one BOS
 
 
+@pytest.fixture(scope="module")
+def synthetic_lfm25(tmp_path_factory) -> Path:
+    """LFM2.5-8B-A1B cut to its first layer: its vocabulary (specials at the end) and its template."""
+    out = tmp_path_factory.mktemp("synthetic") / "lfm2.5-8b-a1b-1layer-q4_0.gguf"
+    proc = subprocess.run([sys.executable, str(BENCH / "make_synthetic.py"), str(out), "--model", "lfm2.5-8b-a1b",
+                           "--layers", "1", "-q"], capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_synthetic_lfm25_has_the_published_vocabulary_and_template(synthetic_lfm25):
+    llm = lfm_edge.load(synthetic_lfm25, n_ctx=64)
+    a, tok = llm.args, llm.tokenizer
+    assert (a.n_vocab, a.n_ctx_train, a.rope_base) == (124928, 128000, 5e6)
+    assert a.norm_eps == pytest.approx(1e-6, rel=1e-6)  # stored as float32
+    # the published ids of LFM2.5's special tokens
+    assert (tok.bos_id, tok.eos_id) == (124894, 124900)
+    for text, want in (("<|im_start|>", 124899), ("<think>", 124901), ("</think>", 124902),
+                       ("<|tool_call_start|>", 124905), ("<|tool_call_end|>", 124906)):
+        assert llm.tokenize(text, add_special=False) == [want], text
+    template = (ROOT / "tests" / "golden" / "templates" / "hf-LFM2.5-8B-A1B.jinja").read_text(encoding="utf-8")
+    assert llm.file.metadata["tokenizer.chat_template"] == template
+    prompt = llm.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert prompt == "<|startoftext|><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    ids = llm.chat_tokens([{"role": "user", "content": "Hi"}])
+    assert ids[:2] == [124894, 124899] and ids.count(124894) == 1
+    # it runs: `lfm-edge run` on the chat template, greedy, a few tokens
+    proc = cli("run", "-m", str(synthetic_lfm25), "-n", "4", "--temp", "0", "Hi")
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_synthetic_merges_are_consistent_with_the_vocabulary():
     cfg = make_synthetic.Config("small", n_vocab=3000)
     tokens, types, merges = make_synthetic.vocabulary(cfg, seed=0)
@@ -153,18 +184,71 @@ def test_bench_json_has_the_required_keys(gguf_path):
     assert r["ttft_s"] >= 0.9 * 16 / r["pp_tps_max"]
 
 
+def md_table(text: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+
+
 def test_bench_table_and_context_depth(gguf_path):
     path = gguf_path("moe", "q4_0")
     proc = cli("bench", "-m", str(path), "-p", "0", "-n", "3", "-r", "1", "--ctx-depth", "40")
     assert proc.returncode == 0, proc.stderr
-    assert "| tg3 @ d40 |" in proc.stdout and "pp" not in proc.stdout.split("\n")[2]
+    header, rule, *rows = md_table(proc.stdout)
+    assert header == ["model", "size", "params", "backend", "threads", "test", "t/s"]  # llama-bench's columns
+    assert [r[5] for r in rows] == ["tg3 @ d40"] and rows[0][0] == "lfm2moe Q4_0" and rows[0][3] == "CPU"
+    assert rows[0][6].endswith("± 0.00")  # one run: no spread
     assert "peak RSS" in proc.stdout and "f16 KV cache" in proc.stdout
+
+
+def test_bench_comma_lists_and_llama_bench_formats(gguf_path):
+    path = str(gguf_path("moe", "q4_0"))
+    proc = cli("bench", "-m", path, "-t", "1,2", "-p", "8,16", "-n", "2", "-r", "3", "-o", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    tests = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(t["n_threads"], t["n_prompt"], t["n_gen"]) for t in tests] == [
+        (1, 8, 0), (1, 16, 0), (1, 0, 2), (2, 8, 0), (2, 16, 0), (2, 0, 2)]
+    for t in tests:  # llama-bench's fields and their meaning: mean and sample deviation of the runs
+        assert len(t["samples_ts"]) == len(t["samples_ns"]) == 3
+        tokens = t["n_prompt"] or t["n_gen"]
+        assert t["samples_ts"] == pytest.approx([tokens * 1e9 / ns for ns in t["samples_ns"]])
+        assert t["avg_ts"] == pytest.approx(np.mean(t["samples_ts"]))
+        assert t["stddev_ts"] == pytest.approx(np.std(t["samples_ts"], ddof=1))
+        assert t["model_filename"] == path and t["backends"] == "CPU" and t["model_n_params"] > 100_000
+    md = md_table(cli("bench", "-m", path, "-t", "1,2", "-p", "8", "-n", "0", "-r", "2").stdout)
+    assert [(r[4], r[5]) for r in md[2:]] == [("1", "pp8"), ("2", "pp8")]
+    assert all(" ± " in r[6] for r in md[2:])
+    whole = json.loads(cli("bench", "-m", path, "-p", "8", "-n", "2", "-r", "1", "-o", "json").stdout)
+    assert [t["n_prompt"] for t in whole] == [8, 0] and "avg_ns" in whole[0]
+    lines = cli("bench", "-m", path, "-p", "8", "-n", "0", "-r", "1", "-o", "csv").stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith('"model_filename","model_type","model_size","model_n_params"')
+    assert '"avg_ts","stddev_ts"' in lines[0]
+    # the --json record per configuration stays what bench/compare.py reads
+    records = [json.loads(x) for x in cli("bench", "-m", path, "-t", "1,2", "-p", "8", "-n", "2", "-r", "1",
+                                          "--json").stdout.splitlines()]
+    assert [r["threads"] for r in records] == [1, 2] and all(r["pp_tps"] > 0 and r["tg_tps"] > 0 for r in records)
 
 
 def test_bench_takes_the_kv_cache_type(gguf_path):
     proc = cli("bench", "-m", str(gguf_path("moe", "q4_0")), "-p", "0", "-n", "2", "-r", "1", "-ctk", "f32", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["kv_cache_type"] == "f32"
+
+
+def test_bench_parallel_reports_aggregate_and_per_sequence_speed(gguf_path):
+    path = str(gguf_path("moe", "q4_0"))
+    proc = cli("bench", "-m", path, "-t", "1", "-p", "0", "-n", "6", "-np", "1,3", "-r", "2", "-o", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    tests = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(t["n_parallel"], t["n_gen"]) for t in tests] == [(1, 6), (3, 6)]
+    for t in tests:  # every sequence makes n tokens in the time of a run: the aggregate is n_parallel times each's rate
+        assert t["samples_ts"] == pytest.approx([t["n_parallel"] * 6 * 1e9 / ns for ns in t["samples_ns"]])
+        assert t["seq_ts"] == pytest.approx(t["avg_ts"] / t["n_parallel"])
+    md = cli("bench", "-m", path, "-t", "1", "-p", "0", "-n", "4", "-np", "2", "-d", "8", "-r", "1").stdout
+    assert [r[5] for r in md_table(md)[2:]] == ["tg4 np2 @ d8"]
+    assert "1 thread: each sequence's decode speed tg4 np2 @ d8" in md
+    records = [json.loads(x) for x in cli("bench", "-m", path, "-t", "1", "-p", "8", "-n", "2", "-np", "1,2", "-r", "1",
+                                          "--json").stdout.splitlines()]
+    assert [r["n_parallel"] for r in records] == [1, 2] and all(r["pp_tps"] > 0 for r in records)
+    assert records[1]["tg_seq_tps"] == pytest.approx(records[1]["tg_tps"] / 2)
 
 
 @pytest.mark.parametrize(
@@ -178,6 +262,13 @@ def test_bench_takes_the_kv_cache_type(gguf_path):
         (["-m", "MODEL", "-n", "1.5"], ["-n/--n-gen"]),
         (["-m", "MODEL", "-p", "0", "-n", "0"], ["nothing to measure"]),
         (["-m", "MODEL", "-ctk", "q4"], ["kv_cache_type must be one of f16, f32", "'q4'"]),
+        (["-m", "MODEL", "-t", "1,x"], ["-t/--threads", "'x'"]),
+        (["-m", "MODEL", "-t", "2,100000"], ["-t/--threads", "100000 threads"]),
+        (["-m", "MODEL", "-p", "16,-3"], ["-p/--n-prompt", "at least 0"]),
+        (["-m", "MODEL", "-o", "xml"], ["-o/--output", "md, csv, json, jsonl"]),
+        (["-m", "MODEL", "-np", "0"], ["-np/--parallel", "at least 1"]),
+        (["-m", "/"], ["/: is a directory"]),
+        (["-m", "MODEL", "--bogus"], ["unrecognized arguments: --bogus", "see lfm-edge bench --help"]),
     ],
 )
 def test_bench_bad_arguments_fail_with_one_line(args, words, gguf_path):

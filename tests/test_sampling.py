@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from lfm_edge.errors import LfmEdgeError
-from lfm_edge.llm import stop_at
 from lfm_edge.sampling import (
     Sampler,
     SamplingParams,
@@ -110,25 +109,3 @@ def test_top_k_one_always_picks_the_best():
 def test_bad_parameters(bad):
     with pytest.raises(LfmEdgeError):
         SamplingParams(**bad)
-
-
-@pytest.mark.parametrize(
-    "pieces, stop, expected",
-    [
-        (["Hello", " wor", "ld", "!"], ["world"], "Hello "),
-        (["ab", "c<", "|x", "|>d"], ["<|x|>"], "abc"),
-        (["no ", "stop ", "here"], ["zzz"], "no stop here"),
-        (["STOP"], ["STOP"], ""),
-        (["a", "b", "c"], ["bd", "c"], "ab"),
-        (["<", "<", "<x"], ["<x"], "<<"),
-    ],
-)
-def test_stop_strings(pieces, stop, expected):
-    assert "".join(stop_at(iter(pieces), stop)) == expected
-
-
-def test_stop_strings_hold_back_only_a_possible_prefix():
-    out = list(stop_at(iter(["abc", "def", "<", "END"]), ["<END>"]))
-    # text that cannot start a stop string is released at once
-    assert out[:2] == ["abc", "def"]
-    assert "".join(out) == "abc" + "def" + "<END"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -18,8 +19,11 @@ import pytest
 import lfm_edge
 from lfm_edge.commands import serve
 from lfm_edge.commands.common import card_defaults
-from lfm_edge.server import FifoLock, ReplyParser, bind_warning, chat_messages, make_server, reply_message
-from lfm_edge.tool_calls import parse_call_list, parse_tool_calls, split_reasoning
+from lfm_edge.reply import Reply, reply_events
+from lfm_edge.server import bind_warning, chat_messages, make_server, openai_message
+from lfm_edge.server import RequestError
+from lfm_edge.tool_calls import parse_call_list
+from test_reply import THINK_TEMPLATE, rewrite
 
 N_CTX = 8192
 WEATHER_TOOL = {
@@ -103,7 +107,9 @@ def test_binds_to_loopback_by_default(llm):
     p = argparse.ArgumentParser()
     serve.configure_parser(p)
     args = p.parse_args(["-m", "x.gguf"])
-    assert (args.host, args.port, args.n_ctx) == ("127.0.0.1", 8080, 4096)
+    assert (args.host, args.port, args.n_ctx, args.parallel, args.max_queue) == ("127.0.0.1", 8080, 4096, 4, 16)
+    args = p.parse_args(["-m", "x.gguf", "-np", "2", "--max-queue", "0"])
+    assert (args.parallel, args.max_queue) == (2, 0)
     assert bind_warning("127.0.0.1") is None and bind_warning("localhost") is None and bind_warning("::1") is None
     assert "anyone who can reach this port" in bind_warning("0.0.0.0")
     assert serve.model_id("LiquidAI/LFM2-8B-A1B-GGUF:Q8_0") == "LiquidAI/LFM2-8B-A1B-GGUF:Q8_0"
@@ -137,6 +143,39 @@ def test_serve_command_prints_its_url_and_stops_on_ctrl_c(gguf_path):
             proc.wait()
 
 
+def test_serve_command_takes_the_api_key_from_the_environment(gguf_path):
+    model = gguf_path("moe", "q8_0")
+    env = {**os.environ, "LFM_EDGE_API_KEY": "sekret"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lfm_edge", "serve", "-m", str(model), "--port", "0", "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        url = proc.stdout.readline().split(" at ")[1].split()[0]
+        host, port = url[len("http://") :].split("/")[0].split(":")
+
+        def get(path: str, headers: dict) -> int:
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            conn.request("GET", path, headers=headers)
+            status = conn.getresponse().status
+            conn.close()
+            return status
+
+        assert get("/v1/models", {}) == 401 and get("/v1/models", {"Authorization": "Bearer wrong"}) == 401
+        assert get("/v1/models", {"Authorization": "Bearer sekret"}) == 200
+        assert get("/api/tags", {}) == 401 and get("/health", {}) == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+        assert "sekret" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # -- the endpoints ------------------------------------------------------------------
 
 
@@ -159,8 +198,7 @@ def test_chat_stream_equals_non_stream_and_the_library(client, llm):
     assert finish == reply.choices[0].finish_reason == "length"
     # the same generation as the Python API, with the model card's defaults
     ids = llm.chat_tokens(messages)
-    raw = "".join(llm.generate(ids, max_tokens=24, **{**card_defaults(llm), "temperature": 0.0}))
-    assert reply_message(raw, parse_calls=False)["content"] == text
+    assert llm.chat(messages, stream=False, max_tokens=24, **{**card_defaults(llm), "temperature": 0.0}) == text
     # usage: our tokenizer's counts
     for u in (reply.usage, usage):
         assert (u.prompt_tokens, u.completion_tokens, u.total_tokens) == (len(ids), 24, len(ids) + 24)
@@ -200,6 +238,12 @@ def test_stop_strings(client):
     assert stream_chat(client, hello(), max_tokens=30, temperature=0, stop=stop)[:2] == (expected, "stop")
 
 
+def test_tool_choice_none_without_tools_is_free_text(client):
+    """Nothing to forbid: no grammar (this model has no end token, which a grammar needs)."""
+    free = chat(client, hello(), max_tokens=5, temperature=0).choices[0].message.content
+    assert chat(client, hello(), max_tokens=5, temperature=0, tool_choice="none").choices[0].message.content == free
+
+
 def test_seed_reproducibility(client):
     kw = dict(max_tokens=24, temperature=1.0, top_p=1.0, extra_body={"min_p": 0.0, "top_k": 0})
     a = chat(client, hello(), seed=11, **kw).choices[0].message.content
@@ -213,61 +257,56 @@ def test_seed_reproducibility(client):
 # -- tools and reasoning -------------------------------------------------------------
 
 CANNED = [
-    (CANNED_CALL, None, [("get_weather", {"city": "Paris"})]),
+    # (what the model writes, content, reasoning_content, calls)
+    (CANNED_CALL, None, None, [("get_weather", {"city": "Paris"})]),
     (
         'Checking.<|tool_call_start|>[a(x=1), b(y="z", n=[1, 2.5], ok=True)]<|tool_call_end|> Done.',
         "Checking. Done.",
+        None,
         [("a", {"x": 1}), ("b", {"y": "z", "n": [1, 2.5], "ok": True})],
     ),
-    ('<|tool_call_start|>[{"name": "f", "arguments": {"q": "x"}}]<|tool_call_end|>', None, [("f", {"q": "x"})]),
-    ("<think>\nLet me look.\n</think>\n\n" + CANNED_CALL, None, [("get_weather", {"city": "Paris"})]),
-    ("<think>\nShort.</think>\nThe answer is 4.", "The answer is 4.", []),
-    ("<think>still thinking", "", []),
+    ('<|tool_call_start|>[{"name": "f", "arguments": {"q": "x"}}]<|tool_call_end|>', None, None, [("f", {"q": "x"})]),
+    ("<think>\nLet me look.\n</think>\n\n" + CANNED_CALL, None, "Let me look.", [("get_weather", {"city": "Paris"})]),
+    ("<think>\nShort.</think>\nThe answer is 4.", "The answer is 4.", "Short.", []),
+    ("<think>still thinking", "", "still thinking", []),
     (
         'x <|tool_call_start|>[os.system("ls") + 1]<|tool_call_end|> y',
         'x <|tool_call_start|>[os.system("ls") + 1]<|tool_call_end|> y',
+        None,
         [],
     ),
-    ("Hello <|tool_call_st", "Hello <|tool_call_st", []),
-    ("  plain text, <think> later  ", "plain text, <think> later", []),
-    ("", "", []),
+    ("Hello <|tool_call_st", "Hello <|tool_call_st", None, []),
+    # <think> is a special token here: after the start it is not reasoning, and not text
+    ("  plain text, <think> later  ", "plain text,  later", None, []),
+    ("", "", None, []),
 ]
 
 
-@pytest.mark.parametrize("text, content, calls", CANNED)
-def test_reply_message_on_canned_outputs(text, content, calls):
-    message = reply_message(text, parse_calls=True)
+@pytest.mark.parametrize("text, content, reasoning, calls", CANNED)
+def test_openai_message_from_canned_tokens(llm, text, content, reasoning, calls):
+    ids = llm.tokenize(text, add_special=False)
+    message = openai_message(Reply.of(reply_events(llm.tokenizer, ids, llm.chat_tokens(hello()))), parse_calls=True)
     assert message["content"] == content
+    assert message.get("reasoning_content") == reasoning
     got = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message.get("tool_calls", [])]
     assert got == calls
     assert all(c["type"] == "function" and c["id"].startswith("call_") for c in message.get("tool_calls", []))
-    # agrees with the library's parsers
-    reasoning, answer = split_reasoning(text)
-    ref_content, ref_calls = parse_tool_calls(answer)
-    assert (message["content"] or "") == ref_content
-    assert [(c.name, c.arguments) for c in ref_calls] == calls
-    assert message.get("reasoning_content") == reasoning
-    # and streaming it in pieces of any size gives the same parts
-    for size in (1, 2, 3, 5, 8, 13):
-        parser = ReplyParser(parse_calls=True)
-        parts = [p for i in range(0, len(text), size) for p in parser.feed(text[i : i + size])] + parser.finish()
-        assert "".join(v for k, v in parts if k == "content") == (message["content"] or "")
-        assert "".join(v for k, v in parts if k == "reasoning") == (message.get("reasoning_content") or "")
-        assert [(v.name, v.arguments) for k, v in parts if k == "call"] == calls
 
 
-def test_without_tools_call_text_stays_content():
-    assert reply_message(CANNED_CALL, parse_calls=False) == {"role": "assistant", "content": CANNED_CALL}
+def test_without_tools_call_text_stays_content(llm):
+    reply = Reply.of(reply_events(llm.tokenizer, llm.tokenize(CANNED_CALL, add_special=False)))
+    assert openai_message(reply, parse_calls=False) == {"role": "assistant", "content": CANNED_CALL}
 
 
-def test_openai_messages_become_template_messages():
+def test_openai_messages_become_template_messages(llm):
     messages = chat_messages(
         [
             {"role": "developer", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "text", "text": "Weather"}, {"type": "text", "text": "in Paris?"}]},
+            {"role": "user", "content": [{"type": "text", "text": "Weather "}, {"type": "text", "text": "in Paris?"}]},
             {
                 "role": "assistant",
                 "content": None,
+                "reasoning_content": "Use the tool.",
                 "tool_calls": [
                     {
                         "id": "call_1",
@@ -285,37 +324,54 @@ def test_openai_messages_become_template_messages():
         ]
     )
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool"]
-    assert messages[1]["content"] == "Weather\nin Paris?"
-    assistant = messages[2]["content"]
-    assert assistant.startswith(
-        '<|tool_call_start|>[get_weather(city="Paris"), f(a=[1, None, True], b={"c": "d\\"q"})]'
-    )
-    calls = parse_call_list(assistant[len("<|tool_call_start|>") : -len("<|tool_call_end|>")])
-    assert [(c.name, c.arguments) for c in calls] == [
+    # text parts joined as the LFM2.5 templates join them; reasoning_content also under `thinking`
+    assert messages[1]["content"] == "Weather in Paris?"
+    assert messages[2]["thinking"] == messages[2]["reasoning_content"] == "Use the tool."
+    # string arguments parsed: the templates that render tool_calls want objects
+    assert [c["function"]["arguments"] for c in messages[2]["tool_calls"]] == [
+        {"city": "Paris"},
+        {"a": [1, None, True], "b": {"c": 'd"q'}},
+    ]
+    assert messages[3] == {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'}
+    # the tiny model's (LFM2) template never reads tool_calls: the calls are written
+    # into the content the way LFM2 writes them, and parse back
+    prompt = llm.render_chat(messages)
+    start = prompt.index("<|im_start|>assistant\n") + len("<|im_start|>assistant\n")
+    assert prompt[start:].startswith('<|tool_call_start|>[get_weather(city="Paris"), f(a=[1, None, True], b={"c": "d\\"q"})]')
+    body = prompt[start + len("<|tool_call_start|>") : prompt.index("<|tool_call_end|>")]
+    assert [(c.name, c.arguments) for c in parse_call_list(body)] == [
         ("get_weather", {"city": "Paris"}),
         ("f", {"a": [1, None, True], "b": {"c": 'd"q'}}),
     ]
-    # argument names Python cannot write fall back to the JSON form, which parses too
-    odd = chat_messages(
-        [{"role": "assistant", "tool_calls": [{"function": {"name": "g", "arguments": '{"not ok": 1}'}}]}]
-    )
-    body = odd[0]["content"][len("<|tool_call_start|>") : -len("<|tool_call_end|>")]
-    assert [(c.name, c.arguments) for c in parse_call_list(body)] == [("g", {"not ok": 1})]
+    with pytest.raises(RequestError) as e:
+        chat_messages([{"role": "assistant", "tool_calls": [{"function": {"name": "g", "arguments": "{oops"}}]}])
+    assert e.value.param == "messages[0].tool_calls" and "not valid JSON" in str(e.value)
+    with pytest.raises(RequestError) as e:
+        chat_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    assert e.value.param == "messages[0].content" and "only text parts" in str(e.value)
+
+
+def say(server, seen: dict, monkeypatch):
+    """Make the server's model 'say' seen["reply"], token by token, then its end token (the
+    engine's next_token, replaced); records the prompts it got."""
+    llm = server.runner.llm
+    replies = {}
+
+    def next_token(request, logits):
+        if request not in replies:
+            seen["prompts"].append(llm.detokenize(request.prompt))
+            replies[request] = iter(llm.tokenize(seen["reply"], add_special=False) + [llm.tokenizer.eos_id])
+        return next(replies[request])
+
+    monkeypatch.setattr(server.runner.engine, "next_token", next_token)
+    monkeypatch.setattr(llm.tokenizer, "eog_ids", {llm.tokenizer.eos_id})
 
 
 @pytest.fixture
 def canned_model(server, monkeypatch):
-    """Make the server's model 'say' a given text, in small pieces; records the prompts it got."""
+    """Make the server's model 'say' a given text, token by token; records the prompts it got."""
     seen: dict = {"prompts": []}
-
-    def fake_generate(job, stats, cancel):
-        seen["prompts"].append(server.engine.llm.detokenize(job.prompt))
-        text = seen["reply"]
-        stats.completion_tokens, stats.finish_reason = 7, "stop"
-        for i in range(0, len(text), 3):
-            yield text[i : i + 3]
-
-    monkeypatch.setattr(server.engine, "generate", fake_generate)
+    say(server, seen, monkeypatch)
     return seen
 
 
@@ -357,55 +413,90 @@ def test_tool_call_end_to_end(client, llm, canned_model):
     assert '<|im_start|>tool\n<|tool_response_start|>{"temp": 21}<|tool_response_end|><|im_end|>' in prompt
 
 
+def stream_parts(client, messages, **kw) -> tuple[str, str, list]:
+    """(reasoning, content, [chunk kinds]) of a streamed chat reply."""
+    reasoning, content, kinds = "", "", []
+    for chunk in chat(client, messages, stream=True, **kw):
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        part = getattr(delta, "reasoning_content", None) or ""
+        reasoning += part
+        content += delta.content or ""
+        kinds.append("reasoning" if part else "content" if delta.content else "other")
+    return reasoning, content, kinds
+
+
 def test_reasoning_is_returned_apart(client, canned_model):
     canned_model["reply"] = "<think>\nTwo and two.\n</think>\n\nFour."
     message = chat(client, hello()).choices[0].message
     assert message.content == "Four." and message.reasoning_content == "Two and two."
-    reasoning, content = "", ""
-    for chunk in chat(client, hello(), stream=True):
-        delta = chunk.choices[0].delta
-        reasoning += getattr(delta, "reasoning_content", None) or ""
-        content += delta.content or ""
+    reasoning, content, _ = stream_parts(client, hello())
     assert (reasoning, content) == ("Two and two.", "Four.")
+
+
+@pytest.fixture(scope="module")
+def think_server(gguf_path, tmp_path_factory):
+    """A server for the tiny model whose template ends the generation prompt in <think>, as LFM2.5-2.6B's does."""
+    path = rewrite(gguf_path("moe", "q8_0"), tmp_path_factory.mktemp("think") / "think.gguf", template=THINK_TEMPLATE)
+    m = lfm_edge.load(path, n_ctx=1024)
+    m.tokenizer.eog_ids = set()
+    srv = make_server(m, port=0, model_id="tiny-think")
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.close()
+    thread.join(10)
+
+
+def test_a_prompt_ending_in_think_starts_the_reply_in_reasoning(think_server, monkeypatch):
+    llm = think_server.runner.llm
+    client = openai.OpenAI(base_url=think_server.url, api_key="unused", max_retries=0, timeout=30)
+    seen: dict = {"prompts": [], "reply": "I should think.</think>The answer is 4."}
+    say(think_server, seen, monkeypatch)
+    message = chat(client, hello("What is 2+2?")).choices[0].message
+    assert seen["prompts"][-1].endswith("<|im_start|>assistant\n<think>")
+    assert (message.reasoning_content, message.content) == ("I should think.", "The answer is 4.")
+    reasoning, content, kinds = stream_parts(client, hello("What is 2+2?"))
+    assert (reasoning, content) == ("I should think.", "The answer is 4.")
+    assert "reasoning" in kinds and kinds.index("reasoning") < kinds.index("content")
+    # cut off while still thinking: all of it is reasoning
+    seen["reply"] = "Let me count: one, two"
+    cut = llm.detokenize(llm.tokenize(seen["reply"], add_special=False)[:4])
+    message = chat(client, hello("What is 2+2?"), max_tokens=4).choices[0].message
+    assert message.content == "" and message.reasoning_content == cut.strip()
+
+
+def test_reasoning_of_a_real_generation_streams_as_it_is_returned(think_server):
+    client = openai.OpenAI(base_url=think_server.url, api_key="unused", max_retries=0, timeout=30)
+    llm = think_server.runner.llm
+    kw = dict(max_tokens=20, temperature=0)
+    message = chat(client, hello(), **kw).choices[0].message
+    reasoning, content, _ = stream_parts(client, hello(), **kw)
+    assert (reasoning, content) == (message.reasoning_content, message.content or "")
+    assert message.reasoning_content  # the prompt opened it; random weights rarely close it
+    expected = Reply.of(llm.chat_events(hello(), **{**card_defaults(llm), "temperature": 0.0, "max_tokens": 20}))
+    assert (message.reasoning_content, message.content) == (expected.reasoning, expected.content)
 
 
 # -- queueing and disconnects ---------------------------------------------------------
 
 
-def test_the_queue_is_first_come_first_served():
-    lock, order = FifoLock(), []
-
-    def waiter(i: int) -> None:
-        with lock:
-            order.append(i)
-
-    with lock:
-        threads = []
-        for i in range(5):  # each starts waiting only after the one before
-            threads.append(threading.Thread(target=waiter, args=(i,)))
-            threads[-1].start()
-            assert wait_for(lambda i=i: lock.queued == i + 2)
-    for t in threads:
-        t.join(10)
-    assert order == [0, 1, 2, 3, 4] and lock.queued == 0
-
-
-def test_concurrent_clients_get_what_they_get_alone(client, server, monkeypatch):
+def test_concurrent_clients_are_decoded_together_and_get_what_they_get_alone(client, server, monkeypatch):
     prompts = ["Hello there", "Write a poem", "What is 2+2?"]
     kw = dict(max_tokens=40, temperature=0)
     alone = [chat(client, hello(p), **kw).choices[0].message.content for p in prompts]
-    running, overlaps = [0], []
-    generate = server.engine.generate
+    model, batches = server.runner.llm.model, []
+    forward = model.forward
 
-    def watched(job, stats, cancel):
-        running[0] += 1
-        overlaps.append(running[0])
-        try:
-            yield from generate(job, stats, cancel)
-        finally:
-            running[0] -= 1
+    def watched(ids, batch, rows=None):
+        if not batches:  # the first step waits for all three requests
+            assert wait_for(lambda: server.runner.queued == len(prompts))
+        batches.append(len(batch.lengths))
+        return forward(ids, batch, rows)
 
-    monkeypatch.setattr(server.engine, "generate", watched)
+    monkeypatch.setattr(model, "forward", watched)
     results: dict[int, str] = {}
     start = threading.Barrier(len(prompts))
 
@@ -422,7 +513,33 @@ def test_concurrent_clients_get_what_they_get_alone(client, server, monkeypatch)
     for t in threads:
         t.join(30)
     assert [results.get(i) for i in range(len(prompts))] == alone
-    assert overlaps == [1, 1, 1]  # one generation at a time
+    assert max(batches) == len(prompts)  # one forward call for the three
+
+
+def test_a_full_queue_is_a_503_with_retry_after(llm):
+    srv = make_server(llm, port=0, model_id="tiny-moe", parallel=1, max_queued=0)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        host, port = srv.server_address[:2]
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        body = {"messages": hello(), "max_tokens": 2000, "temperature": 0, "stream": True}
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read(20).startswith(b"data: ")  # decoding: the one place is taken
+        busy = http.client.HTTPConnection(host, port, timeout=30)
+        busy.request("POST", "/v1/chat/completions", body=json.dumps({"messages": hello(), "max_tokens": 2}),
+                     headers={"Content-Type": "application/json"})
+        refused = busy.getresponse()
+        error = json.loads(refused.read())["error"]
+        assert refused.status == 503 and refused.getheader("Retry-After") == "2"
+        assert error["code"] == "queue_full" and "1 requests are running and 0 waiting; try again shortly" in error["message"]
+        resp.close()
+        conn.close()
+    finally:
+        srv.shutdown()
+        srv.close()
+        thread.join(10)
 
 
 def wait_for(predicate, seconds: float = 10.0) -> bool:
@@ -435,7 +552,7 @@ def wait_for(predicate, seconds: float = 10.0) -> bool:
 
 
 def test_a_client_that_leaves_mid_stream_is_cancelled(server, client):
-    engine = server.engine
+    engine = server.runner
     before = engine.finished["cancelled"]
     host, port = server.server_address[:2]
     conn = http.client.HTTPConnection(host, port, timeout=30)
@@ -443,16 +560,16 @@ def test_a_client_that_leaves_mid_stream_is_cancelled(server, client):
     conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200 and resp.read(20).startswith(b"data: ")
-    # a second client waits in the queue behind the long generation
+    # a second client is served beside the long generation ...
     result: dict = {}
     waiting = threading.Thread(target=lambda: result.update(reply=chat(client, hello(), max_tokens=4, temperature=0)))
     waiting.start()
-    assert wait_for(lambda: engine.turn.queued == 2)
-    resp.close()
-    conn.close()
     waiting.join(20)
     assert result["reply"].usage.completion_tokens == 4
-    assert engine.finished["cancelled"] == before + 1
+    assert engine.queued == 1  # ... while the long one still runs
+    resp.close()
+    conn.close()
+    assert wait_for(lambda: engine.finished["cancelled"] == before + 1)
     cancelled = [s for s in engine.recent if s.finish_reason == "cancelled"][-1]
     assert cancelled.completion_tokens < N_CTX // 2  # stopped early, not at max_tokens
 
@@ -460,7 +577,7 @@ def test_a_client_that_leaves_mid_stream_is_cancelled(server, client):
     sock = socket.create_connection((host, port), timeout=10)
     data = json.dumps({"messages": hello(), "max_tokens": N_CTX - 100, "temperature": 0}).encode()
     sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
     )
     sock.close()
@@ -507,16 +624,26 @@ BAD_REQUESTS = [
     (POST, CHAT, {"messages": USER, "max_tokens": -1}, 400, "max_tokens", ">= 0"),
     (POST, CHAT, {"messages": USER, "stop": 5}, 400, "stop", "stop must be"),
     (POST, CHAT, {"messages": USER, "stream": "yes"}, 400, "stream", "true or false"),
+    (POST, CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice", "has no tools"),
     (
         POST,
         CHAT,
-        {"messages": USER, "tools": [WEATHER_TOOL], "tool_choice": "required"},
+        {"messages": USER, "tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
         400,
         "tool_choice",
-        "not supported",
+        "'nope', which is not one of the tools (the tools are get_weather)",
     ),
+    (POST, CHAT, {"messages": USER, "tools": [WEATHER_TOOL], "tool_choice": "sometimes"}, 400, "tool_choice", "must be"),
+    (POST, CHAT, {"messages": USER, "parallel_tool_calls": "yes"}, 400, "parallel_tool_calls", "true or false"),
+    (POST, CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "from 0 to 20"),
+    (POST, CHAT, {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs", "needs logprobs"),
+    (POST, COMPLETIONS, {"prompt": "a", "logprobs": 6}, 400, "logprobs", "from 0 to 5"),
     (POST, CHAT, {"messages": USER, "frequency_penalty": 3}, 400, "frequency_penalty", "[-2, 2]"),
-    (POST, CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format", "only"),
+    (POST, CHAT, {"messages": USER, "response_format": {"type": "yaml"}}, 400, "response_format", "'yaml' is not supported"),
+    (POST, CHAT, {"messages": USER, "response_format": {"type": "json_schema"}}, 400, "response_format", "json_schema needs"),
+    (POST, "/tokenize", {"content": 5.5}, 400, "content", "strings and token ids"),
+    (POST, "/detokenize", {"tokens": [1, 10**9]}, 400, "tokens", "outside the vocabulary"),
+    (POST, "/detokenize", {"tokens": "abc"}, 400, "tokens", "list of token ids"),
     (POST, COMPLETIONS, {"prompt": ["a", "b"]}, 400, "prompt", "list of one string"),
     (POST, COMPLETIONS, {}, 400, "prompt", "must be a string"),
     (POST, COMPLETIONS, {"prompt": "hello " * (N_CTX + 500)}, 400, "prompt", "context holds 8192"),
@@ -547,11 +674,11 @@ def test_context_overflow_code_and_the_openai_client(client):
 
 
 def test_an_internal_error_is_a_short_500_and_logged(server, client, monkeypatch, caplog):
-    def broken(job, stats, cancel):
+    def broken(job, stats, cancel, trace):
         raise RuntimeError("secret detail")
         yield
 
-    monkeypatch.setattr(server.engine, "generate", broken)
+    monkeypatch.setattr(server.runner, "_decode", broken)
     status, reply = raw_request(server, "POST", "/v1/chat/completions", {"messages": USER})
     assert status == 500 and reply["error"]["type"] == "server_error"
     assert "secret" not in reply["error"]["message"] and "Traceback" not in json.dumps(reply)

@@ -106,3 +106,34 @@ def test_stream_never_splits_a_character(pair):
 
     # the text must hold a token that is only part of a character, or this test proves nothing
     assert any(not whole_characters(ours.token_bytes(i)) for i in ids)
+
+
+def test_long_text_encodes_alike_and_lets_other_threads_run(pair):
+    import threading
+    import time
+
+    from lfm_edge import tokenizer as tokenizer_module
+
+    ours, theirs = pair
+    text = "The quick brown fox jumps over the lazy dog, 1234 times! " * 40_000  # 2.3 MB
+    assert len(text) > tokenizer_module._GIL_FREE_CHARS
+    assert ours.encode(text, add_special=False) == theirs.encode(text, add_special_tokens=False).ids
+
+    # a Python thread counts while the long text is encoded: Tokenizer.encode would hold the GIL
+    ticks, done = [0], threading.Event()
+
+    def count():
+        while not done.is_set():
+            ticks[0] += 1
+            time.sleep(0)
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        start = time.perf_counter()
+        ours.encode(text, add_special=False)
+        elapsed = time.perf_counter() - start
+    finally:
+        done.set()
+        counter.join()
+    assert ticks[0] > 1000 * elapsed, (ticks[0], elapsed)  # >= 1000 counts per second of encoding

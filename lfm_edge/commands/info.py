@@ -7,17 +7,26 @@ from collections import Counter
 
 from gguf import LlamaFileType
 
+from ..errors import LfmEdgeError
 from ..gguf_file import GGUFFile
+from ..hub import resolve_model
 from ..models import build_model
 from ..tokenizer import GGUFTokenizer
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a .gguf file")
+    p.add_argument("model", nargs="?", default=None, help="a .gguf file or a hub reference")
+    p.add_argument("-m", "--model", dest="model_option", default=None, metavar="MODEL",
+                   help="the same, as a flag (as the other commands take it)")
 
 
 def main(args: argparse.Namespace) -> int:
-    f = GGUFFile(args.model)
+    if args.model is not None and args.model_option is not None:
+        raise LfmEdgeError("two models: give it as an argument or with -m, not both")
+    ref = args.model if args.model is not None else args.model_option
+    if ref is None:
+        raise LfmEdgeError("info needs a model: lfm-edge info -m FILE.gguf (or a hub reference)")
+    f = GGUFFile(resolve_model(ref))
     model = build_model(f)
     tok = GGUFTokenizer(f)
     a = model.args

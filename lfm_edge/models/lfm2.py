@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import ops
-from ..cache import Cache, ConvState, KVCache
+from ..cache import Batch, Cache, KVCache
 from ..gguf_file import GGUFFile, Tensor
 from ..packed import Linear
 
@@ -96,19 +96,32 @@ class Weights:
     def vector(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         return ops.to_float(self.get(name, shape))
 
+    def gate_up(self, gate: str, up: str, shape: tuple[int, ...]) -> tuple[Linear, Linear]:
+        """A SwiGLU's gate and up matrices; the fused kernel reads both in one pass, so they
+        must share a type (llama.cpp's quantizer always writes them alike)."""
+        g, u = self.get(gate, shape), self.get(up, shape)
+        if g.qtype != u.qtype:
+            raise self.file.error(
+                f"tensors {gate} ({g.qtype.name}) and {up} ({u.qtype.name}) must have the same type"
+            )
+        return Linear(g), Linear(u)
+
 
 class ShortConv:
     """Gated short conv: in_proj -> (B, C, x); y = C * conv(B * x); out_proj."""
 
     def __init__(self, args: ModelArgs, w: Weights, i: int):
         h = args.hidden
+        self.layer = i
         self.kernel = w.vector(f"blk.{i}.shortconv.conv.weight", (h, args.conv_kernel))  # [H, L]
         self.in_proj = w.linear(f"blk.{i}.shortconv.in_proj.weight", (3 * h, h))
         self.out_proj = w.linear(f"blk.{i}.shortconv.out_proj.weight", (h, h))
 
-    def __call__(self, x: np.ndarray, state: ConvState, start: int) -> np.ndarray:
+    def __call__(self, x: np.ndarray, batch: Batch) -> np.ndarray:
         bcx = ops.linear(x, self.in_proj)  # [T, 3H]: B, C, x side by side
-        return ops.linear(ops.gated_short_conv(bcx, state.window, self.kernel), self.out_proj)
+        # the conv runs along each sequence's own tokens, from its own window
+        y = ops.gated_short_conv_per_sequence(bcx, batch.conv(self.layer), self.kernel)  # [T, H]
+        return ops.linear(y, self.out_proj)
 
 
 class Attention:
@@ -116,6 +129,7 @@ class Attention:
 
     def __init__(self, args: ModelArgs, w: Weights, i: int):
         d, h = args.head_dim, args.hidden
+        self.layer = i
         self.n_head, self.n_kv, self.head_dim = args.n_head, args.n_kv_heads[i], d
         self.eps, self.rope_base = args.norm_eps, args.rope_base
         self.wq = w.linear(f"blk.{i}.attn_q.weight", (self.n_head * d, h))
@@ -125,16 +139,15 @@ class Attention:
         self.q_norm = w.vector(f"blk.{i}.attn_q_norm.weight", (d,))
         self.k_norm = w.vector(f"blk.{i}.attn_k_norm.weight", (d,))
 
-    def __call__(self, x: np.ndarray, cache: KVCache, start: int) -> np.ndarray:
+    def __call__(self, x: np.ndarray, batch: Batch) -> np.ndarray:
         t = x.shape[0]
         q = ops.linear(x, self.wq).reshape(t, self.n_head, self.head_dim)
         k = ops.linear(x, self.wk).reshape(t, self.n_kv, self.head_dim)
         v = ops.linear(x, self.wv).reshape(t, self.n_kv, self.head_dim)
-        positions = np.arange(start, start + t)
-        q = ops.rope(ops.rms_norm(q, self.q_norm, self.eps), positions, self.rope_base)
-        k = ops.rope(ops.rms_norm(k, self.k_norm, self.eps), positions, self.rope_base)
-        keys, values = cache.append(start, k, v)
-        return ops.linear(ops.attention(q, keys, values, start), self.wo)
+        q = ops.rope(ops.rms_norm(q, self.q_norm, self.eps), batch.positions, self.rope_base)
+        k = ops.rope(ops.rms_norm(k, self.k_norm, self.eps), batch.positions, self.rope_base)
+        # each sequence attends over its own cache
+        return ops.linear(ops.attention_per_sequence(q, k, v, batch.kv(self.layer)), self.wo)
 
 
 class MLP:
@@ -142,8 +155,7 @@ class MLP:
 
     def __init__(self, args: ModelArgs, w: Weights, i: int):
         h, f = args.hidden, args.ffn_dim
-        self.gate = w.linear(f"blk.{i}.ffn_gate.weight", (f, h))
-        self.up = w.linear(f"blk.{i}.ffn_up.weight", (f, h))
+        self.gate, self.up = w.gate_up(f"blk.{i}.ffn_gate.weight", f"blk.{i}.ffn_up.weight", (f, h))
         self.down = w.linear(f"blk.{i}.ffn_down.weight", (h, f))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -160,8 +172,8 @@ class DecoderLayer:
         self.operator = Attention(args, w, i) if args.is_attention(i) else ShortConv(args, w, i)
         self.feed_forward = feed_forward
 
-    def __call__(self, x: np.ndarray, state: KVCache | ConvState, start: int) -> np.ndarray:
-        x = x + self.operator(ops.rms_norm(x, self.operator_norm, self.eps), state, start)
+    def __call__(self, x: np.ndarray, batch: Batch) -> np.ndarray:
+        x = x + self.operator(ops.rms_norm(x, self.operator_norm, self.eps), batch)
         return x + self.feed_forward(ops.rms_norm(x, self.ffn_norm, self.eps))
 
 
@@ -183,19 +195,23 @@ class Model:
 
     def make_cache(self, n_ctx: int, kv_dtype: type = np.float16) -> Cache:
         a = self.args
-        layers: list[KVCache | ConvState] = [
-            KVCache(n_ctx, a.n_kv_heads[i], a.head_dim, kv_dtype) if a.is_attention(i) else ConvState(a.conv_kernel, a.hidden)
-            for i in range(a.n_layer)
-        ]
-        return Cache(layers, n_ctx)
+        kv = [KVCache(n_ctx, a.n_kv_heads[i], a.head_dim, kv_dtype) if a.is_attention(i) else None for i in range(a.n_layer)]
+        return Cache(kv, n_ctx, a.conv_kernel, a.hidden)
+
+    def forward(self, ids: np.ndarray, batch: Batch, logit_rows: np.ndarray | None = None) -> np.ndarray:
+        """Run the tokens `ids` [T] of a batch's sequences; returns the logits of rows
+        `logit_rows` (all rows if None), [len(logit_rows), V]. The caches move on only
+        when the caller commits the batch."""
+        x = ops.embedding(self.embed, ids)  # [T, H]
+        for layer in self.layers:
+            x = layer(x, batch)
+        if logit_rows is not None:
+            x = x[logit_rows]
+        return ops.linear(ops.rms_norm(x, self.norm, self.args.norm_eps), self.output)
 
     def __call__(self, ids: np.ndarray, cache: Cache, all_logits: bool = True) -> np.ndarray:
         """Run tokens `ids` [T] after what `cache` holds; returns logits [T, V] (or [1, V])."""
-        start = cache.pos
-        x = ops.embedding(self.embed, ids)  # [T, H]
-        for layer, state in zip(self.layers, cache.layers):
-            x = layer(x, state, start)
-        cache.pos = start + len(ids)
-        if not all_logits:
-            x = x[-1:]
-        return ops.linear(ops.rms_norm(x, self.norm, self.args.norm_eps), self.output)
+        batch = Batch([cache], [len(ids)])
+        logits = self.forward(ids, batch, None if all_logits else np.array([len(ids) - 1]))
+        batch.commit()
+        return logits

@@ -61,8 +61,7 @@ class SparseMoE:
         self.router = w.linear(f"blk.{i}.ffn_gate_inp.weight", (e, h))
         # expert_bias only picks the top-k; it never weighs the outputs
         self.expert_bias = w.vector(f"blk.{i}.exp_probs_b.bias", (e,))
-        self.gate = w.linear(f"blk.{i}.ffn_gate_exps.weight", (e, f, h))
-        self.up = w.linear(f"blk.{i}.ffn_up_exps.weight", (e, f, h))
+        self.gate, self.up = w.gate_up(f"blk.{i}.ffn_gate_exps.weight", f"blk.{i}.ffn_up_exps.weight", (e, f, h))
         self.down = w.linear(f"blk.{i}.ffn_down_exps.weight", (e, h, f))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
