@@ -39,7 +39,12 @@ static inline float exp_nonpositive(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     const float e = p * r * r + r + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
+    // 2^n, n in [-126, 0] for x in [-87, 0]. Outside (x = NaN or > 0, from a NaN or inf score)
+    // n is clamped so that the int conversion and the shift stay defined; e is NaN there anyway
+    // for NaN and +inf, so the result is what it was.
+    float nc = n >= -126.0f ? n : -126.0f;  // NaN -> -126
+    nc = nc <= 127.0f ? nc : 127.0f;
+    const int32_t bits = (static_cast<int32_t>(nc) + 127) << 23;
     float two_n;
     std::memcpy(&two_n, &bits, sizeof two_n);
     return e * two_n;

@@ -48,7 +48,9 @@ using MatmulFn = void (*)(const float* x, int64_t n_tokens, const uint8_t* w, in
 
 // Activations quantized for the int8 kernels, in blocks of 32 along k:
 // x[t, i] ~ d[t, i / 32] * q[t, i], with d = max|x| / 127 over the block and q = rint(x / d)
-// computed as rint(x * (1 / d)) in float32 (0 for an all-zero block).
+// computed as rint(x * (1 / d)) in float32; q = 0 where d is below FLT_MIN (an all-zero block,
+// or one so small that 1 / d would overflow). A block holding a NaN or an infinity gets q = 0,
+// sum = 0 and d = NaN, so every output it touches is NaN and no integer ever overflows.
 struct QuantizedRows {
     const int8_t* q;     // [n_tokens, k]
     const float* d;      // [n_tokens, k / 32]

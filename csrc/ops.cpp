@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "dispatch.h"
@@ -308,6 +309,8 @@ void route(const float* logits, int64_t n_tokens, int64_t n_expert, const float*
         for (int64_t e = 0; e < n_expert; ++e) {
             score[e] = 1.0f / (1.0f + std::exp(-logits[t * n_expert + e]));
             choice[e] = bias ? score[e] + bias[e] : score[e];
+            // NaN last: the comparison below must be a strict weak order (else sorting is UB)
+            if (std::isnan(choice[e])) choice[e] = -std::numeric_limits<float>::infinity();
             order[e] = static_cast<int32_t>(e);
         }
         // best first; ties to the lower id, as a stable argsort of -choice (and torch.topk)

@@ -4,6 +4,8 @@
 // Internal linkage for everything but the table entries (see kernels.h).
 #include <immintrin.h>
 
+#include <limits>
+
 #include "formats.h"
 #include "kernels.h"
 #include "packed.h"
@@ -394,18 +396,29 @@ namespace avx2 {
 
 void quantize_row(const float* x, int64_t k, int8_t* q, float* d, int32_t* sum) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256 infinity = _mm256_set1_ps(std::numeric_limits<float>::infinity());
     for (int64_t b = 0; b < k / kQuantBlock; ++b) {
         __m256 v[4];
         __m256 amax = _mm256_setzero_ps();
+        __m256 nonfinite = _mm256_setzero_ps();  // lanes where |x| is inf or NaN
         for (int i = 0; i < 4; ++i) {
             v[i] = _mm256_loadu_ps(x + b * kQuantBlock + 8 * i);
-            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+            const __m256 a = _mm256_andnot_ps(sign, v[i]);
+            amax = _mm256_max_ps(amax, a);
+            nonfinite = _mm256_or_ps(nonfinite, _mm256_cmp_ps(a, infinity, _CMP_NLT_UQ));
+        }
+        if (_mm256_movemask_ps(nonfinite) != 0) {  // the block is NaN, as in the scalar twin
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kQuantBlock), _mm256_setzero_si256());
+            d[b] = std::numeric_limits<float>::quiet_NaN();
+            sum[b] = 0;
+            continue;
         }
         __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
         m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         m = _mm_max_ss(m, _mm_movehdup_ps(m));
         const float scale = _mm_cvtss_f32(m) / 127.0f;
-        const __m256 inverse = _mm256_set1_ps(scale != 0.0f ? 1.0f / scale : 0.0f);
+        const __m256 inverse =
+            _mm256_set1_ps(scale >= std::numeric_limits<float>::min() ? 1.0f / scale : 0.0f);
         __m256i qi[4];
         for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse));  // ties to even
         // int32 -> int8 with in-lane packs, then undo the lane interleave

@@ -4,6 +4,8 @@
 // entries (see kernels.h).
 #include <immintrin.h>
 
+#include <limits>
+
 #include "formats.h"
 #include "kernels.h"
 #include "packed.h"
@@ -334,12 +336,23 @@ namespace avx512 {
 
 void quantize_row(const float* x, int64_t k, int8_t* q, float* d, int32_t* sum) {
     const __m512 sign = _mm512_set1_ps(-0.0f);
+    const __m512 infinity = _mm512_set1_ps(std::numeric_limits<float>::infinity());
     for (int64_t b = 0; b < k / kQuantBlock; ++b) {
         const __m512 lo = _mm512_loadu_ps(x + b * kQuantBlock);
         const __m512 hi = _mm512_loadu_ps(x + b * kQuantBlock + 16);
-        const __m512 amax = _mm512_max_ps(_mm512_andnot_ps(sign, lo), _mm512_andnot_ps(sign, hi));
+        const __m512 abs_lo = _mm512_andnot_ps(sign, lo), abs_hi = _mm512_andnot_ps(sign, hi);
+        const __mmask16 nonfinite = _mm512_cmp_ps_mask(abs_lo, infinity, _CMP_NLT_UQ) |
+                                    _mm512_cmp_ps_mask(abs_hi, infinity, _CMP_NLT_UQ);
+        if (nonfinite != 0) {  // inf or NaN: the block is NaN, as in the scalar twin
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kQuantBlock), _mm256_setzero_si256());
+            d[b] = std::numeric_limits<float>::quiet_NaN();
+            sum[b] = 0;
+            continue;
+        }
+        const __m512 amax = _mm512_max_ps(abs_lo, abs_hi);
         const float scale = _mm512_reduce_max_ps(amax) / 127.0f;
-        const __m512 inverse = _mm512_set1_ps(scale != 0.0f ? 1.0f / scale : 0.0f);
+        const __m512 inverse =
+            _mm512_set1_ps(scale >= std::numeric_limits<float>::min() ? 1.0f / scale : 0.0f);
         // cvtps rounds to nearest even (the default MXCSR mode), like nearbyint in the twin
         const __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));
         const __m512i q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));

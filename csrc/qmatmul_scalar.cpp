@@ -2,6 +2,7 @@
 // qmatmul_avx2.cpp and qmatmul_avx512.cpp, which must give the same bits (see kernels.h). The
 // tiles that qmatmul_impl.h runs over the row groups, one output at a time.
 #include <cmath>
+#include <limits>
 
 #include "formats.h"
 #include "kernels.h"
@@ -15,9 +16,20 @@ void quantize_row(const float* x, int64_t k, int8_t* q, float* d, int32_t* sum) 
     for (int64_t b = 0; b < k / kQuantBlock; ++b) {
         const float* xb = x + b * kQuantBlock;
         float amax = 0.0f;
-        for (int i = 0; i < kQuantBlock; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
+        bool finite = true;
+        for (int i = 0; i < kQuantBlock; ++i) {
+            finite = finite && std::isfinite(xb[i]);
+            amax = std::fmax(amax, std::fabs(xb[i]));
+        }
+        if (!finite) {  // converting NaN or inf to int is undefined: the block is NaN instead
+            for (int i = 0; i < kQuantBlock; ++i) q[b * kQuantBlock + i] = 0;
+            d[b] = std::numeric_limits<float>::quiet_NaN();
+            sum[b] = 0;
+            continue;
+        }
         const float scale = amax / 127.0f;
-        const float inverse = scale != 0.0f ? 1.0f / scale : 0.0f;
+        // |x * inverse| <= 127 (+ rounding) when scale is normal; a subnormal one quantizes to 0
+        const float inverse = scale >= std::numeric_limits<float>::min() ? 1.0f / scale : 0.0f;
         int32_t total = 0;
         for (int i = 0; i < kQuantBlock; ++i) {
             const auto v = static_cast<int32_t>(std::nearbyint(xb[i] * inverse));  // ties to even
