@@ -53,6 +53,8 @@ class CMakeBuild(build_ext):
                 f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
                 f"-DPython_EXECUTABLE={sys.executable}",
                 f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={build_dir / 'out'}",
+                # e.g. LFM_EDGE_SANITIZE=address,undefined (see tests/sanitize.sh)
+                f"-DLFM_EDGE_SANITIZE={os.environ.get('LFM_EDGE_SANITIZE', '')}",
             ],
             check=True,
         )
