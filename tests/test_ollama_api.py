@@ -181,7 +181,7 @@ def test_format_json(client):
 @pytest.fixture
 def canned(server, monkeypatch):
     seen: dict = {"prompts": []}
-    monkeypatch.setattr(server.runner.llm, "sample_tokens", say(server.runner.llm, seen))
+    say(server, seen, monkeypatch)
     return seen
 
 
@@ -223,7 +223,7 @@ def test_thinking_comes_apart(think_server, monkeypatch):
     llm = think_server.runner.llm
     assert "thinking" in client.show("tiny-think").capabilities
     seen = {"prompts": [], "reply": "Two and two.</think>Four."}
-    monkeypatch.setattr(llm, "sample_tokens", say(llm, seen))
+    say(think_server, seen, monkeypatch)
     reply = client.chat("tiny-think", ASK, think=True)
     assert (reply.message.thinking, reply.message.content) == ("Two and two.", "Four.")
     parts = list(client.chat("tiny-think", ASK, think=True, stream=True))
