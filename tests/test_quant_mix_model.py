@@ -137,7 +137,9 @@ def test_info_shows_the_type_mix(mix_path, capsys):
 
     from lfm_edge.commands import info
 
-    assert info.main(argparse.Namespace(model=str(mix_path("Q3_K_M")))) == 0
+    parser = argparse.ArgumentParser()
+    info.configure_parser(parser)
+    assert info.main(parser.parse_args(["-m", str(mix_path("Q3_K_M"))])) == 0
     lines = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
     assert lines["file type"].strip() == "Q3_K_M"
     mix = lines["tensors"].strip()

@@ -142,7 +142,10 @@ for name, source in json.loads(sys.stdin.read()).items():
         except BaseException as e:
             kind, error = type(e).__name__, str(e)
     t2 = time.monotonic()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so it would report the (large)
+    # pytest process this child was forked from
+    with open("/proc/self/status") as status:
+        rss = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) // 1024
     print(json.dumps({"name": name, "load": load, "load_s": t1 - t0, "render_s": t2 - t1,
                       "kind": kind, "error": error, "peak_mb": rss}), flush=True)
 """
