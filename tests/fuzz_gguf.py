@@ -327,6 +327,8 @@ def mut_tokenizer(g: Gguf, rng: random.Random) -> str:
     except (AttributeError, KeyError, struct.error):
         return _set(g, "tokenizer.ggml.tokens", ARRAY, (STRING, ["a", "b"]))
     n = len(tokens)
+    if n == 0:  # an earlier mutation emptied the list: give it tokens again
+        return _set(g, "tokenizer.ggml.tokens", ARRAY, (STRING, ["a", "b"]))
     choice = rng.randrange(14)
     if choice == 0:
         i, j = rng.randrange(n), rng.randrange(n)
