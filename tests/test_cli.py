@@ -298,7 +298,7 @@ def test_info_takes_the_model_as_an_argument_or_with_m(model):
         (["serve", "--port", "-1"], 2, ["--port", "0 to 65535"]),
         (["serve", "--port", "http"], 2, ["--port", "must be an integer"]),
         (["serve", "-np", "0"], 2, ["-np/--parallel", "must be a positive integer"]),
-        (["serve", "--max-queue", "-1"], 2, ["--max-queue", "must be 0 or more"]),
+        (["serve", "--max-queue", "-1"], 2, ["--max-queue", "must be >= 0"]),
         (["run", "-m", "MODEL", "hi", "-n", "-1"], 2, ["-n/--max-tokens", ">= 0", "see lfm-edge run --help"]),
         (["run", "-m", "MODEL", "hi", "-c", "-5"], 2, ["-c/--ctx-size", "positive"]),
         (["chat", "-m", "MODEL", "-c", "0"], 2, ["-c/--ctx-size", "positive"]),

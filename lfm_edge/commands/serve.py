@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..hub import DEFAULT_MODEL
 from ..server import bind_warning, listen, make_server
-from .common import add_model_args, integer, load_model, positive_int
+from .common import add_model_args, integer, load_model, non_negative_int, positive_int
 
 API_KEY_ENV = "LFM_EDGE_API_KEY"
 
@@ -25,7 +25,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         f"default: ${API_KEY_ENV}")
     p.add_argument("-np", "--parallel", type=positive_int, default=4, metavar="N",
                    help="requests decoded together, each with its own cache (default 4)")
-    p.add_argument("--max-queue", type=non_negative, default=16, metavar="N",
+    p.add_argument("--max-queue", type=non_negative_int, default=16, metavar="N",
                    help="requests that may wait beyond those; more get a 503 with Retry-After (default 16)")
     p.add_argument("--allowed-hosts", type=name_list, action="extend", default=[], metavar="NAMES",
                    help="more host names requests may be addressed to (comma-separated; '*': any). By default "
@@ -50,13 +50,6 @@ def port_number(text: str) -> int:
     value = integer(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be from 0 to 65535 (0: any free port), got {value}")
-    return value
-
-
-def non_negative(text: str) -> int:
-    value = integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
