@@ -18,8 +18,10 @@ import lfm_edge
 from lfm_edge.errors import LfmEdgeError
 
 
-def rewrite(src: Path, dst: Path, *, arch=None, drop_tensor=None, retype=None, reshape=None, set_key=None) -> Path:
-    """Copy a GGUF file, changing one thing."""
+def rewrite(src: Path, dst: Path, *, arch=None, drop_tensor=None, retype=None, reshape=None, set_key=None,
+            values=None) -> Path:
+    """Copy a GGUF file, changing one thing: set_key = (key, value) gives a key a value of
+    another type; values = {key: value} replaces existing keys' values, keeping their types."""
     r = GGUFReader(src)
     a = arch or r.fields["general.architecture"].contents()
     w = GGUFWriter(dst, a)
@@ -27,7 +29,7 @@ def rewrite(src: Path, dst: Path, *, arch=None, drop_tensor=None, retype=None, r
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
         vtype = field.types[0]
-        value = field.contents()
+        value = values[key] if values and key in values else field.contents()
         if set_key and key == set_key[0]:
             value, vtype = set_key[1], GGUFValueType.get_type(set_key[1])
         if vtype == GGUFValueType.ARRAY:

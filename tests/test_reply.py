@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, TokenType
+from gguf import GGUFReader, TokenType
 
 import lfm_edge
 from lfm_edge.reply import (
@@ -27,6 +26,8 @@ from lfm_edge.reply import (
     reply_events,
 )
 from lfm_edge.tiny_models import CHAT_TEMPLATE
+
+import test_bad_input as bad_input
 
 IM_START, IM_END, CALL_START, CALL_END, THINK, END_THINK = 6, 7, 10, 11, 1278, 1279
 SPECIAL = frozenset({0, 1, 2, IM_START, IM_END, CALL_START, CALL_END, THINK, END_THINK})
@@ -223,33 +224,14 @@ def _event(kind, text=""):
 
 def rewrite(src: Path, dst: Path, template: str | None = None, plain: tuple[str, ...] = ()) -> Path:
     """Copy a GGUF file with another chat template, and the tokens `plain` made ordinary text."""
-    r = GGUFReader(src)
-    w = GGUFWriter(dst, r.fields["general.architecture"].contents())
-    tokens = r.fields["tokenizer.ggml.tokens"].contents()
-    for key, fld in r.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        value, vtype = fld.contents(), fld.types[0]
-        if key == "tokenizer.chat_template" and template is not None:
-            value = template
-        if key == "tokenizer.ggml.token_type":
-            value = [int(TokenType.NORMAL) if tokens[i] in plain else t for i, t in enumerate(value)]
-        if vtype == GGUFValueType.ARRAY:
-            w.add_key_value(key, value, vtype, sub_type=fld.types[-1])
-        else:
-            w.add_key_value(key, value, vtype)
-    for t in r.tensors:
-        qtype = GGMLQuantizationType(int(t.tensor_type))
-        data = np.asarray(t.data)
-        if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            w.add_tensor(t.name, data)
-        else:
-            w.add_tensor(t.name, data, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
+    fields = GGUFReader(src).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    types = [int(TokenType.NORMAL) if tokens[i] in plain else t
+             for i, t in enumerate(fields["tokenizer.ggml.token_type"].contents())]
+    values = {"tokenizer.ggml.token_type": types}
+    if template is not None:
+        values["tokenizer.chat_template"] = template
+    return bad_input.rewrite(src, dst, values=values)
 
 
 # the tiny template, ending its generation prompt in <think> as LFM2.5-2.6B's does
