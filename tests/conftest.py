@@ -70,6 +70,29 @@ def run_outside_the_source_tree(tmp_path_factory):
     os.chdir(old)
 
 
+@pytest.fixture(scope="session")
+def llama_quantized(gguf_path, tmp_path_factory):
+    """llama_quantized(ftype) -> tiny model `moe_k` (256-wide rows) as llama.cpp's quantizer
+    writes it from our f32 file for `ftype`, in llama.cpp's spelling ("Q4_K_M", "IQ4_XS")."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    root = tmp_path_factory.mktemp("llama-quantized")
+    made: dict[str, Path] = {}
+
+    def get(ftype: str) -> Path:
+        if ftype not in made:
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+            out = root / f"moe_k-{ftype}.gguf"
+            source = str(gguf_path("moe_k", "f32")).encode()
+            assert llama_cpp.llama_model_quantize(source, str(out).encode(), ctypes.byref(params)) == 0
+            made[ftype] = out
+        return made[ftype]
+
+    return get
+
+
 @pytest.fixture
 def llama_cpp_plain_buffers(monkeypatch):
     """Keep llama.cpp (llama-cpp-python) on its plain CPU buffers.

@@ -15,7 +15,6 @@ f32 and llama.cpp) says little.
 
 from __future__ import annotations
 
-import ctypes
 
 import gguf
 import numpy as np
@@ -27,12 +26,12 @@ from lfm_edge import tiny_models
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-# file -> (llama.cpp ftype, type of most matrices). The mixes raise some tensors to Q6_K:
+# llama.cpp ftype (lower case) -> type of most matrices. The mixes raise some tensors to Q6_K:
 # token_embd (also the output here), attn_v and ffn_down of some layers.
 FTYPES = {
-    "q4_k_m": (llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, Q.Q4_K),
-    "q5_k_m": (llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M, Q.Q5_K),
-    "q6_k": (llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K, Q.Q6_K),
+    "q4_k_m": Q.Q4_K,
+    "q5_k_m": Q.Q5_K,
+    "q6_k": Q.Q6_K,
 }
 # llama.cpp keeps these float32: norms, the 3-tap conv kernel, the router, the expert bias
 F32_TENSORS = ("norm.weight", "shortconv.conv.weight", "ffn_gate_inp.weight", "exp_probs_b.bias")
@@ -62,22 +61,9 @@ def _plain_buffers(llama_cpp_plain_buffers):
 
 
 @pytest.fixture(scope="module")
-def kquant_path(gguf_path, tmp_path_factory):
-    """kquant_path(name) -> the f32 GGUF of moe_k quantized by llama.cpp to FTYPES[name]."""
-    root = tmp_path_factory.mktemp("kquant")
-    made = {}
-
-    def get(name):
-        if name not in made:
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = FTYPES[name][0]
-            out = root / f"moe_k-{name}.gguf"
-            source = str(gguf_path("moe_k", "f32")).encode()
-            assert llama_cpp.llama_model_quantize(source, str(out).encode(), ctypes.byref(params)) == 0
-            made[name] = out
-        return made[name]
-
-    return get
+def kquant_path(llama_quantized):
+    """kquant_path(name) -> the f32 GGUF of moe_k quantized by llama.cpp to ftype `name`."""
+    return lambda name: llama_quantized(name.upper())
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +84,7 @@ def compare(got, want):
 def test_llama_cpp_wrote_k_quants(name, kquant_path):
     types = {t.name: Q(t.tensor_type) for t in gguf.GGUFReader(kquant_path(name)).tensors}
     matrices = {n: t for n, t in types.items() if not n.endswith(F32_TENSORS)}
-    base = FTYPES[name][1]
+    base = FTYPES[name]
     assert {t for n, t in types.items() if n not in matrices} == {Q.F32}
     assert set(matrices.values()) == {base, Q.Q6_K}, matrices
     assert types["token_embd.weight"] == Q.Q6_K

@@ -17,7 +17,6 @@ can flip an expert at a few positions):
 
 from __future__ import annotations
 
-import ctypes
 
 import gguf
 import numpy as np
@@ -72,22 +71,9 @@ def _plain_buffers(llama_cpp_plain_buffers):
 
 
 @pytest.fixture(scope="module")
-def mix_path(gguf_path, tmp_path_factory):
+def mix_path(llama_quantized):
     """mix_path(name) -> the f32 GGUF of moe_k quantized by llama.cpp to ftype `name`."""
-    root = tmp_path_factory.mktemp("mix")
-    made = {}
-
-    def get(name):
-        if name not in made:
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
-            out = root / f"moe_k-{name}.gguf"
-            source = str(gguf_path("moe_k", "f32")).encode()
-            assert llama_cpp.llama_model_quantize(source, str(out).encode(), ctypes.byref(params)) == 0
-            made[name] = out
-        return made[name]
-
-    return get
+    return llama_quantized
 
 
 def row_cosines(a, b):
