@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -87,7 +87,9 @@ setup(
     version=read_version(),
     description="A CPU inference runtime for Liquid AI's LFM2 and LFM2-MoE models",
     python_requires=">=3.10",
-    packages=["lfm_edge", "lfm_edge.commands", "lfm_edge.models", "lfm_edge.quantize"],
+    # every package under lfm_edge/ (a hand-kept list once left lfm_edge.server out of the wheel),
+    # plus quantize/ installed as lfm_edge.quantize
+    packages=find_packages(include=["lfm_edge", "lfm_edge.*"]) + ["lfm_edge.quantize"],
     package_dir={"lfm_edge.quantize": "quantize"},
     ext_modules=[CMakeExtension("lfm_edge._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
