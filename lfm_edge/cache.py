@@ -68,6 +68,12 @@ class Cache:
     def pos(self) -> int:
         return self.state.pos
 
+    @property
+    def nbytes(self) -> int:
+        """What this sequence holds: every attention layer's keys and values for n_ctx positions,
+        and every conv layer's window. (A step's new windows are copies of this size, freed at commit.)"""
+        return sum(kv.keys.nbytes + kv.values.nbytes for kv in self.kv if kv is not None) + self.state.conv.nbytes
+
     def copy(self) -> Cache:
         return copy.deepcopy(self)
 
