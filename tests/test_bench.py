@@ -251,6 +251,20 @@ def test_bench_parallel_reports_aggregate_and_per_sequence_speed(gguf_path):
     assert records[1]["tg_seq_tps"] == pytest.approx(records[1]["tg_tps"] / 2)
 
 
+def test_bench_ttft_during_decode_reports_the_prompt_and_the_running_stream(gguf_path):
+    path = str(gguf_path("moe", "q4_0"))
+    proc = cli("bench", "-m", path, "-t", "1", "-p", "40", "-n", "0", "-r", "2", "--ttft-during-decode", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    # the prompt's first token came after the arrival; the running sequence waited at least
+    # once between two tokens meanwhile (its gap is measured from the arrival too)
+    assert 0 < r["ttft_busy_s"] < 60 and 0 < r["busy_gap_s"] < 60
+    md = cli("bench", "-m", path, "-t", "1", "-p", "40", "-n", "0", "-r", "1", "--ttft-during-decode").stdout
+    line = next(x for x in md.splitlines() if "arriving while another sequence decodes" in x)
+    assert line.startswith("1 thread: time to first token of a prompt arriving while another sequence decodes pp40 ")
+    assert "the decoding sequence's longest wait for a token" in line and "(chunks of " in line
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -267,6 +281,7 @@ def test_bench_parallel_reports_aggregate_and_per_sequence_speed(gguf_path):
         (["-m", "MODEL", "-p", "16,-3"], ["-p/--n-prompt", "at least 0"]),
         (["-m", "MODEL", "-o", "xml"], ["-o/--output", "md, csv, json, jsonl"]),
         (["-m", "MODEL", "-np", "0"], ["-np/--parallel", "at least 1"]),
+        (["-m", "MODEL", "-p", "0", "--ttft-during-decode"], ["--ttft-during-decode", "-p N"]),
         (["-m", "/"], ["/: is a directory"]),
         (["-m", "MODEL", "--bogus"], ["unrecognized arguments: --bogus", "see lfm-edge bench --help"]),
     ],
