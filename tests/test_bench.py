@@ -346,3 +346,42 @@ def test_compare_reports_both_and_survives_a_llama_cpp_crash(gguf_path, tmp_path
     row = next(line for line in out.splitlines() if line.startswith("| 1 | tg4 |"))
     # the ratio column is lfm-edge / llama.cpp
     assert f"| {ours['tg_tps'] / 20.0:.3f} |" in row
+
+
+FAKE_BATCHED_BENCH = """\
+#!{python}
+import json, sys
+args = sys.argv[1:]
+opt = lambda name: args[args.index(name) + 1]
+assert opt("--output-format") == "jsonl" and int(opt("-c")) >= 4 * (int(opt("-npp")) + int(opt("-ntg")))
+print("llama_batched_bench: some log line")
+for pl in map(int, opt("-npl").split(",")):
+    print(json.dumps(dict(pp=int(opt("-npp")), tg=int(opt("-ntg")), pl=pl, n_threads=int(opt("-t")),
+                          speed_tg=10.0 * pl ** 0.5, t_tg=1.0)))
+"""
+
+
+def test_compare_np_puts_batched_decode_beside_llama_batched_bench(gguf_path, tmp_path):
+    fake = tmp_path / "llama-batched-bench"
+    fake.write_text(FAKE_BATCHED_BENCH.format(python=sys.executable))
+    fake.chmod(0o755)
+    raw = tmp_path / "raw.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "compare.py"), "--model", str(gguf_path("moe", "q4_0")), "-t", "1",
+         "--np", "1", "4", "-d", "8", "-n", "4", "-r", "1", "--llama-batched-bench", str(fake), "--wait-idle", "0",
+         "--json-out", str(raw)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "each with its own 8-token prompt" in out and "positions 8..11" in out
+    ours = next(r["results"] for r in json.loads(raw.read_text())["runs"] if r["tool"] == "lfm-edge")
+    rows = {int(line.split("|")[2]): [c.strip() for c in line.split("|")[1:-1]]
+            for line in out.splitlines() if line.startswith("| 1 | ")}
+    assert sorted(rows) == [1, 4]
+    for np_, row in rows.items():  # threads, np, llama t/s, ours, ratio, per seq x2, x np1 x2
+        mine = ours[str(np_)]
+        assert row[2] == f"{10.0 * np_ ** 0.5:.2f}" and row[3] == f"{mine['tg_tps']:.2f}"
+        assert row[4] == f"{mine['tg_tps'] / (10.0 * np_ ** 0.5):.3f}"
+        assert row[5] == f"{10.0 * np_ ** 0.5 / np_:.2f}" and row[6] == f"{mine['tg_seq_tps']:.2f}"
+        assert row[7] == f"{np_ ** 0.5:.2f}" and row[8] == f"{mine['tg_tps'] / ours['1']['tg_tps']:.2f}"
