@@ -41,6 +41,7 @@ import functools
 import json
 import re
 import threading
+import warnings
 from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
 from typing import Any
@@ -182,7 +183,9 @@ class ChatTemplate:
         try:
             ast = env.parse(source)
             names, strings = _names_read(ast), _strings(ast)
-            self._template = env.from_string(env.bound(ast))
+            with warnings.catch_warnings():  # Python's compiler warns about the code jinja2
+                warnings.simplefilter("ignore")  # makes of `{{ 5[0] }}`: stderr is no place for it
+                self._template = env.from_string(env.bound(ast))
         except jinja2.TemplateSyntaxError as e:
             raise TemplateError(f"the chat template does not parse: {one_line(e.message)} (line {e.lineno})") from None
         except Exception as e:  # a template nested past the parser's recursion, ...
