@@ -20,7 +20,11 @@ uint64_t read_streams(const uint8_t* data, int64_t n) {
     }
     __m512i total = acc[0];
     for (int s = 1; s < kStreams; ++s) total = _mm512_add_epi64(total, acc[s]);
-    return static_cast<uint64_t>(_mm512_reduce_add_epi64(total));
+    alignas(64) uint64_t lanes[8];
+    _mm512_store_si512(lanes, total);
+    uint64_t sum = 0;
+    for (uint64_t x : lanes) sum += x;
+    return sum;
 }
 
 uint64_t read_sum(const uint8_t* data, int64_t n, int streams) {
