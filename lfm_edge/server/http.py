@@ -612,8 +612,10 @@ class Server(ThreadingHTTPServer):
 
 
 def clip(message: str, limit: int = MAX_MESSAGE) -> str:
-    """An error message of at most `limit` characters: one that quotes a client's 100 KB role
-    or path keeps its start and end, the part that says what to do."""
+    """An error message as one line of at most `limit` characters: a line break it quotes from
+    the client is written as \\n, and one that quotes a client's 100 KB role or path keeps its
+    start and end, the part that says what to do."""
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
     if len(message) <= limit:
         return message
     tail = limit // 4
