@@ -137,6 +137,17 @@ def test_cases_reach_every_command_and_the_stdin_cases(gguf_path, tmp_path):
     assert made == [make_case(flags, "M", tmp_path, SHORT_SEED, i) for i in range(SHORT_CASES)]
 
 
+def test_every_sampler_flag_at_its_extremes(gguf_path, tmp_path):
+    """`--repetition-penalty 1e-40` ended in numpy's 'Probabilities contain NaN' traceback."""
+    model = str(gguf_path("moe", "q8_0"))
+    argvs = [["run", "-m", model, "hi", "-n", "2", flag, value]
+             for flag in ("--temperature", "--top-p", "--min-p", "--repetition-penalty")
+             for value in ("1e-40", "1e40", "nan", "inf")] + [["run", "-m", model, "hi", "-n", "2", "--seed", "9" * 400]]
+    with ThreadPoolExecutor(2) as pool:
+        problems = list(pool.map(lambda argv: run_case(argv, None, tmp_path), argvs))
+    assert not any(problems), [f"{' '.join(a[5:])[:60]}: {p}" for a, p in zip(argvs, problems) if p]
+
+
 @pytest.mark.parametrize("stdin", [b"\xff\xfe binary\n", b"\xed\xa0\x80\n", b"ok \x00 nul\n"])
 def test_binary_stdin_is_one_sentence_or_works(gguf_path, tmp_path, stdin):
     model = str(gguf_path("moe", "q8_0"))
