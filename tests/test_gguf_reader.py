@@ -121,6 +121,12 @@ def test_a_huge_table_reads_by_name_and_in_order(table_file, gguf_path):
     assert [t.name for t in f.tensors.values()] == names and [n for n, _ in f.tensors.items()] == names
 
 
+def test_a_file_with_tensors_the_model_does_not_use_is_refused_quickly(table_file):
+    start = time.perf_counter()
+    assert "holds 100000 tensors that lfm2moe does not use (the first is x.0000000)" in load_error(table_file[0])
+    assert time.perf_counter() - start < 20  # ~1 s
+
+
 def test_tensor_lookup_when_names_share_a_hash(gguf_path, tmp_path, monkeypatch):
     """The name index is the names' hashes sorted: equal hashes are told apart by the names."""
     monkeypatch.setattr(gguf_file, "hash", lambda name: len(name) % 3, raising=False)

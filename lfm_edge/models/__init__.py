@@ -18,4 +18,10 @@ def build_model(f: GGUFFile) -> lfm2.Model:
         names = ", ".join(sorted(ARCHITECTURES))
         raise f.error(f"architecture '{f.arch}' is not supported (lfm-edge runs: {names})")
     args = module.ModelArgs.from_gguf(f)
-    return module.Model(args, lfm2.Weights(f))
+    weights = lfm2.Weights(f)
+    model = module.Model(args, weights)
+    if len(f.tensors) > len(weights.used):  # llama.cpp refuses them too ("wrong number of tensors")
+        first = next(name for name in f.tensors if name not in weights.used)
+        raise f.error(f"holds {len(f.tensors) - len(weights.used)} tensors that {f.arch} does not use "
+                      f"(the first is {first})")
+    return model

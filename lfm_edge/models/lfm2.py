@@ -72,8 +72,10 @@ class Weights:
 
     def __init__(self, f: GGUFFile):
         self.file = f
+        self.used: set[str] = set()  # the names asked for: a file must hold no others
 
     def get(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        self.used.add(name)
         t = self.file.tensors.get(name)
         if t is None:
             raise self.file.error(f"tensor {name} is missing")
