@@ -1,10 +1,10 @@
 // Test-only: the AVX-512 attention kernel (csrc/attention_impl.h in qmatmul_avx512.cpp, compiled
 // against SIMDe, see immintrin.h here) against its scalar twin, on both of the kernel's paths
 // (the rows of a decode step, the tiles of a prompt) over float32 and float16 caches, with a
-// non-finite key and value. The two differ in the order of their float32 sums, so a result
-// must agree within kTolerance of the output's largest magnitude, and be non-finite exactly
-// where the scalar one is. Prints one line per mismatch, then the count, and exits non-zero if
-// there was any.
+// NaN query, an infinite key and a NaN value. The two differ in the order of their float32
+// sums, so a result must agree within kTolerance of the output's largest magnitude, and be
+// non-finite exactly where the scalar one is. Prints one line per mismatch, then the count,
+// and exits non-zero if there was any.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -67,6 +67,7 @@ int main() {
                     k16[i] = random_half(rng);
                     v16[i] = random_half(rng);
                 }
+                if (poisoned) q[q.size() - 1] = std::numeric_limits<float>::quiet_NaN();  // the last query
                 if (poisoned && c.q_start + c.tokens > 5) {  // KV head 0: an infinite key, a NaN value
                     k32[3 * c.d + 1] = std::numeric_limits<float>::infinity();
                     k16[3 * c.d + 1] = 0x7c00;
