@@ -4,9 +4,10 @@
 
 For each thread count it runs llama.cpp's `llama-bench -o json` and `lfm-edge bench --json`, one
 after the other, each in its own process (peak RSS is that process's, from wait4), plus the memory
-bandwidth probe (bench/bandwidth.py), and prints a markdown report: pp and tg tokens/s of both,
-the ratio lfm-edge / llama.cpp, tg as a percentage of the bandwidth roofline, time to first
-token, load time and peak RSS against the file size.
+bandwidth probe (bench/bandwidth.py) and the int8 peak probe (bench/peak.py), and prints a markdown
+report: pp and tg tokens/s of both, the ratio lfm-edge / llama.cpp, pp as a percentage of the int8
+roofline (peak GMAC/s / GMAC per prompt token) and tg of the bandwidth roofline (GB/s / GB read
+per token), time to first token, load time and peak RSS against the file size.
 
 With --np 1 2 4 8 it compares decoding several sequences at once instead: llama.cpp's
 `llama-batched-bench -npp D -ntg N -npl 1,2,4,8 --output-format jsonl` against `lfm-edge bench
@@ -41,6 +42,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bandwidth
+
+from lfm_edge import probes
 
 
 @dataclass
@@ -289,9 +292,9 @@ def fmt(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def report(args, model_info, bw, rows, notes) -> str:
+def report(args, model_info, bw, peaks, rows, notes) -> str:
     size_mb = model_info["file_bytes"] / 1e6
-    act = model_info["active_bytes"]
+    act, macs = model_info["active_bytes"], model_info["prefill_macs"]
     out = [
         f"### lfm-edge vs llama.cpp: `{Path(args.model).name}` ({model_info['file_bytes'] / 1e9:.2f} GB)",
         "",
@@ -307,13 +310,18 @@ def report(args, model_info, bw, rows, notes) -> str:
                     f"({b['gbps_min']:.1f}-{b['gbps_max']:.1f})" for b in bw.values())
         + " -> decode roofline "
         + ", ".join(f"{b['gbps'] * 1e9 / act:.1f} tok/s @ {t}t" for t, b in bw.items())
+        + f". A prompt token takes {macs / 1e9:.3f} GMAC; int8 peak ("
+        + f"{next(iter(peaks.values()))['instructions']}): "
+        + ", ".join(f"{pk['gmacs']:.0f} GMAC/s @ {t}t" for t, pk in peaks.items())
+        + " -> prefill roofline "
+        + ", ".join(f"{pk['gmacs'] * 1e9 / macs:.0f} tok/s @ {t}t" for t, pk in peaks.items())
         + ".",
         "",
-        "| threads | test | llama.cpp t/s | lfm-edge t/s (min-max) | lfm-edge / llama.cpp | tg % of roofline: llama.cpp / lfm-edge |",
+        "| threads | test | llama.cpp t/s | lfm-edge t/s (min-max) | lfm-edge / llama.cpp | % of roofline: llama.cpp / lfm-edge |",
         "| ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        roof = bw[r["threads"]]["gbps"] * 1e9 / act
+        roofs = {"pp": peaks[r["threads"]]["gmacs"] * 1e9 / macs, "tg": bw[r["threads"]]["gbps"] * 1e9 / act}
         for test, label in (("pp", f"pp{args.n_prompt}"), ("tg", f"tg{args.n_gen}"),
                             ("tg_depth", f"tg{args.n_gen} @ d{args.ctx_depth}")):
             ll, ours = r["llama"].get(test), r["lfm"].get(test)
@@ -323,10 +331,9 @@ def report(args, model_info, bw, rows, notes) -> str:
                     if ll else r["llama_error"] or "n/a")
             ours_s = (f"{ours['tps']:.2f} ({ours['min']:.2f}-{ours['max']:.2f})" if ours else r["lfm_error"] or "n/a")
             ratio = fmt(ours["tps"] / ll["avg_ts"], 3) if ll and ours else "n/a"
-            pct = ""
-            if test.startswith("tg"):
-                pct = (f"{100 * ll['avg_ts'] / roof:.0f}%" if ll else "n/a") + " / " + \
-                      (f"{100 * ours['tps'] / roof:.1f}%" if ours else "n/a")
+            roof = roofs[test[:2]]
+            pct = (f"{100 * ll['avg_ts'] / roof:.0f}%" if ll else "n/a") + " / " + \
+                  (f"{100 * ours['tps'] / roof:.1f}%" if ours else "n/a")
             out.append(f"| {r['threads']} | {label} | {ll_s} | {ours_s} | {ratio} | {pct} |")
     out += [
         "",
@@ -366,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-build", action="store_true", help="never build llama-bench variants")
     p.add_argument("--timeout", type=float, default=4 * 3600, help="seconds allowed per benchmark process")
     p.add_argument("--json-out", type=Path, help="also write every raw result here")
-    p.add_argument("--bandwidth-mb", type=int, default=2048, help="buffer of the bandwidth probe (MiB)")
+    p.add_argument("--bandwidth-mb", type=int, default=1024, help="buffer of the bandwidth probe (MiB)")
     p.add_argument("--wait-idle", type=float, default=600,
                    help="before each run wait up to this many seconds for other processes to leave the CPU "
                         "(default 600; 0: do not wait)")
@@ -404,7 +411,12 @@ def main(argv: list[str] | None = None) -> int:
         before = quiet(f"bandwidth probe, {t} thread(s)")
         bw[t] = bandwidth.measure(t, args.bandwidth_mb)
         bw[t]["busy_before"] = before
-    rows, raw = [], {"bandwidth": bw, "model": model_info, "runs": []}
+    peaks = {}
+    for t in args.threads:
+        before = quiet(f"int8 peak probe, {t} thread(s)")
+        peaks[t] = probes.int8_peak(t)
+        peaks[t]["busy_before"] = before
+    rows, raw = [], {"bandwidth": bw, "int8_peak": peaks, "model": model_info, "runs": []}
     for t in args.threads:
         row = {"threads": t, "llama": {}, "lfm": {}, "lfm_raw": {}, "llama_error": None, "lfm_error": None,
                "llama_config": None, "llama_rss": None, "lfm_rss": None}
@@ -452,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "others_cpu": proc.others_cpu})
         rows.append(row)
     notes.append(f"load average (1/5/15 min) at the end: {loadavg()}")
-    text = report(args, model_info, bw, rows, notes)
+    text = report(args, model_info, bw, peaks, rows, notes)
     print(text)
     if args.json_out:
         args.json_out.write_text(json.dumps(raw, indent=1, default=str))

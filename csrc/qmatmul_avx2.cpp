@@ -1,6 +1,9 @@
 // AVX2 int8-activation kernels: the packed 16-row blocks (packed.h) against int8 activations
 // with vpmaddubsw + vpmaddwd, each 16-row group as two halves of 8 rows; the tiles that
-// qmatmul_impl.h runs over the row groups. Same bits as the scalar twins in qmatmul_scalar.cpp.
+// qmatmul_impl.h runs over the row groups. In prefill a tile holds 8 rows x 4 tokens in
+// registers and adds vpmaddubsw's int16 pair sums for as many operands as cannot overflow
+// before one vpmaddwd widens them (kInt16Run). Same bits as the scalar twins in
+// qmatmul_scalar.cpp: every integer sum is exact.
 // Internal linkage for everything but the table entries (see kernels.h).
 #include <immintrin.h>
 
@@ -15,7 +18,7 @@ namespace lfm {
 namespace {
 
 namespace this_isa = avx2;
-constexpr int kTokenTile = 2;  // tokens that share each loaded weight block (prefill)
+constexpr int kTokenTile = 4;  // tokens that share each unpacked weight block (prefill)
 
 static inline __m256i broadcast4(const int8_t* p) {  // 4 activation bytes into every lane
     int32_t v;
@@ -23,18 +26,41 @@ static inline __m256i broadcast4(const int8_t* p) {  // 4 activation bytes into 
     return _mm256_set1_epi32(v);
 }
 
-// Sum of 4 adjacent u8 x s8 products per int32 lane, like vpdpbusd. The pair sums cannot
-// saturate: each side of a pair is below 2^15 / 2 for the operands the callers pass.
-static inline __m256i dot4(__m256i u, __m256i s) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+// y[0, min(rows, 8)) from one 8-row half's sums.
+static inline void store_half(__m256 acc, int rows, float* y) {
+    if (rows >= 8) {
+        _mm256_storeu_ps(y, acc);
+        return;
+    }
+    alignas(32) float out[8];
+    _mm256_store_ps(out, acc);
+    std::memcpy(y, out, sizeof(float) * static_cast<size_t>(rows));
 }
 
-// y[0, rows) from the two 8-row halves of one token's sums.
-static inline void store_rows(const __m256 (&acc)[2], int rows, float* y) {
-    alignas(32) float out[16];
-    _mm256_store_ps(out, acc[0]);
-    _mm256_store_ps(out + 8, acc[1]);
-    std::memcpy(y, out, sizeof(float) * static_cast<size_t>(rows));
+// A tile's loop over the blocks of one row group, for its two 8-row halves h: step(i, h,
+// prefetch, acc) adds step i's products (a block, or a K-quant sub-block) for half h to the TT
+// token accumulators. Decode (TT == 1) does both halves in one pass, so the weights stream once
+// from memory as stored; a token tile does one half per pass, so that its TT accumulators, TT
+// dot products and the unpacked operands fit the 16 registers (the second pass finds the row
+// group in cache).
+template <int TT, class Step>
+static inline void over_halves(int64_t n_steps, int rows, float* y, int64_t ldy, int64_t t0, int64_t row0,
+                               const Step& step) {
+    constexpr int kPerPass = TT == 1 ? 2 : 1;
+    for (int first = 0; first < 2 && 8 * first < rows; first += kPerPass) {
+        __m256 acc[kPerPass][TT];
+        for (int p = 0; p < kPerPass; ++p) {
+            for (int t = 0; t < TT; ++t) acc[p][t] = _mm256_setzero_ps();
+        }
+        for (int64_t i = 0; i < n_steps; ++i) {
+            for (int p = 0; p < kPerPass; ++p) step(i, first + p, first + p == 0, acc[p]);
+        }
+        for (int p = 0; p < kPerPass; ++p) {
+            const int h = first + p;
+            if (8 * h >= rows) break;
+            for (int t = 0; t < TT; ++t) store_half(acc[p][t], rows - 8 * h, y + (t0 + t) * ldy + row0 + 8 * h);
+        }
+    }
 }
 
 // The 8 operands (weights 4o..4o+3 of 8 rows) of half h of a Q4_0x16-style nibble array.
@@ -135,57 +161,84 @@ constexpr bool kSignedOperands<Q8_0x16> = true;
 template <>
 constexpr bool kSignedOperands<IQ4_NLx16> = true;
 
-// One operand's 4-weight dot products. Unsigned operands are at most 31; signed ones at most 128
-// in magnitude, their sign moved onto the activation so that the unsigned side is |w|: either
-// way, with |a| <= 127, vpmaddubsw's pair sums stay below 2^15.
+// Operands whose vpmaddubsw pair sums may be added in int16 before vpmaddwd widens them to
+// int32 (one vpmaddwd per run instead of one per operand). With |a| <= 127 a pair sum is at
+// most 2 * 15 * 127 = 3810 for nibbles (8 operands sum below 2^15), 2 * 31 * 127 = 7874 for
+// 5-bit quants (4 do), and up to 2 * 128 * 127 = 32512 for the signed types (1 only). The sums
+// stay exact integers, so the results are the scalar twin's bits.
+template <class Block>
+constexpr int kInt16Run = 8;
+template <>
+constexpr int kInt16Run<Q5_0x16> = 4;
+template <>
+constexpr int kInt16Run<Q5_1x16> = 4;
+template <>
+constexpr int kInt16Run<Q8_0x16> = 1;
+template <>
+constexpr int kInt16Run<IQ4_NLx16> = 1;
+template <>
+constexpr int kInt16Run<Q5_Kx16> = 4;
+
+// One operand's 4-weight products, as int16 pair sums. Unsigned operands are at most 31; signed
+// ones at most 128 in magnitude, their sign moved onto the activation so that the unsigned side
+// is |w|: either way, with |a| <= 127, vpmaddubsw's pair sums stay below 2^15.
 template <bool kSigned>
-static inline __m256i operand_dot(__m256i w, const int8_t* a) {
+static inline __m256i operand_product(__m256i w, const int8_t* a) {
     const __m256i a4 = broadcast4(a);
-    if constexpr (kSigned) return dot4(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a4, w));
-    return dot4(w, a4);
+    if constexpr (kSigned) return _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a4, w));
+    return _mm256_maddubs_epi16(w, a4);
 }
 
-// The exact integer dot products of half h (8 rows) with 32 activations, before the offset.
-template <bool kSigned, class Pair>
-static inline __m256i streamed_dot(const int8_t* a, const Pair& pair) {
-    __m256i acc = _mm256_setzero_si256();
+// The exact integer dot products of half h (8 rows) of one block with the 32 activations of
+// each of TT tokens (token t's at a + t * lda), before the offset: each operand is unpacked
+// once and used by every token, its products summed in int16 kRun operands at a time.
+template <int kRun, bool kSigned, int TT, class Pair>
+static inline void streamed_dots(const int8_t* a, int64_t lda, const Pair& pair, __m256i (&dot)[TT]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i run[TT];
+    for (int t = 0; t < TT; ++t) dot[t] = run[t] = _mm256_setzero_si256();
     for (int c = 0; c < 4; ++c) {
-        __m256i lo, hi;
-        pair(c, &lo, &hi);
-        acc = _mm256_add_epi32(acc, operand_dot<kSigned>(lo, a + 4 * c));
-        acc = _mm256_add_epi32(acc, operand_dot<kSigned>(hi, a + 16 + 4 * c));
-    }
-    return acc;
-}
-
-template <class Block, int TT>
-void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nb,
-                    int rows, float* y, int64_t ldy, int64_t row0) {
-    __m256 acc[TT][2];
-    for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
-        const Block& blk = blocks[b];
-        prefetch_weights(&blk, sizeof(Block));
-        const int32_t offset = offset_of(blk);
-        for (int h = 0; h < 2; ++h) {
-            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.d + 8 * h)));
+        __m256i w[2];  // weights 4c .. 4c+3 and 16+4c .. 16+4c+3
+        pair(c, &w[0], &w[1]);
+        for (int i = 0; i < 2; ++i) {
+            const int o = 2 * c + i;  // operands in the order they are summed
             for (int t = 0; t < TT; ++t) {
-                const int64_t token = t0 + t;
-                const int32_t a_sum = x.sum[token * nb + b];
-                const __m256i raw = streamed_dot<kSignedOperands<Block>>(
-                    x.q + token * x.k + b * kQuantBlock,
-                    [&](int c, __m256i* lo, __m256i* hi) { operand_pair(blk, h, c, lo, hi); });
-                const __m256i dot = _mm256_sub_epi32(raw, _mm256_set1_epi32(offset * a_sum));
-                const __m256 dx = _mm256_set1_ps(x.d[token * nb + b]);
-                acc[t][h] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(dot), acc[t][h]);
-                if constexpr (kHasMin<Block>) {
-                    const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.m + 8 * h)));
-                    acc[t][h] = _mm256_fmadd_ps(_mm256_mul_ps(mw, dx), _mm256_set1_ps(static_cast<float>(a_sum)), acc[t][h]);
-                }
+                const __m256i p = operand_product<kSigned>(w[i], a + t * lda + 16 * i + 4 * c);
+                run[t] = o % kRun == 0 ? p : _mm256_add_epi16(run[t], p);
+                // Keeps the sums in this order: gcc otherwise reassociates them into a tree of
+                // products that no longer fits the registers (spills: 15% slower, measured).
+                __asm__("" : "+x"(run[t]));
+                if (o % kRun == kRun - 1) dot[t] = _mm256_add_epi32(dot[t], _mm256_madd_epi16(run[t], ones));
             }
         }
     }
-    for (int t = 0; t < TT; ++t) store_rows(acc[t], rows, y + (t0 + t) * ldy + row0);
+}
+
+// One row group for TT tokens (kTokenTile, 4, in prefill): each unpacked operand (8 rows x 4
+// weights) is used by the TT tokens from a register.
+template <class Block, int TT>
+void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nb,
+                    int rows, float* y, int64_t ldy, int64_t row0) {
+    over_halves<TT>(nb, rows, y, ldy, t0, row0, [&](int64_t b, int h, bool prefetch, __m256 (&acc)[TT]) {
+        const Block& blk = blocks[b];
+        if (prefetch) prefetch_weights(&blk, sizeof(Block));
+        __m256i dots[TT];
+        streamed_dots<kInt16Run<Block>, kSignedOperands<Block>>(
+            x.q + t0 * x.k + b * kQuantBlock, x.k,
+            [&](int c, __m256i* lo, __m256i* hi) { operand_pair(blk, h, c, lo, hi); }, dots);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.d + 8 * h)));
+        for (int t = 0; t < TT; ++t) {
+            const int64_t token = t0 + t;
+            const int32_t a_sum = x.sum[token * nb + b];
+            const __m256i dot = _mm256_sub_epi32(dots[t], _mm256_set1_epi32(offset_of(blk) * a_sum));
+            const __m256 dx = _mm256_set1_ps(x.d[token * nb + b]);
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(dot), acc[t]);
+            if constexpr (kHasMin<Block>) {
+                const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.m + 8 * h)));
+                acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(mw, dx), _mm256_set1_ps(static_cast<float>(a_sum)), acc[t]);
+            }
+        }
+    });
 }
 
 // ---- K-quants (packed.h), each 16-row group as two halves of 8 rows like the blocks above
@@ -193,10 +246,12 @@ void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int
 static inline const Q4_Kx16& low_part(const Q4_Kx16& blk) { return blk; }
 static inline const Q4_Kx16& low_part(const Q5_Kx16& blk) { return blk.low; }
 
-static inline void unpack_k(const Q4_Kx16& blk, int j, int h, __m256i w[8]) { unpack_nibbles(blk.qs[j], h, w); }
-static inline void unpack_k(const Q5_Kx16& blk, int j, int h, __m256i w[8]) {
-    unpack_nibbles(blk.low.qs[j], h, w);
-    add_mask_bits(blk.qh[j], h, 16, w);
+// Operands c and c + 4 of half h of sub-block j, unsigned (at most 15 / 31).
+static inline void k_operand_pair(const Q4_Kx16& blk, int j, int h, int c, __m256i* lo, __m256i* hi) {
+    nibble_pair(blk.qs[j], h, c, lo, hi);
+}
+static inline void k_operand_pair(const Q5_Kx16& blk, int j, int h, int c, __m256i* lo, __m256i* hi) {
+    five_bit_pair(blk.low.qs[j], blk.qh[j], h, c, lo, hi);
 }
 
 static inline __m256 u8x8_to_ps(const uint8_t* p) {
@@ -208,36 +263,27 @@ template <class Block, int TT>
 void k_affine_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb, int rows,
                    float* y, int64_t ldy, int64_t row0) {
     const int64_t nb = x.k / kQuantBlock;
-    __m256 acc[TT][2];
-    for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-    for (int64_t sb = 0; sb < nsb; ++sb) {
-        const Block& blk = blocks[sb];
+    over_halves<TT>(8 * nsb, rows, y, ldy, t0, row0, [&](int64_t b, int h, bool prefetch, __m256 (&acc)[TT]) {
+        const Block& blk = blocks[b / 8];
+        const int j = static_cast<int>(b % 8);
+        if (prefetch) prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         const Q4_Kx16& low = low_part(blk);
-        for (int j = 0; j < 8; ++j) {
-            prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
-            const int64_t b = 8 * sb + j;
-            for (int h = 0; h < 2; ++h) {
-                const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(low.d + 8 * h)));
-                const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(low.dmin + 8 * h)));
-                const __m256 scale = _mm256_mul_ps(d, u8x8_to_ps(low.sc[j] + 8 * h));  // exact
-                const __m256 min = _mm256_mul_ps(dmin, u8x8_to_ps(low.m[j] + 8 * h));  // exact
-                __m256i w[8];
-                unpack_k(blk, j, h, w);
-                for (int t = 0; t < TT; ++t) {
-                    const int64_t token = t0 + t;
-                    const int8_t* a = x.q + token * x.k + b * kQuantBlock;
-                    __m256i dot = _mm256_setzero_si256();
-                    // u <= 31, |a| <= 127: pair sums stay below 2^15
-                    for (int o = 0; o < 8; ++o) dot = _mm256_add_epi32(dot, dot4(w[o], broadcast4(a + 4 * o)));
-                    const __m256 dx = _mm256_set1_ps(x.d[token * nb + b]);
-                    const __m256 sum = _mm256_set1_ps(static_cast<float>(x.sum[token * nb + b]));
-                    acc[t][h] = _mm256_fmadd_ps(_mm256_mul_ps(scale, dx), _mm256_cvtepi32_ps(dot), acc[t][h]);
-                    acc[t][h] = _mm256_fnmadd_ps(_mm256_mul_ps(min, dx), sum, acc[t][h]);
-                }
-            }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(low.d + 8 * h)));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(low.dmin + 8 * h)));
+        const __m256 scale = _mm256_mul_ps(d, u8x8_to_ps(low.sc[j] + 8 * h));  // exact
+        const __m256 min = _mm256_mul_ps(dmin, u8x8_to_ps(low.m[j] + 8 * h));  // exact
+        __m256i dots[TT];
+        streamed_dots<kInt16Run<Block>, false>(
+            x.q + t0 * x.k + b * kQuantBlock, x.k,
+            [&](int c, __m256i* lo, __m256i* hi) { k_operand_pair(blk, j, h, c, lo, hi); }, dots);
+        for (int t = 0; t < TT; ++t) {
+            const int64_t token = t0 + t;
+            const __m256 dx = _mm256_set1_ps(x.d[token * nb + b]);
+            const __m256 sum = _mm256_set1_ps(static_cast<float>(x.sum[token * nb + b]));
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(scale, dx), _mm256_cvtepi32_ps(dots[t]), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_mul_ps(min, dx), sum, acc[t]);
         }
-    }
-    for (int t = 0; t < TT; ++t) store_rows(acc[t], rows, y + (t0 + t) * ldy + row0);
+    });
 }
 
 // The 2-bit fields of half h of a Q6_Kx16.qh-style q2[128] (operand 4v + s at bits 2s, 2s+1 of
@@ -269,55 +315,56 @@ static inline int32_t unpack_scaled16(const Q3_Kx16& blk, int j, int h, __m256i 
     return 4;
 }
 
-// The two 16-weight halves' dot products of 8 unsigned operands (u <= 63, |a| <= 127: pair sums
-// <= 16002, no saturation), each starting from `init`.
-static inline void dot16x2(const __m256i w[8], const int8_t* a, __m256i init0, __m256i init1,
-                           __m256i* dot0, __m256i* dot1) {
+// The dot product of 4 unsigned operands (16 weights) with 16 activations, plus `init`: the
+// int16 pair sums added kRun operands at a time (u <= 63: pair sums <= 16002, so 2 fit; u <= 7:
+// 4 do), then widened.
+template <int kRun>
+static inline __m256i dot16(const __m256i* w, const int8_t* a, __m256i init) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i run = _mm256_setzero_si256();
     for (int i = 0; i < 4; ++i) {
-        init0 = _mm256_add_epi32(init0, dot4(w[i], broadcast4(a + 4 * i)));
-        init1 = _mm256_add_epi32(init1, dot4(w[i + 4], broadcast4(a + 16 + 4 * i)));
+        const __m256i p = _mm256_maddubs_epi16(w[i], broadcast4(a + 4 * i));
+        run = i % kRun == 0 ? p : _mm256_add_epi16(run, p);
+        __asm__("" : "+x"(run));  // as in streamed_dots
+        if (i % kRun == kRun - 1) init = _mm256_add_epi32(init, _mm256_madd_epi16(run, ones));
     }
-    *dot0 = init0;
-    *dot1 = init1;
+    return init;
 }
 
 static inline __m256i i8x8_to_epi32(const int8_t* p) {
     return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 }
 
+template <class Block>
+constexpr int kScaled16Run = 4;  // Q3_K: u <= 7
+template <>
+constexpr int kScaled16Run<Q6_Kx16> = 2;  // u <= 63
+
 // Q6_K / Q3_K: acc += (d dx) (sc0 (dot0 - off sum0) + sc1 (dot1 - off sum1)), as the scalar twin.
 template <class Block, int TT>
 void scaled16_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb, int rows,
                    float* y, int64_t ldy, int64_t row0) {
     const int64_t nb = x.k / kQuantBlock;
-    __m256 acc[TT][2];
-    for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-    for (int64_t sb = 0; sb < nsb; ++sb) {
-        const Block& blk = blocks[sb];
-        for (int j = 0; j < 8; ++j) {
-            prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
-            const int64_t b = 8 * sb + j;
-            for (int h = 0; h < 2; ++h) {
-                __m256i w[8];
-                const int32_t offset = unpack_scaled16(blk, j, h, w);
-                const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.d + 8 * h)));
-                const __m256i sc0 = i8x8_to_epi32(blk.sc[2 * j] + 8 * h);
-                const __m256i sc1 = i8x8_to_epi32(blk.sc[2 * j + 1] + 8 * h);
-                for (int t = 0; t < TT; ++t) {
-                    const int64_t token = t0 + t;
-                    const int32_t* s16 = x.sum16 + token * 2 * nb + 2 * b;
-                    __m256i dot0, dot1;
-                    dot16x2(w, x.q + token * x.k + b * kQuantBlock, _mm256_set1_epi32(-offset * s16[0]),
-                            _mm256_set1_epi32(-offset * s16[1]), &dot0, &dot1);
-                    const __m256i combined = _mm256_add_epi32(_mm256_mullo_epi32(sc0, dot0),
-                                                              _mm256_mullo_epi32(sc1, dot1));
-                    const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(x.d[token * nb + b]));
-                    acc[t][h] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(combined), acc[t][h]);
-                }
-            }
+    over_halves<TT>(8 * nsb, rows, y, ldy, t0, row0, [&](int64_t b, int h, bool prefetch, __m256 (&acc)[TT]) {
+        const Block& blk = blocks[b / 8];
+        const int j = static_cast<int>(b % 8);
+        if (prefetch) prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+        __m256i w[8];
+        const int32_t offset = unpack_scaled16(blk, j, h, w);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.d + 8 * h)));
+        const __m256i sc0 = i8x8_to_epi32(blk.sc[2 * j] + 8 * h);
+        const __m256i sc1 = i8x8_to_epi32(blk.sc[2 * j + 1] + 8 * h);
+        for (int t = 0; t < TT; ++t) {
+            const int64_t token = t0 + t;
+            const int8_t* a = x.q + token * x.k + b * kQuantBlock;
+            const int32_t* s16 = x.sum16 + token * 2 * nb + 2 * b;
+            const __m256i dot0 = dot16<kScaled16Run<Block>>(w, a, _mm256_set1_epi32(-offset * s16[0]));
+            const __m256i dot1 = dot16<kScaled16Run<Block>>(w + 4, a + 16, _mm256_set1_epi32(-offset * s16[1]));
+            const __m256i combined = _mm256_add_epi32(_mm256_mullo_epi32(sc0, dot0), _mm256_mullo_epi32(sc1, dot1));
+            const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(x.d[token * nb + b]));
+            acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(combined), acc[t]);
         }
-    }
-    for (int t = 0; t < TT; ++t) store_rows(acc[t], rows, y + (t0 + t) * ldy + row0);
+    });
 }
 
 // Q2_K: acc += (d dx) (sc0 dot0 + sc1 dot1) - (dmin dx) (m0 sum0 + m1 sum1), as the scalar twin.
@@ -326,39 +373,32 @@ void q2_k_tile(const QuantizedRows& x, int64_t t0, const Q2_Kx16* blocks, int64_
                float* y, int64_t ldy, int64_t row0) {
     const int64_t nb = x.k / kQuantBlock;
     const __m256i nibble = _mm256_set1_epi32(0x0f);
-    __m256 acc[TT][2];
-    for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-    for (int64_t sb = 0; sb < nsb; ++sb) {
-        const Q2_Kx16& blk = blocks[sb];
-        for (int j = 0; j < 8; ++j) {
-            prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
-            const int64_t b = 8 * sb + j;
-            for (int h = 0; h < 2; ++h) {
-                __m256i w[8];
-                unpack_pairs<0>(blk.q2[j], h, w);
-                const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.d + 8 * h)));
-                const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.dmin + 8 * h)));
-                const __m256i sm0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk.sm[2 * j] + 8 * h)));
-                const __m256i sm1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk.sm[2 * j + 1] + 8 * h)));
-                const __m256i sc0 = _mm256_and_si256(sm0, nibble), sc1 = _mm256_and_si256(sm1, nibble);
-                const __m256i m0 = _mm256_srli_epi32(sm0, 4), m1 = _mm256_srli_epi32(sm1, 4);
-                for (int t = 0; t < TT; ++t) {
-                    const int64_t token = t0 + t;
-                    const int32_t* s16 = x.sum16 + token * 2 * nb + 2 * b;
-                    __m256i dot0, dot1;
-                    dot16x2(w, x.q + token * x.k + b * kQuantBlock, _mm256_setzero_si256(), _mm256_setzero_si256(),
-                            &dot0, &dot1);
-                    const __m256i scaled = _mm256_add_epi32(_mm256_mullo_epi32(sc0, dot0), _mm256_mullo_epi32(sc1, dot1));
-                    const __m256i mins = _mm256_add_epi32(_mm256_mullo_epi32(m0, _mm256_set1_epi32(s16[0])),
-                                                          _mm256_mullo_epi32(m1, _mm256_set1_epi32(s16[1])));
-                    const __m256 dx = _mm256_set1_ps(x.d[token * nb + b]);
-                    acc[t][h] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(scaled), acc[t][h]);
-                    acc[t][h] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(mins), acc[t][h]);
-                }
-            }
+    over_halves<TT>(8 * nsb, rows, y, ldy, t0, row0, [&](int64_t b, int h, bool prefetch, __m256 (&acc)[TT]) {
+        const Q2_Kx16& blk = blocks[b / 8];
+        const int j = static_cast<int>(b % 8);
+        if (prefetch) prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+        __m256i w[8];
+        unpack_pairs<0>(blk.q2[j], h, w);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.d + 8 * h)));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.dmin + 8 * h)));
+        const __m256i sm0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk.sm[2 * j] + 8 * h)));
+        const __m256i sm1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk.sm[2 * j + 1] + 8 * h)));
+        const __m256i sc0 = _mm256_and_si256(sm0, nibble), sc1 = _mm256_and_si256(sm1, nibble);
+        const __m256i m0 = _mm256_srli_epi32(sm0, 4), m1 = _mm256_srli_epi32(sm1, 4);
+        for (int t = 0; t < TT; ++t) {
+            const int64_t token = t0 + t;
+            const int8_t* a = x.q + token * x.k + b * kQuantBlock;
+            const int32_t* s16 = x.sum16 + token * 2 * nb + 2 * b;
+            const __m256i dot0 = dot16<4>(w, a, _mm256_setzero_si256());  // u <= 3
+            const __m256i dot1 = dot16<4>(w + 4, a + 16, _mm256_setzero_si256());
+            const __m256i scaled = _mm256_add_epi32(_mm256_mullo_epi32(sc0, dot0), _mm256_mullo_epi32(sc1, dot1));
+            const __m256i mins = _mm256_add_epi32(_mm256_mullo_epi32(m0, _mm256_set1_epi32(s16[0])),
+                                                  _mm256_mullo_epi32(m1, _mm256_set1_epi32(s16[1])));
+            const __m256 dx = _mm256_set1_ps(x.d[token * nb + b]);
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(scaled), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(mins), acc[t]);
         }
-    }
-    for (int t = 0; t < TT; ++t) store_rows(acc[t], rows, y + (t0 + t) * ldy + row0);
+    });
 }
 
 // IQ4_XS: acc += (d dx) (sc dot(kIq4Values[u], a)) per sub-block of 32, as the scalar twin.
@@ -366,28 +406,21 @@ template <int TT>
 void iq4_xs_tile(const QuantizedRows& x, int64_t t0, const IQ4_XSx16* blocks, int64_t nsb, int rows,
                  float* y, int64_t ldy, int64_t row0) {
     const int64_t nb = x.k / kQuantBlock;
-    __m256 acc[TT][2];
-    for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-    for (int64_t sb = 0; sb < nsb; ++sb) {
-        const IQ4_XSx16& blk = blocks[sb];
-        for (int j = 0; j < 8; ++j) {
-            prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
-            const int64_t b = 8 * sb + j;
-            for (int h = 0; h < 2; ++h) {
-                const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.d + 8 * h)));
-                const __m256i sc = i8x8_to_epi32(blk.sc[j] + 8 * h);
-                for (int t = 0; t < TT; ++t) {
-                    const int64_t token = t0 + t;
-                    const __m256i dot = streamed_dot<true>(
-                        x.q + token * x.k + b * kQuantBlock,
-                        [&](int c, __m256i* lo, __m256i* hi) { iq4_pair(blk.qs[j], h, c, lo, hi); });
-                    const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(x.d[token * nb + b]));
-                    acc[t][h] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(_mm256_mullo_epi32(sc, dot)), acc[t][h]);
-                }
-            }
+    over_halves<TT>(8 * nsb, rows, y, ldy, t0, row0, [&](int64_t b, int h, bool prefetch, __m256 (&acc)[TT]) {
+        const IQ4_XSx16& blk = blocks[b / 8];
+        const int j = static_cast<int>(b % 8);
+        if (prefetch) prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.d + 8 * h)));
+        const __m256i sc = i8x8_to_epi32(blk.sc[j] + 8 * h);
+        __m256i dots[TT];
+        streamed_dots<1, true>(x.q + t0 * x.k + b * kQuantBlock, x.k,
+                               [&](int c, __m256i* lo, __m256i* hi) { iq4_pair(blk.qs[j], h, c, lo, hi); }, dots);
+        for (int t = 0; t < TT; ++t) {
+            const int64_t token = t0 + t;
+            const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(x.d[token * nb + b]));
+            acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(_mm256_mullo_epi32(sc, dots[t])), acc[t]);
         }
-    }
-    for (int t = 0; t < TT; ++t) store_rows(acc[t], rows, y + (t0 + t) * ldy + row0);
+    });
 }
 
 }  // namespace

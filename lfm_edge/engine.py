@@ -17,9 +17,9 @@ decoding, and a chunk of each prompt still being read. With nothing decoding the
 whole step takes about STEP_BUDGET_S, from the prompt tokens/s of the last steps that read
 prompts (PrefillRate), so a new prompt holds the running streams up by about that much a token,
 and a short prompt gets its first token within a step or two. Then each sequence with fresh
-logits samples its next token. Caches move on
-only when a forward call completes (cache.Batch): whatever stops a step (Ctrl-C, cancel, an error
-in a kernel) leaves every sequence where it was before the step, and it simply runs again.
+logits samples its next token. Caches move on only when a forward call completes (cache.Batch):
+whatever stops a step (Ctrl-C, cancel, an error in a kernel) leaves every sequence where it was
+before the step, and it simply runs again.
 
 Nobody has to start the engine: a consumer waiting for its next token runs the next step, for
 every sequence, unless another thread is running one (then it waits for that). One caller needs

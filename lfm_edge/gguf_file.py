@@ -7,9 +7,12 @@ Every way a file can be wrong ends in an `LfmEdgeError` that names the file.
 The reader is our own, on a read-only mapping of the file. Every count, length,
 dimension, type and offset is checked against the bytes that remain before it
 is used, so no file can make it loop, allocate more than the file holds, or
-read outside the mapping. Numeric arrays stay numpy views of the mapping and
-string arrays are decoded on access (`StringArray`), so the time and memory of
-a load follow the file's size, not the number of array elements.
+read outside the mapping. Numeric arrays stay numpy views of the mapping,
+string arrays are decoded on access (`StringArray`) and the tensors are a table
+that makes each `Tensor` when asked for (`TensorTable`), checked with numpy, so
+the time and memory of a load follow the file's size, not the number of array
+elements or tensors (`tests/big_gguf.py` measures it: a million tensors or ten
+million strings open in seconds, in less than twice the file's size).
 
 Format (little-endian): magic "GGUF", version u32 (2 or 3), tensor count u64,
 metadata count u64; then each metadata entry (key string, value type u32,
@@ -27,16 +30,18 @@ tensors whose bytes overlap are refused; nested arrays are refused.
 
 from __future__ import annotations
 
+import codecs
 import ctypes
+import math
 import mmap
 import operator
 import os
 import struct
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NoReturn
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
@@ -71,6 +76,15 @@ SUPPORTED_TYPES = {
     GGMLQuantizationType.IQ4_XS,
 }
 SUPER_BLOCK_TYPES = {t for t in SUPPORTED_TYPES if GGML_QUANT_SIZES[t][0] == 256}
+_SUPPORTED_IDS = np.array(sorted(SUPPORTED_TYPES), np.uint32)
+# block length and bytes of each supported type id (0 for the others), for numpy lookups
+_BLOCK = np.zeros(max(SUPPORTED_TYPES) + 1, np.uint64)
+_BLOCK_BYTES = np.zeros_like(_BLOCK)
+for _t in SUPPORTED_TYPES:
+    _BLOCK[_t], _BLOCK_BYTES[_t] = GGML_QUANT_SIZES[_t]
+_QTYPES = {int(t): t for t in SUPPORTED_TYPES}  # id -> type, faster than the enum's own lookup
+_F32 = np.uint32(GGMLQuantizationType.F32)
+_CHECK_CHUNK = 1 << 16  # tensors checked at once: numpy's scratch stays a few MB
 
 # metadata value types: the numpy dtype of a fixed-size one (as an array element)
 _NUMERIC = {
@@ -93,6 +107,7 @@ _HEADER = struct.Struct("<4sIQQ")  # magic, version, tensor count, metadata coun
 # the fewest bytes each item can take, which bounds a count by the bytes left
 _MIN_KV_BYTES = _STRING_HEADER + 4 + 1  # empty key, value type, a one-byte value
 _MIN_TENSOR_INFO_BYTES = _STRING_HEADER + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type, offset
+_INFO_TAIL = [struct.Struct(f"<{n}QIQ") for n in range(MAX_DIMS + 1)]  # a tensor info's n dims, type and offset
 
 
 def row_bytes(qtype: GGMLQuantizationType, n_cols: int) -> int:
@@ -121,7 +136,7 @@ class Tensor:
 
     @property
     def n_rows(self) -> int:
-        return int(np.prod(self.shape[:-1], dtype=np.int64))
+        return math.prod(self.shape[:-1])
 
     @property
     def nbytes(self) -> int:
@@ -151,21 +166,24 @@ class Tensor:
 class StringArray(Sequence[str]):
     """A metadata array of strings, decoded on access.
 
-    Holds where each string's bytes are in the mapped file (8 bytes per
-    string), not a Python object per string: a vocabulary of 125k tokens is
-    cheap to hold and `tolist()` decodes it in one pass. The bytes were checked
-    to be UTF-8 when the file was read.
+    Holds where each string's bytes are in the mapped file (4 bytes per string,
+    from the array's start; 8 for an array that spans 4 GiB), not a Python object
+    per string: a vocabulary of 125k tokens is cheap to hold and `tolist()`
+    decodes it in one pass. The bytes were checked to be UTF-8 when the file was read.
     """
 
-    def __init__(self, buf: Any, starts: np.ndarray):
+    def __init__(self, buf: Any, starts: np.ndarray, base: int = 0):
         self._buf = buf  # the mapped file
-        self._starts = starts  # int64 [n + 1]: where string i's bytes start; string i ends 8 bytes before i + 1
+        # [n + 1]: string i's bytes start at base + starts[i] and end 8 bytes before base + starts[i + 1]
+        self._starts = starts
+        self._base = base
 
     def __len__(self) -> int:
         return len(self._starts) - 1
 
     def _bytes(self, i: int) -> bytes:
-        return self._buf[int(self._starts[i]) : int(self._starts[i + 1]) - _STRING_HEADER]
+        base = self._base
+        return self._buf[base + int(self._starts[i]) : base + int(self._starts[i + 1]) - _STRING_HEADER]
 
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
@@ -179,8 +197,8 @@ class StringArray(Sequence[str]):
         return iter(self.tolist())
 
     def tolist(self) -> list[str]:
-        buf, starts = self._buf, self._starts.tolist()
-        return [buf[a : b - _STRING_HEADER].decode("utf-8") for a, b in zip(starts, starts[1:])]
+        buf, base, starts = self._buf, self._base, self._starts.tolist()
+        return [buf[base + a : base + b - _STRING_HEADER].decode("utf-8") for a, b in zip(starts, starts[1:])]
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, StringArray | list | tuple):
@@ -272,34 +290,64 @@ class _Cursor:
         return values != 0 if etype == GGUFValueType.BOOL else values
 
     def strings(self, n: int, key: str) -> StringArray:
-        # each start depends on the previous length: one pass, 8 bytes kept per string
-        starts = array("q", [0]) * (n + 1)
-        buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
-        for i in range(n):
-            if pos + _STRING_HEADER > size:
-                raise _Corrupt(f"string {i} of metadata array {key} starts past the end of the file")
-            (length,) = unpack(buf, pos)
-            pos += _STRING_HEADER
-            starts[i] = pos
-            if length > size - pos:
-                raise _Corrupt(f"string {i} of metadata array {key} claims {length} bytes, but only {size - pos} remain")
-            pos += length
+        # Each start depends on the previous length: one pass, keeping 4 bytes per string (8 if
+        # the rest of the file spans 4 GiB), counted from the array's first string. The loop
+        # leaves the bounds to struct, which stops at the end of the view, and to the array
+        # of starts, which refuses a start past 4 GiB; `_string_error` then says what was wrong.
+        base, size = self.pos, self.size - self.pos
+        starts = array("I" if size + _STRING_HEADER <= 0xFFFF_FFFF else "q", [0]) * (n + 1)
+        unpack, pos, i = _U64.unpack_from, 0, 0
+        with memoryview(self.buf) as whole, whole[base:] as view:
+            try:
+                for i in range(n):
+                    (length,) = unpack(view, pos)
+                    pos += _STRING_HEADER
+                    starts[i] = pos
+                    pos += length
+            except (struct.error, OverflowError):
+                raise self._string_error(starts, i, key) from None
+        if pos > size:
+            raise self._string_error(starts, n, key)
         starts[n] = pos + _STRING_HEADER
-        self.pos = pos
-        offsets = np.frombuffer(starts, np.int64)
-        _check_utf8(buf, offsets, key)
-        return StringArray(buf, offsets)
+        self.pos = base + pos
+        offsets = np.frombuffer(starts, np.uint32 if starts.typecode == "I" else np.int64)
+        _check_utf8(self.buf, offsets, base, key)
+        return StringArray(self.buf, offsets, base)
+
+    def _string_error(self, starts: array, i: int, key: str) -> _Corrupt:
+        """Why string i of an array could not be read: the string before it is longer than the
+        bytes left, or string i itself starts past the end of the file."""
+        size = self.size - self.pos  # positions count from the array's first string
+        if i > 0:
+            (length,) = _U64.unpack_from(self.buf, self.pos + starts[i - 1] - _STRING_HEADER)
+            if length > size - starts[i - 1]:
+                return _Corrupt(f"string {i - 1} of metadata array {key} claims {length} bytes, "
+                                f"but only {size - starts[i - 1]} remain")
+        return _Corrupt(f"string {i} of metadata array {key} starts past the end of the file")
 
 
-def _check_utf8(buf: Any, starts: np.ndarray, key: str, chunk: int = 1 << 18) -> None:
+_UTF8_CHUNK_STRINGS = 1 << 16  # strings, and bytes, checked with one decode: the scratch is a few times the bytes
+_UTF8_CHUNK_BYTES = 1 << 20
+
+
+def _check_utf8(buf: Any, starts: np.ndarray, base: int, key: str) -> None:
     """Check that every string of an array is UTF-8, with one decode per chunk of strings joined.
 
     Joined bytes are UTF-8 and no string starts with a continuation byte exactly
-    when each string on its own is UTF-8. Chunks keep the scratch memory small.
+    when each string on its own is UTF-8. Chunks of at most 1 MiB keep the scratch
+    memory small; a longer string is decoded alone, a piece at a time.
     """
-    for lo in range(0, len(starts) - 1, chunk):
-        s = starts[lo : lo + chunk + 1]
+    lo, n = 0, len(starts) - 1
+    while lo < n:
+        s = starts[lo : lo + _UTF8_CHUNK_STRINGS + 1].astype(np.int64) + base  # where each string starts
+        m = max(1, int(np.searchsorted(s, s[0] + _UTF8_CHUNK_BYTES, side="right")) - 1)  # strings in this chunk
+        s = s[: m + 1]
         begin, end = int(s[0]) - _STRING_HEADER, int(s[-1]) - _STRING_HEADER
+        if m == 1:
+            if not _is_utf8(buf, begin + _STRING_HEADER, end):
+                raise _Corrupt(f"string {lo} of metadata array {key} is not valid UTF-8")
+            lo += 1
+            continue
         region = np.frombuffer(buf, np.uint8, end - begin, begin)
         # mark each 8-byte length field: +1 where it starts, -1 where its string starts
         step = np.zeros(end - begin + 1, np.int8)
@@ -316,20 +364,128 @@ def _check_utf8(buf: Any, starts: np.ndarray, key: str, chunk: int = 1 << 18) ->
             raise _Corrupt(f"string {i} of metadata array {key} is not valid UTF-8") from None
         if bad_start.size:
             raise _Corrupt(f"string {lo + int(nonempty[bad_start[0]])} of metadata array {key} is not valid UTF-8")
+        lo += m
 
 
-class _TensorInfo(NamedTuple):
-    name: str
-    dims: tuple[int, ...]  # ggml order: the row length first
-    type_id: int
-    offset: int  # from the start of the data section
+def _is_utf8(buf: Any, begin: int, end: int, piece: int = 1 << 20) -> bool:
+    """Whether buf[begin:end] is UTF-8, decoded a MiB at a time (its text is not kept)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        for at in range(begin, end, piece):
+            decoder.decode(buf[at : min(at + piece, end)])
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class TensorTable(Mapping[str, Tensor]):
+    """A file's tensors by name, in file order; each `Tensor` is made when asked for.
+
+    A file may list a million tensors, so the table holds no Python object per
+    tensor: where each one's info is in the mapped file, and the names' hashes
+    sorted, with the tensor each belongs to (20 bytes a tensor). Everything was
+    checked when the file was opened. A tensor asked for by name is kept, so
+    asking again gives the same object; iterating `values()` keeps none.
+    """
+
+    def __init__(self, buf: Any, data: np.ndarray, data_start: int, infos: np.ndarray, hashes: np.ndarray,
+                 order: np.ndarray):
+        self._buf = buf  # the mapped file
+        self._data = data  # uint8 over the whole file: tensors are views of it
+        self._data_start = data_start
+        self._infos = infos  # int64 [n]: where tensor i's info (its name's length) starts
+        self._hashes = hashes  # int64 [n]: hash() of the names, sorted
+        self._order = order  # [n]: the tensor whose name has hash _hashes[j]
+        self._made: dict[int, Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __iter__(self) -> Iterator[str]:
+        buf = self._buf
+        for lo in range(0, len(self._infos), _CHECK_CHUNK):
+            for pos in self._infos[lo : lo + _CHECK_CHUNK].tolist():
+                yield _name_at(buf, pos)
+
+    def __contains__(self, name: object) -> bool:
+        return self._find(name) is not None
+
+    def __getitem__(self, name: str) -> Tensor:
+        i = self._find(name)
+        if i is None:
+            raise KeyError(name)
+        if i not in self._made:
+            self._made[i] = self._tensor(i)
+        return self._made[i]
+
+    def values(self) -> ValuesView[Tensor]:
+        return _TensorValues(self)
+
+    def items(self) -> ItemsView[str, Tensor]:
+        return _TensorItems(self)
+
+    def _all(self) -> Iterator[Tensor]:
+        made = self._made
+        return (made[i] if i in made else self._tensor(i) for i in range(len(self)))
+
+    def _find(self, name: object) -> int | None:
+        if not isinstance(name, str):
+            return None
+        h = hash(name)
+        j = int(np.searchsorted(self._hashes, h))
+        while j < len(self._hashes) and self._hashes[j] == h:  # one candidate, unless two names share a hash
+            i = int(self._order[j])
+            if _name_at(self._buf, int(self._infos[i])) == name:
+                return i
+            j += 1
+        return None
+
+    def _tensor(self, i: int) -> Tensor:
+        buf, pos = self._buf, int(self._infos[i])
+        (n,) = _U64.unpack_from(buf, pos)
+        pos += _STRING_HEADER + n
+        name = buf[pos - n : pos].decode("utf-8")
+        (n_dims,) = _U32.unpack_from(buf, pos)
+        *dims, type_id, offset = _INFO_TAIL[n_dims].unpack_from(buf, pos + 4)
+        qtype = _QTYPES[type_id]
+        start = self._data_start + offset
+        nbytes = row_bytes(qtype, dims[0]) * math.prod(dims[1:])
+        return Tensor(name, qtype, tuple(reversed(dims)), self._data[start : start + nbytes])
+
+
+class _TensorValues(ValuesView):
+    _mapping: TensorTable
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return self._mapping._all()
+
+
+class _TensorItems(ItemsView):
+    _mapping: TensorTable
+
+    def __iter__(self) -> Iterator[tuple[str, Tensor]]:
+        return ((t.name, t) for t in self._mapping._all())
+
+
+def _name_at(buf: Any, pos: int) -> str:
+    """The tensor name whose length field is at `pos` (checked when the file was opened)."""
+    (n,) = _U64.unpack_from(buf, pos)
+    return buf[pos + _STRING_HEADER : pos + _STRING_HEADER + n].decode("utf-8")
+
+
+def _unaligned(buf: Any, size: int, dtype: str) -> np.ndarray:
+    """A read-only view whose element i is the `dtype` value at byte i of the file: fields at any offset."""
+    dt = np.dtype(dtype)
+    return np.ndarray((size - dt.itemsize + 1,), dt, buf, 0, (1,))
 
 
 class GGUFFile:
     """A GGUF file opened read-only with its tensors memory-mapped.
 
     `metadata` maps each key to a Python scalar (int, float, bool, str), a
-    read-only numpy array (numeric arrays) or a `StringArray`.
+    read-only numpy array (numeric arrays) or a `StringArray`; `tensors` maps
+    each tensor's name to its `Tensor` (a `TensorTable`).
     """
 
     def __init__(self, path: str | os.PathLike[str]):
@@ -337,13 +493,14 @@ class GGUFFile:
         self._map = _map_file(self.path)
         size = len(self._map)
         try:
-            self.metadata, infos, data_start = _read_header(self._map, size)
+            self.metadata, infos, hashes, order, data_start = _read_header(self._map, size)
         except _Corrupt as e:
             raise self.error(f"is truncated or corrupt ({e})") from None
         self.alignment: int = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         self.data_offset = data_start
-        self.tensors: dict[str, Tensor] = {}
         self._check_tensors(infos, data_start, size)
+        data = np.frombuffer(self._map, np.uint8)  # tensor views keep the mapping alive
+        self.tensors = TensorTable(self._map, data, data_start, infos, hashes, order)
         self.arch: str = self.get("general.architecture", str)
 
     def _encoding(self, type_id: int, name: str) -> tuple[GGMLQuantizationType, int, int]:
@@ -360,38 +517,94 @@ class GGUFFile:
             )
         return (qtype, *GGML_QUANT_SIZES[qtype])
 
-    def _check_tensors(self, infos: list[_TensorInfo], data_start: int, file_size: int) -> None:
-        data = np.frombuffer(self._map, np.uint8)  # tensor views keep the mapping alive
-        encodings: dict[int, tuple[GGMLQuantizationType, int, int]] = {}
-        spans = []
-        for name, dims, type_id, offset in infos:
-            enc = encodings.get(type_id) or encodings.setdefault(type_id, self._encoding(type_id, name))
-            qtype, block, block_bytes = enc
-            if dims[0] % block:
-                kind = "super-blocks" if qtype in SUPER_BLOCK_TYPES else "blocks"
-                raise self.error(
-                    f"is truncated or corrupt (tensor {name} has rows of {dims[0]} values, "
-                    f"not a multiple of {qtype.name}'s {kind} of {block})"
-                )
-            if offset % self.alignment:
-                raise self.error(
-                    f"is truncated or corrupt (tensor {name} starts at offset {offset}, "
-                    f"not a multiple of the alignment {self.alignment})"
-                )
-            nbytes = dims[0] // block * block_bytes
-            for d in dims[1:]:
-                nbytes *= d  # Python integers: no overflow, compared with the file below
-            start = data_start + offset
-            if start + nbytes > file_size:
-                raise self.error(
-                    f"is truncated: tensor {name} ends at byte {start + nbytes} but the file has {file_size} bytes"
-                )
-            self.tensors[name] = Tensor(name, qtype, dims[::-1], data[start : start + nbytes])
-            spans.append((offset, nbytes, name))
-        spans.sort()
-        for (a, n, name), (b, _, other) in zip(spans, spans[1:]):
-            if a + n > b:
-                raise self.error(f"is truncated or corrupt (the data of tensors {name} and {other} overlap)")
+    def _check_tensors(self, infos: np.ndarray, data_start: int, size: int) -> None:
+        """Each tensor's dimensions, type, alignment and bytes, and that no two share bytes.
+
+        With numpy, a chunk of tensors at a time (a file may list a million): the
+        info fields are read in place through views of the mapping at any byte
+        offset, and the first tensor with a problem is handed to `_refuse`, which
+        names the problem. `_read_tensor_infos` checked that every info lies
+        inside the file and has 1 to MAX_DIMS dimensions.
+        """
+        n = len(infos)
+        offsets, nbytes = np.empty(n, np.int64), np.empty(n, np.int64)
+        views = _unaligned(self._map, size, "<u4"), _unaligned(self._map, size, "<u8")
+        for lo in range(0, n, _CHECK_CHUNK):
+            bad = self._sizes(views, infos[lo : lo + _CHECK_CHUNK], data_start, size,
+                              offsets[lo : lo + _CHECK_CHUNK], nbytes[lo : lo + _CHECK_CHUNK])
+            if bad.size:
+                self._refuse(int(infos[lo + bad[0]]), data_start, size)
+        by_offset = np.argsort(offsets, kind="stable")
+        starts = offsets[by_offset]
+        del offsets
+        ends = starts + nbytes[by_offset]
+        del nbytes
+        clash = np.flatnonzero(ends[:-1] > starts[1:])
+        if clash.size:
+            j = int(clash[0])
+            a, b = (_name_at(self._map, int(infos[by_offset[k]])) for k in (j, j + 1))
+            raise self.error(f"is truncated or corrupt (the data of tensors {a} and {b} overlap)")
+
+    def _sizes(self, views: tuple[np.ndarray, np.ndarray], infos: np.ndarray, data_start: int, size: int,
+               offsets: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+        """Fill in the offsets and byte sizes of the tensors whose infos start at `infos`;
+        return the indices of those that break a rule (see `_refuse`)."""
+        u32, u64 = views
+        at = infos + _STRING_HEADER + u64[infos].astype(np.int64)  # each info's n_dims
+        n_dims = u32[at].astype(np.int64)
+        at += 4  # the first dimension: the row length
+        row = u64[at]
+        values = row.astype(np.float64)  # within 1e-15 of the true count: past 2**62, _refuse checks exactly
+        rest = np.ones(len(infos), np.uint64)  # the other dimensions multiplied; exact where values is small
+        least = row
+        for k in range(1, MAX_DIMS):
+            has = n_dims > k
+            d = np.where(has, u64[at + 8 * k * has], np.uint64(1))
+            least = np.minimum(least, d)
+            values *= d
+            rest *= d
+        at += 8 * n_dims  # the type id, then the offset
+        type_ids, offsets[:] = u32[at], np.minimum(u64[at + 4], np.uint64(size + 1))
+        bad = (least == 0) | (values >= 2.0**62) | (offsets > size) | ~np.isin(type_ids, _SUPPORTED_IDS)
+        type_ids = np.where(bad, _F32, type_ids)  # a type whose blocks are one value, for the arithmetic below
+        block, block_bytes = _BLOCK[type_ids], _BLOCK_BYTES[type_ids]
+        bad |= (row % block != 0) | (offsets % self.alignment != 0)
+        size_ = np.where(bad, 0, row // block * block_bytes * rest)  # fewer than 2**62 values of at most 4 bytes
+        nbytes[:] = np.minimum(size_, np.uint64(size + 1))
+        bad |= nbytes > size - data_start - offsets
+        return np.flatnonzero(bad)
+
+    def _refuse(self, pos: int, data_start: int, size: int) -> NoReturn:
+        """Raise the first problem of the tensor whose info starts at `pos`: the one-tensor twin of `_sizes`."""
+        name = _name_at(self._map, pos)
+        *dims, type_id, offset = self._info_fields(pos)
+        if min(dims) < 1 or math.prod(dims) > INT64_MAX:
+            raise self.error(f"is truncated or corrupt (tensor {name} has dimensions {dims}, which no tensor can have)")
+        if offset > size:
+            raise self.error(f"is truncated or corrupt (tensor {name} starts at offset {offset}, past the end of the file)")
+        qtype, block, block_bytes = self._encoding(type_id, name)
+        if dims[0] % block:
+            kind = "super-blocks" if qtype in SUPER_BLOCK_TYPES else "blocks"
+            raise self.error(
+                f"is truncated or corrupt (tensor {name} has rows of {dims[0]} values, "
+                f"not a multiple of {qtype.name}'s {kind} of {block})"
+            )
+        if offset % self.alignment:
+            raise self.error(
+                f"is truncated or corrupt (tensor {name} starts at offset {offset}, "
+                f"not a multiple of the alignment {self.alignment})"
+            )
+        end = data_start + offset + dims[0] // block * block_bytes * math.prod(dims[1:])
+        if end > size:
+            raise self.error(f"is truncated: tensor {name} ends at byte {end} but the file has {size} bytes")
+        raise AssertionError(f"tensor {name} was flagged but breaks no rule")
+
+    def _info_fields(self, pos: int) -> tuple[int, ...]:
+        """dims..., type id, offset of the tensor info whose name's length is at `pos`."""
+        (n,) = _U64.unpack_from(self._map, pos)
+        pos += _STRING_HEADER + n
+        (n_dims,) = _U32.unpack_from(self._map, pos)
+        return _INFO_TAIL[n_dims].unpack_from(self._map, pos + 4)
 
     def error(self, problem: str) -> LfmEdgeError:
         return LfmEdgeError(f"{self.path}: {_one_line(problem)}")
@@ -445,8 +658,9 @@ def _map_file(path: Path) -> Any:
         raise LfmEdgeError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
-def _read_header(buf: Any, size: int) -> tuple[dict[str, Any], list[_TensorInfo], int]:
-    """The metadata, the tensor infos and where the data section starts."""
+def _read_header(buf: Any, size: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, int]:
+    """The metadata; where each tensor info starts, the names' hashes sorted and the tensor
+    each belongs to (see `TensorTable`); and where the data section starts."""
     c = _Cursor(buf, size)
     c.need(_HEADER.size, "the header")
     _, version, n_tensors, n_kv = _HEADER.unpack_from(buf, 0)
@@ -469,44 +683,11 @@ def _read_header(buf: Any, size: int) -> tuple[dict[str, Any], list[_TensorInfo]
 
     if n_tensors > c.left() // _MIN_TENSOR_INFO_BYTES:
         raise _Corrupt(f"the header claims {n_tensors} tensors, more than the {c.left()} bytes left can hold")
-    infos: list[_TensorInfo] = []
-    names: set[str] = set()
-    pos, u32, u64 = c.pos, _U32.unpack_from, _U64.unpack_from
-    for _ in range(n_tensors):  # inlined reads: a file may list a million tensors
-        if pos + 8 > size:
-            raise _Corrupt(f"tensor info {len(infos)} starts past the end of the file")
-        (n,) = u64(buf, pos)
-        pos += 8
-        if n > size - pos:
-            raise _Corrupt(f"the name of tensor {len(infos)} claims {n} bytes, but only {size - pos} remain")
-        try:
-            name = buf[pos : pos + n].decode("utf-8")
-        except UnicodeDecodeError:
-            raise _Corrupt(f"the name of tensor {len(infos)} is not valid UTF-8") from None
-        pos += n
-        if name in names:
-            raise _Corrupt(f"tensor {name} is listed twice")
-        names.add(name)
-        if pos + 4 > size:
-            raise _Corrupt(f"the info of tensor {name} runs past the end of the file")
-        (n_dims,) = u32(buf, pos)
-        if not 1 <= n_dims <= MAX_DIMS:
-            raise _Corrupt(f"tensor {name} has {n_dims} dimensions; a tensor has 1 to {MAX_DIMS}")
-        end = pos + 4 + 8 * n_dims + 12
-        if end > size:
-            raise _Corrupt(f"the info of tensor {name} runs past the end of the file")
-        dims = struct.unpack_from(f"<{n_dims}QIQ", buf, pos + 4)  # dims..., type, offset
-        pos = end
-        type_id, offset, dims = dims[-2], dims[-1], dims[:-2]
-        count = 1
-        for d in dims:
-            count *= d
-        if not 0 < count <= INT64_MAX or min(dims) < 1:
-            raise _Corrupt(f"tensor {name} has dimensions {list(dims)}, which no tensor can have")
-        if offset > size:
-            raise _Corrupt(f"tensor {name} starts at offset {offset}, past the end of the file")
-        infos.append(_TensorInfo(name, dims, type_id, offset))
-    c.pos = pos
+    infos, hashes = _read_tensor_infos(c, n_tensors)
+    order = _check_unique_names(buf, infos, hashes)
+    hashes = hashes[order]
+    if len(order) < 2**31:
+        order = order.astype(np.int32)
 
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if isinstance(alignment, bool) or not isinstance(alignment, int):
@@ -516,6 +697,56 @@ def _read_header(buf: Any, size: int) -> tuple[dict[str, Any], list[_TensorInfo]
     if alignment & (alignment - 1):
         raise _Corrupt(f"general.alignment = {alignment} is not a power of two")
     data_start = -(-c.pos // alignment) * alignment
-    if infos and data_start > size:
+    if len(infos) and data_start > size:
         raise _Corrupt(f"the tensor data would start at byte {data_start}, past the end of the file ({size} bytes)")
-    return metadata, infos, data_start
+    return metadata, infos, hashes, order, data_start
+
+
+def _read_tensor_infos(c: _Cursor, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of n tensor infos starts and the hash of its name: int64 [n] each.
+
+    The one pass that must go in order (each info starts where the last one's
+    dimensions end), so it does only that, and checks each name (inside the file,
+    UTF-8) and dimension count; `GGUFFile._check_tensors` checks the rest.
+    """
+    infos, hashes = array("q", [0]) * n, array("q", [0]) * n
+    buf, pos, size, u32, u64 = c.buf, c.pos, c.size, _U32.unpack_from, _U64.unpack_from
+    for i in range(n):
+        if pos + _STRING_HEADER > size:
+            raise _Corrupt(f"tensor info {i} starts past the end of the file")
+        infos[i] = pos
+        (k,) = u64(buf, pos)
+        pos += _STRING_HEADER
+        if k > size - pos:
+            raise _Corrupt(f"the name of tensor {i} claims {k} bytes, but only {size - pos} remain")
+        try:
+            name = buf[pos : pos + k].decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Corrupt(f"the name of tensor {i} is not valid UTF-8") from None
+        hashes[i] = hash(name)
+        pos += k
+        if pos + 4 > size:
+            raise _Corrupt(f"the info of tensor {name} runs past the end of the file")
+        (n_dims,) = u32(buf, pos)
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise _Corrupt(f"tensor {name} has {n_dims} dimensions; a tensor has 1 to {MAX_DIMS}")
+        pos += 4 + 8 * n_dims + 12  # dims, type, offset
+        if pos > size:
+            raise _Corrupt(f"the info of tensor {name} runs past the end of the file")
+    c.pos = pos
+    return np.frombuffer(infos, np.int64), np.frombuffer(hashes, np.int64)
+
+
+def _check_unique_names(buf: Any, infos: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """The tensors in the order of their names' hashes, after checking no name is given twice."""
+    order = np.argsort(hashes, kind="stable")
+    ranked = hashes[order]
+    tied = np.flatnonzero(ranked[1:] == ranked[:-1])
+    seen: set[str] = set()
+    # a name given twice ends the read at its second sight; 64-bit hashes of different names are rarely equal
+    for j in np.union1d(tied, tied + 1).tolist():
+        name = _name_at(buf, int(infos[order[j]]))
+        if name in seen:
+            raise _Corrupt(f"tensor {name} is listed twice")
+        seen.add(name)
+    return order

@@ -17,6 +17,11 @@ import numpy as np
 from .errors import LfmEdgeError
 
 
+# temperature (unless 0) and repetition_penalty divide the logits: beyond this range (1e-40,
+# 1e40, inf) they overflow into inf and NaN probabilities
+SAMPLER_RANGE = (1e-6, 1e6)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.3
@@ -33,7 +38,8 @@ class SamplingParams:
             integral = "int" in str(f.type)
             if value is None and f.name == "seed":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (integral and not float(value).is_integer()):
+            whole = isinstance(value, int) or isinstance(value, float) and value.is_integer()  # (float(10**400) overflows)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (integral and not whole):
                 kind = "an integer" if integral else "a number"
                 raise LfmEdgeError(f"{f.name} must be {kind}, got {value!r}")
             if integral:
@@ -50,6 +56,12 @@ class SamplingParams:
             raise LfmEdgeError(f"min_p must be in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0:
             raise LfmEdgeError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        low, high = SAMPLER_RANGE
+        for name in ("temperature", "repetition_penalty"):
+            value = getattr(self, name)
+            if value and not low <= value <= high:
+                zero = " 0 (greedy) or" if name == "temperature" else ""
+                raise LfmEdgeError(f"{name} must be{zero} from {low:g} to {high:g}, got {value!r}")
         if self.repeat_last_n < -1:
             raise LfmEdgeError(f"repeat_last_n must be >= -1, got {self.repeat_last_n}")
 

@@ -7,6 +7,7 @@ dense conv layer, an attention + MoE layer): every tensor kind at full width, ~3
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -227,6 +228,20 @@ def test_bench_comma_lists_and_llama_bench_formats(gguf_path):
     assert [r["threads"] for r in records] == [1, 2] and all(r["pp_tps"] > 0 and r["tg_tps"] > 0 for r in records)
 
 
+def test_bench_roofline_gives_each_test_its_share(gguf_path):
+    path = gguf_path("moe", "q4_0")
+    proc = cli("bench", "-m", str(path), "-t", "1", "-p", "8", "-n", "2", "-r", "1", "--roofline", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    counts = bandwidth.active_bytes(path)
+    assert r["int8_peak_gmacs"] > 0 and r["read_gbps"] > 0
+    assert r["pp_roofline_share"] == pytest.approx(r["pp_tps"] * counts["prefill_macs"] / (r["int8_peak_gmacs"] * 1e9))
+    assert r["tg_roofline_share"] == pytest.approx(r["tg_tps"] * counts["active_bytes"] / (r["read_gbps"] * 1e9))
+    assert r["rss_mb"] < 900  # the probe's 1 GiB buffer lives in a child process
+    footer = cli("bench", "-m", str(path), "-t", "1", "-p", "8", "-n", "2", "-r", "1", "--roofline").stdout
+    assert re.search(r"1 thread: of the roofline \(pp: int8 peak \d+ GMAC/s, .*\) pp8 \d+%, tg2 \d+%", footer), footer
+
+
 def test_bench_takes_the_kv_cache_type(gguf_path):
     proc = cli("bench", "-m", str(gguf_path("moe", "q4_0")), "-p", "0", "-n", "2", "-r", "1", "-ctk", "f32", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -346,6 +361,11 @@ def test_compare_reports_both_and_survives_a_llama_cpp_crash(gguf_path, tmp_path
     row = next(line for line in out.splitlines() if line.startswith("| 1 | tg4 |"))
     # the ratio column is lfm-edge / llama.cpp
     assert f"| {ours['tg_tps'] / 20.0:.3f} |" in row
+    # the last column: pp against the int8 peak's roofline, tg against the bandwidth's
+    raw_all = json.loads(raw.read_text())
+    pp_roof = raw_all["int8_peak"]["1"]["gmacs"] * 1e9 / raw_all["model"]["prefill_macs"]
+    pp_row = next(line for line in out.splitlines() if line.startswith("| 1 | pp16 |"))
+    assert pp_row.endswith(f"| {100 * 100.0 / pp_roof:.0f}% / {100 * ours['pp_tps'] / pp_roof:.1f}% |")
 
 
 FAKE_BATCHED_BENCH = """\

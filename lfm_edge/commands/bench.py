@@ -18,6 +18,9 @@ are repeatable; decode feeds random ids too (no sampling is timed, as in llama-b
 --ttft-during-decode: a p-token prompt arriving while another sequence decodes, on the engine
 (each on its own thread, as two clients of a server): its time to first token, and the decoding
 stream's longest wait between two tokens meanwhile (what the engine's prompt chunks cost it).
+--roofline: this CPU's int8 multiply-accumulate peak and read bandwidth (lfm_edge.probes, with the
+active kernels' instructions) and each test as a share of the roofline it sets: pp tokens/s x MACs
+per prompt token / peak, tg tokens/s x weight bytes read per token / bandwidth.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ import csv
 import datetime
 import io
 import json
+import os
 import resource
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -60,6 +65,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "on the generation engine (default: one sequence, the plain decode loop)")
     p.add_argument("-ctk", "--cache-type-k", "--kv-cache-type", dest="kv_cache_type", default=None,
                    help="f16 or f32 keys and values (default: f32 for a float32 model, else f16)")
+    p.add_argument("--roofline", action="store_true",
+                   help="also probe this CPU's int8 peak and read bandwidth (lfm_edge.probes: a few seconds and "
+                        "1 GiB per thread count) and give pp and tg as a share of the rooflines they set")
     p.add_argument("--ttft-during-decode", action="store_true",
                    help="also: time to first token of a p-token prompt that arrives while another sequence decodes")
     p.add_argument("--seed", default="0", help="seed of the random token ids (default 0)")
@@ -115,6 +123,7 @@ class Test:
     ttft_busy_s: float | None = None  # pp --ttft-during-decode: median TTFT beside a decoding sequence
     busy_gap_s: float | None = None  # ... and that sequence's longest wait between tokens meanwhile
     busy_chunk: int | None = None  # ... the prompt chunk the engine read in such a step at the end
+    roofline_share: float | None = None  # --roofline: pp of the int8 peak's roofline, tg of the bandwidth's
 
     @property
     def name(self) -> str:
@@ -151,6 +160,10 @@ class Result:
     tg_seq_tps: float | None = None  # -np: median tokens/s of one sequence
     ttft_busy_s: float | None = None  # --ttft-during-decode: median TTFT of the prompt beside a decoding sequence
     busy_gap_s: float | None = None  # the decoding sequence's longest wait between two tokens meanwhile
+    pp_roofline_share: float | None = None  # --roofline: pp_tps x MACs per prompt token / int8 peak
+    tg_roofline_share: float | None = None  # --roofline: tg_tps x weight bytes per token / read bandwidth
+    int8_peak_gmacs: float | None = None  # --roofline: the probes (lfm_edge.probes), this thread count
+    read_gbps: float | None = None
     rss_mb: float = 0.0  # peak resident set of this process, file pages touched included
     kernel_threads: int | None = None  # what the native thread pool reports
     kv_cache_type: str = ""
@@ -190,6 +203,28 @@ class Bench:
         self.allowed = np.array([i for i in range(self.llm.args.n_vocab) if i not in special], dtype=np.int64)
         self.rng = np.random.default_rng(seed)
         self.cache = self.llm.new_cache()
+        self.rooflines: dict[int, dict] = {}  # --roofline: threads -> the probes' results
+
+    def measure_roofline(self, threads: int, tests: list[Test]) -> None:
+        """Probe the int8 peak and read bandwidth on `threads` threads and set each single-sequence
+        test's share of its roofline (the weights only: attention over the context is left out)."""
+        from .. import native, probes
+
+        per_token = probes.model_per_token(self.llm)
+        # in a child process, so the probe's 1 GiB buffer stays out of this one's peak RSS
+        code = ("import json; from lfm_edge import probes; "
+                f"print(json.dumps([probes.int8_peak({threads}), probes.read_bandwidth({threads})]))")
+        child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                               env={**os.environ, native.ISA_ENV_VAR: native.isa()})
+        if child.returncode != 0:
+            raise LfmEdgeError(f"the roofline probes failed: {(child.stderr.strip().splitlines() or ['no message'])[-1]}")
+        peak, bw = json.loads(child.stdout)
+        roof = self.rooflines[threads] = {"gmacs": peak["gmacs"], "instructions": peak["instructions"],
+                                          "gbps": bw["gbps"], "prefill_macs": per_token["prefill_macs"],
+                                          "active_bytes": per_token["active_bytes"]}
+        for t in tests:
+            if t.n_prompt or not t.n_parallel:
+                t.roofline_share = roofline_share(roof, t.avg_ts, prefill=bool(t.n_prompt))
 
     def use_threads(self, threads: int | None) -> int:
         from .. import native
@@ -316,6 +351,13 @@ class Bench:
         return statistics.median(ttfts), max(gaps), engine.chunk_size(1)
 
 
+def roofline_share(roof: dict, tokens_per_s: float, prefill: bool) -> float:
+    """pp: MACs per second over the int8 peak; tg: weight bytes per second over the read bandwidth."""
+    if prefill:
+        return tokens_per_s * roof["prefill_macs"] / (roof["gmacs"] * 1e9)
+    return tokens_per_s * roof["active_bytes"] / (roof["gbps"] * 1e9)
+
+
 class RandomTokens:
     """Stands for a sampler in tg -np: the given random ids, one a step (llama-bench times no sampling)."""
 
@@ -426,6 +468,11 @@ def footer(bench: Bench, tests: list[Test], repetitions: int) -> str:
         if busy:
             lines.append(f"{threads}: time to first token of a prompt arriving while another sequence decodes "
                          + ", ".join(busy))
+        if th in bench.rooflines:
+            roof = bench.rooflines[th]
+            shares = [f"{t.name} {100 * t.roofline_share:.0f}%" for t in mine if t.roofline_share is not None]
+            lines.append(f"{threads}: of the roofline (pp: int8 peak {roof['gmacs']:.0f} GMAC/s, {roof['instructions']}; "
+                         f"tg: read bandwidth {roof['gbps']:.1f} GB/s) {', '.join(shares)}")
     return "\n".join(lines)
 
 
@@ -452,12 +499,18 @@ def records(bench: Bench, tests: list[Test], threads: list[int], prompts: list[i
                         r.pp_runs, r.ttft_s = pp.samples_ts, pp.ttft_s
                         r.ttft_busy_s, r.busy_gap_s = pp.ttft_busy_s, pp.busy_gap_s
                         r.pp_tps, r.pp_tps_min, r.pp_tps_max = statistics.median(pp.samples_ts), min(pp.samples_ts), max(pp.samples_ts)
+                        if th in bench.rooflines:
+                            r.pp_roofline_share = roofline_share(bench.rooflines[th], r.pp_tps, prefill=True)
                     if tg is not None:
                         r.tg_runs, r.tg_overhead = tg.samples_ts, tg.tg_overhead
                         r.n_parallel = tg.n_parallel
                         if tg.n_parallel:
                             r.tg_seq_tps = statistics.median(t / tg.n_parallel for t in tg.samples_ts)
                         r.tg_tps, r.tg_tps_min, r.tg_tps_max = statistics.median(tg.samples_ts), min(tg.samples_ts), max(tg.samples_ts)
+                        if th in bench.rooflines and not tg.n_parallel:
+                            r.tg_roofline_share = roofline_share(bench.rooflines[th], r.tg_tps, prefill=False)
+                    if th in bench.rooflines:
+                        r.int8_peak_gmacs, r.read_gbps = bench.rooflines[th]["gmacs"], bench.rooflines[th]["gbps"]
                     out.append(r)
     return out
 
@@ -509,6 +562,8 @@ def main(args: argparse.Namespace) -> int:
                     tests.append(bench.tg(n, d, repetitions) if n_seq is None else bench.tg_parallel(n, d, n_seq, repetitions))
                     if printer:
                         printer.test(tests[-1])
+        if args.roofline:
+            bench.measure_roofline(used_threads[-1], [t for t in tests if t.n_threads == used_threads[-1]])
     if printer:
         printer.finish(footer(bench, tests, repetitions))
     else:

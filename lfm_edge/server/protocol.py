@@ -21,7 +21,7 @@ from ..errors import LfmEdgeError
 from ..grammar import Constraint, Grammar, chat_grammar, response_format_grammar, tool_call_grammar
 from ..llm import GenerationStats, make_sampling_params
 from ..reply import REASONING, TEXT, TOOL_CALL, Event, Markers, Reply, opens_reasoning
-from ..sampling import SamplingParams
+from ..sampling import SAMPLER_RANGE, SamplingParams
 from ..tool_calls import ToolCall
 
 if TYPE_CHECKING:
@@ -34,7 +34,6 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit (chat); /v1/completions allows 5
 TOOL_CHOICES = ("auto", "none", "required")
 MAX_JSON_DEPTH = 128  # levels of nesting a request body may have (a schema's own limit is 64)
-SAMPLER_RANGE = (1e-6, 1e6)  # temperature (unless 0) and repetition_penalty: beyond, the logits overflow
 
 
 class RequestError(Exception):
