@@ -278,7 +278,8 @@ constexpr int64_t kMinTiledQueries = 8;
 static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
 // The float32 tiles of one pass, flat with the pass's own row lengths (a fixed 256-float stride
-// would put every row of a 64-wide head in the same few L1 sets): 272 KB at the largest head.
+// would put every row of a 64-wide head in the same few L1 sets). 272 KB: one per thread, made
+// at its first prompt and kept, rather than on its stack (musl gives a thread 128 KB of stack).
 struct TileBuffers {
     alignas(64) float qt[kMaxHeadDim * kTileQueries];  // queries transposed [d][mp]
     alignas(64) float k[kTileKeys * kMaxHeadDim];      // one key tile [keys][d]
@@ -464,9 +465,14 @@ static void attention_pass(const AttentionArgs& a, int64_t kvh, int64_t t0, int6
     }
 }
 
+static TileBuffers& tile_buffers() {
+    static thread_local TileBuffers buffers;  // trivial: zero-filled on first use, no constructor
+    return buffers;
+}
+
 template <typename KV>
 static void attention_tiles_of(const AttentionArgs& a, int64_t kvh, int64_t t_begin, int64_t t_end) {
-    TileBuffers buffers;
+    TileBuffers& buffers = tile_buffers();
     const int64_t group = a.n_heads / a.n_kv;
     const int64_t rows = kTileQueries / group;  // >= 4: group <= kMaxGroup
     for (int64_t t0 = t_begin; t0 < t_end; t0 += rows) {
