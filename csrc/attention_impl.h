@@ -4,6 +4,15 @@
 // AVX2, and plain floats otherwise, which is the scalar twin. The instruction sets differ only
 // in rounding (fused multiply-adds, the order of the lane sums); a result never depends on the
 // thread count, since each call owns whole query rows of one KV head.
+//
+// Two ways through, chosen by how many query vectors (rows x the group's heads) a call has:
+// - rows: one query row at a time, each key row read once for the group's heads (decode, and
+//   the last few rows of a prompt). Memory traffic: all keys and values per query row.
+// - tiles (flash attention): up to kTileQueries query vectors at once against tiles of
+//   kTileKeys keys, so that each key and value is read once per tile of queries. The scores
+//   S^T = K Q^T and the update O += P V are register-blocked products on float32 copies of the
+//   tile; tiles wholly past the last query's position are never visited, and the one or two
+//   tiles on the diagonal are masked per query.
 // Internal linkage only (see kernels.h).
 #pragma once
 
@@ -59,6 +68,7 @@ static inline Vec vset1(float x) { return _mm512_set1_ps(x); }
 static inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a); }
 static inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+static inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 static inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c
 static inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
 static inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
@@ -71,6 +81,7 @@ static inline Vec vset1(float x) { return _mm256_set1_ps(x); }
 static inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
 static inline void vstore(float* p, Vec a) { _mm256_storeu_ps(p, a); }
 static inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+static inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 static inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
 static inline float vsum(Vec a) {
@@ -93,6 +104,7 @@ static inline Vec vset1(float x) { return x; }
 static inline Vec vload(const float* p) { return *p; }
 static inline void vstore(float* p, Vec a) { *p = a; }
 static inline Vec vadd(Vec a, Vec b) { return a + b; }
+static inline Vec vmul(Vec a, Vec b) { return a * b; }
 static inline Vec vfma(Vec a, Vec b, Vec c) { return a * b + c; }
 static inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }
 static inline float vsum(Vec a) { return a; }
@@ -243,11 +255,237 @@ static void attention_rows_of(const AttentionArgs& a, int64_t kvh, int64_t t_beg
     }
 }
 
+// ---------------------------------------------------------------- tiles of queries x keys
+// The register blocks of the two products, per instruction set: the scores take kScoreKeys keys
+// (broadcast) x kScoreVecs vectors of query vectors, the update kPvRows query vectors
+// (broadcast) x kPvVecs vectors of head columns. Each is as many accumulators as the unit has
+// registers to spare (16 of 32 with AVX-512, 8 of 16 with AVX2, enough for two FMA pipes).
+#if defined(__AVX512F__)
+constexpr int kScoreKeys = 8, kScoreVecs = 2, kPvRows = 4, kPvVecs = 4;
+#elif defined(__AVX2__)
+constexpr int kScoreKeys = 4, kScoreVecs = 2, kPvRows = 4, kPvVecs = 2;
+#else
+constexpr int kScoreKeys = 4, kScoreVecs = 4, kPvRows = 4, kPvVecs = 4;
+#endif
+constexpr int64_t kTileQueries = kAttentionTileQueries;  // query vectors per pass (kernels.h)
+constexpr int64_t kTileKeys = 64;
+constexpr int64_t kQueryBlock = kWidth * kScoreVecs;  // query vectors are padded to this
+static_assert(kTileQueries % kQueryBlock == 0 && kQueryBlock % kPvRows == 0, "query blocks");
+static_assert(kTileKeys % kScoreKeys == 0 && kMaxHeadDim % (kWidth * kPvVecs) == 0, "tile sizes");
+// Fewer query vectors than this take the row path: too few to pay for copying the tiles.
+constexpr int64_t kMinTiledQueries = 8;
+
+static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// The float32 tiles of one pass, flat with the pass's own row lengths (a fixed 256-float stride
+// would put every row of a 64-wide head in the same few L1 sets). 272 KB: one per thread, made
+// at its first prompt and kept, rather than on its stack (musl gives a thread 128 KB of stack).
+struct TileBuffers {
+    alignas(64) float qt[kMaxHeadDim * kTileQueries];  // queries transposed [d][mp]
+    alignas(64) float k[kTileKeys * kMaxHeadDim];      // one key tile [keys][d]
+    alignas(64) float v[kTileKeys * kMaxHeadDim];      // one value tile [keys][dp]
+    alignas(64) float s[kTileKeys * kTileQueries];     // scores, then probabilities [keys][mp]
+    alignas(64) float acc[kTileQueries * kMaxHeadDim];  // running sum of p * v [mp][dp]
+    alignas(64) float m[kTileQueries];  // running max of the scores
+    alignas(64) float l[kTileQueries];  // running sum of p
+    alignas(64) float correction[kTileQueries];
+    int64_t visible[kTileQueries];  // keys of the current tile each query vector may see
+};
+
+// s[j][i] = (k_j . q_i) * scale for R keys from jb and R * kWidth query vectors from ib:
+// s^T = K Q^T, a key broadcast against kScoreVecs vectors of the transposed queries.
+template <int R, int C>
+static inline void score_block(const float* k, int64_t d, const float* qt, int64_t mp, float scale,
+                               float* s, int64_t jb, int64_t ib) {
+    Vec acc[R][C];
+    for (int r = 0; r < R; ++r) {
+        for (int x = 0; x < C; ++x) acc[r][x] = vzero();
+    }
+    for (int64_t c = 0; c < d; ++c) {
+        Vec q[C];
+        for (int x = 0; x < C; ++x) q[x] = vload(qt + c * mp + ib + x * kWidth);
+        for (int r = 0; r < R; ++r) {
+            const Vec key = vset1(k[(jb + r) * d + c]);
+            for (int x = 0; x < C; ++x) acc[r][x] = vfma(key, q[x], acc[r][x]);
+        }
+    }
+    const Vec vscale = vset1(scale);
+    for (int r = 0; r < R; ++r) {
+        for (int x = 0; x < C; ++x) vstore(s + (jb + r) * mp + ib + x * kWidth, vmul(acc[r][x], vscale));
+    }
+}
+
+// acc[i][cb ..] += sum_{j < n} p[j][i] * v[j][cb ..] for R query vectors from ib: a probability
+// broadcast against kPvVecs vectors of a value row.
+template <int R, int C>
+static inline void value_block(const float* p, int64_t mp, const float* v, int64_t dp, int64_t n,
+                               float* acc, int64_t ib, int64_t cb) {
+    Vec o[R][C];
+    for (int r = 0; r < R; ++r) {
+        for (int x = 0; x < C; ++x) o[r][x] = vload(acc + (ib + r) * dp + cb + x * kWidth);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+        Vec value[C];
+        for (int x = 0; x < C; ++x) value[x] = vload(v + j * dp + cb + x * kWidth);
+        for (int r = 0; r < R; ++r) {
+            const Vec pr = vset1(p[j * mp + ib + r]);
+            for (int x = 0; x < C; ++x) o[r][x] = vfma(pr, value[x], o[r][x]);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        for (int x = 0; x < C; ++x) vstore(acc + (ib + r) * dp + cb + x * kWidth, o[r][x]);
+    }
+}
+
+// rows [0, n) of a cache tile [n, d] into out [rows, ld] as float32, columns d .. ld and rows
+// n .. rows zeroed (the padding the register blocks read).
+template <typename KV>
+static inline void load_tile(const KV* src, int64_t n, int64_t d, int64_t rows, int64_t ld, float* out) {
+    for (int64_t j = 0; j < n; ++j) {
+        const KV* row = src + j * d;
+        float* o = out + j * ld;
+        int64_t c = 0;
+        for (; c + kWidth <= d; c += kWidth) vstore(o + c, kv_load(row + c));
+        for (; c < d; ++c) o[c] = kv_scalar(row + c);
+        for (; c < ld; ++c) o[c] = 0.0f;
+    }
+    for (int64_t j = n; j < rows; ++j) {
+        for (int64_t c = 0; c < ld; ++c) out[j * ld + c] = 0.0f;
+    }
+}
+
+// Query rows [t0, t1) of KV head kvh, (t1 - t0) * group <= kTileQueries query vectors: query
+// vector i is head g = i % group of row t0 + i / group.
+template <typename KV>
+static void attention_pass(const AttentionArgs& a, int64_t kvh, int64_t t0, int64_t t1, TileBuffers& b) {
+    const int64_t d = a.head_dim;
+    const int64_t group = a.n_heads / a.n_kv;
+    const KV* keys = static_cast<const KV*>(a.k) + kvh * a.head_stride;  // [capacity, d]
+    const KV* values = static_cast<const KV*>(a.v) + kvh * a.head_stride;
+    const int64_t nq = (t1 - t0) * group;
+    const int64_t mp = round_up(nq, kQueryBlock);
+    const int64_t dp = round_up(d, kWidth * kPvVecs);
+    for (int64_t i = 0; i < mp; ++i) {
+        const float* q = i < nq ? a.q + ((t0 + i / group) * a.n_heads + kvh * group + i % group) * d : nullptr;
+        for (int64_t c = 0; c < d; ++c) b.qt[c * mp + i] = q ? q[c] : 0.0f;
+        b.m[i] = -3.0e38f;
+        b.l[i] = 0.0f;
+    }
+    for (int64_t x = 0; x < mp * dp; ++x) b.acc[x] = 0.0f;
+
+    const int64_t first_position = a.q_start + t0;  // the pass's first query sees keys 0 .. this
+    const int64_t n_keys = a.q_start + t1;          // and its last all of these
+    for (int64_t j0 = 0; j0 < n_keys; j0 += kTileKeys) {
+        const int64_t n = n_keys - j0 < kTileKeys ? n_keys - j0 : kTileKeys;
+        const int64_t np = round_up(n, kScoreKeys);
+        // whole: every query vector sees every key of the tile (no mask, no padding)
+        const bool whole = n == kTileKeys && j0 + n - 1 <= first_position;
+        load_tile(keys + j0 * d, n, d, np, d, b.k);
+        load_tile(values + j0 * d, n, d, n, dp, b.v);
+
+        for (int64_t jb = 0; jb < np; jb += kScoreKeys) {
+            for (int64_t ib = 0; ib < mp; ib += kQueryBlock) {
+                score_block<kScoreKeys, kScoreVecs>(b.k, d, b.qt, mp, a.scale, b.s, jb, ib);
+            }
+        }
+        if (!whole) {  // masked scores are -inf for the max, and 0 after the exponential
+            for (int64_t i = 0; i < mp; ++i) {
+                const int64_t seen = i < nq ? first_position + i / group - j0 + 1 : 0;
+                b.visible[i] = seen < 0 ? 0 : (seen > n ? n : seen);
+            }
+            for (int64_t j = 0; j < np; ++j) {
+                for (int64_t i = 0; i < mp; ++i) {
+                    if (j >= b.visible[i]) b.s[j * mp + i] = -__builtin_inff();
+                }
+            }
+        }
+
+        // The online softmax, a query vector per lane: new maxima, the factor that rescales what
+        // was summed before, then the probabilities and their sums.
+        for (int64_t i = 0; i < mp; i += kWidth) {
+            Vec mx = vload(b.m + i);
+            for (int64_t j = 0; j < np; ++j) mx = vmax(mx, vload(b.s + j * mp + i));
+            vstore(b.correction + i, mx);  // the new maxima, for now
+        }
+        for (int64_t i = 0; i < mp; ++i) {
+            const float tile_max = b.correction[i];
+            b.correction[i] = exp_nonpositive(b.m[i] - tile_max);
+            b.m[i] = tile_max;
+        }
+        for (int64_t j = 0; j < np; ++j) {
+            float* p = b.s + j * mp;
+            for (int64_t i = 0; i < mp; ++i) p[i] = exp_nonpositive(p[i] - b.m[i]);  // vectorizes
+        }
+        if (!whole) {
+            for (int64_t j = 0; j < np; ++j) {
+                for (int64_t i = 0; i < mp; ++i) {
+                    if (j >= b.visible[i]) b.s[j * mp + i] = 0.0f;
+                }
+            }
+        }
+        for (int64_t i = 0; i < mp; i += kWidth) {
+            Vec sum = vzero();
+            for (int64_t j = 0; j < np; ++j) sum = vadd(sum, vload(b.s + j * mp + i));
+            vstore(b.l + i, vfma(vload(b.l + i), vload(b.correction + i), sum));
+        }
+        for (int64_t i = 0; i < mp; ++i) {
+            const float f = b.correction[i];
+            if (f != 1.0f) {
+                for (int64_t c = 0; c < dp; ++c) b.acc[i * dp + c] *= f;
+            }
+        }
+
+        // O += P V. On a masked tile a block of query vectors runs together over the keys all of
+        // them see, then each alone over the rest of its own: a key it may not see never meets
+        // its accumulator (0 * an infinite value would be NaN).
+        for (int64_t ib = 0; ib < mp; ib += kPvRows) {
+            int64_t common = n;
+            if (!whole) {
+                for (int64_t r = 0; r < kPvRows; ++r) common = b.visible[ib + r] < common ? b.visible[ib + r] : common;
+            }
+            for (int64_t cb = 0; cb < dp; cb += kWidth * kPvVecs) {
+                value_block<kPvRows, kPvVecs>(b.s, mp, b.v, dp, common, b.acc, ib, cb);
+            }
+            if (whole) continue;
+            for (int64_t i = ib; i < ib + kPvRows; ++i) {
+                for (int64_t j = common; j < b.visible[i]; ++j) {
+                    const Vec p = vset1(b.s[j * mp + i]);
+                    for (int64_t c = 0; c < dp; c += kWidth) {
+                        vstore(b.acc + i * dp + c, vfma(p, vload(b.v + j * dp + c), vload(b.acc + i * dp + c)));
+                    }
+                }
+            }
+        }
+    }
+
+    for (int64_t i = 0; i < nq; ++i) {
+        float* out = a.out + ((t0 + i / group) * a.n_heads + kvh * group + i % group) * d;
+        const float inverse = 1.0f / b.l[i];
+        for (int64_t c = 0; c < d; ++c) out[c] = b.acc[i * dp + c] * inverse;
+    }
+}
+
+static TileBuffers& tile_buffers() {
+    static thread_local TileBuffers buffers;  // trivial: zero-filled on first use, no constructor
+    return buffers;
+}
+
+template <typename KV>
+static void attention_tiles_of(const AttentionArgs& a, int64_t kvh, int64_t t_begin, int64_t t_end) {
+    TileBuffers& buffers = tile_buffers();
+    const int64_t group = a.n_heads / a.n_kv;
+    const int64_t rows = kTileQueries / group;  // >= 4: group <= kMaxGroup
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += rows) {
+        attention_pass<KV>(a, kvh, t0, t_end - t0 < rows ? t_end : t0 + rows, buffers);
+    }
+}
+
 static void attention_rows(const AttentionArgs& a, int64_t kvh, int64_t t_begin, int64_t t_end) {
+    const bool tiled = (t_end - t_begin) * (a.n_heads / a.n_kv) >= kMinTiledQueries;
     if (a.kv_type == KvType::F16) {
-        attention_rows_of<uint16_t>(a, kvh, t_begin, t_end);
+        tiled ? attention_tiles_of<uint16_t>(a, kvh, t_begin, t_end) : attention_rows_of<uint16_t>(a, kvh, t_begin, t_end);
     } else {
-        attention_rows_of<float>(a, kvh, t_begin, t_end);
+        tiled ? attention_tiles_of<float>(a, kvh, t_begin, t_end) : attention_rows_of<float>(a, kvh, t_begin, t_end);
     }
 }
 

@@ -100,6 +100,10 @@ struct AttentionArgs {
 };
 using AttentionFn = void (*)(const AttentionArgs& a, int64_t kv_head, int64_t t_begin,
                              int64_t t_end);
+// Query vectors (query rows x the query heads of one KV head) the kernels take at once when a
+// prompt is long enough: each key and value tile is read once for all of them. ops.cpp gives a
+// call as many rows as make this many vectors.
+constexpr int64_t kAttentionTileQueries = 64;
 
 struct KernelTable {
     const char* isa;  // "scalar" | "avx2" | "avx512"

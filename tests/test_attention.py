@@ -1,7 +1,10 @@
 """The attention kernel (csrc/attention_impl.h) against the numpy reference, on every
 instruction set this CPU and build can run, for decode (one query over S keys) and prefill
 (a causal block of queries), with context lengths that end mid-vector and mid-tile, over
-float32 and float16 KV caches with room to spare past the attended positions."""
+float32 and float16 KV caches with room to spare past the attended positions. Prompts of odd
+lengths, alone and after a cached prefix, go through both of the kernel's paths: a call with
+fewer than 8 query vectors (rows x the heads of one KV head) takes the row path, more take the
+tiles of up to 64 query vectors x 64 keys (ops.cpp gives a call 64 / group rows)."""
 
 from __future__ import annotations
 
@@ -60,6 +63,35 @@ def test_prefill_matches_reference(isa, threads, kv_dtype, t, q_start, n_heads, 
     check(q, k, v, q_start)
 
 
+# (T, q_start): odd prompt lengths alone, and after a cached prefix that ends mid-tile or on a
+# tile's edge; 1023 rows are 64 passes of 16 rows (group 4) over 16 key tiles
+PROMPTS = ((1, 0), (3, 0), (17, 0), (33, 0), (3, 61), (17, 64), (33, 100), (65, 190), (200, 1))
+
+
+@pytest.mark.parametrize("t, q_start", PROMPTS, ids=lambda x: str(x))
+@pytest.mark.parametrize("n_heads, n_kv, d", ((32, 8, 64), (3, 3, 17), (16, 1, 256), (10, 2, 24)), ids=lambda x: str(x))
+def test_prompt_matches_reference(isa, kv_dtype, t, q_start, n_heads, n_kv, d):
+    q, k, v = inputs(t, q_start + t, n_heads, n_kv, d, kv_dtype=kv_dtype)
+    check(q, k, v, q_start)
+
+
+@pytest.mark.parametrize("t, q_start", [(1023, 0), (1023, 77)])
+@pytest.mark.parametrize("n_heads, n_kv, d", ((4, 1, 16), (6, 2, 40)), ids=lambda x: str(x))
+def test_long_prompt_matches_reference(isa, kv_dtype, t, q_start, n_heads, n_kv, d):
+    q, k, v = inputs(t, q_start + t, n_heads, n_kv, d, kv_dtype=kv_dtype)
+    check(q, k, v, q_start)
+
+
+@pytest.mark.parametrize("t", [1, 70])
+def test_peaked_prompt_scores_rescale(isa, kv_dtype, t):
+    """Scores in the hundreds over several key tiles: the tiles' online softmax rescales the
+    sums as each new tile raises a query's maximum (t = 70: the tiled path, t = 1: the rows)."""
+    q, k, v = inputs(t, 300, 32, 8, 64, q_scale=40.0, kv_dtype=kv_dtype)
+    k[:, 150] *= 3
+    k[:, 250] *= 4
+    check(q, k, v, 300 - t, atol_rel=10 * ATOL_REL)
+
+
 def test_peaked_scores_do_not_overflow(isa, kv_dtype):
     """Scores in the hundreds, one tile far above the others: the online softmax rescales."""
     q, k, v = inputs(1, 1023, 32, 8, 64, q_scale=40.0, kv_dtype=kv_dtype)
@@ -83,12 +115,13 @@ def test_thread_count_does_not_change_a_bit(isa, t, s):
     np.testing.assert_array_equal(outs[0], outs[2])
 
 
-def test_instruction_sets_agree():
-    q, k, v = inputs(1, 1023, 32, 8, 64)
+@pytest.mark.parametrize("t", [1, 40])
+def test_instruction_sets_agree(t):
+    q, k, v = inputs(t, 1023, 32, 8, 64)
     outs = {}
     for name in ISAS:
         with native.use_isa(name):
-            outs[name] = native.attention(q, k, v, 1022)
+            outs[name] = native.attention(q, k, v, 1023 - t)
     scalar = outs["scalar"]
     for name, out in outs.items():
         np.testing.assert_allclose(out, scalar, rtol=0, atol=ATOL_REL * np.abs(scalar).max(), err_msg=name)

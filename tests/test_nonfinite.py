@@ -192,9 +192,12 @@ def test_short_conv_nonfinite_channel(isa, gated):
 
 
 @pytest.mark.parametrize("kv_dtype", [np.float32, np.float16], ids=["kv_f32", "kv_f16"])
-def test_attention_nonfinite_queries_keys_values(isa, kv_dtype):
+# the kernel's two paths (csrc/attention_impl.h): 6 queries of one KV head take the row path,
+# 12 or more the tiles; 70 tokens cross a key tile and span two passes of queries
+@pytest.mark.parametrize("t, n_heads, n_kv", [(6, 2, 2), (6, 4, 2), (70, 4, 2)], ids=["rows", "tile", "tiles"])
+def test_attention_nonfinite_queries_keys_values(isa, kv_dtype, t, n_heads, n_kv):
     rng = np.random.default_rng(5)
-    t, n_heads, n_kv, d = 6, 4, 2, 64
+    d, group = 64, n_heads // n_kv
     q = rng.standard_normal((t, n_heads, d)).astype(np.float32)
     q[..., 7] = np.abs(q[..., 7])  # an inf in key dim 7 makes a score of +inf
     k = rng.standard_normal((n_kv, t, d)).astype(kv_dtype)
@@ -211,10 +214,10 @@ def test_attention_nonfinite_queries_keys_values(isa, kv_dtype):
 
     for cache, value in ((k, INF), (k, NAN), (v, NAN), (v, INF)):
         original = cache[0, 3, 7]
-        cache[0, 3, 7] = value  # position 3 of KV head 0 (query heads 0 and 1)
+        cache[0, 3, 7] = value  # position 3 of KV head 0 (query heads 0 .. group - 1)
         y = native.attention(q, k, v, 0).reshape(t, n_heads, d)
         cache[0, 3, 7] = original
-        assert not np.isfinite(y[3:, :2]).all(axis=-1).any()  # every later query of the group
+        assert not np.isfinite(y[3:, :group]).all(axis=-1).any()  # every later query of the group
         keep = np.ones((t, n_heads), bool)
-        keep[3:, :2] = False  # earlier positions and the other KV head: as without it
+        keep[3:, :group] = False  # earlier positions and the other KV heads: as without it
         assert_same_bits(y[keep], clean[keep])
