@@ -4,9 +4,15 @@
 
 For each thread count it runs llama.cpp's `llama-bench -o json` and `lfm-edge bench --json`, one
 after the other, each in its own process (peak RSS is that process's, from wait4), plus the memory
-bandwidth probe (bench/bandwidth.py), and prints a markdown report: pp and tg tokens/s of both,
-the ratio lfm-edge / llama.cpp, tg as a percentage of the bandwidth roofline, time to first
-token, load time and peak RSS against the file size.
+bandwidth probe (bench/bandwidth.py) and the int8 peak probe (bench/peak.py), and prints a markdown
+report: pp and tg tokens/s of both, the ratio lfm-edge / llama.cpp, pp as a percentage of the int8
+roofline (peak GMAC/s / GMAC per prompt token) and tg of the bandwidth roofline (GB/s / GB read
+per token), time to first token, load time and peak RSS against the file size.
+
+With --np 1 2 4 8 it compares decoding several sequences at once instead: llama.cpp's
+`llama-batched-bench -npp D -ntg N -npl 1,2,4,8 --output-format jsonl` against `lfm-edge bench
+-p 0 -n N -d D -np 1,2,4,8 --json`, aggregate and per-sequence decode tokens/s side by side (see
+BATCHED_METHOD for what both time).
 
 llama-bench is built by bench/build_llama_bench.sh from the llama-cpp-python sdist (cached under
 ~/.cache/lfm-edge/llama.cpp), or given with --llama-bench. It is a native build, so on a CPU with
@@ -36,6 +42,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bandwidth
+
+from lfm_edge import probes
 
 
 @dataclass
@@ -103,13 +111,13 @@ def describe_failure(p: Proc) -> str:
     return f"failed (exit {p.returncode}: {tail[0][:160]})"
 
 
-def build_llama_bench(no_amx: bool = False) -> Path | None:
-    """The cached llama-bench (built on first use); None if the build fails."""
+def build_llama_bench(no_amx: bool = False, target: str = "llama-bench") -> Path | None:
+    """The cached llama-bench or llama-batched-bench (built on first use); None if the build fails."""
     script = HERE / "build_llama_bench.sh"
     variant = " without AMX" if no_amx else ""
-    print(f"building llama-bench{variant} ({script}; cached after the first time) ...", file=sys.stderr)
+    print(f"building {target}{variant} ({script}; cached after the first time) ...", file=sys.stderr)
     env = {**os.environ, **({"LLAMA_BENCH_NO_AMX": "1"} if no_amx else {})}
-    out = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE, text=True, env=env, check=False)
+    out = subprocess.run(["bash", str(script), target], stdout=subprocess.PIPE, text=True, env=env, check=False)
     if out.returncode != 0 or not out.stdout.strip():
         return None
     return Path(out.stdout.strip().splitlines()[-1])
@@ -157,6 +165,115 @@ def run_lfm_edge(args: argparse.Namespace, threads: int, depth: int) -> tuple[di
     return json.loads(p.stdout.strip().splitlines()[-1]), p
 
 
+BATCHED_METHOD = (
+    "Both sides measure the same thing: np sequences, each with its own {d}-token prompt of random "
+    "ids read first and not timed, then {n} steps that each decode one token of every sequence "
+    "(positions {d}..{last}, logits of every row); timed from the end of the prompts to the end of "
+    "the last step. Aggregate = np x {n} tokens / that time (llama-batched-bench's S_TG); per "
+    "sequence = {n} tokens / that time. Neither times sampling: llama-batched-bench feeds random "
+    "ids, lfm-edge hands back random ids in place of a sampler (after its check that the logits "
+    "are finite). llama.cpp: one process per thread count running every np, one run each unless "
+    "-r says more (then the median); lfm-edge: the median of -r runs."
+)
+
+
+def run_llama_batched(binary: Path, args: argparse.Namespace, threads: int) -> tuple[dict[int, dict], Proc]:
+    """llama-batched-bench's TG of each np: {np: its jsonl record}, the median run by speed_tg."""
+    n_ctx = max(args.np) * (args.ctx_depth + args.n_gen)  # its KV cache is split among n_seq_max sequences
+    cmd = [str(binary), "-m", args.model, "-t", str(threads), "-tb", str(threads), "-c", str(n_ctx),
+           "-npp", str(args.ctx_depth), "-ntg", str(args.n_gen), "-npl", ",".join(map(str, args.np)),
+           "--output-format", "jsonl"]
+    runs: dict[int, list[dict]] = {}
+    for _ in range(args.repetitions):
+        p = run_measured(cmd, args.timeout)
+        if p.returncode != 0:
+            return {}, p
+        for line in (p.stdout + "\n" + p.stderr).splitlines():
+            if line.startswith("{") and '"speed_tg"' in line:
+                record = json.loads(line)
+                runs.setdefault(record["pl"], []).append(record)
+    best = {}
+    for pl, rs in runs.items():
+        rs.sort(key=lambda r: r["speed_tg"])
+        best[pl] = rs[len(rs) // 2]
+    return best, p
+
+
+def run_lfm_edge_batched(args: argparse.Namespace, threads: int) -> tuple[dict[int, dict], Proc]:
+    cmd = [sys.executable, "-m", "lfm_edge", "bench", "-m", args.model, "-t", str(threads), "-p", "0",
+           "-n", str(args.n_gen), "-d", str(args.ctx_depth), "-np", ",".join(map(str, args.np)),
+           "-r", str(args.repetitions), "--json"]
+    p = run_measured(cmd, args.timeout)
+    if p.returncode != 0:
+        return {}, p
+    return {r["n_parallel"]: r for r in map(json.loads, p.stdout.strip().splitlines())}, p
+
+
+def batched_report(args, rows, notes) -> str:
+    d, n = args.ctx_depth, args.n_gen
+    out = [
+        f"### lfm-edge vs llama.cpp, several sequences decoding at once: `{Path(args.model).name}`",
+        "",
+        f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {cpu_name()}, {os.cpu_count()} cores; "
+        f"llama.cpp: llama-batched-bench from the llama-cpp-python {args.llama_version} sdist, native build.",
+        "",
+        BATCHED_METHOD.format(d=d, n=n, last=d + n - 1),
+        "",
+        "| threads | np | llama.cpp t/s | lfm-edge t/s | lfm-edge / llama.cpp | per sequence: llama.cpp | "
+        "per sequence: lfm-edge | x np1: llama.cpp | x np1: lfm-edge |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        ll1, ours1 = r["llama"].get(1), r["lfm"].get(1)
+        for np_ in args.np:
+            ll, ours = r["llama"].get(np_), r["lfm"].get(np_)
+            ll_ts = ll["speed_tg"] if ll else None
+            ours_ts = ours["tg_tps"] if ours else None
+            out.append(" | ".join([
+                f"| {r['threads']}", str(np_),
+                fmt(ll_ts) if ll else (r["llama_error"] or "n/a"),
+                fmt(ours_ts) if ours else (r["lfm_error"] or "n/a"),
+                fmt(ours_ts / ll_ts, 3) if ll and ours else "n/a",
+                fmt(ll_ts / np_) if ll else "n/a",
+                fmt(ours["tg_seq_tps"]) if ours else "n/a",
+                fmt(ll_ts / ll1["speed_tg"]) if ll and ll1 else "n/a",
+                fmt(ours_ts / ours1["tg_tps"]) if ours and ours1 else "n/a",
+            ]) + " |")
+    out += ["", *[f"- {x}" for x in notes]]
+    return "\n".join(out)
+
+
+def main_batched(args: argparse.Namespace) -> int:
+    notes = []
+    rows, raw = [], {"runs": []}
+    for t in args.threads:
+        row = {"threads": t, "llama": {}, "lfm": {}, "llama_error": None, "lfm_error": None}
+        for tool in ("llama-batched-bench", "lfm-edge"):
+            busy = wait_for_idle(args.wait_idle) if args.wait_idle > 0 else float("nan")
+            print(f"[{t} thread(s)] {tool} -np {' '.join(map(str, args.np))} ... (CPU {busy:.0%} busy before)",
+                  file=sys.stderr)
+            if tool == "lfm-edge":
+                results, proc = run_lfm_edge_batched(args, t)
+            else:
+                results, proc = run_llama_batched(args.llama_batched_bench, args, t)
+            key = "lfm" if tool == "lfm-edge" else "llama"
+            if proc.returncode != 0:
+                row[f"{key}_error"] = describe_failure(proc)
+                notes.append(f"{tool} -t {t}: {row[f'{key}_error']}")
+            else:
+                row[key] = results
+                notes.append(f"{tool} -t {t}: {proc.seconds:.0f} s, peak RSS {proc.rss_mb:.0f} MB; other processes "
+                             f"used {proc.others_cpu:.0%} of the CPU during it ({busy:.0%} busy before)")
+            raw["runs"].append({"threads": t, "tool": tool, "results": results, "rss_mb": proc.rss_mb,
+                                "others_cpu": proc.others_cpu, "error": row[f"{key}_error"]})
+        rows.append(row)
+    notes.append(f"load average (1/5/15 min) at the end: {loadavg()}")
+    print(batched_report(args, rows, notes))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(raw, indent=1, default=str))
+    return 0
+
+
 def loadavg() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -175,9 +292,9 @@ def fmt(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def report(args, model_info, bw, rows, notes) -> str:
+def report(args, model_info, bw, peaks, rows, notes) -> str:
     size_mb = model_info["file_bytes"] / 1e6
-    act = model_info["active_bytes"]
+    act, macs = model_info["active_bytes"], model_info["prefill_macs"]
     out = [
         f"### lfm-edge vs llama.cpp: `{Path(args.model).name}` ({model_info['file_bytes'] / 1e9:.2f} GB)",
         "",
@@ -193,13 +310,18 @@ def report(args, model_info, bw, rows, notes) -> str:
                     f"({b['gbps_min']:.1f}-{b['gbps_max']:.1f})" for b in bw.values())
         + " -> decode roofline "
         + ", ".join(f"{b['gbps'] * 1e9 / act:.1f} tok/s @ {t}t" for t, b in bw.items())
+        + f". A prompt token takes {macs / 1e9:.3f} GMAC; int8 peak ("
+        + f"{next(iter(peaks.values()))['instructions']}): "
+        + ", ".join(f"{pk['gmacs']:.0f} GMAC/s @ {t}t" for t, pk in peaks.items())
+        + " -> prefill roofline "
+        + ", ".join(f"{pk['gmacs'] * 1e9 / macs:.0f} tok/s @ {t}t" for t, pk in peaks.items())
         + ".",
         "",
-        "| threads | test | llama.cpp t/s | lfm-edge t/s (min-max) | lfm-edge / llama.cpp | tg % of roofline: llama.cpp / lfm-edge |",
+        "| threads | test | llama.cpp t/s | lfm-edge t/s (min-max) | lfm-edge / llama.cpp | % of roofline: llama.cpp / lfm-edge |",
         "| ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        roof = bw[r["threads"]]["gbps"] * 1e9 / act
+        roofs = {"pp": peaks[r["threads"]]["gmacs"] * 1e9 / macs, "tg": bw[r["threads"]]["gbps"] * 1e9 / act}
         for test, label in (("pp", f"pp{args.n_prompt}"), ("tg", f"tg{args.n_gen}"),
                             ("tg_depth", f"tg{args.n_gen} @ d{args.ctx_depth}")):
             ll, ours = r["llama"].get(test), r["lfm"].get(test)
@@ -209,10 +331,9 @@ def report(args, model_info, bw, rows, notes) -> str:
                     if ll else r["llama_error"] or "n/a")
             ours_s = (f"{ours['tps']:.2f} ({ours['min']:.2f}-{ours['max']:.2f})" if ours else r["lfm_error"] or "n/a")
             ratio = fmt(ours["tps"] / ll["avg_ts"], 3) if ll and ours else "n/a"
-            pct = ""
-            if test.startswith("tg"):
-                pct = (f"{100 * ll['avg_ts'] / roof:.0f}%" if ll else "n/a") + " / " + \
-                      (f"{100 * ours['tps'] / roof:.1f}%" if ours else "n/a")
+            roof = roofs[test[:2]]
+            pct = (f"{100 * ll['avg_ts'] / roof:.0f}%" if ll else "n/a") + " / " + \
+                  (f"{100 * ours['tps'] / roof:.1f}%" if ours else "n/a")
             out.append(f"| {r['threads']} | {label} | {ll_s} | {ours_s} | {ratio} | {pct} |")
     out += [
         "",
@@ -242,13 +363,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", "--n-gen", type=int, default=128)
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.add_argument("-d", "--ctx-depth", type=int, default=0, help="also measure tg after this many tokens")
+    p.add_argument("--np", type=int, nargs="+",
+                   help="compare decoding this many sequences at once (e.g. --np 1 2 4 8) with llama-batched-bench "
+                        "instead: -d is each sequence's prompt (default 128 here), -n the tokens each decodes")
     p.add_argument("--llama-bench", type=Path, help="a llama-bench binary (default: build it)")
+    p.add_argument("--llama-batched-bench", type=Path, help="a llama-batched-bench binary, for --np (default: build it)")
     p.add_argument("--llama-bench-no-amx", type=Path,
                    help="a llama-bench built without AMX, tried if the first crashes (default: build it then)")
     p.add_argument("--no-build", action="store_true", help="never build llama-bench variants")
     p.add_argument("--timeout", type=float, default=4 * 3600, help="seconds allowed per benchmark process")
     p.add_argument("--json-out", type=Path, help="also write every raw result here")
-    p.add_argument("--bandwidth-mb", type=int, default=2048, help="buffer of the bandwidth probe (MiB)")
+    p.add_argument("--bandwidth-mb", type=int, default=1024, help="buffer of the bandwidth probe (MiB)")
     p.add_argument("--wait-idle", type=float, default=600,
                    help="before each run wait up to this many seconds for other processes to leave the CPU "
                         "(default 600; 0: do not wait)")
@@ -256,6 +381,15 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.model).is_file():
         p.error(f"{args.model}: no such file")
     args.llama_version = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "0.3.36")
+    if args.np:
+        if min(args.np) < 1 or args.n_gen < 1:
+            p.error("--np takes sequence counts >= 1, and -n must be at least 1")
+        args.np = list(dict.fromkeys(args.np))
+        args.ctx_depth = args.ctx_depth or 128
+        args.llama_batched_bench = args.llama_batched_bench or build_llama_bench(target="llama-batched-bench")
+        if args.llama_batched_bench is None:
+            p.error("could not build llama-batched-bench; see bench/build_llama_bench.sh or pass --llama-batched-bench")
+        return main_batched(args)
     args.llama_bench = args.llama_bench or build_llama_bench()
     if args.llama_bench is None:
         p.error("could not build llama-bench; see bench/build_llama_bench.sh or pass --llama-bench")
@@ -277,7 +411,12 @@ def main(argv: list[str] | None = None) -> int:
         before = quiet(f"bandwidth probe, {t} thread(s)")
         bw[t] = bandwidth.measure(t, args.bandwidth_mb)
         bw[t]["busy_before"] = before
-    rows, raw = [], {"bandwidth": bw, "model": model_info, "runs": []}
+    peaks = {}
+    for t in args.threads:
+        before = quiet(f"int8 peak probe, {t} thread(s)")
+        peaks[t] = probes.int8_peak(t)
+        peaks[t]["busy_before"] = before
+    rows, raw = [], {"bandwidth": bw, "int8_peak": peaks, "model": model_info, "runs": []}
     for t in args.threads:
         row = {"threads": t, "llama": {}, "lfm": {}, "lfm_raw": {}, "llama_error": None, "lfm_error": None,
                "llama_config": None, "llama_rss": None, "lfm_rss": None}
@@ -325,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "others_cpu": proc.others_cpu})
         rows.append(row)
     notes.append(f"load average (1/5/15 min) at the end: {loadavg()}")
-    text = report(args, model_info, bw, rows, notes)
+    text = report(args, model_info, bw, peaks, rows, notes)
     print(text)
     if args.json_out:
         args.json_out.write_text(json.dumps(raw, indent=1, default=str))

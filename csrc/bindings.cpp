@@ -25,6 +25,8 @@
 
 namespace py = pybind11;
 
+void add_probe_bindings(py::module_& m);  // probe_bindings.cpp
+
 namespace {
 
 using lfm::QType;
@@ -630,4 +632,5 @@ PYBIND11_MODULE(_C, m) {
           "calling thread alone after one (solo_jobs), since the pool was made.");
     m.def("kernel_time_ns", [] { return g_kernel_ns.load(std::memory_order_relaxed); },
           "Nanoseconds spent inside kernels (GIL released) since the module loaded, all threads' calls summed.");
+    add_probe_bindings(m);
 }

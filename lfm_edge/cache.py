@@ -31,8 +31,11 @@ class KVCache:
     def append(self, start: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Store k, v [T, n_kv, d] at positions start.. and return the whole cache (keys, values)."""
         end = start + k.shape[0]
-        self.keys[:, start:end] = k.transpose(1, 0, 2)
-        self.values[:, start:end] = v.transpose(1, 0, 2)
+        # a value past float16's range becomes inf, silently: corrupt weights are reported once,
+        # as non-finite logits, not as a numpy warning on every step
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.keys[:, start:end] = k.transpose(1, 0, 2)
+            self.values[:, start:end] = v.transpose(1, 0, 2)
         return self.keys, self.values
 
 
@@ -64,6 +67,12 @@ class Cache:
     @property
     def pos(self) -> int:
         return self.state.pos
+
+    @property
+    def nbytes(self) -> int:
+        """What this sequence holds: every attention layer's keys and values for n_ctx positions,
+        and every conv layer's window. (A step's new windows are copies of this size, freed at commit.)"""
+        return sum(kv.keys.nbytes + kv.values.nbytes for kv in self.kv if kv is not None) + self.state.conv.nbytes
 
     def copy(self) -> Cache:
         return copy.deepcopy(self)

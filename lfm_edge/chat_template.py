@@ -41,6 +41,7 @@ import functools
 import json
 import re
 import threading
+import warnings
 from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
 from typing import Any
@@ -180,9 +181,13 @@ class ChatTemplate:
         self._pinned = threading.local()
         self._env = env = _environment(self._now)
         try:
-            ast = env.parse(source)
-            names, strings = _names_read(ast), _strings(ast)
-            self._template = env.from_string(env.bound(ast))
+            # Python warns about what jinja2 makes of a template (an invalid escape in a string,
+            # the code of `{{ 5[0] }}`): stderr is no place for it
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ast = env.parse(source)
+                names, strings = _names_read(ast), _strings(ast)
+                self._template = env.from_string(env.bound(ast))
         except jinja2.TemplateSyntaxError as e:
             raise TemplateError(f"the chat template does not parse: {one_line(e.message)} (line {e.lineno})") from None
         except Exception as e:  # a template nested past the parser's recursion, ...

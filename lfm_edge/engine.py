@@ -12,11 +12,14 @@ far as the new prompt starts with what it holds, or back to a checkpoint taken o
 the end of its last prompt (conv states cannot be rewound; see Slot.place).
 
 A step runs every active sequence in one forward call: one row for each sequence that is
-decoding, and a chunk of each prompt still being read (PREFILL_CHUNK tokens when nothing is
-decoding, SHARED_CHUNK when something is, so a new prompt holds the running streams up for one
-such chunk at most). Then each sequence with fresh logits samples its next token. Caches move on
-only when a forward call completes (cache.Batch): whatever stops a step (Ctrl-C, cancel, an error
-in a kernel) leaves every sequence where it was before the step, and it simply runs again.
+decoding, and a chunk of each prompt still being read. With nothing decoding the chunk is big
+(PREFILL_CHUNK tokens, prefill at full speed); while something decodes it is sized so that the
+whole step takes about STEP_BUDGET_S, from the prompt tokens/s of the last steps that read
+prompts (PrefillRate), so a new prompt holds the running streams up by about that much a token,
+and a short prompt gets its first token within a step or two. Then each sequence with fresh
+logits samples its next token. Caches move on only when a forward call completes (cache.Batch):
+whatever stops a step (Ctrl-C, cancel, an error in a kernel) leaves every sequence where it was
+before the step, and it simply runs again.
 
 Nobody has to start the engine: a consumer waiting for its next token runs the next step, for
 every sequence, unless another thread is running one (then it waits for that). One caller needs
@@ -43,7 +46,11 @@ if TYPE_CHECKING:
     from .llm import LLM
 
 PREFILL_CHUNK = 2048  # prompt tokens per step while no sequence is decoding
-SHARED_CHUNK = 256  # prompt tokens per step while others decode: ~2 s of the 8B model on 2 cores
+# while others decode, a step's prompt chunk is sized to take about STEP_BUDGET_S, within
+# MIN_CHUNK..SHARED_CHUNK tokens (the 8B model prefills ~40 tokens/s on 2 AVX2 cores: ~40 a step)
+STEP_BUDGET_S = 1.0
+MIN_CHUNK = 16
+SHARED_CHUNK = 256
 
 
 @dataclass
@@ -60,6 +67,21 @@ class GenerationStats:
     @property
     def decode_tps(self) -> float:
         return self.completion_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+class PrefillRate:
+    """Tokens per second of the steps that read prompt chunks, as an exponentially weighted mean
+    (weight `alpha` for the newest step): what sizes the next chunk. None until one is measured."""
+
+    def __init__(self, alpha: float = 0.3):
+        self.alpha = alpha
+        self.tps: float | None = None
+
+    def add(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        tps = tokens / seconds
+        self.tps = tps if self.tps is None else self.alpha * tps + (1 - self.alpha) * self.tps
 
 
 class QueueFull(LfmEdgeError):
@@ -202,7 +224,9 @@ class Engine:
     no limit), and submit() raises QueueFull beyond it. reuse_slots: keep up to n_parallel
     caches between requests that bring no slot of their own, each new request taking the one
     that already holds most of its prompt (llama-server's slots); otherwise such a request gets
-    a fresh cache, freed when it ends.
+    a fresh cache, freed when it ends. step_budget_s, min_chunk, shared_chunk: the length of a
+    step that reads a prompt while others decode, and the bounds of its chunk (see chunk_size);
+    clock: seconds, for timing those steps.
     """
 
     def __init__(
@@ -211,7 +235,10 @@ class Engine:
         n_parallel: int = 8,
         max_queued: int | None = None,
         reuse_slots: bool = False,
+        step_budget_s: float = STEP_BUDGET_S,
+        min_chunk: int = MIN_CHUNK,
         shared_chunk: int = SHARED_CHUNK,
+        clock=time.perf_counter,
     ):
         if n_parallel < 1:
             raise LfmEdgeError(f"n_parallel must be at least 1, got {n_parallel}")
@@ -219,7 +246,11 @@ class Engine:
         self.n_parallel = n_parallel
         self.max_queued = max_queued
         self.reuse_slots = reuse_slots
+        self.step_budget_s = step_budget_s
+        self.min_chunk = min_chunk
         self.shared_chunk = shared_chunk
+        self.clock = clock
+        self.prefill_rate = PrefillRate()
         self._lock = threading.Lock()  # the queue, the active list, slots' busy flags, handles' output
         self._changed = threading.Condition(self._lock)
         self._step_lock = threading.Lock()  # one step at a time
@@ -371,11 +402,15 @@ class Engine:
         try:
             batch = Batch(caches, lengths)
             with self.llm._compute:
+                start = self.clock()
                 logits = self.llm.model.forward(ids, batch, logit_rows)  # [len(wanting), V]
+                seconds = self.clock() - start
         except Exception as e:  # a kernel failed: these requests end with its error, their caches as they were
             for h, _, _ in plan:
                 self._finish(h, error=e)
             return int(ids.size)
+        if any(pos < h.n_prompt for h, pos, _ in plan):  # a step that read a prompt: its speed sizes the next chunks
+            self.prefill_rate.add(int(ids.size), seconds)
         for j, (_, h, end) in enumerate(wanting):
             h._staged = (end, logits[j])  # valid once the cache's length is `end`
         batch.commit()
@@ -427,8 +462,8 @@ class Engine:
     def _plan(self, live: list[Handle]) -> list[tuple[Handle, int, int]]:
         """(sequence, first position, tokens) of each sequence in the next forward call."""
         plan = []
-        decoding = any(h.slot.cache.pos >= h.n_prompt for h in live)
-        budget = self.shared_chunk if decoding else PREFILL_CHUNK
+        decoding = sum(not h._ready() and h.n_prompt <= h.slot.cache.pos < len(h.ids) for h in live)
+        budget = self.chunk_size(decoding)
         for h in live:
             if h.cancelled:
                 self._finish(h, "cancelled")
@@ -449,6 +484,17 @@ class Engine:
                 budget -= n
                 plan.append((h, pos, n))
         return plan
+
+    def chunk_size(self, decoding: int) -> int:
+        """Prompt tokens the next step may read beside `decoding` sequences' decode rows: all it
+        can (PREFILL_CHUNK) when none decode; else what fits the step budget at the measured
+        prefill speed (the decode rows counted as prompt tokens), within min_chunk..shared_chunk.
+        Before any speed is measured, min_chunk: the first such step measures it."""
+        if not decoding:
+            return PREFILL_CHUNK
+        tps = self.prefill_rate.tps
+        fit = self.min_chunk if tps is None else int(tps * self.step_budget_s) - decoding
+        return min(self.shared_chunk, max(self.min_chunk, fit))
 
     def next_token(self, h: Handle, logits: np.ndarray) -> int:
         """The token `h` picks from `logits` [V]: its sampler's choice, within its grammar if it

@@ -71,6 +71,7 @@ class LLM:
         self._engine_lock = threading.Lock()
         self._vocabulary: Vocabulary | None = None  # built by the first constrained request
         self._vocabulary_lock = threading.Lock()
+        self._longest_token: int | None = None  # bytes of the longest token, found when first needed
         self.n_threads = n_threads or usable_cores()
         native.set_threads(self.n_threads)  # one pool for the process: the last load sets its size
         # a template that cannot be used is reported when a chat needs it: generate() still works
@@ -306,9 +307,27 @@ class LLM:
         """
         tok = self.tokenizer
         text, plain = self._chat_template().render_prompt(messages, tools, True, tok.special_texts, **template_kwargs)
+        self._check_prompt_fits(text)
         bos = tok.decode([tok.bos_id]) if tok.bos_id is not None else None
         # the template writes the BOS token itself; do not add a second one
         return tok.encode_prompt(text, plain, add_special=not (bos and text.startswith(bos)))
+
+    def _check_prompt_fits(self, text: str) -> None:
+        """Refuse, before tokenizing, a rendered prompt that cannot fit the context: a template
+        may write megabytes (tokenizing 7 MB took 19 s and 1.8 GB). No token stands for more
+        than the vocabulary's longest token's bytes, so N bytes are at least N / longest tokens."""
+        if len(text) <= self.n_ctx:
+            return
+        n_bytes = len(text.encode("utf-8", "surrogatepass"))
+        if self._longest_token is None:
+            tok = self.tokenizer
+            self._longest_token = max(1, max(len(tok.token_bytes(i)) for i in range(tok.n_vocab)))
+        least = -(-n_bytes // self._longest_token)
+        if least > self.n_ctx:
+            raise LfmEdgeError(
+                f"the chat template made a prompt of {n_bytes:,} bytes, at least {least:,} tokens, "
+                f"but the context holds {self.n_ctx}"
+            )
 
     def chat(
         self,

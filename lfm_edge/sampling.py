@@ -33,7 +33,8 @@ class SamplingParams:
             integral = "int" in str(f.type)
             if value is None and f.name == "seed":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (integral and not float(value).is_integer()):
+            whole = isinstance(value, int) or isinstance(value, float) and value.is_integer()  # (float(10**400) overflows)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (integral and not whole):
                 kind = "an integer" if integral else "a number"
                 raise LfmEdgeError(f"{f.name} must be {kind}, got {value!r}")
             if integral:

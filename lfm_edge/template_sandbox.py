@@ -55,6 +55,7 @@ MAX_DEPTH = 64  # nested macro, caller() and recursive-loop calls
 MAX_INT_BITS = 1 << 16  # about 20,000 digits
 MAX_SLOW_TEXT = 1 << 20  # characters given to filters that work in Python per character (wordwrap, urlize, pprint)
 MAX_INDENT = 1000  # of tojson's indent and separators
+MAX_ROUND_DIGITS = 1000  # of the round filter's precision (a float has at most ~330 digits that matter)
 
 
 class TemplateError(LfmEdgeError):
@@ -367,8 +368,15 @@ def _check_filter(budget: Budget, name: str, value: Any, args: tuple, kwargs: di
         budget.need(_text_len(budget, value) + (len(sep) * count if isinstance(sep, str) else 0))
     elif name == "list" and hasattr(value, "__len__") and len(value) > budget.item_limit:
         budget.too_many_items()
-    elif name in _COMPARING and tree_size(value, budget.compare_limit) > budget.compare_limit:
+    elif name in _COMPARING and (len(value) if isinstance(value, (str, bytes)) else tree_size(
+            value, budget.compare_limit)) > budget.compare_limit:  # (a string's items are its characters)
         _too_big_to_compare(budget)
+    elif name == "round":
+        digits = _arg(args, kwargs, 0, "precision", 0)
+        if type(digits) is int and abs(digits) > MAX_ROUND_DIGITS:  # round(n, -10**9) computes 10**(10**9)
+            raise TemplateLimit(
+                f"the chat template asked round for {digits:,} digits, more than the {MAX_ROUND_DIGITS:,} it may"
+            )
     elif name in ("batch", "slice"):
         n = _arg(args, kwargs, 0, "linecount" if name == "batch" else "slices", 0)
         if isinstance(n, int) and n > budget.item_limit:

@@ -7,6 +7,7 @@ dense conv layer, an attention + MoE layer): every tensor kind at full width, ~3
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -227,6 +228,20 @@ def test_bench_comma_lists_and_llama_bench_formats(gguf_path):
     assert [r["threads"] for r in records] == [1, 2] and all(r["pp_tps"] > 0 and r["tg_tps"] > 0 for r in records)
 
 
+def test_bench_roofline_gives_each_test_its_share(gguf_path):
+    path = gguf_path("moe", "q4_0")
+    proc = cli("bench", "-m", str(path), "-t", "1", "-p", "8", "-n", "2", "-r", "1", "--roofline", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    counts = bandwidth.active_bytes(path)
+    assert r["int8_peak_gmacs"] > 0 and r["read_gbps"] > 0
+    assert r["pp_roofline_share"] == pytest.approx(r["pp_tps"] * counts["prefill_macs"] / (r["int8_peak_gmacs"] * 1e9))
+    assert r["tg_roofline_share"] == pytest.approx(r["tg_tps"] * counts["active_bytes"] / (r["read_gbps"] * 1e9))
+    assert r["rss_mb"] < 900  # the probe's 1 GiB buffer lives in a child process
+    footer = cli("bench", "-m", str(path), "-t", "1", "-p", "8", "-n", "2", "-r", "1", "--roofline").stdout
+    assert re.search(r"1 thread: of the roofline \(pp: int8 peak \d+ GMAC/s, .*\) pp8 \d+%, tg2 \d+%", footer), footer
+
+
 def test_bench_takes_the_kv_cache_type(gguf_path):
     proc = cli("bench", "-m", str(gguf_path("moe", "q4_0")), "-p", "0", "-n", "2", "-r", "1", "-ctk", "f32", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -251,6 +266,20 @@ def test_bench_parallel_reports_aggregate_and_per_sequence_speed(gguf_path):
     assert records[1]["tg_seq_tps"] == pytest.approx(records[1]["tg_tps"] / 2)
 
 
+def test_bench_ttft_during_decode_reports_the_prompt_and_the_running_stream(gguf_path):
+    path = str(gguf_path("moe", "q4_0"))
+    proc = cli("bench", "-m", path, "-t", "1", "-p", "40", "-n", "0", "-r", "2", "--ttft-during-decode", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    # the prompt's first token came after the arrival; the running sequence waited at least
+    # once between two tokens meanwhile (its gap is measured from the arrival too)
+    assert 0 < r["ttft_busy_s"] < 60 and 0 < r["busy_gap_s"] < 60
+    md = cli("bench", "-m", path, "-t", "1", "-p", "40", "-n", "0", "-r", "1", "--ttft-during-decode").stdout
+    line = next(x for x in md.splitlines() if "arriving while another sequence decodes" in x)
+    assert line.startswith("1 thread: time to first token of a prompt arriving while another sequence decodes pp40 ")
+    assert "the decoding sequence's longest wait for a token" in line and "(chunks of " in line
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -267,6 +296,7 @@ def test_bench_parallel_reports_aggregate_and_per_sequence_speed(gguf_path):
         (["-m", "MODEL", "-p", "16,-3"], ["-p/--n-prompt", "at least 0"]),
         (["-m", "MODEL", "-o", "xml"], ["-o/--output", "md, csv, json, jsonl"]),
         (["-m", "MODEL", "-np", "0"], ["-np/--parallel", "at least 1"]),
+        (["-m", "MODEL", "-p", "0", "--ttft-during-decode"], ["--ttft-during-decode", "-p N"]),
         (["-m", "/"], ["/: is a directory"]),
         (["-m", "MODEL", "--bogus"], ["unrecognized arguments: --bogus", "see lfm-edge bench --help"]),
     ],
@@ -331,3 +361,47 @@ def test_compare_reports_both_and_survives_a_llama_cpp_crash(gguf_path, tmp_path
     row = next(line for line in out.splitlines() if line.startswith("| 1 | tg4 |"))
     # the ratio column is lfm-edge / llama.cpp
     assert f"| {ours['tg_tps'] / 20.0:.3f} |" in row
+    # the last column: pp against the int8 peak's roofline, tg against the bandwidth's
+    raw_all = json.loads(raw.read_text())
+    pp_roof = raw_all["int8_peak"]["1"]["gmacs"] * 1e9 / raw_all["model"]["prefill_macs"]
+    pp_row = next(line for line in out.splitlines() if line.startswith("| 1 | pp16 |"))
+    assert pp_row.endswith(f"| {100 * 100.0 / pp_roof:.0f}% / {100 * ours['pp_tps'] / pp_roof:.1f}% |")
+
+
+FAKE_BATCHED_BENCH = """\
+#!{python}
+import json, sys
+args = sys.argv[1:]
+opt = lambda name: args[args.index(name) + 1]
+assert opt("--output-format") == "jsonl" and int(opt("-c")) >= 4 * (int(opt("-npp")) + int(opt("-ntg")))
+print("llama_batched_bench: some log line")
+for pl in map(int, opt("-npl").split(",")):
+    print(json.dumps(dict(pp=int(opt("-npp")), tg=int(opt("-ntg")), pl=pl, n_threads=int(opt("-t")),
+                          speed_tg=10.0 * pl ** 0.5, t_tg=1.0)))
+"""
+
+
+def test_compare_np_puts_batched_decode_beside_llama_batched_bench(gguf_path, tmp_path):
+    fake = tmp_path / "llama-batched-bench"
+    fake.write_text(FAKE_BATCHED_BENCH.format(python=sys.executable))
+    fake.chmod(0o755)
+    raw = tmp_path / "raw.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "compare.py"), "--model", str(gguf_path("moe", "q4_0")), "-t", "1",
+         "--np", "1", "4", "-d", "8", "-n", "4", "-r", "1", "--llama-batched-bench", str(fake), "--wait-idle", "0",
+         "--json-out", str(raw)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "each with its own 8-token prompt" in out and "positions 8..11" in out
+    ours = next(r["results"] for r in json.loads(raw.read_text())["runs"] if r["tool"] == "lfm-edge")
+    rows = {int(line.split("|")[2]): [c.strip() for c in line.split("|")[1:-1]]
+            for line in out.splitlines() if line.startswith("| 1 | ")}
+    assert sorted(rows) == [1, 4]
+    for np_, row in rows.items():  # threads, np, llama t/s, ours, ratio, per seq x2, x np1 x2
+        mine = ours[str(np_)]
+        assert row[2] == f"{10.0 * np_ ** 0.5:.2f}" and row[3] == f"{mine['tg_tps']:.2f}"
+        assert row[4] == f"{mine['tg_tps'] / (10.0 * np_ ** 0.5):.3f}"
+        assert row[5] == f"{10.0 * np_ ** 0.5 / np_:.2f}" and row[6] == f"{mine['tg_seq_tps']:.2f}"
+        assert row[7] == f"{np_ ** 0.5:.2f}" and row[8] == f"{mine['tg_tps'] / ours['1']['tg_tps']:.2f}"

@@ -258,3 +258,91 @@ def test_kept_slots_reuse_the_prompt_a_request_shares_with_an_earlier_one(llm):
     h = engine.submit(follow_up, 5, greedy())
     assert list(h.tokens()) == list(llm.decode_tokens(follow_up, 5, greedy()))
     assert h.stats.cached_tokens == len(history) + len(reply) - 1  # all but the reply's last token
+
+
+# -- the size of prompt chunks -----------------------------------------------------------
+
+
+class FakeClock:
+    """A clock that only the model's forward calls move: `tps` prompt-or-decode rows a second."""
+
+    def __init__(self, tps: float):
+        self.tps, self.now = tps, 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def timed_forwards(llm, monkeypatch, clock: FakeClock) -> list[list[int]]:
+    forwards = []
+    forward = llm.model.forward
+
+    def run(ids, batch, rows=None):
+        forwards.append(list(batch.lengths))
+        clock.now += ids.size / clock.tps
+        return forward(ids, batch, rows)
+
+    monkeypatch.setattr(llm.model, "forward", run)
+    return forwards
+
+
+def test_a_prompt_beside_a_decoding_stream_is_read_in_chunks_that_fit_the_step_budget(llm, monkeypatch):
+    """Chunks are sized from the measured prefill speed: a step of chunk + decode rows takes
+    about the budget, and the chunks follow the speed when it changes."""
+    clock = FakeClock(tps=100.0)
+    forwards = timed_forwards(llm, monkeypatch, clock)
+    engine = Engine(llm, step_budget_s=0.5, min_chunk=4, shared_chunk=64, clock=clock)
+    short, long = prompts(llm, [10, 240], seed=8)
+    a = engine.submit(short, 200, greedy())
+    engine.step()  # a's whole prompt alone (10 rows in 0.1 s: 100 tokens/s), then a decodes
+    assert engine.prefill_rate.tps == pytest.approx(100.0)
+    b = engine.submit(long, 2, greedy())
+    engine.step()
+    assert forwards[-1] == [1, 49]  # 100 tokens/s x 0.5 s = 50 rows: a's decode row and 49 of b's prompt
+    clock.tps = 40.0  # the machine slows down (another process): the chunks shrink step by step
+    sizes = []
+    for _ in range(4):
+        engine.step()
+        sizes.append(forwards[-1][1])
+    # the step at 40 tokens/s was sized at 100; each step after it moves the EWMA (weight 0.3)
+    # toward 40: 0.3 x 40 + 0.7 x 100 = 82 tokens/s, so 41 rows, 40 of them b's; then 69.4, 60.6
+    assert sizes == [49, 40, 33, 29]
+    rate = engine.prefill_rate.tps  # an EWMA of the steps so far, each at 40 or 100 tokens/s
+    assert 40.0 < rate < 100.0 and engine.chunk_size(1) == int(rate * 0.5) - 1
+    engine.prefill_rate.tps = 2.0  # however slow, a step reads at least min_chunk; however fast, at most shared_chunk
+    assert engine.chunk_size(1) == 4
+    engine.prefill_rate.tps = 1e6
+    assert engine.chunk_size(1) == 64
+    engine.prefill_rate.tps = 100.0  # three decoding sequences leave room for 47 prompt tokens
+    assert engine.chunk_size(3) == 47
+    a.cancel()
+    list(b.tokens())  # b's prompt ends alone: its last 40 tokens in one idle-sized chunk
+    assert forwards[-2] == [40]
+    assert b.stats.completion_tokens == 2
+
+
+def test_an_idle_engine_reads_a_prompt_in_big_chunks_and_the_first_shared_step_is_small(llm, monkeypatch):
+    clock = FakeClock(tps=100.0)
+    forwards = timed_forwards(llm, monkeypatch, clock)
+    engine = Engine(llm, step_budget_s=0.5, min_chunk=4, shared_chunk=64, clock=clock)
+    assert engine.chunk_size(0) == engine_module.PREFILL_CHUNK
+    assert engine.chunk_size(1) == 4  # no speed measured yet: the smallest chunk measures it
+    (long,) = prompts(llm, [200], seed=9)
+    list(engine.submit(long, 1, greedy()).tokens())
+    assert forwards == [[200]]
+
+
+def test_a_new_sequence_allocates_only_its_kv_cache_and_conv_state(llm):
+    """What an extra sequence costs: n_ctx x attention layers x 2 (k, v) x kv heads x head dim x
+    the KV element size, plus conv layers x (L-1) x hidden float32s; every other array is shared."""
+    a = llm.args
+    caches = [llm.new_cache() for _ in range(3)]
+    attn = [i for i in range(a.n_layer) if a.is_attention(i)]
+    kv_bytes = sum(2 * llm.n_ctx * a.n_kv_heads[i] * a.head_dim for i in attn) * np.dtype(np.float16).itemsize
+    conv_bytes = (a.n_layer - len(attn)) * (a.conv_kernel - 1) * a.hidden * 4
+    for c in caches:
+        assert c.nbytes == kv_bytes + conv_bytes and c.kv[attn[0]].keys.dtype == np.float16
+    first, second = caches[0], caches[1]  # nothing of one sequence's cache is another's
+    assert not any(np.shares_memory(x.keys, y.keys) or np.shares_memory(x.values, y.values)
+                   for x, y in zip(first.kv, second.kv) if x is not None)
+    assert not np.shares_memory(first.state.conv, second.state.conv)

@@ -15,6 +15,12 @@ picking the token), peak RSS, the kernels' instruction set, and the share of a d
 spent outside the kernels (Python and the bindings: wall time minus the time the kernels report,
 over the wall time). Prompt tokens are random non-special ids from a seeded generator, so runs
 are repeatable; decode feeds random ids too (no sampling is timed, as in llama-bench).
+--ttft-during-decode: a p-token prompt arriving while another sequence decodes, on the engine
+(each on its own thread, as two clients of a server): its time to first token, and the decoding
+stream's longest wait between two tokens meanwhile (what the engine's prompt chunks cost it).
+--roofline: this CPU's int8 multiply-accumulate peak and read bandwidth (lfm_edge.probes, with the
+active kernels' instructions) and each test as a share of the roofline it sets: pp tokens/s x MACs
+per prompt token / peak, tg tokens/s x weight bytes read per token / bandwidth.
 """
 
 from __future__ import annotations
@@ -24,9 +30,12 @@ import csv
 import datetime
 import io
 import json
+import os
 import resource
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -56,6 +65,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "on the generation engine (default: one sequence, the plain decode loop)")
     p.add_argument("-ctk", "--cache-type-k", "--kv-cache-type", dest="kv_cache_type", default=None,
                    help="f16 or f32 keys and values (default: f32 for a float32 model, else f16)")
+    p.add_argument("--roofline", action="store_true",
+                   help="also probe this CPU's int8 peak and read bandwidth (lfm_edge.probes: a few seconds and "
+                        "1 GiB per thread count) and give pp and tg as a share of the rooflines they set")
+    p.add_argument("--ttft-during-decode", action="store_true",
+                   help="also: time to first token of a p-token prompt that arrives while another sequence decodes")
     p.add_argument("--seed", default="0", help="seed of the random token ids (default 0)")
     p.add_argument("-o", "--output", default="md", help=f"llama-bench's output format: {', '.join(OUTPUTS)} (default md)")
     p.add_argument("--json", action="store_true",
@@ -106,6 +120,10 @@ class Test:
     tg_overhead: float | None = None  # tg: share of the time spent outside the kernels
     n_parallel: int | None = None  # tg -np: sequences decoded at once (avg_ts: all of them together)
     seq_ts: float | None = None  # tg -np: mean tokens/s of one sequence
+    ttft_busy_s: float | None = None  # pp --ttft-during-decode: median TTFT beside a decoding sequence
+    busy_gap_s: float | None = None  # ... and that sequence's longest wait between tokens meanwhile
+    busy_chunk: int | None = None  # ... the prompt chunk the engine read in such a step at the end
+    roofline_share: float | None = None  # --roofline: pp of the int8 peak's roofline, tg of the bandwidth's
 
     @property
     def name(self) -> str:
@@ -140,6 +158,12 @@ class Result:
     tg_overhead: float | None = None  # share of the tg time spent outside the kernels (Python, bindings)
     n_parallel: int | None = None  # -np: tg is that many sequences at once, tg_tps their aggregate
     tg_seq_tps: float | None = None  # -np: median tokens/s of one sequence
+    ttft_busy_s: float | None = None  # --ttft-during-decode: median TTFT of the prompt beside a decoding sequence
+    busy_gap_s: float | None = None  # the decoding sequence's longest wait between two tokens meanwhile
+    pp_roofline_share: float | None = None  # --roofline: pp_tps x MACs per prompt token / int8 peak
+    tg_roofline_share: float | None = None  # --roofline: tg_tps x weight bytes per token / read bandwidth
+    int8_peak_gmacs: float | None = None  # --roofline: the probes (lfm_edge.probes), this thread count
+    read_gbps: float | None = None
     rss_mb: float = 0.0  # peak resident set of this process, file pages touched included
     kernel_threads: int | None = None  # what the native thread pool reports
     kv_cache_type: str = ""
@@ -179,6 +203,28 @@ class Bench:
         self.allowed = np.array([i for i in range(self.llm.args.n_vocab) if i not in special], dtype=np.int64)
         self.rng = np.random.default_rng(seed)
         self.cache = self.llm.new_cache()
+        self.rooflines: dict[int, dict] = {}  # --roofline: threads -> the probes' results
+
+    def measure_roofline(self, threads: int, tests: list[Test]) -> None:
+        """Probe the int8 peak and read bandwidth on `threads` threads and set each single-sequence
+        test's share of its roofline (the weights only: attention over the context is left out)."""
+        from .. import native, probes
+
+        per_token = probes.model_per_token(self.llm)
+        # in a child process, so the probe's 1 GiB buffer stays out of this one's peak RSS
+        code = ("import json; from lfm_edge import probes; "
+                f"print(json.dumps([probes.int8_peak({threads}), probes.read_bandwidth({threads})]))")
+        child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                               env={**os.environ, native.ISA_ENV_VAR: native.isa()})
+        if child.returncode != 0:
+            raise LfmEdgeError(f"the roofline probes failed: {(child.stderr.strip().splitlines() or ['no message'])[-1]}")
+        peak, bw = json.loads(child.stdout)
+        roof = self.rooflines[threads] = {"gmacs": peak["gmacs"], "instructions": peak["instructions"],
+                                          "gbps": bw["gbps"], "prefill_macs": per_token["prefill_macs"],
+                                          "active_bytes": per_token["active_bytes"]}
+        for t in tests:
+            if t.n_prompt or not t.n_parallel:
+                t.roofline_share = roofline_share(roof, t.avg_ts, prefill=bool(t.n_prompt))
 
     def use_threads(self, threads: int | None) -> int:
         from .. import native
@@ -266,6 +312,50 @@ class Bench:
         seq_ts = statistics.mean(n_gen * 1e9 / ns for ns in samples)
         return self.test(0, n_gen, n_depth, samples, tg_overhead=statistics.median(overhead), n_parallel=n_seq,
                          seq_ts=seq_ts)
+
+
+    def ttft_during_decode(self, n_prompt: int, repetitions: int) -> tuple[float, float, int]:
+        """A sequence decodes on one thread; once it has made a few tokens, an n_prompt-token
+        request arrives on another. Returns the median of that request's time to first token
+        (arrival to its first token's logits), the decoding sequence's longest wait between two
+        tokens from the arrival to that first token (the worst over the runs), and the prompt
+        chunk the engine would read beside one decoding sequence at the end."""
+        from ..engine import Engine
+
+        engine = Engine(self.llm, n_parallel=2)  # one engine for all runs: its prefill speed stays measured
+        ttfts, gaps = [], []
+        n_running = self.n_ctx - 16  # the decoding sequence runs until cancelled (or its context is full)
+        for _ in range(repetitions):
+            running = engine.submit(random_ids(self.rng, self.allowed, 16), n_running,
+                                    RandomTokens(random_ids(self.rng, self.allowed, n_running)))
+            made: list[float] = []
+            reader = threading.Thread(target=lambda: made.extend(time.perf_counter() for _ in running.tokens()))
+            reader.start()
+            while len(made) < 4 and reader.is_alive():  # decoding steadily
+                time.sleep(0.01)
+            request = engine.submit(random_ids(self.rng, self.allowed, n_prompt), 1,
+                                    RandomTokens(random_ids(self.rng, self.allowed, 1)))
+            arrived = time.perf_counter()
+            list(request.tokens())
+            first = arrived + request.stats.prefill_s
+            while reader.is_alive() and made[-1] <= first:  # the running sequence's token after it
+                time.sleep(0.01)
+            running.cancel()
+            reader.join()
+            if running.stats.finish_reason != "cancelled":
+                raise LfmEdgeError("the decoding sequence of --ttft-during-decode filled its context first; "
+                                   "a bigger -n leaves it more room")
+            during = [arrived] + [t for t in made if t > arrived]
+            gaps.append(max(b - a for a, b in zip(during, during[1:])))
+            ttfts.append(request.stats.prefill_s)
+        return statistics.median(ttfts), max(gaps), engine.chunk_size(1)
+
+
+def roofline_share(roof: dict, tokens_per_s: float, prefill: bool) -> float:
+    """pp: MACs per second over the int8 peak; tg: weight bytes per second over the read bandwidth."""
+    if prefill:
+        return tokens_per_s * roof["prefill_macs"] / (roof["gmacs"] * 1e9)
+    return tokens_per_s * roof["active_bytes"] / (roof["gbps"] * 1e9)
 
 
 class RandomTokens:
@@ -365,6 +455,9 @@ def footer(bench: Bench, tests: list[Test], repetitions: int) -> str:
         ttft = [f"pp{t.n_prompt} {t.ttft_s:.3f} s" for t in mine if t.ttft_s is not None]
         outside = [f"{t.name} {100 * t.tg_overhead:.1f}%" for t in mine if t.tg_overhead is not None]
         per_seq = [f"{t.name} {t.seq_ts:.2f} t/s" for t in mine if t.seq_ts is not None]
+        busy = [f"pp{t.n_prompt} {t.ttft_busy_s:.2f} s (alone {t.ttft_s:.2f} s), the decoding sequence's longest "
+                f"wait for a token {t.busy_gap_s:.2f} s (chunks of {t.busy_chunk} tokens)"
+                for t in mine if t.ttft_busy_s is not None]
         threads = f"{th} thread{'s' if th > 1 else ''}"
         if ttft:
             lines.append(f"{threads}: time to first token {', '.join(ttft)}")
@@ -372,6 +465,14 @@ def footer(bench: Bench, tests: list[Test], repetitions: int) -> str:
             lines.append(f"{threads}: share of a decode step outside the kernels {', '.join(outside)}")
         if per_seq:
             lines.append(f"{threads}: each sequence's decode speed {', '.join(per_seq)}")
+        if busy:
+            lines.append(f"{threads}: time to first token of a prompt arriving while another sequence decodes "
+                         + ", ".join(busy))
+        if th in bench.rooflines:
+            roof = bench.rooflines[th]
+            shares = [f"{t.name} {100 * t.roofline_share:.0f}%" for t in mine if t.roofline_share is not None]
+            lines.append(f"{threads}: of the roofline (pp: int8 peak {roof['gmacs']:.0f} GMAC/s, {roof['instructions']}; "
+                         f"tg: read bandwidth {roof['gbps']:.1f} GB/s) {', '.join(shares)}")
     return "\n".join(lines)
 
 
@@ -396,13 +497,20 @@ def records(bench: Bench, tests: list[Test], threads: list[int], prompts: list[i
                                kv_cache_type=bench.llm.kv_cache_type, version=lfm_edge.__version__)
                     if pp is not None:
                         r.pp_runs, r.ttft_s = pp.samples_ts, pp.ttft_s
+                        r.ttft_busy_s, r.busy_gap_s = pp.ttft_busy_s, pp.busy_gap_s
                         r.pp_tps, r.pp_tps_min, r.pp_tps_max = statistics.median(pp.samples_ts), min(pp.samples_ts), max(pp.samples_ts)
+                        if th in bench.rooflines:
+                            r.pp_roofline_share = roofline_share(bench.rooflines[th], r.pp_tps, prefill=True)
                     if tg is not None:
                         r.tg_runs, r.tg_overhead = tg.samples_ts, tg.tg_overhead
                         r.n_parallel = tg.n_parallel
                         if tg.n_parallel:
                             r.tg_seq_tps = statistics.median(t / tg.n_parallel for t in tg.samples_ts)
                         r.tg_tps, r.tg_tps_min, r.tg_tps_max = statistics.median(tg.samples_ts), min(tg.samples_ts), max(tg.samples_ts)
+                        if th in bench.rooflines and not tg.n_parallel:
+                            r.tg_roofline_share = roofline_share(bench.rooflines[th], r.tg_tps, prefill=False)
+                    if th in bench.rooflines:
+                        r.int8_peak_gmacs, r.read_gbps = bench.rooflines[th]["gmacs"], bench.rooflines[th]["gbps"]
                     out.append(r)
     return out
 
@@ -431,6 +539,10 @@ def main(args: argparse.Namespace) -> int:
         raise LfmEdgeError("nothing to measure: -p and -n are both 0")
     path = resolve_model(args.model)
     n_ctx = max(max(prompts), max(depths) + max(gens) + (args.parallel is not None), 1)  # -np: a 1-token prompt at d0
+    if args.ttft_during_decode:
+        if max(prompts) == 0:
+            raise LfmEdgeError("--ttft-during-decode measures a prompt: give it -p N")
+        n_ctx = max(n_ctx, max(prompts) + 16 + 1024)  # room for the decoding sequence's tokens meanwhile
     bench = Bench(path, n_ctx, seed, args.kv_cache_type)
     printer = None if args.json else Printer(args.output)
     tests: list[Test] = []
@@ -439,6 +551,9 @@ def main(args: argparse.Namespace) -> int:
         used_threads.append(bench.use_threads(th))
         for p in (p for p in prompts if p):
             tests.append(bench.pp(p, repetitions))
+            if args.ttft_during_decode:
+                busy = bench.ttft_during_decode(p, repetitions)
+                tests[-1].ttft_busy_s, tests[-1].busy_gap_s, tests[-1].busy_chunk = busy
             if printer:
                 printer.test(tests[-1])
         for d in depths:
@@ -447,6 +562,8 @@ def main(args: argparse.Namespace) -> int:
                     tests.append(bench.tg(n, d, repetitions) if n_seq is None else bench.tg_parallel(n, d, n_seq, repetitions))
                     if printer:
                         printer.test(tests[-1])
+        if args.roofline:
+            bench.measure_roofline(used_threads[-1], [t for t in tests if t.n_threads == used_threads[-1]])
     if printer:
         printer.finish(footer(bench, tests, repetitions))
     else:

@@ -57,6 +57,7 @@ from .runner import RETRY_AFTER_S, Runner, Trace
 log = logging.getLogger("lfm_edge.server")
 
 MAX_BODY = 32 << 20  # bytes: the most any body may be, whatever the context (see Server.max_body)
+MAX_MESSAGE = 600  # characters of an error message (one that quotes a client's value is clipped)
 BODY_MARGIN = 1 << 20  # bytes a body may have beyond its text: tools, schemas, the JSON around it
 JSON_ESCAPE = 6  # body bytes one byte of text can take in JSON ("\u0001")
 WRITE_TIMEOUT = 20.0  # seconds one write to a client may block before the client is dropped
@@ -109,6 +110,9 @@ class Handler(BaseHTTPRequestHandler):
         self._peer_eof = getattr(self, "_peer_eof", False)  # for the connection: once seen, it stays
         try:
             self.connection.settimeout(WRITE_TIMEOUT)
+            if self.request_version == "HTTP/0.9":  # no headers, no status line, no framing: refused
+                self.request_version, self.close_connection = "HTTP/1.0", True
+                raise RequestError("HTTP/0.9 is not supported; send HTTP/1.1", status=505)
             self._check_host()
             if self.command == "OPTIONS" and self._preflight():
                 return
@@ -500,10 +504,11 @@ class Handler(BaseHTTPRequestHandler):
         return True
 
     def _send_error(self, e: RequestError) -> None:
+        message = clip(e.message)
         if self._is_ollama():
-            self._send_json(e.status, ollama.error_body(e.message))
+            self._send_json(e.status, ollama.error_body(message))
         else:
-            self._send_json(e.status, error_body(e.message, e.status, e.param, e.code))
+            self._send_json(e.status, error_body(message, e.status, e.param, e.code))
 
     def _send_json(self, status: int, obj: dict) -> None:
         data = json.dumps(obj, ensure_ascii=False).encode()
@@ -527,6 +532,10 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         if not hasattr(self, "path"):  # the request line did not parse
             self.path = "/"
+        if self.request_version == "HTTP/0.9":
+            # a request line that did not parse ("HTTP/2.0", "HTTP/1.1x", two words) leaves
+            # http.server's default, HTTP/0.9, which answers with a bare body: give it a status line
+            self.request_version = "HTTP/1.0"
         self._send_error(RequestError(message or HTTPStatus(code).phrase, status=code))
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -600,6 +609,15 @@ class Server(ThreadingHTTPServer):
         """Stop serving: cancel the running generation, close the socket (after serve_forever returned)."""
         self.runner.close()
         self.server_close()
+
+
+def clip(message: str, limit: int = MAX_MESSAGE) -> str:
+    """An error message of at most `limit` characters: one that quotes a client's 100 KB role
+    or path keeps its start and end, the part that says what to do."""
+    if len(message) <= limit:
+        return message
+    tail = limit // 4
+    return message[: limit - tail - 5] + " ... " + message[-tail:]
 
 
 def is_loopback(host: str) -> bool:

@@ -242,11 +242,12 @@ def logprobs_flag(body: dict) -> int | None:
 
 def ollama_messages(messages: Any) -> list[dict]:
     """ollama's messages: OpenAI's, plus `thinking`, `tool_name`, and arguments as objects."""
-    if isinstance(messages, list):
+    if isinstance(messages, list):  # anything else is chat_messages' to refuse
         for i, m in enumerate(messages):
             if isinstance(m, dict) and m.get("images"):
                 raise RequestError(f"messages[{i}] has images; this model reads text only", "messages")
-    out = chat_messages([{k: v for k, v in m.items() if k != "images"} if isinstance(m, dict) else m for m in messages])
+        messages = [{k: v for k, v in m.items() if k != "images"} if isinstance(m, dict) else m for m in messages]
+    out = chat_messages(messages)
     for m in out:  # the templates name a tool's result by `name`
         if m.get("role") == "tool" and "tool_name" in m and "name" not in m:
             m["name"] = m["tool_name"]

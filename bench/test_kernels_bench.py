@@ -1,0 +1,128 @@
+"""Kernel micro-benchmarks with pytest-benchmark, at LFM2-8B-A1B's shapes, for every kernel x weight
+type x instruction set this CPU runs. Run on demand, never by the test suite (`pytest -q tests`
+does not collect bench/):
+
+    pytest bench/ --benchmark-only --benchmark-autosave            # saves .benchmarks/.../NNNN_*.json
+    pytest bench/ --benchmark-only --benchmark-compare             # against the last saved run
+    pytest bench/ --benchmark-only --benchmark-compare=0001 --benchmark-compare-fail=mean:10%
+    pytest bench/ --benchmark-only -k "gemv and avx2" --kernel-threads 1
+
+Each benchmark puts its rate in `extra_info` (in the saved JSON, and in --benchmark-json): `gbps`
+(bytes the kernel must read from memory per second) for the bandwidth-bound ones, `gmacs` for the
+compute-bound ones, and `roofline_share`: that rate over the probe's (lfm_edge.probes: read
+bandwidth, or the int8 peak of the same instruction set) on the same threads.
+
+- gemv: decode's matrix-vector product (native.linear, one token) over a stack of [7168, 2048]
+  matrices (the dense FFN's) of at least 160 MB, a different one each call, so weights come from
+  DRAM as in a decode step, not from the 32 MB L3.
+- moe_gemm: prefill's expert-grouped GEMM (native.moe): 512 tokens, 32 experts [1792, 2048], top 4
+  (about 64 tokens an expert), gate + up + down.
+- attention: decode (1 token over 32,768 positions of float16 KV: 8 KV heads x 64, 67 MB, from
+  DRAM) in GB/s of KV read, and prefill (512 tokens, causal) in GMAC/s of QK^T and PV.
+- short_conv: the gated short conv of a conv layer (2048 wide, width 3), for 1 and 512 tokens, in
+  GB/s of activations read and written; it has one implementation for every instruction set.
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import lru_cache
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+import make_synthetic
+from lfm_edge import native
+
+ISAS = native.available_isas()
+QTYPES = [Q.Q4_0, Q.Q8_0, Q.Q4_K, Q.IQ4_XS]
+HIDDEN, FFN, EXPERT_FFN, N_EXPERT, TOP_K = 2048, 7168, 1792, 32, 4
+N_HEAD, N_KV, HEAD_DIM = 32, 8, 64
+GEMV_BYTES = 160 << 20  # the GEMV stack: 5x the L3 of the project's machine
+
+
+def weight_stack(qtype: Q, n_mats: int, n: int, k: int):
+    """n_mats random [n, k] matrices of qtype (make_synthetic's blocks: real-looking scales), packed."""
+    spec = make_synthetic.Spec("bench", (n_mats, n, k), qtype, "matrix")
+    raw = make_synthetic.random_blocks(np.random.default_rng([int(qtype), n, k]), spec)
+    return native.PackedMatrix(raw, int(qtype), n, k, n_mats)
+
+
+@lru_cache(maxsize=1)
+def gemv_stack(qtype: Q):
+    one = native.row_bytes(int(qtype), HIDDEN) * FFN
+    return weight_stack(qtype, -(-GEMV_BYTES // one), FFN, HIDDEN)
+
+
+@lru_cache(maxsize=1)
+def expert_stacks(qtype: Q):
+    return (weight_stack(qtype, N_EXPERT, EXPERT_FFN, HIDDEN), weight_stack(qtype, N_EXPERT, EXPERT_FFN, HIDDEN),
+            weight_stack(qtype, N_EXPERT, HIDDEN, EXPERT_FFN))
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("isa", ISAS)
+def test_gemv(benchmark, rooflines, record, isa, qtype):
+    w = gemv_stack(qtype)
+    x = np.random.default_rng(0).standard_normal((1, HIDDEN)).astype(np.float32)
+    index = itertools.cycle(range(w.n_mats))
+    with native.use_isa(isa):
+        benchmark(lambda: native.linear(x, w, next(index)))
+    gbps = w.nbytes / w.n_mats / benchmark.stats.stats.mean * 1e-9
+    record(benchmark, isa, gbps, "gbps", rooflines.read_gbps(), n=FFN, k=HIDDEN, n_mats=w.n_mats)
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("isa", ISAS)
+def test_moe_gemm(benchmark, rooflines, record, isa, qtype):
+    gate, up, down = expert_stacks(qtype)
+    rng = np.random.default_rng(1)
+    tokens = 512
+    x = rng.standard_normal((tokens, HIDDEN)).astype(np.float32)
+    experts = np.stack([rng.choice(N_EXPERT, TOP_K, replace=False) for _ in range(tokens)]).astype(np.int32)
+    weights = rng.random((tokens, TOP_K)).astype(np.float32)
+    with native.use_isa(isa):
+        # scalar takes seconds a call: fewer rounds
+        benchmark.pedantic(native.moe, args=(x, experts, weights, gate, up, down),
+                           rounds=1 if isa == "scalar" else 5, warmup_rounds=0 if isa == "scalar" else 1)
+    gmacs = tokens * TOP_K * 3 * EXPERT_FFN * HIDDEN / benchmark.stats.stats.mean * 1e-9
+    record(benchmark, isa, gmacs, "gmacs", rooflines.int8_gmacs(isa), tokens=tokens, experts=N_EXPERT, top_k=TOP_K)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_attention_decode(benchmark, rooflines, record, isa):
+    ctx = 32768
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((1, N_HEAD, HEAD_DIM)).astype(np.float32)
+    k = rng.standard_normal((N_KV, ctx, HEAD_DIM)).astype(np.float16)
+    v = rng.standard_normal((N_KV, ctx, HEAD_DIM)).astype(np.float16)
+    with native.use_isa(isa):
+        benchmark(native.attention, q, k, v, ctx - 1)
+    gbps = (k.nbytes + v.nbytes) / benchmark.stats.stats.mean * 1e-9
+    record(benchmark, isa, gbps, "gbps", rooflines.read_gbps(), ctx=ctx, kv="f16")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_attention_prefill(benchmark, record, isa):
+    tokens = 512
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((tokens, N_HEAD, HEAD_DIM)).astype(np.float32)
+    k = rng.standard_normal((N_KV, tokens, HEAD_DIM)).astype(np.float16)
+    v = rng.standard_normal((N_KV, tokens, HEAD_DIM)).astype(np.float16)
+    with native.use_isa(isa):
+        benchmark.pedantic(native.attention, args=(q, k, v, 0), rounds=1 if isa == "scalar" else 5, warmup_rounds=1)
+    # QK^T and PV over the causal triangle, float32 multiply-adds (no int8 probe applies)
+    macs = 2 * N_HEAD * HEAD_DIM * tokens * (tokens + 1) // 2
+    record(benchmark, isa, macs / benchmark.stats.stats.mean * 1e-9, "gmacs", None, tokens=tokens, kv="f16")
+
+
+@pytest.mark.parametrize("tokens", [1, 512])
+def test_short_conv(benchmark, rooflines, record, tokens):
+    rng = np.random.default_rng(4)
+    bcx = rng.standard_normal((tokens, 3 * HIDDEN)).astype(np.float32)
+    kernel = rng.standard_normal((HIDDEN, 3)).astype(np.float32)
+    state = np.zeros((2, HIDDEN), np.float32)
+    benchmark(native.gated_short_conv, bcx, state, kernel)
+    gbps = (bcx.nbytes + tokens * HIDDEN * 4) / benchmark.stats.stats.mean * 1e-9
+    record(benchmark, native.isa(), gbps, "gbps", rooflines.read_gbps(), tokens=tokens, hidden=HIDDEN)
