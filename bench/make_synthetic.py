@@ -1,7 +1,11 @@
-"""Write a full-size synthetic LFM2-8B-A1B (or LFM2.5-8B-A1B) GGUF file: random weights, real shapes.
+"""Write a full-size synthetic LFM2 GGUF file: random weights, real shapes.
 
     python bench/make_synthetic.py /tmp/lfm2-8b-a1b-q4_0.gguf                # ~4.7 GB, about a minute
     python bench/make_synthetic.py /tmp/small.gguf --layers 3 --type q8_0     # a quick test file
+    python bench/make_synthetic.py /tmp/lfm2-350m-q4_0.gguf --model lfm2-350m # a dense model
+
+Models (MODELS): the MoE LFM2-8B-A1B and LFM2.5-8B-A1B (`lfm2moe`) and the dense LFM2-1.2B,
+LFM2.5-1.2B and LFM2-350M (`lfm2`), each with its published config's shapes.
 
 The published weights cannot be downloaded here, and speed does not depend on their values, so
 this file stands in for them: the real tensor names, shapes, types and metadata, and a real-sized
@@ -58,6 +62,17 @@ class Config:
     # <think> and </think> among them; LFM2's has them at ids 0-13 and no think tokens.
     specials_at_end: bool = False
     chat_template: str = "lfm2"  # a key of CHAT_TEMPLATES
+    moe: bool = True  # arch lfm2moe; False: a dense LFM2 (arch lfm2), every layer a SwiGLU
+
+
+def dense(name: str, n_layer: int, hidden: int, n_head: int, block_ff_dim: int, attention_layers) -> Config:
+    """A dense LFM2 (arch lfm2) from its published config.json. Its SwiGLU width is derived from
+    block_ff_dim as transformers' Lfm2MLP does (block_auto_adjust_ff_dim: 2/3 of it, rounded up
+    to a multiple of block_multiple_of = 256), which is the width of the published ffn tensors."""
+    ffn = -(-int(2 * block_ff_dim / 3) // 256) * 256
+    return Config(name, n_layer=n_layer, hidden=hidden, n_head=n_head, n_kv_head=8,
+                  attention_layers=tuple(attention_layers), n_dense_layers=n_layer, ffn_dim=ffn,
+                  n_expert=0, n_expert_used=0, expert_ffn_dim=0, n_ctx_train=128000, moe=False)
 
 
 MODELS = {
@@ -68,6 +83,16 @@ MODELS = {
         "LFM2.5-8B-A1B (synthetic)", n_vocab=124928, n_ctx_train=128000, rope_base=5e6, norm_eps=1e-6,
         specials_at_end=True, chat_template="lfm2.5-8b-a1b",
     ),
+    # The dense models' config.json (tests/real_configs, /work/shared/real/config): 16 layers,
+    # attention at 2, 5, 8, 10, 12, 14, 8 KV heads, vocabulary 65,536 with LFM2's special tokens
+    # at ids 0-13, ChatML, tied embeddings, rope_theta 1e6, norm_eps 1e-5, 128k context.
+    # LFM2-1.2B: hidden 2048, 32 heads, block_ff_dim 12288 -> ffn 8192 (its config.json is not
+    # stored here; LFM2.5-1.2B kept its architecture, and LFM2.5-1.2B-Base's config has these values).
+    "lfm2-1.2b": dense("LFM2-1.2B (synthetic)", 16, 2048, 32, 12288, (2, 5, 8, 10, 12, 14)),
+    # LFM2.5-1.2B (its Base config): the same shapes and vocabulary as LFM2-1.2B
+    "lfm2.5-1.2b": dense("LFM2.5-1.2B (synthetic)", 16, 2048, 32, 12288, (2, 5, 8, 10, 12, 14)),
+    # LFM2-350M: hidden 1024, 16 heads, block_ff_dim 6656 -> ffn 4608
+    "lfm2-350m": dense("LFM2-350M (synthetic)", 16, 1024, 16, 6656, (2, 5, 8, 10, 12, 14)),
 }
 # --type -> (the type of every weight matrix, the file type it declares). Files of one type, not
 # llama-quantize's mixes: e.g. q4_k stands in for a Q4_K_S file (Q4_K_M's speed is close to it).
@@ -357,7 +382,7 @@ def write(out: Path, model: str = "lfm2-8b-a1b", out_type: str = "q4_0", n_layer
                         "name": f"{cfg.name}, first {n_layer} layers"})
     qtype, file_type = TYPES[out_type]
     specs = plan(cfg, qtype)
-    arch = "lfm2moe"
+    arch = "lfm2moe" if cfg.moe else "lfm2"
     w = GGUFWriter(path=None, arch=arch)
     w.add_name(cfg.name)
     w.add_file_type(int(file_type))
@@ -371,13 +396,14 @@ def write(out: Path, model: str = "lfm2-8b-a1b", out_type: str = "q4_0", n_layer
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_vocab_size(cfg.n_vocab)
     w.add_shortconv_l_cache(cfg.conv_kernel)
-    w.add_expert_count(cfg.n_expert)
-    w.add_expert_used_count(cfg.n_expert_used)
-    w.add_expert_feed_forward_length(cfg.expert_ffn_dim)
-    w.add_leading_dense_block_count(cfg.n_dense_layers)
-    w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
-    w.add_expert_weights_norm(True)
-    w.add_expert_weights_scale(1.0)
+    if cfg.moe:
+        w.add_expert_count(cfg.n_expert)
+        w.add_expert_used_count(cfg.n_expert_used)
+        w.add_expert_feed_forward_length(cfg.expert_ffn_dim)
+        w.add_leading_dense_block_count(cfg.n_dense_layers)
+        w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
+        w.add_expert_weights_norm(True)
+        w.add_expert_weights_scale(1.0)
 
     tokens, types, merges = vocabulary(cfg, seed)
     w.add_tokenizer_model("gpt2")

@@ -504,6 +504,99 @@ py::array_t<float> attention(const py::array& q, const py::array& k, const py::a
     return out;
 }
 
+// One matrix of a block: a single (not stacked) matrix of `want_n` x `want_k`.
+const lfm::Matrix& checked_block_matrix(const PackedMatrix& w, int64_t want_n, int64_t want_k,
+                                        const std::string& name) {
+    const lfm::Matrix& m = w.matrix();
+    if (m.n_mats != 1 || m.n != want_n || m.k != want_k) {
+        throw py::value_error(name + " is " + std::to_string(m.n_mats) + " x [" + std::to_string(m.n) + ", " +
+                              std::to_string(m.k) + "], expected one [" + std::to_string(want_n) + ", " +
+                              std::to_string(want_k) + "] matrix");
+    }
+    return m;
+}
+
+// A pre-norm dense SwiGLU's weights: norm [H], gate and up [F, H] of one type, down [H, F].
+struct SwiGLUWeights {
+    py::array norm;
+    const lfm::Matrix *gate, *up, *down;
+
+    SwiGLUWeights(const py::array& norm_, const PackedMatrix& g, const PackedMatrix& u, const PackedMatrix& d)
+        : norm(norm_) {
+        const int64_t hidden = g.matrix().k, ffn = g.matrix().n;
+        gate = &checked_block_matrix(g, ffn, hidden, "gate");
+        up = &checked_block_matrix(u, ffn, hidden, "up");
+        down = &checked_block_matrix(d, hidden, ffn, "down");
+        if (up->qtype != gate->qtype) throw py::value_error("gate and up must have the same type");
+        expect_shape(checked_f32(norm, "ffn_norm"), {hidden}, "ffn_norm");
+    }
+};
+
+// x + the block's output, a new float32 [T, H] array; x is checked against H.
+py::array_t<float> residual_copy(const py::array& x, int64_t hidden) {
+    check_activations(x, hidden);
+    py::array_t<float> out({static_cast<int64_t>(x.shape(0)), hidden});
+    std::memcpy(out.mutable_data(), x.data(), static_cast<size_t>(x.nbytes()));
+    return out;
+}
+
+py::array_t<float> swiglu_block(const py::array& x, const py::array& norm, double eps, const PackedMatrix& gate,
+                                const PackedMatrix& up, const PackedMatrix& down) {
+    const SwiGLUWeights w(norm, gate, up, down);
+    py::array_t<float> out = residual_copy(x, w.gate->k);
+    if (out.shape(0) > 0) {
+        KernelSection kernel;
+        lfm::swiglu_block(out.mutable_data(), out.shape(0), static_cast<const float*>(w.norm.data()),
+                          static_cast<float>(eps), *w.gate, *w.up, *w.down);
+    }
+    return out;
+}
+
+// An LFM2 conv layer with a dense SwiGLU (lfm::conv_layer), its weights checked once when made;
+// it holds references to them, so they live as long as it does.
+class ConvLayer {
+   public:
+    ConvLayer(const py::array& operator_norm, const py::array& ffn_norm, double eps, const py::object& in_proj,
+              const py::array& kernel, const py::object& out_proj, const py::object& gate, const py::object& up,
+              const py::object& down)
+        : ffn_(ffn_norm, gate.cast<const PackedMatrix&>(), up.cast<const PackedMatrix&>(),
+               down.cast<const PackedMatrix&>()),
+          operator_norm_(operator_norm), kernel_(kernel), owners_{in_proj, out_proj, gate, up, down} {
+        const int64_t hidden = ffn_.gate->k;
+        const std::vector<int64_t> ks = checked_f32(kernel, "kernel");
+        if (ks.size() != 2 || ks[0] != hidden || ks[1] < 1) {
+            throw py::value_error("kernel has shape " + shape_str(ks) + ", expected [" + std::to_string(hidden) + ", L]");
+        }
+        expect_shape(checked_f32(operator_norm, "operator_norm"), {hidden}, "operator_norm");
+        layer_ = {static_cast<const float*>(operator_norm_.data()), static_cast<const float*>(ffn_.norm.data()),
+                  static_cast<float>(eps),
+                  &checked_block_matrix(in_proj.cast<const PackedMatrix&>(), 3 * hidden, hidden, "in_proj"),
+                  static_cast<const float*>(kernel_.data()), ks[1],
+                  &checked_block_matrix(out_proj.cast<const PackedMatrix&>(), hidden, hidden, "out_proj"),
+                  ffn_.gate, ffn_.up, ffn_.down};
+    }
+
+    // The layer's output for x [T, H] (a new array); state [L-1, H] is updated in place.
+    py::array_t<float> operator()(const py::array& x, py::array& state) const {
+        const int64_t hidden = ffn_.gate->k;
+        expect_shape(checked_f32(state, "state"), {layer_.width - 1, hidden}, "state");
+        if (!state.writeable()) throw py::value_error("state must be writeable");
+        py::array_t<float> out = residual_copy(x, hidden);
+        auto* st = static_cast<float*>(state.mutable_data());
+        if (out.shape(0) > 0) {
+            KernelSection kernel;
+            lfm::conv_layer(layer_, out.mutable_data(), out.shape(0), st);
+        }
+        return out;
+    }
+
+   private:
+    SwiGLUWeights ffn_;
+    py::array operator_norm_, kernel_;
+    py::object owners_[5];  // the PackedMatrix objects layer_ points into
+    lfm::ConvLayer layer_{};
+};
+
 py::tuple route(const py::array& logits, const py::object& bias, int64_t top_k, bool normalize, double scale) {
     const std::vector<int64_t> shape = checked_f32(logits, "logits");
     if (shape.size() != 2) throw py::value_error("logits must be [T, E]");
@@ -598,6 +691,21 @@ PYBIND11_MODULE(_C, m) {
     m.def("moe", &moe, py::arg("x"), py::arg("experts"), py::arg("weights"), py::arg("gate"),
           py::arg("up"), py::arg("down"),
           "sum_j weights[t, j] * down_e(silu(gate_e(x)) * up_e(x)), e = experts[t, j]: [T, H].");
+    m.def("swiglu_block", &swiglu_block, py::arg("x"), py::arg("norm"), py::arg("eps"), py::arg("gate"),
+          py::arg("up"), py::arg("down"),
+          "x + down(silu(gate(h)) * up(h)), h = rms_norm(x, norm, eps): a pre-norm dense SwiGLU and its "
+          "residual, [T, H] (a new array).");
+    py::class_<ConvLayer>(m, "ConvLayer",
+                          "An LFM2 layer of a gated short conv and a dense SwiGLU, run in one call: "
+                          "x + out_proj(C * conv(B * x')), (B, C, x') = in_proj(rms_norm(x)), then "
+                          "swiglu_block. Keeps references to its weights.")
+        .def(py::init<const py::array&, const py::array&, double, const py::object&, const py::array&,
+                      const py::object&, const py::object&, const py::object&, const py::object&>(),
+             py::arg("operator_norm"), py::arg("ffn_norm"), py::arg("eps"), py::arg("in_proj"), py::arg("kernel"),
+             py::arg("out_proj"), py::arg("gate"), py::arg("up"), py::arg("down"))
+        .def("__call__", &ConvLayer::operator(), py::arg("x"), py::arg("state"),
+             "The layer's output [T, H] for x [T, H] of one sequence; the conv state [L-1, H] is "
+             "updated in place.");
     m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
           "x / sqrt(mean(x^2) + eps) * weight over the last axis.");
     m.def("short_conv",

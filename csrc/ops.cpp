@@ -263,6 +263,30 @@ void gated_short_conv(const float* bcx, int64_t n_tokens, int64_t hidden, float*
     }
 }
 
+void swiglu_block(float* x, int64_t n_tokens, const float* norm, float eps, const Matrix& gate,
+                  const Matrix& up, const Matrix& down) {
+    const int64_t hidden = gate.k;
+    std::vector<float> h(static_cast<size_t>(n_tokens * hidden)), y(h.size());  // [T, H]
+    rms_norm(x, n_tokens, hidden, norm, eps, h.data());
+    // one expert of weight 1 for every token, as ops.swiglu runs it
+    const std::vector<int32_t> expert(static_cast<size_t>(n_tokens), 0);
+    const std::vector<float> weight(static_cast<size_t>(n_tokens), 1.0f);
+    moe(h.data(), n_tokens, expert.data(), weight.data(), 1, gate, up, down, y.data());
+    for (size_t i = 0; i < h.size(); ++i) x[i] += y[i];
+}
+
+void conv_layer(const ConvLayer& layer, float* x, int64_t n_tokens, float* state) {
+    const int64_t hidden = layer.out_proj->n;
+    std::vector<float> h(static_cast<size_t>(n_tokens * hidden)), y(h.size());  // [T, H]
+    std::vector<float> bcx(static_cast<size_t>(n_tokens * 3 * hidden));        // [T, 3H]
+    rms_norm(x, n_tokens, hidden, layer.operator_norm, layer.eps, h.data());
+    linear(*layer.in_proj, 0, h.data(), n_tokens, bcx.data());
+    gated_short_conv(bcx.data(), n_tokens, hidden, state, layer.kernel, layer.width, h.data());
+    linear(*layer.out_proj, 0, h.data(), n_tokens, y.data());
+    for (size_t i = 0; i < h.size(); ++i) x[i] += y[i];
+    swiglu_block(x, n_tokens, layer.ffn_norm, layer.eps, *layer.gate, *layer.up, *layer.down);
+}
+
 void rope(float* x, int64_t n_tokens, int64_t n_heads, int64_t d, const int64_t* positions,
           double base) {
     const int64_t half = d / 2;

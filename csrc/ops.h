@@ -56,6 +56,29 @@ void rope(float* x, int64_t n_tokens, int64_t n_heads, int64_t d, const int64_t*
 // Causal GQA attention (AttentionFn in kernels.h) over the whole query block, out [T, n_heads, d].
 void attention(const AttentionArgs& args, int64_t n_tokens);
 
+// x [T, H] += down(silu(gate(h)) * up(h)) with h = rms_norm(x, norm): a pre-norm dense SwiGLU
+// block and its residual, the same ops in the same order as the Python layer (the same bits).
+void swiglu_block(float* x, int64_t n_tokens, const float* norm, float eps, const Matrix& gate,
+                  const Matrix& up, const Matrix& down);
+
+// One LFM2 layer made of a gated short conv and a dense SwiGLU, for the T tokens of one sequence:
+//   x [T, H] += out_proj(C * conv(B * x')), (B, C, x') = in_proj(rms_norm(x, operator_norm)),
+// with the conv state [L-1, H] updated in place, then swiglu_block with ffn_norm. The ops of
+// lfm_edge/models/lfm2.py's DecoderLayer in its order, in one call (the same bits).
+struct ConvLayer {
+    const float* operator_norm;  // [H]
+    const float* ffn_norm;       // [H]
+    float eps;
+    const Matrix* in_proj;       // [3H, H]
+    const float* kernel;         // [H, L]
+    int64_t width;               // L
+    const Matrix* out_proj;      // [H, H]
+    const Matrix* gate;          // [F, H]
+    const Matrix* up;            // [F, H]
+    const Matrix* down;          // [H, F]
+};
+void conv_layer(const ConvLayer& layer, float* x, int64_t n_tokens, float* state);
+
 // Sigmoid top-k routing, as ops.route: experts [T, top_k] best first (ties to the lower id),
 // weights the unbiased scores, renormalised if `normalize`, times `scale`.
 void route(const float* logits, int64_t n_tokens, int64_t n_expert, const float* bias,

@@ -50,6 +50,12 @@ def swiglu(x: np.ndarray, gate, up, down) -> np.ndarray:
     return linear(silu(linear(x, gate)) * linear(x, up), down)
 
 
+def conv_layer(x: np.ndarray, state: np.ndarray, w) -> np.ndarray:
+    """A conv layer with a dense SwiGLU (w: ops.ConvLayerWeights) for one sequence's x [T, H]."""
+    x = x + linear(gated_short_conv(linear(rms_norm(x, w.operator_norm, w.eps), w.in_proj), state, w.kernel), w.out_proj)
+    return x + swiglu(rms_norm(x, w.ffn_norm, w.eps), w.gate, w.up, w.down)
+
+
 def short_conv(bx: np.ndarray, state: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """Causal depthwise convolution of width L over the sequence, with carried state.
 
@@ -153,4 +159,4 @@ def moe(x: np.ndarray, experts: np.ndarray, weights: np.ndarray, gate, up, down)
 
 # The ops a model calls that have a reference here; tests swap them into `ops`.
 OPS = ("linear", "expert_linear", "rms_norm", "silu", "swiglu", "short_conv", "gated_short_conv",
-       "rope", "attention", "route", "moe")
+       "rope", "attention", "route", "moe", "conv_layer")

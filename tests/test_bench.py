@@ -408,3 +408,29 @@ def test_compare_np_puts_batched_decode_beside_llama_batched_bench(gguf_path, tm
         assert row[4] == f"{mine['tg_tps'] / (10.0 * np_ ** 0.5):.3f}"
         assert row[5] == f"{10.0 * np_ ** 0.5 / np_:.2f}" and row[6] == f"{mine['tg_seq_tps']:.2f}"
         assert row[7] == f"{np_ ** 0.5:.2f}" and row[8] == f"{mine['tg_tps'] / ours['1']['tg_tps']:.2f}"
+
+
+# The dense models' parameter counts as llama.cpp reports them for the real files (llama-bench:
+# 354.48 M and 1.17 B), and their SwiGLU widths (block_ff_dim through Lfm2MLP's adjustment).
+@pytest.mark.parametrize("model, ffn, params", [("lfm2-350m", 4608, 354_483_968), ("lfm2-1.2b", 8192, 1_170_340_608),
+                                                ("lfm2.5-1.2b", 8192, 1_170_340_608)])
+def test_synthetic_dense_models_have_the_published_shapes(model, ffn, params):
+    cfg = make_synthetic.MODELS[model]
+    specs = make_synthetic.plan(cfg, make_synthetic.TYPES["q4_0"][0])
+    assert not cfg.moe and cfg.ffn_dim == ffn
+    assert sum(int(np.prod(s.shape)) for s in specs) == params
+    assert not any("exps" in s.name or "gate_inp" in s.name for s in specs)
+
+
+def test_synthetic_dense_file_loads_as_lfm2_and_runs(tmp_path):
+    out = tmp_path / "lfm2-350m-3layers-q8_0.gguf"  # full width, the first 3 layers: conv, conv, attention
+    proc = subprocess.run([sys.executable, str(BENCH / "make_synthetic.py"), str(out), "--model", "lfm2-350m",
+                           "--layers", "3", "--type", "q8_0", "-q"], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    llm = lfm_edge.load(out, n_ctx=64)
+    assert llm.args.arch == "lfm2" and llm.args.hidden == 1024 and llm.args.ffn_dim == 4608
+    assert llm.args.n_kv_heads == (0, 0, 8)
+    cache = llm.new_cache()
+    logits = llm.prefill(llm.tokenize("The quick brown fox"), cache)
+    assert logits.shape == (65536,) and np.isfinite(logits).all() and logits.std() > 0.05

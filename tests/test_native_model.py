@@ -18,6 +18,8 @@ import pytest
 import lfm_edge
 from lfm_edge import native, ops, reference
 
+conv_layer = ops.conv_layer  # before any test patches it
+
 # Float files: float32 sums in another order, and a polynomial exp in attention.
 FLOAT_RTOL = 2e-5
 # Quantized files: cosine similarity of each position's logits, native vs reference. The
@@ -138,3 +140,42 @@ def test_weights_are_packed_once_at_load(gguf_path):
     assert moe.gate.native.int8_activations and moe.gate.native.n_mats == llm.args.n_expert
     # 16-row groups of 18-byte blocks: as large as the file's bytes, plus padding rows
     assert moe.gate.nbytes >= moe.gate.tensor.nbytes
+
+
+@pytest.mark.parametrize("name", ["dense", "moe"])
+@pytest.mark.parametrize("out_type", ["f32", "q8_0", "q4_0"])
+def test_a_conv_layer_in_one_native_call_has_the_bits_of_its_ops(name, out_type, gguf_path, isa, threads, monkeypatch):
+    """ops.conv_layer (a conv layer and its dense SwiGLU in one native call) against the same
+    layer op by op (DecoderLayer's own path): the same logits to the bit, over a prefill and
+    decode steps that carry the conv state between calls."""
+    llm = lfm_edge.load(gguf_path(name, out_type))
+    ids = prompt(llm, 40)
+
+    def run():
+        cache = llm.model.make_cache(64)
+        steps = [llm.model(np.array(ids[:33]), cache)]
+        steps += [llm.model(np.array([t]), cache) for t in ids[33:]]
+        return np.concatenate(steps)
+
+    calls = []
+    with monkeypatch.context() as m:
+        m.setattr(ops, "conv_layer", lambda *a: calls.append(1) or conv_layer(*a))
+        fused = run()
+    fused_layers = [layer for layer in llm.model.layers if layer.conv_layer is not None]
+    assert fused_layers and len(calls) == 8 * len(fused_layers)  # 1 prefill + 7 steps, each layer
+    with monkeypatch.context() as m:
+        for layer in fused_layers:
+            m.setattr(layer, "conv_layer", None)
+        op_by_op = run()
+    assert np.isfinite(fused).all()
+    np.testing.assert_array_equal(fused, op_by_op)
+
+
+def test_conv_layer_refuses_weights_of_the_wrong_shape(gguf_path):
+    layer = next(l for l in lfm_edge.load(gguf_path("dense", "q8_0")).model.layers if l.conv_layer is not None)
+    w = layer.conv_layer
+    with pytest.raises(ValueError, match="out_proj"):
+        native.ConvLayer(w.operator_norm, w.ffn_norm, w.eps, w.in_proj.native, w.kernel, w.in_proj.native,
+                         w.gate.native, w.up.native, w.down.native)
+    with pytest.raises(ValueError, match="state"):
+        w.native(np.zeros((1, w.operator_norm.size), np.float32), np.zeros((5, 3), np.float32))

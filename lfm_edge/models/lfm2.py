@@ -173,8 +173,19 @@ class DecoderLayer:
         self.ffn_norm = w.vector(f"blk.{i}.ffn_norm.weight", (args.hidden,))
         self.operator = Attention(args, w, i) if args.is_attention(i) else ShortConv(args, w, i)
         self.feed_forward = feed_forward
+        # A conv layer with a dense SwiGLU also runs as one op (ops.conv_layer: one native call),
+        # which __call__ below spells out op by op with the same bits (tests/test_native_model.py).
+        self.conv_layer = None
+        if isinstance(self.operator, ShortConv) and isinstance(feed_forward, MLP):
+            conv, ffn = self.operator, feed_forward
+            self.conv_layer = ops.ConvLayerWeights(self.operator_norm, self.ffn_norm, self.eps, conv.in_proj,
+                                                   conv.kernel, conv.out_proj, ffn.gate, ffn.up, ffn.down)
 
     def __call__(self, x: np.ndarray, batch: Batch) -> np.ndarray:
+        if self.conv_layer is not None:
+            windows = batch.conv(self.operator.layer)
+            if len(windows) == 1:  # one sequence (several: each its own conv window, below)
+                return ops.conv_layer(x, windows[0][1], self.conv_layer)
         x = x + self.operator(ops.rms_norm(x, self.operator_norm, self.eps), batch)
         return x + self.feed_forward(ops.rms_norm(x, self.ffn_norm, self.eps))
 
