@@ -232,6 +232,32 @@ def test_moe_matches_numpy_model(isa, threads, qtype, t):
     np.testing.assert_array_equal(single[0], out[-1])
 
 
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_long_prompts_give_the_bits_of_short_ones(isa, n_threads):
+    # At k = 2048 linear and moe cut more than 128 rows of activations into chunks of 128 (so
+    # that a chunk stays in L2), and moe cuts an expert with more rows than that into several
+    # work items: each output must keep the bits it has when its token comes alone.
+    t, k = 300, 2048
+    x = activations(t, k)
+    w = packed(Q.Q4_0, 33, k)
+    mats, _ = moe_case(Q.Q4_0, n_expert=3, ffn=32, hidden=k)
+    rng = np.random.default_rng(12)
+    experts = np.stack([rng.choice(3, 2, replace=False) for _ in range(t)])  # ~200 rows an expert
+    experts[::7] = experts[::7, ::-1]  # the best expert is not always the lower id
+    weights_ = rng.random((t, 2)).astype(np.float32)
+    before = native.threads()
+    try:
+        native.set_threads(n_threads)
+        y = native.linear(x, w)
+        out = native.moe(x, experts, weights_, *mats)
+        alone = np.concatenate([native.linear(x[r : r + 1], w) for r in range(t)])
+        np.testing.assert_array_equal(y.view(np.uint32), alone.view(np.uint32))
+        alone = np.concatenate([native.moe(x[r : r + 1], experts[r : r + 1], weights_[r : r + 1], *mats) for r in range(t)])
+        np.testing.assert_array_equal(out.view(np.uint32), alone.view(np.uint32))
+    finally:
+        native.set_threads(before)
+
+
 def test_moe_rejects_bad_experts():
     mats, _ = moe_case(Q.Q4_0)
     x = np.zeros((1, 96), np.float32)
