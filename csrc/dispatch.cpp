@@ -6,13 +6,21 @@
 namespace lfm {
 namespace {
 
-// CMake defines LFM_EDGE_HAVE_AVX2 / _AVX512 only on x86-64, for the tables it compiled.
+// CMake defines LFM_EDGE_HAVE_AVX2 / _AVXVNNI / _AVX512 only on x86-64, for the tables it
+// compiled (_AVXVNNI only with _AVX2).
 #if defined(LFM_EDGE_HAVE_AVX2) || defined(LFM_EDGE_HAVE_AVX512)
 // gcc's __builtin_cpu_supports also checks (via XGETBV) that the OS saves the AVX / AVX-512
 // register state, so a feature reported here is safe to use.
 bool cpu_runs_avx2_table() {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
            __builtin_cpu_supports("f16c");
+}
+#endif
+
+#if defined(LFM_EDGE_HAVE_AVXVNNI)
+// AVX-VNNI is CPUID.(EAX=7, ECX=1):EAX bit 4, its ymm state the AVX2 check's.
+bool cpu_runs_avxvnni_table() {
+    return cpu_runs_avx2_table() && __builtin_cpu_supports("avxvnni");
 }
 #endif
 
@@ -32,6 +40,9 @@ std::vector<const KernelTable*> detect_usable_tables() {
 #endif
 #if defined(LFM_EDGE_HAVE_AVX2)
     if (cpu_runs_avx2_table()) tables.push_back(&avx2_kernels());
+#endif
+#if defined(LFM_EDGE_HAVE_AVXVNNI)
+    if (cpu_runs_avxvnni_table()) tables.push_back(&avxvnni_kernels());
 #endif
 #if defined(LFM_EDGE_HAVE_AVX512)
     if (cpu_runs_avx512_table()) tables.push_back(&avx512_kernels());

@@ -1,7 +1,8 @@
 // The kernel table: one per instruction set, each filled in by its own translation unit.
 //
 // kernels_scalar.cpp  baseline flags, portable C++17: the reference for every other table
-// kernels_avx2.cpp    -mavx2 -mfma -mf16c
+// kernels_avx2.cpp    -mavx2 -mfma -mf16c; also the "avxvnni" table: the same float kernels with
+//                     the int8 ones of qmatmul_avxvnni.cpp (-mavx2 -mfma -mf16c -mavxvnni)
 // kernels_avx512.cpp  -mavx512f/bw/vl/dq/vnni -mfma -mf16c
 //
 // dispatch.cpp picks one table at import from what the CPU supports. A kernel TU compiled with
@@ -106,7 +107,7 @@ using AttentionFn = void (*)(const AttentionArgs& a, int64_t kv_head, int64_t t_
 constexpr int64_t kAttentionTileQueries = 64;
 
 struct KernelTable {
-    const char* isa;  // "scalar" | "avx2" | "avx512"
+    const char* isa;  // "scalar" | "avx2" | "avxvnni" | "avx512"
     QTypeKernels f32;
     QTypeKernels f16;
     QTypeKernels bf16;
@@ -127,9 +128,10 @@ struct KernelTable {
 };
 
 // One getter per instruction set. Only the scalar one exists on every build; dispatch.cpp
-// references the others only when CMake compiled them (LFM_EDGE_HAVE_AVX2 / _AVX512).
+// references the others only when CMake compiled them (LFM_EDGE_HAVE_AVX2 / _AVXVNNI / _AVX512).
 const KernelTable& scalar_kernels();
 const KernelTable& avx2_kernels();
+const KernelTable& avxvnni_kernels();
 const KernelTable& avx512_kernels();
 
 }  // namespace lfm

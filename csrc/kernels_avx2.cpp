@@ -1,4 +1,5 @@
-// AVX2 kernels (with FMA and F16C): this unit's parts of kernels_impl.h, 8 floats at a time.
+// AVX2 kernels (with FMA and F16C): this unit's parts of kernels_impl.h, 8 floats at a time; and
+// the AVX-VNNI table, the same but for its int8 kernels.
 // Same shapes and results as the scalar reference in kernels_scalar.cpp: weights are dequantized
 // exactly, only the order of the float32 sums differs. Everything here has internal linkage (see
 // kernels.h).
@@ -83,5 +84,36 @@ void dot_rows(const float (*wbuf)[C], const float* xt, int64_t len, float* sums)
 namespace lfm {
 
 const KernelTable& avx2_kernels() { return kTable; }
+
+#if defined(LFM_EDGE_HAVE_AVXVNNI)
+namespace {
+
+// AVX-VNNI's table: this unit's float kernels (AVX-VNNI adds nothing to them) with the int8
+// kernels of qmatmul_avxvnni.cpp, whose dot products are vpdpbusd.
+constexpr KernelTable avxvnni_table() {
+    KernelTable table = kTable;
+    table.isa = "avxvnni";
+    table.q8_0.matmul_packed = avxvnni::matmul_q8_0_packed;
+    table.q4_0.matmul_packed = avxvnni::matmul_q4_0_packed;
+    table.q4_1.matmul_packed = avxvnni::matmul_q4_1_packed;
+    table.q5_0.matmul_packed = avxvnni::matmul_q5_0_packed;
+    table.q5_1.matmul_packed = avxvnni::matmul_q5_1_packed;
+    table.iq4_nl.matmul_packed = avxvnni::matmul_iq4_nl_packed;
+    table.q2_k.matmul_packed = avxvnni::matmul_q2_k_packed;
+    table.q3_k.matmul_packed = avxvnni::matmul_q3_k_packed;
+    table.q4_k.matmul_packed = avxvnni::matmul_q4_k_packed;
+    table.q5_k.matmul_packed = avxvnni::matmul_q5_k_packed;
+    table.q6_k.matmul_packed = avxvnni::matmul_q6_k_packed;
+    table.iq4_xs.matmul_packed = avxvnni::matmul_iq4_xs_packed;
+    table.quantize_row = avxvnni::quantize_row;
+    table.attention = avxvnni::attention;
+    return table;
+}
+constexpr KernelTable kAvxVnniTable = avxvnni_table();
+
+}  // namespace
+
+const KernelTable& avxvnni_kernels() { return kAvxVnniTable; }
+#endif
 
 }  // namespace lfm

@@ -66,6 +66,9 @@ const ProbeKernels& active_probe_kernels() {
 #if defined(LFM_EDGE_HAVE_AVX512)
     if (isa == "avx512") return avx512_probe_kernels();
 #endif
+#if defined(LFM_EDGE_HAVE_AVXVNNI)
+    if (isa == "avxvnni") return avxvnni_probe_kernels();
+#endif
 #if defined(LFM_EDGE_HAVE_AVX2)
     if (isa == "avx2") return avx2_probe_kernels();
 #endif

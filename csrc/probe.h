@@ -4,8 +4,9 @@
 // report the kernels' speed as a fraction of these.
 //
 // Like the kernel tables (kernels.h): one table per instruction set, each in its own translation
-// unit compiled with that set's flags (probe_scalar.cpp, probe_avx2.cpp, probe_avx512.cpp); the
-// drivers in probe.cpp (baseline flags) allocate, spread the work over threads and time it.
+// unit compiled with that set's flags (probe_scalar.cpp, probe_avx2.cpp, probe_avxvnni.cpp,
+// probe_avx512.cpp); the drivers in probe.cpp (baseline flags) allocate, spread the work over
+// threads and time it.
 #pragma once
 
 #include <cstdint>
@@ -18,7 +19,7 @@ namespace lfm {
 constexpr int kMaxReadStreams = 8;
 
 struct ProbeKernels {
-    const char* isa;  // "scalar" | "avx2" | "avx512", as the kernel table it goes with
+    const char* isa;  // "scalar" | "avx2" | "avxvnni" | "avx512", as the kernel table it goes with
 
     // The sum, mod 2^64, of the n / 8 little-endian 64-bit words at data (n a multiple of
     // 64 * streams; any alignment). The bytes are read as `streams` contiguous parts of n /
@@ -40,6 +41,7 @@ struct ProbeKernels {
 
 const ProbeKernels& scalar_probe_kernels();
 const ProbeKernels& avx2_probe_kernels();
+const ProbeKernels& avxvnni_probe_kernels();
 const ProbeKernels& avx512_probe_kernels();
 
 // The probe table of the active kernel table (dispatch.h): the same instruction set.

@@ -1,7 +1,7 @@
 // The int8-activation kernels, one namespace per instruction set, each defined in its own
-// translation unit (qmatmul_scalar.cpp, qmatmul_avx2.cpp, qmatmul_avx512.cpp) and listed in
-// that instruction set's KernelTable. Declarations only: no inline code may live here (see
-// kernels.h on linkage).
+// translation unit (qmatmul_scalar.cpp, qmatmul_avx2.cpp, qmatmul_avxvnni.cpp,
+// qmatmul_avx512.cpp) and listed in that instruction set's KernelTable. Declarations only: no
+// inline code may live here (see kernels.h on linkage).
 #pragma once
 
 #include "kernels.h"
@@ -24,6 +24,7 @@ using PackedMatmul = void(const QuantizedRows& x, const uint8_t* w, int64_t n_ro
 
 LFM_EDGE_DECLARE_QMATMUL(scalar)
 LFM_EDGE_DECLARE_QMATMUL(avx2)
+LFM_EDGE_DECLARE_QMATMUL(avxvnni)
 LFM_EDGE_DECLARE_QMATMUL(avx512)
 
 #undef LFM_EDGE_DECLARE_QMATMUL

@@ -1,7 +1,7 @@
 // The int8-activation matmul driver (PackedMatmulFn in kernels.h) and the entries of qmatmul.h,
 // written once and compiled into each instruction set's translation unit
-// (qmatmul_{scalar,avx2,avx512}.cpp) with that unit's flags. The unit defines its kernels in
-// namespace lfm's anonymous namespace first, then includes this:
+// (qmatmul_{scalar,avx2,avxvnni,avx512}.cpp) with that unit's flags. The unit defines its kernels
+// in namespace lfm's anonymous namespace first, then includes this:
 //
 //   namespace this_isa = ...;   its namespace in qmatmul.h; it defines this_isa::quantize_row
 //   kTokenTile                  tokens (1 to 4) that share each loaded weight block

@@ -11,7 +11,8 @@ average while other processes ran:
   by that thread first, transparent huge pages asked for), with the widest loads, in 1, 2, 4 and
   8 independent streams at once; one stream per core leaves cache-line misses unused.
 - ``int8_peak(threads)``: independent chains of the kernels' int8 dot product on registers
-  (AVX2: vpmaddubsw + vpmaddwd + vpaddd; AVX-512 VNNI: vpdpbusd), no memory traffic.
+  (AVX2: vpmaddubsw + vpmaddwd + vpaddd; AVX-VNNI: vpdpbusd on ymm; AVX-512 VNNI: vpdpbusd),
+  no memory traffic.
 
 ``per_token`` counts a model's active weights from its tensor list: bytes for decode, MACs for
 prefill and decode (attention over the context is left out: a few MMAC per token at 4k).

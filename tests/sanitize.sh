@@ -12,9 +12,9 @@
 # 2. copies the package, with the sanitized module, into a temporary tree (the module built in
 #    place in lfm_edge/ is never touched: other processes have it mapped);
 # 3. runs there, with libasan preloaded into Python: the NaN/inf activation test, the kernel and
-#    model tests, the AVX-512 emulation harness built with the same sanitizers, then (UBSan
-#    build) the GGUF fuzzer's regression files and FUZZ_CASES fresh fuzzed files, whose tensor
-#    data mutations put NaN and inf through every layer.
+#    model tests, the AVX-512 and AVX-VNNI emulation harnesses built with the same sanitizers,
+#    then (UBSan build) the GGUF fuzzer's regression files and FUZZ_CASES fresh fuzzed files,
+#    whose tensor data mutations put NaN and inf through every layer.
 # Prints one line per stage and exits non-zero if any failed; logs in build/sanitize/logs/.
 set -uo pipefail
 
@@ -93,19 +93,20 @@ tests/test_quant_types.py tests/test_kquants.py tests/test_attention.py tests/te
 MODEL_TESTS="tests/test_model.py tests/test_native_model.py tests/test_kquant_model.py \
 tests/test_quant_mix_model.py"
 
-emulated_avx512() {  # tests/test_avx512_emulated.py's harness, built with the sanitizers
-    local simde flags obj=()
+emulated() {  # tests/test_$1_emulated.py's kernel harness (avx512 | avxvnni), built with the sanitizers
+    local isa=$1 simde flags obj=()
     simde=$("$PYTHON" -c "import simde_py; print(simde_py.get_include())") || return 1
     flags=(-std=c++17 -O1 -g -mavx2 -mfma -mf16c -w -fsanitize=$SANITIZE -fno-sanitize-recover=all
            -fno-omit-frame-pointer)
-    for src in qmatmul_avx512.cpp qmatmul_scalar.cpp pack.cpp; do
+    for src in qmatmul_$isa.cpp qmatmul_scalar.cpp pack.cpp; do
         local extra=()
-        [ $src = qmatmul_avx512.cpp ] && extra=(-I"$ROOT/tests/avx512_emulated" -I"$simde")
-        g++ "${flags[@]}" "${extra[@]}" -I"$ROOT/csrc" -c "$ROOT/csrc/$src" -o "$TMP/$src.o" || return 1
-        obj+=("$TMP/$src.o")
+        [ $src = qmatmul_$isa.cpp ] && extra=(-I"$ROOT/tests/avx512_emulated" -I"$simde")
+        g++ "${flags[@]}" "${extra[@]}" -I"$ROOT/csrc" -c "$ROOT/csrc/$src" -o "$TMP/$isa-$src.o" || return 1
+        obj+=("$TMP/$isa-$src.o")
     done
-    g++ "${flags[@]}" -I"$ROOT/csrc" "$ROOT/tests/avx512_emulated/harness.cpp" "${obj[@]}" -o "$TMP/harness" &&
-        ASAN_OPTIONS=detect_leaks=0 "$TMP/harness" | tail -n 3
+    g++ "${flags[@]}" -DLFM_EDGE_EMULATED_ISA=$isa -I"$ROOT/csrc" "$ROOT/tests/avx512_emulated/harness.cpp" \
+        "${obj[@]}" -o "$TMP/harness-$isa" &&
+        ASAN_OPTIONS=detect_leaks=0 "$TMP/harness-$isa" | tail -n 3
 }
 
 echo "lfm-edge under $SANITIZE ($JOBS build jobs, $FUZZ_CASES fuzz cases); logs in $LOGS"
@@ -118,7 +119,8 @@ stage build-asan build sanitize "$SANITIZE" && stage tree-asan tree "$TMP/asan" 
         # shellcheck disable=SC2086
         stage models in_asan_tree asan_python -m pytest -q --capture=sys -p no:cacheprovider $MODEL_TESTS
     }
-stage avx512-emu emulated_avx512
+stage avx512-emu emulated avx512
+stage avxvnni-emu emulated avxvnni
 stage build-ub build sanitize-ub "$SANITIZE_UB" && stage tree-ub tree "$TMP/ub" sanitize-ub &&
     stage import-ub check_module "$TMP/ub" ub_python &&
     {

@@ -184,6 +184,8 @@ def test_available_isas_match_this_cpu():
     expected = ["scalar"]
     if {"avx2", "fma", "f16c"} <= set(flags):
         expected.append("avx2")
+        if "avx_vnni" in flags:
+            expected.append("avxvnni")
         if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= set(flags):
             expected.append("avx512")
     assert ISAS == expected

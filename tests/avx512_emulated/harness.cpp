@@ -1,5 +1,6 @@
 // Test-only: the AVX-512 int8-activation kernels (compiled against SIMDe, see immintrin.h here)
-// bit for bit against their scalar twins, for every packed type, on random valid matrices.
+// bit for bit against their scalar twins, for every packed type, on random valid matrices; or,
+// built with -DLFM_EDGE_EMULATED_ISA=avxvnni, the AVX-VNNI ones (test_avxvnni_emulated.py).
 // Prints one line per mismatch and exits non-zero if there was any.
 #include <cmath>
 #include <cstdio>
@@ -16,12 +17,17 @@
 
 using namespace lfm;
 
+#ifndef LFM_EDGE_EMULATED_ISA
+#define LFM_EDGE_EMULATED_ISA avx512
+#endif
+namespace emulated = lfm::LFM_EDGE_EMULATED_ISA;  // the kernels under test
+
 namespace {
 
 struct Kernels {
     QType qtype;
     PackedMatmul* scalar;
-    PackedMatmul* avx512;
+    PackedMatmul* emulated;
     std::vector<int> fp16_at;  // byte offsets of the block's fp16 scales (and minimum)
     bool signed_second;        // whether the second fp16 (a minimum) may be negative
 };
@@ -46,18 +52,18 @@ std::vector<uint8_t> random_matrix(const Kernels& c, int64_t n, int64_t k, std::
 int main() {
     std::mt19937 rng(7);
     const std::vector<Kernels> all = {
-        {QType::Q4_0, scalar::matmul_q4_0_packed, avx512::matmul_q4_0_packed, {0}, false},
-        {QType::Q4_1, scalar::matmul_q4_1_packed, avx512::matmul_q4_1_packed, {0, 2}, true},
-        {QType::Q5_0, scalar::matmul_q5_0_packed, avx512::matmul_q5_0_packed, {0}, false},
-        {QType::Q5_1, scalar::matmul_q5_1_packed, avx512::matmul_q5_1_packed, {0, 2}, true},
-        {QType::Q8_0, scalar::matmul_q8_0_packed, avx512::matmul_q8_0_packed, {0}, false},
-        {QType::IQ4_NL, scalar::matmul_iq4_nl_packed, avx512::matmul_iq4_nl_packed, {0}, false},
-        {QType::Q2_K, scalar::matmul_q2_k_packed, avx512::matmul_q2_k_packed, {80, 82}, false},
-        {QType::Q3_K, scalar::matmul_q3_k_packed, avx512::matmul_q3_k_packed, {108}, false},
-        {QType::Q4_K, scalar::matmul_q4_k_packed, avx512::matmul_q4_k_packed, {0, 2}, false},
-        {QType::Q5_K, scalar::matmul_q5_k_packed, avx512::matmul_q5_k_packed, {0, 2}, false},
-        {QType::Q6_K, scalar::matmul_q6_k_packed, avx512::matmul_q6_k_packed, {208}, false},
-        {QType::IQ4_XS, scalar::matmul_iq4_xs_packed, avx512::matmul_iq4_xs_packed, {0}, false},
+        {QType::Q4_0, scalar::matmul_q4_0_packed, emulated::matmul_q4_0_packed, {0}, false},
+        {QType::Q4_1, scalar::matmul_q4_1_packed, emulated::matmul_q4_1_packed, {0, 2}, true},
+        {QType::Q5_0, scalar::matmul_q5_0_packed, emulated::matmul_q5_0_packed, {0}, false},
+        {QType::Q5_1, scalar::matmul_q5_1_packed, emulated::matmul_q5_1_packed, {0, 2}, true},
+        {QType::Q8_0, scalar::matmul_q8_0_packed, emulated::matmul_q8_0_packed, {0}, false},
+        {QType::IQ4_NL, scalar::matmul_iq4_nl_packed, emulated::matmul_iq4_nl_packed, {0}, false},
+        {QType::Q2_K, scalar::matmul_q2_k_packed, emulated::matmul_q2_k_packed, {80, 82}, false},
+        {QType::Q3_K, scalar::matmul_q3_k_packed, emulated::matmul_q3_k_packed, {108}, false},
+        {QType::Q4_K, scalar::matmul_q4_k_packed, emulated::matmul_q4_k_packed, {0, 2}, false},
+        {QType::Q5_K, scalar::matmul_q5_k_packed, emulated::matmul_q5_k_packed, {0, 2}, false},
+        {QType::Q6_K, scalar::matmul_q6_k_packed, emulated::matmul_q6_k_packed, {208}, false},
+        {QType::IQ4_XS, scalar::matmul_iq4_xs_packed, emulated::matmul_iq4_xs_packed, {0}, false},
     };
     int failures = 0, checked = 0;
     for (const Kernels& c : all) {
@@ -79,18 +85,18 @@ int main() {
                         x[3 * k + 70] = -std::numeric_limits<float>::infinity();
                         for (int i = 0; i < 32; ++i) x[4 * k + 32 + i] *= 1e-38f;
                     }
-                    std::vector<int8_t> q(x.size()), q512(x.size());
-                    std::vector<float> d(x.size() / 32), d512(x.size() / 32);
-                    std::vector<int32_t> sum(x.size() / 32), sum512(x.size() / 32), sum16(x.size() / 16);
+                    std::vector<int8_t> q(x.size()), qe(x.size());
+                    std::vector<float> d(x.size() / 32), de(x.size() / 32);
+                    std::vector<int32_t> sum(x.size() / 32), sume(x.size() / 32), sum16(x.size() / 16);
                     for (int64_t t = 0; t < tokens; ++t) {
                         scalar::quantize_row(&x[t * k], k, &q[t * k], &d[t * k / 32], &sum[t * k / 32]);
-                        avx512::quantize_row(&x[t * k], k, &q512[t * k], &d512[t * k / 32], &sum512[t * k / 32]);
+                        emulated::quantize_row(&x[t * k], k, &qe[t * k], &de[t * k / 32], &sume[t * k / 32]);
                     }
                     bool same_d = true;
                     for (size_t b = 0; b < d.size(); ++b) {
-                        same_d = same_d && (std::isnan(d[b]) ? std::isnan(d512[b]) : std::memcmp(&d[b], &d512[b], 4) == 0);
+                        same_d = same_d && (std::isnan(d[b]) ? std::isnan(de[b]) : std::memcmp(&d[b], &de[b], 4) == 0);
                     }
-                    if (q != q512 || sum != sum512 || !same_d) {
+                    if (q != qe || sum != sume || !same_d) {
                         std::printf("quantize_row differs (k = %ld)\n", static_cast<long>(k));
                         ++failures;
                     }
@@ -101,13 +107,13 @@ int main() {
                     const QuantizedRows rows{q.data(), d.data(), sum.data(), sum16.data(), tokens, k};
                     // SIMDe's masked stores write whole vectors: 16 padding columns take them
                     const int64_t ldy = n + 16;
-                    std::vector<float> ys(static_cast<size_t>(tokens * ldy + 16)), y512(ys.size());
+                    std::vector<float> ys(static_cast<size_t>(tokens * ldy + 16)), ye(ys.size());
                     c.scalar(rows, packed.data(), n, 0, groups, ys.data(), ldy);
-                    c.avx512(rows, packed.data(), n, 0, groups, y512.data(), ldy);
+                    c.emulated(rows, packed.data(), n, 0, groups, ye.data(), ldy);
                     int bad = 0;
                     for (int64_t t = 0; t < tokens; ++t) {
                         for (int64_t r = 0; r < n; ++r) {
-                            const float a = ys[t * ldy + r], b = y512[t * ldy + r];
+                            const float a = ys[t * ldy + r], b = ye[t * ldy + r];
                             if (std::isnan(a) && std::isnan(b)) continue;  // payloads may differ
                             const bool must_be_nan = tokens == 9 && t >= 1 && t <= 3;
                             bad += must_be_nan || std::memcmp(&a, &b, 4) != 0;

@@ -1,6 +1,7 @@
-// Test-only stand-in for <immintrin.h>: the AVX-512 intrinsics of csrc/qmatmul_avx512.cpp emulated
-// by SIMDe (https://github.com/simd-everywhere/simde) on a CPU without AVX-512, so that the
-// AVX-512 kernels can be checked against their scalar twins anywhere (test_avx512_emulated.py).
+// Test-only stand-in for <immintrin.h>: the AVX-512 intrinsics of csrc/qmatmul_avx512.cpp and the
+// AVX-VNNI one of csrc/qmatmul_avxvnni.cpp emulated by SIMDe
+// (https://github.com/simd-everywhere/simde) on a CPU without them, so that those kernels can be
+// checked against their scalar twins anywhere (test_avx512_emulated.py, test_avxvnni_emulated.py).
 // Put first on the include path; SIMDe's own include of the real header passes through.
 #ifdef LFM_EDGE_INSIDE_SIMDE
 #include_next <immintrin.h>
@@ -37,6 +38,8 @@ static inline int32_t emulated_reduce_add_epi32(simde__m512i v) {
 #define _mm512_cvtepi8_epi32(v) emulated_cvt8_epi32((v), true)
 #define _mm512_cvtepi32_epi8(v) emulated_cvtepi32_epi8(v)
 #define _mm512_reduce_add_epi32(v) emulated_reduce_add_epi32(v)
+// AVX-VNNI's vpdpbusd on ymm (qmatmul_avxvnni.cpp) is AVX512-VNNI's with the VEX encoding.
+#define _mm256_dpbusd_avx_epi32(src, a, b) simde_mm256_dpbusd_epi32((src), (a), (b))
 #ifndef _cvtu64_mask64
 #define _cvtu64_mask64(x) (static_cast<simde__mmask64>(x))
 #endif
