@@ -25,12 +25,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import random
-import resource
-import select
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,10 +35,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fuzz_worker import Ended, supervise
+
 HERE = Path(__file__).parent
 REGRESSIONS = HERE / "fuzz"
 BASES = [("moe", "f32"), ("moe", "q4_0"), ("dense", "q8_0"), ("dense", "f32")]
-MEMORY_LIMIT = 4 << 30  # RLIMIT_AS of a worker
 CASE_TIMEOUT = 30.0  # seconds one case may take (a tiny model needs ~0.2 s)
 BATCH = 25  # cases per worker process
 WORKER_PATH: list[str] = []  # directories put first on the workers' sys.path (--lfm-edge)
@@ -513,10 +510,6 @@ def worker(paths: list[str]) -> int:
     return 0
 
 
-def _limit_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-
-
 @dataclass
 class Result:
     path: str
@@ -531,51 +524,14 @@ class Result:
 
 def run_batch(paths: list[str], timeout: float = CASE_TIMEOUT) -> list[Result]:
     """Run `paths` in worker processes, a new one after each death or hang."""
-    results: list[Result] = []
-    todo = list(paths)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if WORKER_PATH:
-        env["PYTHONPATH"] = os.pathsep.join([*WORKER_PATH, env.get("PYTHONPATH", "")])
-    while todo:
-        proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--worker", *todo],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_limit_memory, env=env, text=True,
-        )
-        running: str | None = None
-        deadline = time.monotonic() + timeout + 30  # the first case also pays for the imports
-        hung = False
-        while True:
-            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                hung = True
-                proc.kill()
-                break
-            line = proc.stdout.readline()
-            if not line:
-                break
-            msg = json.loads(line)
-            if "start" in msg:
-                running = msg["start"]
-                deadline = time.monotonic() + timeout
-            else:
-                results.append(Result(msg["end"], msg["outcome"], msg["detail"], msg["warnings"]))
-                todo.remove(msg["end"])
-                running = None
-        proc.wait()
-        stderr = proc.stderr.read()
-        if running is None and not todo:
-            if proc.returncode or "Traceback" in stderr:
-                results.append(Result(paths[-1], f"worker exit {proc.returncode} after the last case", stderr[-500:]))
-            break
-        if running is None:  # died between cases
-            running = todo[0]
-        todo.remove(running)
-        if hung:
-            results.append(Result(running, "hang", f"no answer in {timeout:.0f} s"))
-        elif proc.returncode < 0:
-            results.append(Result(running, f"signal {-proc.returncode}", stderr[-500:]))
+    command = lambda todo: [sys.executable, str(Path(__file__).resolve()), "--worker", *todo]  # noqa: E731
+    results = []
+    for event in supervise(command, paths, timeout, WORKER_PATH):
+        if isinstance(event, Ended):
+            m = event.msg
+            results.append(Result(m["end"], m["outcome"], m["detail"], m["warnings"]))
         else:
-            results.append(Result(running, f"exit {proc.returncode}", stderr[-500:]))
+            results.append(Result(event.key, event.outcome, event.detail))
     return results
 
 

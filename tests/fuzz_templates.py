@@ -31,12 +31,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import random
 import re
-import resource
-import select
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,10 +41,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fuzz_worker import Ended, supervise
+
 HERE = Path(__file__).parent
 REGRESSIONS = HERE / "fuzz" / "templates"
 TEMPLATES = HERE / "golden" / "templates"
-MEMORY_LIMIT = 4 << 30  # RLIMIT_AS of a worker
 PEAK_MB = 1536  # a case's own peak resident memory (the tiny model and Python take ~200 MB)
 LOAD_SECONDS = 2.0  # nothing is computed while a template compiles
 CASE_SECONDS = 12.0  # load, apply_chat_template, chat: a few renders of at most 2 s each
@@ -445,61 +442,24 @@ class Result:
         return self.outcome in ("ok", "error")
 
 
-def _limit_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-
-
 def run_batch(model: str, cases: dict[str, dict], workdir: Path, timeout: float = CASE_TIMEOUT) -> list[Result]:
     """Run `cases` in worker processes, a new one after each death or hang."""
-    results: list[Result] = []
-    todo = dict(cases)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if WORKER_PATH:
-        env["PYTHONPATH"] = os.pathsep.join([*WORKER_PATH, env.get("PYTHONPATH", "")])
-    while todo:
-        batch_file = workdir / f"batch-{next(iter(todo))}.json".replace(":", "-")
-        batch_file.write_text(json.dumps(todo))
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", model, str(batch_file)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_limit_memory, env=env, text=True)
-        running, started = None, time.monotonic()
-        deadline = time.monotonic() + timeout + 30  # the first case also pays for the imports and the model
-        hung = False
-        while True:
-            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                hung = True
-                proc.kill()
-                break
-            line = proc.stdout.readline()
-            if not line:
-                break
-            msg = json.loads(line)
-            if "start" in msg:
-                running, started = msg["start"], time.monotonic()
-                deadline = started + timeout
+    batch_file = workdir / f"batch-{next(iter(cases))}.json".replace(":", "-")
+
+    def command(todo: list[str]) -> list[str]:  # a worker reads the cases still to run from a file
+        batch_file.write_text(json.dumps({k: cases[k] for k in todo}))
+        return [sys.executable, str(Path(__file__).resolve()), "--worker", model, str(batch_file)]
+
+    results = []
+    try:
+        for event in supervise(command, list(cases), timeout, WORKER_PATH, start_must_work=True):
+            if isinstance(event, Ended):
+                m = event.msg
+                results.append(Result(m["end"], m["outcome"], m["detail"], m["peak_mb"], event.seconds))
             else:
-                results.append(Result(msg["end"], msg["outcome"], msg["detail"], msg["peak_mb"], time.monotonic() - started))
-                del todo[msg["end"]]
-                running = None
-        proc.wait()
-        stderr = proc.stderr.read()
-        batch_file.unlink()
-        if running is None and not todo:
-            if proc.returncode or "Traceback" in stderr:
-                last = results[-1].key if results else "?"
-                results.append(Result(last, f"worker exit {proc.returncode} after the last case", stderr[-500:]))
-            break
-        if running is None:  # died before or between cases
-            if not results and not hung and proc.returncode:
-                raise RuntimeError(f"the worker could not start: {stderr[-2000:]}")
-            running = next(iter(todo))
-        del todo[running]
-        if hung:
-            results.append(Result(running, "hang", f"no answer in {timeout:.0f} s"))
-        elif proc.returncode < 0:
-            results.append(Result(running, f"signal {-proc.returncode}", stderr[-500:]))
-        else:
-            results.append(Result(running, f"exit {proc.returncode}", stderr[-500:]))
+                results.append(Result(event.key, event.outcome, event.detail))
+    finally:
+        batch_file.unlink(missing_ok=True)
     return results
 
 
