@@ -104,6 +104,19 @@ int64_t expert_grain(int64_t n_spans, int64_t groups) {
     return std::max<int64_t>(1, std::min<int64_t>(groups / 4, n_spans * groups / (16 * num_threads())));
 }
 
+// Tasks [begin, end) of an expert matmul (task = span * groups + row group) as runs of row groups
+// of one span: body(span, g0, g1) for each, so that a kernel sees a whole run (decode reads the
+// run's groups side by side: see qmatmul_impl.h, kDecodeStreams).
+template <class Body>
+void for_span_runs(int64_t begin, int64_t end, int64_t groups, const Body& body) {
+    while (begin < end) {
+        const int64_t span = begin / groups, g0 = begin % groups;
+        const int64_t g1 = std::min(groups, g0 + end - begin);
+        body(span, g0, g1);
+        begin += g1 - g0;
+    }
+}
+
 // body(begin, end) over [0, n) rows of `values` values each: on the pool, or on the calling
 // thread when there are too few values to be worth waking it (decode).
 void rows_on_pool(int64_t n, int64_t values, const std::function<void(int64_t, int64_t)>& body) {
@@ -227,20 +240,17 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
     const int64_t ffn_groups = row_groups(ffn);
     Scratch h = scratch(n_rows * ffn), u = scratch(n_rows * ffn);  // [n_rows, F]
     parallel_for(n_spans * ffn_groups, expert_grain(n_spans, ffn_groups), [&](int64_t begin, int64_t end) {
-        for (int64_t task = begin; task < end; ++task) {
-            const Span& s = spans[task / ffn_groups];
-            const int64_t group = task % ffn_groups;
+        for_span_runs(begin, end, ffn_groups, [&](int64_t span, int64_t g0, int64_t g1) {
+            const Span& s = spans[span];
             const QuantizedRows rows = gate.packed() ? xq.rows(s.first, s.count) : QuantizedRows{};
             const float* xf = gate.packed() ? nullptr : xs.get() + s.first * hidden;
-            matmul_groups(table, gate, gate.mat(s.expert), xf, &rows, s.count, group, group + 1,
-                          h.get() + s.first * ffn, ffn);
-            matmul_groups(table, up, up.mat(s.expert), xf, &rows, s.count, group, group + 1,
-                          u.get() + s.first * ffn, ffn);
-            const int64_t c0 = group * kRowGroup, c1 = std::min(c0 + kRowGroup, ffn);
+            matmul_groups(table, gate, gate.mat(s.expert), xf, &rows, s.count, g0, g1, h.get() + s.first * ffn, ffn);
+            matmul_groups(table, up, up.mat(s.expert), xf, &rows, s.count, g0, g1, u.get() + s.first * ffn, ffn);
+            const int64_t c0 = g0 * kRowGroup, c1 = std::min(g1 * kRowGroup, ffn);
             for (int64_t r = s.first; r < s.first + s.count; ++r) {
                 for (int64_t c = c0; c < c1; ++c) h[r * ffn + c] = silu(h[r * ffn + c]) * u[r * ffn + c];
             }
-        }
+        });
     });
     QuantizedBuffer hq;
     if (down.packed()) quantize_all(table, h.get(), n_rows, ffn, hq);
@@ -248,13 +258,12 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
     const int64_t hidden_groups = row_groups(hidden);
     Scratch yd = scratch(n_rows * hidden);  // [n_rows, H]
     parallel_for(n_spans * hidden_groups, expert_grain(n_spans, hidden_groups), [&](int64_t begin, int64_t end) {
-        for (int64_t task = begin; task < end; ++task) {
-            const Span& s = spans[task / hidden_groups];
-            const int64_t group = task % hidden_groups;
+        for_span_runs(begin, end, hidden_groups, [&](int64_t span, int64_t g0, int64_t g1) {
+            const Span& s = spans[span];
             const QuantizedRows rows = down.packed() ? hq.rows(s.first, s.count) : QuantizedRows{};
-            matmul_groups(table, down, down.mat(s.expert), h.get() + s.first * ffn, &rows, s.count,
-                          group, group + 1, yd.get() + s.first * hidden, hidden);
-        }
+            matmul_groups(table, down, down.mat(s.expert), h.get() + s.first * ffn, &rows, s.count, g0, g1,
+                          yd.get() + s.first * hidden, hidden);
+        });
     });
 
     // The weighted sum, each token's experts in ascending order, like ops.moe.

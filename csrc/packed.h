@@ -22,6 +22,13 @@ namespace lfm {
 
 constexpr int64_t kRowGroup = 16;  // rows interleaved in one packed block
 
+// G full row groups that a decode tile reads side by side, `spacing` row groups apart (see
+// qmatmul_impl.h: kDecodeStreams).
+template <int G>
+struct RowGroupStreams {
+    int64_t spacing;
+};
+
 // 16 rows x 32 weights of Q4_0. Weight i of row r is d[r] * (u - 8), with the unsigned
 // nibble u stored at qs[64 * c + 4 * r + j]: low nibble for i = 4c + j, high nibble for
 // i = 16 + 4c + j (c < 4, j < 4). So the low nibbles of the 64 bytes at qs + 64c are the

@@ -48,28 +48,46 @@ static inline void store_half(__m256 acc, int rows, float* y) {
     std::memcpy(y, out, sizeof(float) * static_cast<size_t>(rows));
 }
 
-// A tile's loop over the blocks of one row group, for its two 8-row halves h: step(i, h,
-// prefetch, acc) adds step i's products (a block, or a K-quant sub-block) for half h to the TT
-// token accumulators. Decode (TT == 1) does both halves in one pass, so the weights stream once
-// from memory as stored; a token tile does one half per pass, so that its TT accumulators, TT
-// dot products and the unpacked operands fit the 16 registers (the second pass finds the row
-// group in cache).
-template <int TT, class Step>
-static inline void over_halves(int64_t n_steps, int rows, float* y, int64_t ldy, int64_t t0, int64_t row0,
-                               const Step& step) {
+// A tile's loop over the blocks of one row group, for its two 8-row halves h: step(group, i, h,
+// prefetch, acc) adds step i's products (a block, or a K-quant sub-block) of the row group whose
+// blocks start at `group` for half h to the TT token accumulators. Decode (TT == 1) does both
+// halves in one pass, so the weights stream once from memory as stored; a token tile does one
+// half per pass, so that its TT accumulators, TT dot products and the unpacked operands fit the
+// 16 registers (the second pass finds the row group in cache).
+//
+// Decode may also run G full row groups side by side, `spacing` groups apart (their outputs
+// 16 * spacing rows apart): G streams from memory at once instead of one. The hardware
+// prefetcher keeps more lines in flight for two streams than for one (Zen 3, 2 threads: the
+// read probe gives 21 GB/s with one stream a thread and 26 with two; a Q4_0 GEMV from DRAM went
+// from 10.5 to 14.5 GB/s on 1 thread and from 18.4 to 22 on 2). Each output is still the same
+// sums in the same order, so G changes no bit.
+template <int TT, int G, class Block, class Step>
+static inline void over_halves(const Block* blocks, int64_t n_blocks, int64_t spacing, int64_t n_steps, int rows,
+                               float* y, int64_t ldy, int64_t t0, int64_t row0, const Step& step) {
+    static_assert(G == 1 || TT == 1, "row groups side by side are for decode");
     constexpr int kPerPass = TT == 1 ? 2 : 1;
     for (int first = 0; first < 2 && 8 * first < rows; first += kPerPass) {
-        __m256 acc[kPerPass][TT];
-        for (int p = 0; p < kPerPass; ++p) {
-            for (int t = 0; t < TT; ++t) acc[p][t] = _mm256_setzero_ps();
+        __m256 acc[G][kPerPass][TT];
+        for (int g = 0; g < G; ++g) {
+            for (int p = 0; p < kPerPass; ++p) {
+                for (int t = 0; t < TT; ++t) acc[g][p][t] = _mm256_setzero_ps();
+            }
         }
         for (int64_t i = 0; i < n_steps; ++i) {
-            for (int p = 0; p < kPerPass; ++p) step(i, first + p, first + p == 0, acc[p]);
+            for (int g = 0; g < G; ++g) {
+                for (int p = 0; p < kPerPass; ++p) {
+                    step(blocks + g * spacing * n_blocks, i, first + p, first + p == 0, acc[g][p]);
+                }
+            }
         }
-        for (int p = 0; p < kPerPass; ++p) {
-            const int h = first + p;
-            if (8 * h >= rows) break;
-            for (int t = 0; t < TT; ++t) store_half(acc[p][t], rows - 8 * h, y + (t0 + t) * ldy + row0 + 8 * h);
+        for (int g = 0; g < G; ++g) {
+            for (int p = 0; p < kPerPass; ++p) {
+                const int h = first + p;
+                if (8 * h >= rows) break;
+                for (int t = 0; t < TT; ++t) {
+                    store_half(acc[g][p][t], rows - 8 * h, y + (t0 + t) * ldy + row0 + g * spacing * kRowGroup + 8 * h);
+                }
+            }
         }
     }
 }
@@ -191,6 +209,34 @@ constexpr int kInt16Run<IQ4_NLx16> = 1;
 template <>
 constexpr int kInt16Run<Q5_Kx16> = 4;
 
+// Row groups a decode tile reads side by side (qmatmul_impl.h; over_halves). More streams help
+// where a tile is cheap next to its bytes; where unpacking is dear (6-bit, 2- and 3-bit, IQ4_XS)
+// the tile is bound by arithmetic already and the extra accumulators spill. Measured with a GEMV
+// from DRAM ([7168, 2048] matrices, 160 MB of them) on the Zen 3 VM's vpmaddubsw unit, GB/s at 1 /
+// 2 threads, one stream -> the count chosen, means of two runs that vary by up to 15%: Q4_0 10.7 /
+// 18.4 -> 20.6 / 25.5, Q8_0 12.7 / 20.3 -> 18.5 / 26.6, Q4_1 14.6 / 21.4 -> 18.5 / 25.1, Q4_K 15.9
+// / 20.2 -> 16.9 / 22.8 (4 streams); Q5_0 13.7 / 21.1 -> 15.3 / 23.9, Q5_1 13.6 / 22.3 -> 14.9 /
+// 23.6, Q5_K 13.0 / 20.7 -> 14.1 / 21.2 (2; IQ4_NL no worse). 8 streams spill for Q4_0 (13.2 /
+// 14.2), 4 for Q5_K, Q6_K, Q2_K and Q3_K (10-30% slower).
+template <class Block>
+constexpr int kDecodeStreams = 1;
+template <>
+constexpr int kDecodeStreams<Q4_0x16> = 4;
+template <>
+constexpr int kDecodeStreams<Q4_1x16> = 4;
+template <>
+constexpr int kDecodeStreams<Q8_0x16> = 4;
+template <>
+constexpr int kDecodeStreams<Q4_Kx16> = 4;
+template <>
+constexpr int kDecodeStreams<Q5_0x16> = 2;
+template <>
+constexpr int kDecodeStreams<Q5_1x16> = 2;
+template <>
+constexpr int kDecodeStreams<IQ4_NLx16> = 2;
+template <>
+constexpr int kDecodeStreams<Q5_Kx16> = 2;
+
 // The exact integer dot products of half h (8 rows) of one block with the 32 activations of
 // each of TT tokens (token t's at a + t * lda), before the offset: each operand is unpacked
 // once and used by every token. Unsigned operands are at most 31; signed ones at most 128 in
@@ -219,11 +265,12 @@ static inline void streamed_dots(const int8_t* a, int64_t lda, const Pair& pair,
 
 // One row group for TT tokens (kTokenTile, 4, in prefill): each unpacked operand (8 rows x 4
 // weights) is used by the TT tokens from a register.
-template <class Block, int TT>
+template <class Block, int TT, int G = 1>
 void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nb,
-                    int rows, float* y, int64_t ldy, int64_t row0) {
-    over_halves<TT>(nb, rows, y, ldy, t0, row0, [&](int64_t b, int h, bool prefetch, __m256 (&acc)[TT]) {
-        const Block& blk = blocks[b];
+                    int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
+    over_halves<TT, G>(blocks, nb, streams.spacing, nb, rows, y, ldy, t0, row0,
+                       [&](const Block* group, int64_t b, int h, bool prefetch, __m256 (&acc)[TT]) {
+        const Block& blk = group[b];
         if (prefetch) prefetch_weights(&blk, sizeof(Block));
         __m256i dots[TT];
         streamed_dots<kInt16Run<Block>, kSignedOperands<Block>>(
@@ -262,12 +309,13 @@ static inline __m256 u8x8_to_ps(const uint8_t* p) {
 }
 
 // Q4_K / Q5_K: acc += (s dx) dot - (mn dx) sum(a) per sub-block of 32 (as the scalar twin).
-template <class Block, int TT>
+template <class Block, int TT, int G = 1>
 void k_affine_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb, int rows,
-                   float* y, int64_t ldy, int64_t row0) {
+                   float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
     const int64_t nb = x.k / kQuantBlock;
-    over_halves<TT>(8 * nsb, rows, y, ldy, t0, row0, [&](int64_t b, int h, bool prefetch, __m256 (&acc)[TT]) {
-        const Block& blk = blocks[b / 8];
+    over_halves<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
+                       [&](const Block* group, int64_t b, int h, bool prefetch, __m256 (&acc)[TT]) {
+        const Block& blk = group[b / 8];
         const int j = static_cast<int>(b % 8);
         if (prefetch) prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         const Q4_Kx16& low = low_part(blk);
@@ -338,12 +386,13 @@ template <>
 constexpr int kScaled16Run<Q6_Kx16> = 2;  // u <= 63
 
 // Q6_K / Q3_K: acc += (d dx) (sc0 (dot0 - off sum0) + sc1 (dot1 - off sum1)), as the scalar twin.
-template <class Block, int TT>
+template <class Block, int TT, int G = 1>
 void scaled16_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb, int rows,
-                   float* y, int64_t ldy, int64_t row0) {
+                   float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
     const int64_t nb = x.k / kQuantBlock;
-    over_halves<TT>(8 * nsb, rows, y, ldy, t0, row0, [&](int64_t b, int h, bool prefetch, __m256 (&acc)[TT]) {
-        const Block& blk = blocks[b / 8];
+    over_halves<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
+                       [&](const Block* group, int64_t b, int h, bool prefetch, __m256 (&acc)[TT]) {
+        const Block& blk = group[b / 8];
         const int j = static_cast<int>(b % 8);
         if (prefetch) prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         __m256i w[8];
@@ -365,13 +414,14 @@ void scaled16_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int6
 }
 
 // Q2_K: acc += (d dx) (sc0 dot0 + sc1 dot1) - (dmin dx) (m0 sum0 + m1 sum1), as the scalar twin.
-template <int TT>
+template <int TT, int G = 1>
 void q2_k_tile(const QuantizedRows& x, int64_t t0, const Q2_Kx16* blocks, int64_t nsb, int rows,
-               float* y, int64_t ldy, int64_t row0) {
+               float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
     const int64_t nb = x.k / kQuantBlock;
     const __m256i nibble = _mm256_set1_epi32(0x0f);
-    over_halves<TT>(8 * nsb, rows, y, ldy, t0, row0, [&](int64_t b, int h, bool prefetch, __m256 (&acc)[TT]) {
-        const Q2_Kx16& blk = blocks[b / 8];
+    over_halves<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
+                       [&](const Q2_Kx16* group, int64_t b, int h, bool prefetch, __m256 (&acc)[TT]) {
+        const Q2_Kx16& blk = group[b / 8];
         const int j = static_cast<int>(b % 8);
         if (prefetch) prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         __m256i w[8];
@@ -399,12 +449,13 @@ void q2_k_tile(const QuantizedRows& x, int64_t t0, const Q2_Kx16* blocks, int64_
 }
 
 // IQ4_XS: acc += (d dx) (sc dot(kIq4Values[u], a)) per sub-block of 32, as the scalar twin.
-template <int TT>
+template <int TT, int G = 1>
 void iq4_xs_tile(const QuantizedRows& x, int64_t t0, const IQ4_XSx16* blocks, int64_t nsb, int rows,
-                 float* y, int64_t ldy, int64_t row0) {
+                 float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
     const int64_t nb = x.k / kQuantBlock;
-    over_halves<TT>(8 * nsb, rows, y, ldy, t0, row0, [&](int64_t b, int h, bool prefetch, __m256 (&acc)[TT]) {
-        const IQ4_XSx16& blk = blocks[b / 8];
+    over_halves<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
+                       [&](const IQ4_XSx16* group, int64_t b, int h, bool prefetch, __m256 (&acc)[TT]) {
+        const IQ4_XSx16& blk = group[b / 8];
         const int j = static_cast<int>(b % 8);
         if (prefetch) prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.d + 8 * h)));

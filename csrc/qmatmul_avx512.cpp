@@ -16,6 +16,8 @@ namespace {
 
 namespace this_isa = avx512;
 constexpr int kTokenTile = 4;  // tokens that share each unpacked weight block (prefill)
+template <class Block>
+constexpr int kDecodeStreams = 1;  // row groups a decode tile reads side by side
 
 // The lanes of rows 0 .. rows - 1 (rows <= 16).
 static inline __mmask16 row_mask(int rows) { return static_cast<__mmask16>((1u << rows) - 1); }

@@ -5,6 +5,7 @@
 //
 //   namespace this_isa = ...;   its namespace in qmatmul.h; it defines this_isa::quantize_row
 //   kTokenTile                  tokens (1 to 4) that share each loaded weight block
+//   kDecodeStreams<Block>       row groups a decode tile reads side by side (1: one at a time)
 //   row_group_tile<Block, TT>   for the 32-weight blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL)
 //   k_affine_tile<Block, TT>    for Q4_Kx16 and Q5_Kx16
 //   scaled16_tile<Block, TT>    for Q6_Kx16 and Q3_Kx16 (a signed scale per 16 weights)
@@ -41,31 +42,48 @@ template <class Block>
 constexpr bool kBlock32 = kSame<Block, Q4_0x16> || kSame<Block, Q4_1x16> || kSame<Block, Q5_0x16> ||
                           kSame<Block, Q5_1x16> || kSame<Block, Q8_0x16> || kSame<Block, IQ4_NLx16>;
 
-// The unit's tile kernel for each packed type.
-template <int TT, class Block>
+// The unit's tile kernel for each packed type: one row group, or, given `streams` (a
+// RowGroupStreams<kDecodeStreams<Block>>: decode only, where that is above 1), that many full
+// row groups side by side.
+template <int TT, class Block, class... Streams>
 void tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t n_blocks, int rows,
-          float* y, int64_t ldy, int64_t row0) {
+          float* y, int64_t ldy, int64_t row0, Streams... streams) {
     if constexpr (kBlock32<Block>) {
-        row_group_tile<Block, TT>(x, t0, blocks, n_blocks, rows, y, ldy, row0);
+        row_group_tile<Block, TT>(x, t0, blocks, n_blocks, rows, y, ldy, row0, streams...);
     } else if constexpr (kSame<Block, Q4_Kx16> || kSame<Block, Q5_Kx16>) {
-        k_affine_tile<Block, TT>(x, t0, blocks, n_blocks, rows, y, ldy, row0);
+        k_affine_tile<Block, TT>(x, t0, blocks, n_blocks, rows, y, ldy, row0, streams...);
     } else if constexpr (kSame<Block, Q6_Kx16> || kSame<Block, Q3_Kx16>) {
-        scaled16_tile<Block, TT>(x, t0, blocks, n_blocks, rows, y, ldy, row0);
+        scaled16_tile<Block, TT>(x, t0, blocks, n_blocks, rows, y, ldy, row0, streams...);
     } else if constexpr (kSame<Block, Q2_Kx16>) {
-        q2_k_tile<TT>(x, t0, blocks, n_blocks, rows, y, ldy, row0);
+        q2_k_tile<TT>(x, t0, blocks, n_blocks, rows, y, ldy, row0, streams...);
     } else {
         static_assert(kSame<Block, IQ4_XSx16>, "a packed type without a tile kernel");
-        iq4_xs_tile<TT>(x, t0, blocks, n_blocks, rows, y, ldy, row0);
+        iq4_xs_tile<TT>(x, t0, blocks, n_blocks, rows, y, ldy, row0, streams...);
     }
 }
 
 // Row groups [group_begin, group_end) of a packed matrix, kTokenTile tokens at a time, then
-// the tokens left over as one smaller tile.
+// the tokens left over as one smaller tile. In decode, where the unit's kDecodeStreams<Block> is
+// above 1, the range is cut into that many equal runs of full row groups, read side by side (the
+// next group of each run at once); the groups left over are read one by one.
 template <class Block>
 void matmul_row_groups(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
     const int64_t n_blocks = x.k / (kBlock32<Block> ? kQuantBlock : kSuperBlock);  // per row group
     const auto* blocks = reinterpret_cast<const Block*>(w);  // [groups][n_blocks]
+    constexpr int kStreams = kDecodeStreams<Block>;
+    static_assert(kStreams >= 1, "a decode tile reads at least one row group");
+    if constexpr (kStreams > 1) {
+        if (x.n_tokens == 1) {
+            const int64_t full_end = group_end < n_rows / kRowGroup ? group_end : n_rows / kRowGroup;
+            const int64_t spacing = (full_end - group_begin) / kStreams;
+            for (int64_t g = group_begin; g < group_begin + spacing; ++g) {
+                tile<1>(x, 0, blocks + g * n_blocks, n_blocks, kRowGroup, y, ldy, g * kRowGroup,
+                        RowGroupStreams<kStreams>{spacing});
+            }
+            if (spacing > 0) group_begin += kStreams * spacing;
+        }
+    }
     for (int64_t g = group_begin; g < group_end; ++g) {
         const int64_t row0 = g * kRowGroup;
         const int rows = static_cast<int>(n_rows - row0 < kRowGroup ? n_rows - row0 : kRowGroup);
