@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,13 @@ class LLM:
         if not isinstance(n_ctx, int) or n_ctx < 1:
             raise LfmEdgeError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         self.file = GGUFFile(path)
-        self.model = build_model(self.file)
+        # the tokenizer is built beside the weights' packing, which runs in native code with the
+        # GIL released; a model error still comes first, the tokenizer's then
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lfm-edge-tokenizer") as background:
+            tokenizer = background.submit(GGUFTokenizer, self.file)
+            self.model = build_model(self.file)
+            self.tokenizer = tokenizer.result()
         self.args = self.model.args
-        self.tokenizer = GGUFTokenizer(self.file)
         if self.tokenizer.n_vocab != self.args.n_vocab:
             raise self.file.error(
                 f"the tokenizer has {self.tokenizer.n_vocab} tokens but the model's vocabulary is {self.args.n_vocab}"
