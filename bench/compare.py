@@ -80,25 +80,54 @@ def wait_for_idle(max_wait: float, threshold: float = 0.1) -> float:
         print(f"  waiting for a quiet CPU ({busy:.0%} busy) ...", file=sys.stderr)
 
 
+def peak_rss_of(pid: int) -> float | None:
+    """A running process's peak resident set in MB (Linux: VmHWM), or None."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def run_measured(cmd: list[str], timeout: float) -> Proc:
     """Run cmd to completion: its output, its own peak RSS and CPU time (os.wait4 gives the child's
-    rusage), and how much CPU everything else took meanwhile."""
+    rusage), and how much CPU everything else took meanwhile. The peak RSS is the child's VmHWM, read
+    every 50 ms while it runs: the rusage's ru_maxrss of a child started by vfork + exec includes
+    this process's own peak (the bandwidth probe's 1 GiB buffer)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start, busy0 = time.perf_counter(), cpu_busy_seconds()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err)
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
+        peaks: list[float] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                peak = peak_rss_of(proc.pid)
+                if peak is not None:
+                    peaks.append(peak)
+                done.wait(0.05)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)
         finally:
             timer.cancel()
+            done.set()
+            watcher.join()
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
         seconds = time.perf_counter() - start
         others = cpu_busy_seconds() - busy0 - usage.ru_utime - usage.ru_stime
         out.seek(0)
         err.seek(0)
         return Proc(proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"),
-                    usage.ru_maxrss / 1024, seconds, max(0.0, others / (seconds * (os.cpu_count() or 1))))
+                    max(peaks) if peaks else usage.ru_maxrss / 1024, seconds,
+                    max(0.0, others / (seconds * (os.cpu_count() or 1))))
 
 
 def describe_failure(p: Proc) -> str:

@@ -171,7 +171,16 @@ class Result:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak resident set: Linux's VmHWM, which starts afresh at exec. ru_maxrss does
+    not: a process started by vfork + exec (Python's subprocess) carries its parent's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB, macOS bytes
 
 
 def random_ids(rng: np.random.Generator, allowed: np.ndarray, n: int) -> list[int]:
