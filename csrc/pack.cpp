@@ -93,11 +93,25 @@ void put_k_scales(const uint8_t* block, int r, Q4_Kx16& out) {
     for (int j = 0; j < 8; ++j) k_scale_min(block + 4, j, &out.sc[j][r], &out.m[j][r]);
 }
 
+// Q4_K's 128 nibble bytes hold sub-blocks 2p and 2p + 1 in the low and high nibbles of the 32
+// bytes at 32p; the packed byte of operands c / c + 4 pairs weights i and 16 + i of one sub-block.
+// So 4 bytes at a time: the low (even j) or high (odd j) nibbles of the bytes at 32p + 4c and
+// 32p + 16 + 4c, side by side: the bytes put_nibbles would write from q4_k_quants, without them.
 void put_row(const uint8_t* block, int r, Q4_Kx16& out) {
-    uint8_t q[kSuperBlock];
-    q4_k_quants(block, q);
+    constexpr uint32_t kLow = 0x0f0f0f0fu;
     put_k_scales(block, r, out);
-    for (int j = 0; j < 8; ++j) put_nibbles(q + 32 * j, r, out.qs[j]);
+    const uint8_t* qs = block + 16;
+    for (int p = 0; p < 4; ++p) {
+        for (int c = 0; c < 4; ++c) {
+            uint32_t a, b;
+            std::memcpy(&a, qs + 32 * p + 4 * c, 4);
+            std::memcpy(&b, qs + 32 * p + 16 + 4 * c, 4);
+            const uint32_t even = (a & kLow) | ((b & kLow) << 4);
+            const uint32_t odd = ((a >> 4) & kLow) | (b & ~kLow);
+            std::memcpy(out.qs[2 * p] + 64 * c + 4 * r, &even, 4);
+            std::memcpy(out.qs[2 * p + 1] + 64 * c + 4 * r, &odd, 4);
+        }
+    }
 }
 
 void put_row(const uint8_t* block, int r, Q5_Kx16& out) {
@@ -110,14 +124,39 @@ void put_row(const uint8_t* block, int r, Q5_Kx16& out) {
     }
 }
 
+// Q6_K, 4 bytes at a time as Q4_K: in each half h (128 weights), sub-block 4h + k takes the low
+// (k = 0, 1) or high (k = 2, 3) nibbles of the 32 ql bytes at 64h + 32 (k % 2), and bits 2k, 2k + 1
+// of the 32 qh bytes at 128 + 32h (q6_k_quants); put_pairs's byte for operands 4v .. 4v + 3 holds
+// weight 16v + 4s + t's two bits at bits 2s (t: the byte in the word).
 void put_row(const uint8_t* block, int r, Q6_Kx16& out) {
-    uint8_t q[kSuperBlock];
-    q6_k_quants(block, q);
+    constexpr uint32_t kLow = 0x0f0f0f0fu, kTwoBits = 0x03030303u;
     out.d[r] = load_u16(block + 208);
     for (int i = 0; i < 16; ++i) out.sc[i][r] = static_cast<int8_t>(block[192 + i]);
-    for (int j = 0; j < 8; ++j) {
-        put_nibbles(q + 32 * j, r, out.ql[j]);
-        put_pairs(q + 32 * j, 4, r, out.qh[j]);
+    for (int h = 0; h < 2; ++h) {
+        for (int odd_half = 0; odd_half < 2; ++odd_half) {
+            const uint8_t* ql = block + 64 * h + 32 * odd_half;
+            for (int c = 0; c < 4; ++c) {
+                uint32_t a, b;
+                std::memcpy(&a, ql + 4 * c, 4);
+                std::memcpy(&b, ql + 16 + 4 * c, 4);
+                const uint32_t low = (a & kLow) | ((b & kLow) << 4);
+                const uint32_t high = ((a >> 4) & kLow) | (b & ~kLow);
+                std::memcpy(out.ql[4 * h + odd_half] + 64 * c + 4 * r, &low, 4);
+                std::memcpy(out.ql[4 * h + odd_half + 2] + 64 * c + 4 * r, &high, 4);
+            }
+        }
+        const uint8_t* qh = block + 128 + 32 * h;
+        for (int k = 0; k < 4; ++k) {
+            for (int v = 0; v < 2; ++v) {
+                uint32_t pairs = 0;
+                for (int s = 0; s < 4; ++s) {
+                    uint32_t w;
+                    std::memcpy(&w, qh + 16 * v + 4 * s, 4);
+                    pairs |= ((w >> (2 * k)) & kTwoBits) << (2 * s);
+                }
+                std::memcpy(out.qh[4 * h + k] + 64 * v + 4 * r, &pairs, 4);
+            }
+        }
     }
 }
 
@@ -141,13 +180,12 @@ void put_row(const uint8_t* block, int r, Q3_Kx16& out) {
     }
 }
 
+// IQ4_XS's sub-block j is 16 bytes of nibble pairs (weights i, 16 + i) as Q4_0's: moved as is.
 void put_row(const uint8_t* block, int r, IQ4_XSx16& out) {
     out.d[r] = load_u16(block);
     for (int j = 0; j < 8; ++j) {
-        uint8_t q[kQuantBlock];
-        nibble_quants(block + 8 + 16 * j, q);
         out.sc[j][r] = static_cast<int8_t>(iq4_xs_scale(block, j));
-        put_nibbles(q, r, out.qs[j]);
+        for (int c = 0; c < 4; ++c) std::memcpy(out.qs[j] + 64 * c + 4 * r, block + 8 + 16 * j + 4 * c, 4);
     }
 }
 
