@@ -58,9 +58,8 @@ static inline void store_half(__m256 acc, int rows, float* y) {
 // Decode may also run G full row groups side by side, `spacing` groups apart (their outputs
 // 16 * spacing rows apart): G streams from memory at once instead of one. The hardware
 // prefetcher keeps more lines in flight for two streams than for one (Zen 3, 2 threads: the
-// read probe gives 21 GB/s with one stream a thread and 26 with two; a Q4_0 GEMV from DRAM went
-// from 10.5 to 14.5 GB/s on 1 thread and from 18.4 to 22 on 2). Each output is still the same
-// sums in the same order, so G changes no bit.
+// read probe gives 21 GB/s with one stream a thread and 26 with two; the GEMV's gains are at
+// kDecodeStreams). Each output is still the same sums in the same order, so G changes no bit.
 template <int TT, int G, class Block, class Step>
 static inline void over_halves(const Block* blocks, int64_t n_blocks, int64_t spacing, int64_t n_steps, int rows,
                                float* y, int64_t ldy, int64_t t0, int64_t row0, const Step& step) {
