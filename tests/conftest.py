@@ -4,6 +4,7 @@ converted to GGUF by the project's own quantize tool, once per session."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -13,6 +14,13 @@ import pytest
 TESTS = Path(__file__).parent
 GOLDEN = TESTS / "golden"
 sys.path.insert(0, str(TESTS))
+
+# A test run that a non-interactive shell started in the background (`cmd &`) inherits SIGINT
+# ignored, and so would every chat and server the tests start: their Ctrl-C tests would wait for
+# a stop that cannot come. Caught here, SIGINT is back to its default in each child (exec resets
+# a caught signal, but keeps an ignored one).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from lfm_edge import native, tiny_models  # noqa: E402
 
