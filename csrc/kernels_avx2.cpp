@@ -90,26 +90,7 @@ namespace {
 
 // AVX-VNNI's table: this unit's float kernels (AVX-VNNI adds nothing to them) with the int8
 // kernels of qmatmul_avxvnni.cpp, whose dot products are vpdpbusd.
-constexpr KernelTable avxvnni_table() {
-    KernelTable table = kTable;
-    table.isa = "avxvnni";
-    table.q8_0.matmul_packed = avxvnni::matmul_q8_0_packed;
-    table.q4_0.matmul_packed = avxvnni::matmul_q4_0_packed;
-    table.q4_1.matmul_packed = avxvnni::matmul_q4_1_packed;
-    table.q5_0.matmul_packed = avxvnni::matmul_q5_0_packed;
-    table.q5_1.matmul_packed = avxvnni::matmul_q5_1_packed;
-    table.iq4_nl.matmul_packed = avxvnni::matmul_iq4_nl_packed;
-    table.q2_k.matmul_packed = avxvnni::matmul_q2_k_packed;
-    table.q3_k.matmul_packed = avxvnni::matmul_q3_k_packed;
-    table.q4_k.matmul_packed = avxvnni::matmul_q4_k_packed;
-    table.q5_k.matmul_packed = avxvnni::matmul_q5_k_packed;
-    table.q6_k.matmul_packed = avxvnni::matmul_q6_k_packed;
-    table.iq4_xs.matmul_packed = avxvnni::matmul_iq4_xs_packed;
-    table.quantize_row = avxvnni::quantize_row;
-    table.attention = avxvnni::attention;
-    return table;
-}
-constexpr KernelTable kAvxVnniTable = avxvnni_table();
+constexpr KernelTable kAvxVnniTable = LFM_EDGE_KERNEL_TABLE("avxvnni", avxvnni);
 
 }  // namespace
 

@@ -129,26 +129,31 @@ constexpr QTypeKernels kernels_of(PackedMatmulFn matmul_packed = nullptr) {
     return {dequantize_row<Format>, matmul<Format>, matmul_packed};
 }
 
-constexpr KernelTable kTable = {
-    kIsaName,
-    kernels_of<F32>(),
-    kernels_of<F16>(),
-    kernels_of<BF16>(),
-    kernels_of<Q8_0>(this_isa::matmul_q8_0_packed),
-    kernels_of<Q4_0>(this_isa::matmul_q4_0_packed),
-    kernels_of<Q4_1>(this_isa::matmul_q4_1_packed),
-    kernels_of<Q5_0>(this_isa::matmul_q5_0_packed),
-    kernels_of<Q5_1>(this_isa::matmul_q5_1_packed),
-    kernels_of<IQ4_NL>(this_isa::matmul_iq4_nl_packed),
-    kernels_of<Q2_K>(this_isa::matmul_q2_k_packed),
-    kernels_of<Q3_K>(this_isa::matmul_q3_k_packed),
-    kernels_of<Q4_K>(this_isa::matmul_q4_k_packed),
-    kernels_of<Q5_K>(this_isa::matmul_q5_k_packed),
-    kernels_of<Q6_K>(this_isa::matmul_q6_k_packed),
-    kernels_of<IQ4_XS>(this_isa::matmul_iq4_xs_packed),
-    this_isa::quantize_row,
-    this_isa::attention,
-};
+// A table of this unit's float kernels with the int8 kernels and attention of `isa` (a namespace
+// of qmatmul.h): kTable for this_isa; kernels_avx2.cpp also makes the AVX-VNNI table with it.
+#define LFM_EDGE_KERNEL_TABLE(name, isa)               \
+    KernelTable {                                      \
+        name,                                          \
+        kernels_of<F32>(),                             \
+        kernels_of<F16>(),                             \
+        kernels_of<BF16>(),                            \
+        kernels_of<Q8_0>(isa::matmul_q8_0_packed),     \
+        kernels_of<Q4_0>(isa::matmul_q4_0_packed),     \
+        kernels_of<Q4_1>(isa::matmul_q4_1_packed),     \
+        kernels_of<Q5_0>(isa::matmul_q5_0_packed),     \
+        kernels_of<Q5_1>(isa::matmul_q5_1_packed),     \
+        kernels_of<IQ4_NL>(isa::matmul_iq4_nl_packed), \
+        kernels_of<Q2_K>(isa::matmul_q2_k_packed),     \
+        kernels_of<Q3_K>(isa::matmul_q3_k_packed),     \
+        kernels_of<Q4_K>(isa::matmul_q4_k_packed),     \
+        kernels_of<Q5_K>(isa::matmul_q5_k_packed),     \
+        kernels_of<Q6_K>(isa::matmul_q6_k_packed),     \
+        kernels_of<IQ4_XS>(isa::matmul_iq4_xs_packed), \
+        isa::quantize_row,                             \
+        isa::attention,                                \
+    }
+
+constexpr KernelTable kTable = LFM_EDGE_KERNEL_TABLE(kIsaName, this_isa);
 
 }  // namespace
 }  // namespace lfm
