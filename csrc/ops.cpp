@@ -94,8 +94,8 @@ void matmul_groups(const KernelTable& table, const Matrix& w, const uint8_t* mat
 // 8-group chunks and 16 expert chunks a thread -> this: LFM2-350M 89-101 -> 109-115 tok/s;
 // LFM2-1.2B (32.3-33.6 -> 29.5-35.7) and 8B-A1B (23.2-29.3 -> 24.7-27.1) within the noise.
 int64_t grain_for(int64_t groups, int64_t n_tokens) {
-    const int64_t chunks = n_tokens > 1 ? 4 * num_threads() : 2 * num_threads();
-    return std::max<int64_t>(1, std::min<int64_t>(n_tokens > 1 ? 2 : groups, groups / chunks));
+    if (n_tokens > 1) return std::max<int64_t>(1, std::min<int64_t>(2, groups / (4 * num_threads())));
+    return std::max<int64_t>(1, groups / (2 * num_threads()));
 }
 
 // Tokens per chunk of a long prompt's matmul: the chunk's int8 activations (k bytes a token)
@@ -113,15 +113,16 @@ int64_t expert_grain(int64_t n_spans, int64_t groups) {
     return std::max<int64_t>(1, std::min<int64_t>(groups / 4, n_spans * groups / (4 * num_threads())));
 }
 
-// Tasks [begin, end) of an expert matmul (task = span * groups + row group) as runs of row groups
-// of one span: body(span, g0, g1) for each, so that a kernel sees a whole run (decode reads the
-// run's groups side by side: see qmatmul_impl.h, kDecodeStreams).
+// Tasks [begin, end) of a matmul over parts of its rows (task = part * groups + row group: a chunk
+// of a long prompt, an expert's span) as runs of row groups of one part: body(part, g0, g1) for
+// each, so that a kernel sees a whole run (decode reads the run's groups side by side: see
+// qmatmul_impl.h, kDecodeStreams). A run of tasks may cross into the next part.
 template <class Body>
-void for_span_runs(int64_t begin, int64_t end, int64_t groups, const Body& body) {
+void for_group_runs(int64_t begin, int64_t end, int64_t groups, const Body& body) {
     while (begin < end) {
-        const int64_t span = begin / groups, g0 = begin % groups;
+        const int64_t part = begin / groups, g0 = begin % groups;
         const int64_t g1 = std::min(groups, g0 + end - begin);
-        body(span, g0, g1);
+        body(part, g0, g1);
         begin += g1 - g0;
     }
 }
@@ -194,14 +195,11 @@ void linear(const Matrix& w, int64_t index, const float* x, int64_t n_tokens, fl
     const int64_t chunk = token_chunk(w.k);
     const int64_t n_chunks = (n_tokens + chunk - 1) / chunk;
     parallel_for(n_chunks * groups, grain_for(groups, n_tokens), [&](int64_t begin, int64_t end) {
-        while (begin < end) {  // a run of tasks may cross into the next chunk
-            const int64_t c = begin / groups, g0 = begin % groups;
-            const int64_t g1 = std::min(groups, g0 + end - begin);
+        for_group_runs(begin, end, groups, [&](int64_t c, int64_t g0, int64_t g1) {
             const int64_t t0 = c * chunk, count = std::min(chunk, n_tokens - t0);
             const QuantizedRows rows = w.packed() ? xq.rows(t0, count) : QuantizedRows{};
             matmul_groups(table, w, mat, x + t0 * w.k, &rows, count, g0, g1, y + t0 * w.n, w.n);
-            begin += g1 - g0;
-        }
+        });
     });
 }
 
@@ -274,7 +272,7 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
     const int64_t ffn_groups = row_groups(ffn);
     Scratch h = scratch(n_rows * ffn), u = scratch(n_rows * ffn);  // [n_rows, F]
     parallel_for(n_spans * ffn_groups, expert_grain(n_spans, ffn_groups), [&](int64_t begin, int64_t end) {
-        for_span_runs(begin, end, ffn_groups, [&](int64_t span, int64_t g0, int64_t g1) {
+        for_group_runs(begin, end, ffn_groups, [&](int64_t span, int64_t g0, int64_t g1) {
             const Span& s = spans[span];
             const QuantizedRows rows = gate.packed() ? xq.rows(s.first, s.count) : QuantizedRows{};
             const float* xf = gate.packed() ? nullptr : xs.get() + s.first * hidden;
@@ -292,7 +290,7 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
     const int64_t hidden_groups = row_groups(hidden);
     Scratch yd = scratch(n_rows * hidden);  // [n_rows, H]
     parallel_for(n_spans * hidden_groups, expert_grain(n_spans, hidden_groups), [&](int64_t begin, int64_t end) {
-        for_span_runs(begin, end, hidden_groups, [&](int64_t span, int64_t g0, int64_t g1) {
+        for_group_runs(begin, end, hidden_groups, [&](int64_t span, int64_t g0, int64_t g1) {
             const Span& s = spans[span];
             const QuantizedRows rows = down.packed() ? hq.rows(s.first, s.count) : QuantizedRows{};
             matmul_groups(table, down, down.mat(s.expert), h.get() + s.first * ffn, &rows, s.count, g0, g1,
