@@ -44,6 +44,7 @@ sys.path.insert(0, str(HERE))
 import bandwidth
 
 from lfm_edge import probes
+from lfm_edge.commands.bench import peak_rss_of
 
 
 @dataclass
@@ -78,18 +79,6 @@ def wait_for_idle(max_wait: float, threshold: float = 0.1) -> float:
         if busy < threshold or time.monotonic() > deadline:
             return busy
         print(f"  waiting for a quiet CPU ({busy:.0%} busy) ...", file=sys.stderr)
-
-
-def peak_rss_of(pid: int) -> float | None:
-    """A running process's peak resident set in MB (Linux: VmHWM), or None."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def run_measured(cmd: list[str], timeout: float) -> Proc:

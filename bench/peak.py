@@ -6,8 +6,9 @@
 The probe (csrc/probe*.cpp, through lfm_edge.probes.int8_peak) runs independent chains of the
 int8 dot product the active kernel table uses, on registers only: AVX2 vpmaddubsw + vpmaddwd +
 vpaddd (32 MACs per 256-bit triple), AVX-VNNI vpdpbusd on ymm (32 per instruction), AVX-512 VNNI
-vpdpbusd (64 per instruction). Best of the repeats. `LFM_EDGE_ISA=avx2` measures a lower table. A prompt token multiplies each weight it
-uses once (the output head only at the last token), so prefill tokens/s <= peak / MACs per token.
+vpdpbusd (64 per instruction). Best of the repeats. `LFM_EDGE_ISA=avx2` measures a lower table.
+A prompt token multiplies each weight it uses once (the output head only at the last token), so
+prefill tokens/s <= peak / MACs per token.
 """
 
 from __future__ import annotations

@@ -170,16 +170,26 @@ class Result:
     version: str = ""
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set: Linux's VmHWM, which starts afresh at exec. ru_maxrss does
-    not: a process started by vfork + exec (Python's subprocess) carries its parent's peak."""
+def peak_rss_of(pid: int | str = "self") -> float | None:
+    """A process's peak resident set in MB (this one's by default): Linux's VmHWM, which starts
+    afresh at exec; None where there is no /proc (or the process is gone). ru_maxrss does not
+    start afresh: a process started by vfork + exec (Python's subprocess) carries its parent's
+    peak. bench/compare.py reads its tools' with this too."""
     try:
-        with open("/proc/self/status") as status:
+        with open(f"/proc/{pid}/status") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set in MB."""
+    peak = peak_rss_of()
+    if peak is not None:
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB, macOS bytes
 
 
