@@ -249,13 +249,32 @@ void set_isa(const std::string& name) {
 
 // ------------------------------------------------------------------ packed weights and ops
 
+// Whether w's bytes lie inside `mapping`, which must be a read-only mmap.mmap: dropping pages
+// is only harmless for a file mapping no one writes (anonymous memory would read back as zeros).
+bool within_read_only_mapping(const py::buffer_info& w, const py::object& mapping) {
+    if (!py::isinstance(mapping, py::module_::import("mmap").attr("mmap"))) {
+        throw py::type_error("mapping must be an mmap.mmap or None");
+    }
+    const py::buffer_info m = mapping.cast<py::buffer>().request();
+    if (!m.readonly) throw py::value_error("mapping must be read-only (mmap.ACCESS_READ)");
+    const auto begin = reinterpret_cast<uintptr_t>(w.ptr), m_begin = reinterpret_cast<uintptr_t>(m.ptr);
+    const auto bytes = static_cast<uintptr_t>(w.size * w.itemsize), m_bytes = static_cast<uintptr_t>(m.size * m.itemsize);
+    if (begin < m_begin || begin - m_begin > m_bytes || bytes > m_bytes - (begin - m_begin)) {
+        throw py::value_error("the weights do not lie inside the given mapping");
+    }
+    return true;
+}
+
 // A weight matrix (or a stack of them) ready for the kernels: the quantized types repacked into an
 // aligned buffer it owns, float types as the caller's buffer, kept alive by a reference.
 class PackedMatrix {
    public:
-    PackedMatrix(const py::buffer& w, QType qtype, int64_t n, int64_t k, int64_t n_mats) {
+    // `mapping`, if not None, is the read-only mmap.mmap that w lies in: packing then drops the
+    // pages of it that it has read (they fault back in from the file if read again).
+    PackedMatrix(const py::buffer& w, QType qtype, int64_t n, int64_t k, int64_t n_mats, const py::object& mapping) {
         if (n_mats <= 0) throw py::value_error("n_mats must be positive, got " + std::to_string(n_mats));
         const py::buffer_info info = checked_weights(w, qtype, checked_mul(n, n_mats, "n * n_mats"), k);
+        const bool release_source = !mapping.is_none() && within_read_only_mapping(info, mapping);
         matrix_ = {qtype, n, k, n_mats, 0, nullptr};
         const auto* src = static_cast<const uint8_t*>(info.ptr);
         if (matrix_.packed()) {
@@ -266,7 +285,7 @@ class PackedMatrix {
             if (!storage_) throw std::bad_alloc();
             {
                 KernelSection kernel;
-                lfm::pack_matrices(qtype, src, n, k, n_mats, storage_.get());
+                lfm::pack_matrices(qtype, src, n, k, n_mats, storage_.get(), release_source);
             }
             matrix_.data = storage_.get();
         } else {
@@ -671,10 +690,12 @@ PYBIND11_MODULE(_C, m) {
                              "A weight matrix (or a stack of n_mats) in the layout the kernels "
                              "stream: the quantized types repacked into 16-row groups, float types "
                              "borrowed as stored.")
-        .def(py::init([](const py::buffer& w, int64_t qtype, int64_t n, int64_t k, int64_t n_mats) {
-                 return std::make_unique<PackedMatrix>(w, checked_qtype(qtype), n, k, n_mats);
+        .def(py::init([](const py::buffer& w, int64_t qtype, int64_t n, int64_t k, int64_t n_mats,
+                         const py::object& mapping) {
+                 return std::make_unique<PackedMatrix>(w, checked_qtype(qtype), n, k, n_mats, mapping);
              }),
-             py::arg("w"), py::arg("qtype"), py::arg("n"), py::arg("k"), py::arg("n_mats") = 1)
+             py::arg("w"), py::arg("qtype"), py::arg("n"), py::arg("k"), py::arg("n_mats") = 1,
+             py::arg("mapping") = py::none())
         .def_property_readonly("qtype", [](const PackedMatrix& p) { return static_cast<int>(p.matrix().qtype); })
         .def_property_readonly("n", [](const PackedMatrix& p) { return p.matrix().n; })
         .def_property_readonly("k", [](const PackedMatrix& p) { return p.matrix().k; })

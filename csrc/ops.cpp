@@ -163,14 +163,36 @@ void populate(uint8_t* begin, uint8_t* end) {
 #endif
 }
 
+// The whole pages of [begin, end), a read-only file mapping's, dropped from this process (they
+// stay in the page cache): the packer's source once copied, so that a load's peak memory is the
+// packed copy and not twice the file. Elsewhere, nothing.
+void release(const uint8_t* begin, const uint8_t* end) {
+#if defined(__linux__)
+    const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+    const uintptr_t first = (reinterpret_cast<uintptr_t>(begin) + page - 1) / page * page;
+    const uintptr_t last = reinterpret_cast<uintptr_t>(end) / page * page;
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+#else
+    (void)begin;
+    (void)end;
+#endif
+}
+
 }  // namespace
 
 void pack_matrices(QType qtype, const uint8_t* src, int64_t n, int64_t k, int64_t n_mats,
-                   uint8_t* out) {
+                   uint8_t* out, bool release_source) {
     const int64_t groups = row_groups(n);
-    const int64_t src_bytes = n * gguf_row_bytes(qtype, k);
+    const int64_t row_bytes = gguf_row_bytes(qtype, k);
+    const int64_t src_bytes = n * row_bytes;
     const int64_t dst_bytes = packed_bytes(qtype, n, k);
     const int64_t group_bytes = dst_bytes / groups;
+    // where task (matrix m, row group g)'s source rows begin: tasks in order read src in order,
+    // and task n_mats * groups is its end
+    auto source = [&](int64_t task) {
+        const int64_t m = task / groups, g = task % groups;
+        return src + m * src_bytes + std::min(g * kRowGroup, n) * row_bytes;
+    };
     const int64_t tasks_per_populate = std::max<int64_t>(1, kPopulateBytes / group_bytes);
     parallel_for(n_mats * groups, 0, [&](int64_t begin, int64_t end) {
         for (int64_t t0 = begin; t0 < end; t0 += tasks_per_populate) {
@@ -180,8 +202,11 @@ void pack_matrices(QType qtype, const uint8_t* src, int64_t n, int64_t k, int64_
                 const int64_t m = task / groups, g = task % groups;
                 pack_row_groups(qtype, src + m * src_bytes, n, k, g, g + 1, out + m * dst_bytes);
             }
+            if (release_source) release(source(t0), source(t1));
         }
     });
+    // the pages that straddled two threads' pieces
+    if (release_source) release(src, src + n_mats * src_bytes);
 }
 
 void linear(const Matrix& w, int64_t index, const float* x, int64_t n_tokens, float* y) {

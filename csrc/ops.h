@@ -24,9 +24,10 @@ struct Matrix {
 };
 
 // Makes the packed copy of a quantized stack of n_mats GGUF matrices; `out` must hold
-// n_mats * packed_bytes(qtype, n, k) bytes (pack.h).
+// n_mats * packed_bytes(qtype, n, k) bytes (pack.h). With release_source, src lies in a read-only
+// file mapping, whose whole pages are dropped (MADV_DONTNEED) as each thread finishes reading them.
 void pack_matrices(QType qtype, const uint8_t* src, int64_t n, int64_t k, int64_t n_mats,
-                   uint8_t* out);
+                   uint8_t* out, bool release_source = false);
 
 // y [T, n] = x [T, k] @ W_index^T.
 void linear(const Matrix& w, int64_t index, const float* x, int64_t n_tokens, float* y);

@@ -3,6 +3,7 @@
 // nothing is rounded or re-quantized.
 #include "pack.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "formats.h"
@@ -200,17 +201,32 @@ void clear(Block& blk) {
     std::memset(&blk, 0, sizeof blk);
 }
 
+// The packers that OR bits into their block (put_bit_masks, put_pairs) need it zeroed first; the
+// others write every byte of a row's share.
+template <class Block>
+constexpr bool kOrsIntoBlock = false;
+template <>
+constexpr bool kOrsIntoBlock<Q5_0x16> = true;
+template <>
+constexpr bool kOrsIntoBlock<Q5_1x16> = true;
+template <>
+constexpr bool kOrsIntoBlock<Q5_Kx16> = true;
+template <>
+constexpr bool kOrsIntoBlock<Q2_Kx16> = true;
+template <>
+constexpr bool kOrsIntoBlock<Q3_Kx16> = true;
+
 // Row group g of the n x k GGUF matrix src into out[k / block_values].
 template <class Block>
 void pack_group(QType qtype, const uint8_t* src, int64_t n, int64_t k, int64_t g, Block* out) {
     const QTypeInfo& info = qtype_info(qtype);
     const int64_t nb = k / info.block_values;
+    const int rows = static_cast<int>(std::min<int64_t>(kRowGroup, n - g * kRowGroup));
     for (int64_t b = 0; b < nb; ++b) {
-        clear(out[b]);
-        for (int r = 0; r < kRowGroup; ++r) {
-            const int64_t row = g * kRowGroup + r;
-            if (row >= n) break;
-            put_row(src + (row * nb + b) * info.block_bytes, r, out[b]);
+        // padding rows (a last, partial group) stay zero
+        if (rows < kRowGroup || kOrsIntoBlock<Block>) clear(out[b]);
+        for (int r = 0; r < rows; ++r) {
+            put_row(src + ((g * kRowGroup + r) * nb + b) * info.block_bytes, r, out[b]);
         }
     }
 }

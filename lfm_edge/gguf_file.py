@@ -31,7 +31,6 @@ tensors whose bytes overlap are refused; nested arrays are refused.
 from __future__ import annotations
 
 import codecs
-import ctypes
 import math
 import mmap
 import operator
@@ -142,25 +141,15 @@ class Tensor:
     def nbytes(self) -> int:
         return self.n_rows * row_bytes(self.qtype, self.n_cols)
 
-    def drop_pages(self) -> None:
-        """Let the OS drop this tensor's pages of the mapped file from memory.
-
-        For tensors the kernels have copied into a layout of their own: without
-        this, the file's pages stay resident next to the copy and peak memory
-        is twice the file. The mapping stays valid; a later read faults the
-        pages back in from the file.
-        """
+    @property
+    def mapping(self) -> mmap.mmap | None:
+        """The read-only file mapping this tensor's bytes lie in (None for bytes held elsewhere):
+        `packed.Linear` lets the packer drop the pages it has copied from (the mapping stays
+        valid; a later read faults them back in from the file)."""
         owner = self.data.base  # the array over the whole mapping, then the buffer it was made from
         while isinstance(owner, np.ndarray | memoryview):
             owner = owner.obj if isinstance(owner, memoryview) else owner.base
-        if not hasattr(mmap, "MADV_DONTNEED") or not isinstance(owner, mmap.mmap):
-            return
-        page = mmap.PAGESIZE
-        start = self.data.ctypes.data
-        first = -(-start // page) * page  # only whole pages inside this tensor
-        last = (start + self.data.nbytes) // page * page
-        if last > first:
-            _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+        return owner if isinstance(owner, mmap.mmap) else None
 
 
 class StringArray(Sequence[str]):
@@ -637,10 +626,6 @@ def _one_line(text: str, limit: int = 600) -> str:
     if not text.isprintable():
         text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
     return text if len(text) <= limit else f"{text[: limit // 2]} ... {text[-limit // 2 :]}"
-
-
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
 
 
 def _map_file(path: Path) -> Any:

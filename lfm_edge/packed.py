@@ -4,8 +4,8 @@ GGUF stores quantized matrices (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, the K-quan
 Q2_K .. Q6_K, IQ4_XS) row after row; the int8-activation kernels want 16 rows
 interleaved per 32-column block or per 256-column super-block (csrc/packed.h,
 where the repacking is shown to be lossless), so `Linear` repacks them into memory
-of its own at load. Float matrices (F32, F16, BF16)
-are used as stored, straight from the mapped file, through the exact
+of its own at load, letting go of the file's pages as it reads them. Float matrices
+(F32, F16, BF16) are used as stored, straight from the mapped file, through the exact
 float32-activation kernels. The stored tensor is kept too: the numpy
 reference path (`lfm_edge.reference`) and embedding lookups read it.
 """
@@ -26,9 +26,8 @@ class Linear:
         self.tensor = tensor
         self.name, self.qtype, self.shape = tensor.name, tensor.qtype, tensor.shape
         self.n_mats = stack[0] if stack else 1
-        self.native = native.PackedMatrix(tensor.data, int(tensor.qtype), n, k, self.n_mats)
-        if self.native.int8_activations:  # the kernels read the copy, not the file
-            tensor.drop_pages()
+        # the kernels read the copy, not the file: the packer drops the file's pages it has read
+        self.native = native.PackedMatrix(tensor.data, int(tensor.qtype), n, k, self.n_mats, tensor.mapping)
 
     @property
     def nbytes(self) -> int:

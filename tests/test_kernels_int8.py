@@ -4,6 +4,8 @@ and build can run, and on 1 and 2 threads."""
 
 from __future__ import annotations
 
+import mmap
+import sys
 from functools import cache
 
 import gguf.quants as gguf_quants
@@ -183,6 +185,47 @@ def test_packed_matrix_checks_its_buffer():
         native.PackedMatrix(raw, Q.Q4_0, 3, 64, 0)
     with pytest.raises(ValueError, match="x has 32 columns but k = 64"):
         native.linear(activations(1, 32), native.PackedMatrix(raw, Q.Q4_0, 3, 64))
+
+
+def rss_file_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page dropping is Linux's madvise")
+def test_packing_from_a_file_mapping_lets_its_pages_go(tmp_path, threads):
+    n, k = 2048, 2048  # 2.4 MB of Q4_0
+    raw = weights(Q.Q4_0, n, k)[0]
+    path = tmp_path / "w.bin"
+    path.write_bytes(raw.tobytes())
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    w = np.frombuffer(mapping, np.uint8).reshape(raw.shape)
+    assert int(w[:, ::64].sum(dtype=np.int64)) >= 0  # every page of the mapping present
+    before = rss_file_kb()
+    pm = native.PackedMatrix(w, Q.Q4_0, n, k, 1, mapping)
+    dropped = before - rss_file_kb()
+    assert dropped >= 0.95 * raw.nbytes / 1024, f"only {dropped} of {raw.nbytes // 1024} KB let go"
+    np.testing.assert_array_equal(pm.gguf_bytes(), raw)
+    np.testing.assert_array_equal(w, raw)  # the mapping reads from the file again
+    del w
+
+
+def test_packing_drops_pages_only_of_a_read_only_mapping_holding_the_weights(tmp_path):
+    raw = weights(Q.Q4_0, 3, 64)[0]
+    path = tmp_path / "w.bin"
+    path.write_bytes(raw.tobytes())
+    with open(path, "rb") as f:
+        read_only = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    writable = mmap.mmap(-1, raw.nbytes)
+    writable[:] = raw.tobytes()
+    with pytest.raises(TypeError, match="mapping must be an mmap.mmap or None"):
+        native.PackedMatrix(raw, Q.Q4_0, 3, 64, 1, raw.tobytes())
+    with pytest.raises(ValueError, match="mapping must be read-only"):
+        native.PackedMatrix(np.frombuffer(writable, np.uint8), Q.Q4_0, 3, 64, 1, writable)
+    with pytest.raises(ValueError, match="the weights do not lie inside the given mapping"):
+        native.PackedMatrix(raw, Q.Q4_0, 3, 64, 1, read_only)
+    np.testing.assert_array_equal(np.frombuffer(writable, np.uint8), raw.reshape(-1))  # untouched
 
 
 # ---------------------------------------------------------------- MoE
