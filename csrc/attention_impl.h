@@ -68,6 +68,7 @@ static inline Vec vset1(float x) { return _mm512_set1_ps(x); }
 static inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a); }
 static inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+static inline Vec vsub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
 static inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 static inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c
 static inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
@@ -81,6 +82,7 @@ static inline Vec vset1(float x) { return _mm256_set1_ps(x); }
 static inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
 static inline void vstore(float* p, Vec a) { _mm256_storeu_ps(p, a); }
 static inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+static inline Vec vsub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
 static inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 static inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
@@ -104,11 +106,54 @@ static inline Vec vset1(float x) { return x; }
 static inline Vec vload(const float* p) { return *p; }
 static inline void vstore(float* p, Vec a) { *p = a; }
 static inline Vec vadd(Vec a, Vec b) { return a + b; }
+static inline Vec vsub(Vec a, Vec b) { return a - b; }
 static inline Vec vmul(Vec a, Vec b) { return a * b; }
 static inline Vec vfma(Vec a, Vec b, Vec c) { return a * b + c; }
 static inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }
 static inline float vsum(Vec a) { return a; }
 static inline float vmax_all(Vec a) { return a; }
+#endif
+
+// exp_nonpositive on every lane, the same steps on vectors (the compiler leaves the scalar
+// function's loops scalar: its clamps and its float-to-int conversion).
+#if defined(__AVX512F__)
+static inline Vec vexp_nonpositive(Vec x) {
+    x = _mm512_max_ps(vset1(-87.0f), x);  // a NaN lane stays NaN (maxps returns its second operand)
+    const Vec magic = vset1(12582912.0f);
+    const Vec n = _mm512_sub_ps(_mm512_fmadd_ps(x, vset1(1.44269504088896341f), magic), magic);
+    Vec r = _mm512_fnmadd_ps(n, vset1(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
+    Vec p = vset1(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, vset1(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, vset1(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, vset1(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, vset1(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, vset1(5.0000001201e-1f));
+    const Vec e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), vset1(1.0f));
+    const Vec nc = _mm512_min_ps(_mm512_max_ps(n, vset1(-126.0f)), vset1(127.0f));  // NaN -> -126
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(nc), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(e, _mm512_castsi512_ps(bits));
+}
+#elif defined(__AVX2__)
+static inline Vec vexp_nonpositive(Vec x) {
+    x = _mm256_max_ps(vset1(-87.0f), x);  // a NaN lane stays NaN (maxps returns its second operand)
+    const Vec magic = vset1(12582912.0f);
+    const Vec n = _mm256_sub_ps(_mm256_fmadd_ps(x, vset1(1.44269504088896341f), magic), magic);
+    Vec r = _mm256_fnmadd_ps(n, vset1(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
+    Vec p = vset1(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, vset1(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, vset1(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, vset1(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, vset1(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, vset1(5.0000001201e-1f));
+    const Vec e = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), vset1(1.0f));
+    const Vec nc = _mm256_min_ps(_mm256_max_ps(n, vset1(-126.0f)), vset1(127.0f));  // NaN -> -126
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(nc), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(e, _mm256_castsi256_ps(bits));
+}
+#else
+static inline Vec vexp_nonpositive(Vec x) { return exp_nonpositive(x); }
 #endif
 
 // One cache element or kWidth of them as float32: the KV cache holds float32 or IEEE half.
@@ -197,7 +242,9 @@ static inline void attend_tile(const float* q, int64_t group, int64_t d, float s
         for (int64_t j = n_vec; j < n; ++j) tile_max = pg[j] > tile_max ? pg[j] : tile_max;
         const float correction = exp_nonpositive(m[g] - tile_max);
         m[g] = tile_max;
-        for (int64_t j = 0; j < n; ++j) pg[j] = exp_nonpositive(pg[j] - tile_max);  // vectorizes
+        const Vec vtile_max = vset1(tile_max);
+        for (int64_t j = 0; j < n_vec; j += kWidth) vstore(pg + j, vexp_nonpositive(vsub(vload(pg + j), vtile_max)));
+        for (int64_t j = n_vec; j < n; ++j) pg[j] = exp_nonpositive(pg[j] - tile_max);
         Vec vs = vzero();
         for (int64_t j = 0; j < n_vec; j += kWidth) vs = vadd(vs, vload(pg + j));
         float tile_sum = vsum(vs);
@@ -407,14 +454,14 @@ static void attention_pass(const AttentionArgs& a, int64_t kvh, int64_t t0, int6
             for (int64_t j = 0; j < np; ++j) mx = vmax(mx, vload(b.s + j * mp + i));
             vstore(b.correction + i, mx);  // the new maxima, for now
         }
-        for (int64_t i = 0; i < mp; ++i) {
-            const float tile_max = b.correction[i];
-            b.correction[i] = exp_nonpositive(b.m[i] - tile_max);
-            b.m[i] = tile_max;
+        for (int64_t i = 0; i < mp; i += kWidth) {
+            const Vec tile_max = vload(b.correction + i);
+            vstore(b.correction + i, vexp_nonpositive(vsub(vload(b.m + i), tile_max)));
+            vstore(b.m + i, tile_max);
         }
         for (int64_t j = 0; j < np; ++j) {
             float* p = b.s + j * mp;
-            for (int64_t i = 0; i < mp; ++i) p[i] = exp_nonpositive(p[i] - b.m[i]);  // vectorizes
+            for (int64_t i = 0; i < mp; i += kWidth) vstore(p + i, vexp_nonpositive(vsub(vload(p + i), vload(b.m + i))));
         }
         if (!whole) {
             for (int64_t j = 0; j < np; ++j) {
