@@ -63,7 +63,7 @@ static inline void store_half(__m256 acc, int rows, float* y) {
 template <int TT, int G, class Block, class Step>
 static inline void over_halves(const Block* blocks, int64_t n_blocks, int64_t spacing, int64_t n_steps, int rows,
                                float* y, int64_t ldy, int64_t t0, int64_t row0, const Step& step) {
-    static_assert(G == 1 || TT == 1, "row groups side by side are for decode");
+    static_assert(G == 1 || TT <= 2, "row groups side by side are for decode: one or two tokens");
     constexpr int kPerPass = TT == 1 ? 2 : 1;
     for (int first = 0; first < 2 && 8 * first < rows; first += kPerPass) {
         __m256 acc[G][kPerPass][TT];

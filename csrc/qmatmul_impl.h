@@ -62,27 +62,44 @@ void tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t n_blo
     }
 }
 
+// Row groups read side by side by a tile of TT tokens: the unit's kDecodeStreams<Block> for one
+// token; for two (two sequences decoding together, or an expert two of them chose), half as many,
+// as each stream then holds twice the accumulators; none for more.
+template <class Block, int TT>
+constexpr int kStreamsFor = TT == 1 ? kDecodeStreams<Block> : TT == 2 ? kDecodeStreams<Block> / 2 : 1;
+
+// The first of [group_begin, group_end) that a TT-token tile reading kStreamsFor<Block, TT> row
+// groups side by side leaves: the range's full row groups cut into that many equal runs, the
+// next group of each run read at once; group_begin itself where there is one stream.
+template <class Block, int TT>
+int64_t side_by_side(const QuantizedRows& x, const Block* blocks, int64_t n_blocks, int64_t n_rows,
+                     int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
+    constexpr int kStreams = kStreamsFor<Block, TT>;
+    if constexpr (kStreams > 1) {
+        const int64_t full_end = group_end < n_rows / kRowGroup ? group_end : n_rows / kRowGroup;
+        const int64_t spacing = (full_end - group_begin) / kStreams;
+        for (int64_t g = group_begin; g < group_begin + spacing; ++g) {
+            tile<TT>(x, 0, blocks + g * n_blocks, n_blocks, kRowGroup, y, ldy, g * kRowGroup,
+                     RowGroupStreams<kStreams>{spacing});
+        }
+        if (spacing > 0) group_begin += kStreams * spacing;
+    }
+    return group_begin;
+}
+
 // Row groups [group_begin, group_end) of a packed matrix, kTokenTile tokens at a time, then
-// the tokens left over as one smaller tile. In decode, where the unit's kDecodeStreams<Block> is
-// above 1, the range is cut into that many equal runs of full row groups, read side by side (the
-// next group of each run at once); the groups left over are read one by one.
+// the tokens left over as one smaller tile. One or two tokens (decode) first read runs of full row
+// groups side by side (side_by_side); the groups left over are read one by one.
 template <class Block>
 void matmul_row_groups(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
                        int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
     const int64_t n_blocks = x.k / (kBlock32<Block> ? kQuantBlock : kSuperBlock);  // per row group
     const auto* blocks = reinterpret_cast<const Block*>(w);  // [groups][n_blocks]
-    constexpr int kStreams = kDecodeStreams<Block>;
-    static_assert(kStreams >= 1, "a decode tile reads at least one row group");
-    if constexpr (kStreams > 1) {
-        if (x.n_tokens == 1) {
-            const int64_t full_end = group_end < n_rows / kRowGroup ? group_end : n_rows / kRowGroup;
-            const int64_t spacing = (full_end - group_begin) / kStreams;
-            for (int64_t g = group_begin; g < group_begin + spacing; ++g) {
-                tile<1>(x, 0, blocks + g * n_blocks, n_blocks, kRowGroup, y, ldy, g * kRowGroup,
-                        RowGroupStreams<kStreams>{spacing});
-            }
-            if (spacing > 0) group_begin += kStreams * spacing;
-        }
+    static_assert(kDecodeStreams<Block> >= 1, "a decode tile reads at least one row group");
+    if (x.n_tokens == 1) {
+        group_begin = side_by_side<Block, 1>(x, blocks, n_blocks, n_rows, group_begin, group_end, y, ldy);
+    } else if (x.n_tokens == 2) {
+        group_begin = side_by_side<Block, 2>(x, blocks, n_blocks, n_rows, group_begin, group_end, y, ldy);
     }
     for (int64_t g = group_begin; g < group_end; ++g) {
         const int64_t row0 = g * kRowGroup;

@@ -150,10 +150,12 @@ def test_int8_linear_is_the_same_on_every_isa_and_thread_count(qtype):
     assert not np.array_equal(first, native.matmul(x, weights(qtype, n, k)[0], qtype, n, k))  # really int8
     for key, y in results.items():
         np.testing.assert_array_equal(y.view(np.uint32), first.view(np.uint32), err_msg=str(key))
-    # decode (one token at a time) gives the bits of prefill
+    # decode (one token at a time, or two) gives the bits of prefill
     for row in range(t):
         single = native.linear(x[row : row + 1], packed(qtype, n, k))
         np.testing.assert_array_equal(single[0], first[row])
+    for row in range(t - 1):
+        np.testing.assert_array_equal(native.linear(x[row : row + 2], packed(qtype, n, k)), first[row : row + 2])
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16], ids=lambda q: q.name)

@@ -199,6 +199,8 @@ def test_int8_linear_is_the_same_on_every_isa_and_thread_count(qtype):
         np.testing.assert_array_equal(y.view(np.uint32), first.view(np.uint32), err_msg=str(key))
     for row in range(t):  # decode (one token) gives the bits of prefill
         np.testing.assert_array_equal(native.linear(x[row : row + 1], packed(qtype, n, k))[0], first[row])
+    for row in range(t - 1):  # and so do two tokens (two sequences decoding together)
+        np.testing.assert_array_equal(native.linear(x[row : row + 2], packed(qtype, n, k)), first[row : row + 2])
 
 
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda q: q.name)
