@@ -71,7 +71,13 @@ static inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 static inline Vec vsub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
 static inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 static inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c
+static inline Vec vfnma(Vec a, Vec b, Vec c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
 static inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+static inline Vec vmin(Vec a, Vec b) { return _mm512_min_ps(a, b); }
+static inline Vec vtimes_pow2(Vec a, Vec n) {  // a * 2^n, n integral in [-126, 127]
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(a, _mm512_castsi512_ps(bits));
+}
 static inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
 static inline float vmax_all(Vec a) { return _mm512_reduce_max_ps(a); }
 #elif defined(__AVX2__)
@@ -85,7 +91,13 @@ static inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 static inline Vec vsub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
 static inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 static inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline Vec vfnma(Vec a, Vec b, Vec c) { return _mm256_fnmadd_ps(a, b, c); }
 static inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+static inline Vec vmin(Vec a, Vec b) { return _mm256_min_ps(a, b); }
+static inline Vec vtimes_pow2(Vec a, Vec n) {
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(a, _mm256_castsi256_ps(bits));
+}
 static inline float vsum(Vec a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -115,42 +127,23 @@ static inline float vmax_all(Vec a) { return a; }
 #endif
 
 // exp_nonpositive on every lane, the same steps on vectors (the compiler leaves the scalar
-// function's loops scalar: its clamps and its float-to-int conversion).
-#if defined(__AVX512F__)
+// function's loops scalar: its clamps and its float-to-int conversion). vmax(a, b) returns b
+// where either is NaN, as the scalar function's comparisons do.
+#if defined(__AVX512F__) || defined(__AVX2__)
 static inline Vec vexp_nonpositive(Vec x) {
-    x = _mm512_max_ps(vset1(-87.0f), x);  // a NaN lane stays NaN (maxps returns its second operand)
+    x = vmax(vset1(-87.0f), x);  // a NaN lane stays NaN
     const Vec magic = vset1(12582912.0f);
-    const Vec n = _mm512_sub_ps(_mm512_fmadd_ps(x, vset1(1.44269504088896341f), magic), magic);
-    Vec r = _mm512_fnmadd_ps(n, vset1(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
+    const Vec n = vsub(vfma(x, vset1(1.44269504088896341f), magic), magic);
+    Vec r = vfnma(n, vset1(0.693359375f), x);
+    r = vfnma(n, vset1(-2.12194440e-4f), r);
     Vec p = vset1(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, vset1(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, vset1(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, vset1(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, vset1(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, vset1(5.0000001201e-1f));
-    const Vec e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), vset1(1.0f));
-    const Vec nc = _mm512_min_ps(_mm512_max_ps(n, vset1(-126.0f)), vset1(127.0f));  // NaN -> -126
-    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(nc), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(e, _mm512_castsi512_ps(bits));
-}
-#elif defined(__AVX2__)
-static inline Vec vexp_nonpositive(Vec x) {
-    x = _mm256_max_ps(vset1(-87.0f), x);  // a NaN lane stays NaN (maxps returns its second operand)
-    const Vec magic = vset1(12582912.0f);
-    const Vec n = _mm256_sub_ps(_mm256_fmadd_ps(x, vset1(1.44269504088896341f), magic), magic);
-    Vec r = _mm256_fnmadd_ps(n, vset1(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
-    Vec p = vset1(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, vset1(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, vset1(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, vset1(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, vset1(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, vset1(5.0000001201e-1f));
-    const Vec e = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), vset1(1.0f));
-    const Vec nc = _mm256_min_ps(_mm256_max_ps(n, vset1(-126.0f)), vset1(127.0f));  // NaN -> -126
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(nc), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(e, _mm256_castsi256_ps(bits));
+    p = vfma(p, r, vset1(1.3981999507e-3f));
+    p = vfma(p, r, vset1(8.3334519073e-3f));
+    p = vfma(p, r, vset1(4.1665795894e-2f));
+    p = vfma(p, r, vset1(1.6666665459e-1f));
+    p = vfma(p, r, vset1(5.0000001201e-1f));
+    const Vec e = vadd(vfma(vmul(p, r), r, r), vset1(1.0f));
+    return vtimes_pow2(e, vmin(vmax(n, vset1(-126.0f)), vset1(127.0f)));  // NaN -> -126
 }
 #else
 static inline Vec vexp_nonpositive(Vec x) { return exp_nonpositive(x); }

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
+from kernel_checks import assert_linear_bits_agree
 from lfm_edge import native
 
-ISAS = native.available_isas()
 K_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
 BLOCK_BYTES = {Q.Q4_K: 144, Q.Q5_K: 176, Q.Q6_K: 210}
 PACKED_ROW_BYTES = {Q.Q4_K: 148, Q.Q5_K: 180, Q.Q6_K: 210}  # per row and super-block
@@ -182,25 +182,7 @@ def test_int8_linear_matches_numpy_model(isa, qtype, t, n, k):
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda q: q.name)
 def test_int8_linear_is_the_same_on_every_isa_and_thread_count(qtype):
     n, k, t = 1023, 2048, 5
-    x = activations(t, k)
-    results = {}
-    before = native.threads()
-    try:
-        for isa in ISAS:
-            for n_threads in (1, 2):
-                native.set_threads(n_threads)
-                with native.use_isa(isa):
-                    results[isa, n_threads] = native.linear(x, packed(qtype, n, k))
-    finally:
-        native.set_threads(before)
-    first = results["scalar", 1]
-    assert not np.array_equal(first, native.matmul(x, weights(qtype, n, k), qtype, n, k))  # really int8
-    for key, y in results.items():
-        np.testing.assert_array_equal(y.view(np.uint32), first.view(np.uint32), err_msg=str(key))
-    for row in range(t):  # decode (one token) gives the bits of prefill
-        np.testing.assert_array_equal(native.linear(x[row : row + 1], packed(qtype, n, k))[0], first[row])
-    for row in range(t - 1):  # and so do two tokens (two sequences decoding together)
-        np.testing.assert_array_equal(native.linear(x[row : row + 2], packed(qtype, n, k)), first[row : row + 2])
+    assert_linear_bits_agree(activations(t, k), packed(qtype, n, k), weights(qtype, n, k), qtype, n, k)
 
 
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda q: q.name)
