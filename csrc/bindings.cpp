@@ -249,9 +249,9 @@ void set_isa(const std::string& name) {
 
 // ------------------------------------------------------------------ packed weights and ops
 
-// Whether w's bytes lie inside `mapping`, which must be a read-only mmap.mmap: dropping pages
-// is only harmless for a file mapping no one writes (anonymous memory would read back as zeros).
-bool within_read_only_mapping(const py::buffer_info& w, const py::object& mapping) {
+// Refuses a `mapping` that is not a read-only mmap.mmap holding w's bytes: dropping pages is only
+// harmless for a file mapping no one writes (anonymous memory would read back as zeros).
+void check_read_only_mapping_holds(const py::buffer_info& w, const py::object& mapping) {
     if (!py::isinstance(mapping, py::module_::import("mmap").attr("mmap"))) {
         throw py::type_error("mapping must be an mmap.mmap or None");
     }
@@ -262,7 +262,6 @@ bool within_read_only_mapping(const py::buffer_info& w, const py::object& mappin
     if (begin < m_begin || begin - m_begin > m_bytes || bytes > m_bytes - (begin - m_begin)) {
         throw py::value_error("the weights do not lie inside the given mapping");
     }
-    return true;
 }
 
 // A weight matrix (or a stack of them) ready for the kernels: the quantized types repacked into an
@@ -274,7 +273,8 @@ class PackedMatrix {
     PackedMatrix(const py::buffer& w, QType qtype, int64_t n, int64_t k, int64_t n_mats, const py::object& mapping) {
         if (n_mats <= 0) throw py::value_error("n_mats must be positive, got " + std::to_string(n_mats));
         const py::buffer_info info = checked_weights(w, qtype, checked_mul(n, n_mats, "n * n_mats"), k);
-        const bool release_source = !mapping.is_none() && within_read_only_mapping(info, mapping);
+        const bool release_source = !mapping.is_none();
+        if (release_source) check_read_only_mapping_holds(info, mapping);
         matrix_ = {qtype, n, k, n_mats, 0, nullptr};
         const auto* src = static_cast<const uint8_t*>(info.ptr);
         if (matrix_.packed()) {

@@ -144,37 +144,32 @@ Scratch scratch(int64_t n) { return Scratch(new float[static_cast<size_t>(n)]); 
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
-// Destination memory is made present a piece at a time just before it is packed: one
-// madvise(MADV_POPULATE_WRITE) call (Linux >= 5.14) instead of a page fault per 4 KiB page, and
-// the zeroed pages are still in cache when the packer writes them. Elsewhere, or where the call
-// fails, the packer's first writes fault the pages in as before.
-constexpr int64_t kPopulateBytes = 1 << 20;
+// What pack_matrices asks of the pages it touches (Linux's madvise; elsewhere nothing):
+// - kPopulate: the destination is made present a piece at a time just before it is packed, one
+//   MADV_POPULATE_WRITE call (Linux >= 5.14) instead of a page fault per 4 KiB page, and the
+//   zeroed pages are still in cache when the packer writes them. Where the call fails, the
+//   packer's first writes fault the pages in as before.
+// - kRelease: the source, a read-only file mapping, once copied is dropped from this process
+//   (MADV_DONTNEED; the pages stay in the page cache), so that a load's peak memory is the packed
+//   copy and not twice the file.
+enum class PageAdvice { kPopulate, kRelease };
+constexpr int64_t kPopulateBytes = 1 << 20;  // the destination is populated in pieces of this
 
-void populate(uint8_t* begin, uint8_t* end) {
+// The advice for the whole pages inside [begin, end).
+void advise_pages(const uint8_t* begin, const uint8_t* end, PageAdvice advice) {
 #if defined(__linux__)
     constexpr int kPopulateWrite = 23;  // MADV_POPULATE_WRITE, in case the headers predate it
     const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
     const uintptr_t first = (reinterpret_cast<uintptr_t>(begin) + page - 1) / page * page;
     const uintptr_t last = reinterpret_cast<uintptr_t>(end) / page * page;
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, kPopulateWrite);
+    if (last > first) {
+        madvise(reinterpret_cast<void*>(first), last - first,
+                advice == PageAdvice::kPopulate ? kPopulateWrite : MADV_DONTNEED);
+    }
 #else
     (void)begin;
     (void)end;
-#endif
-}
-
-// The whole pages of [begin, end), a read-only file mapping's, dropped from this process (they
-// stay in the page cache): the packer's source once copied, so that a load's peak memory is the
-// packed copy and not twice the file. Elsewhere, nothing.
-void release(const uint8_t* begin, const uint8_t* end) {
-#if defined(__linux__)
-    const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-    const uintptr_t first = (reinterpret_cast<uintptr_t>(begin) + page - 1) / page * page;
-    const uintptr_t last = reinterpret_cast<uintptr_t>(end) / page * page;
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
-#else
-    (void)begin;
-    (void)end;
+    (void)advice;
 #endif
 }
 
@@ -197,16 +192,16 @@ void pack_matrices(QType qtype, const uint8_t* src, int64_t n, int64_t k, int64_
     parallel_for(n_mats * groups, 0, [&](int64_t begin, int64_t end) {
         for (int64_t t0 = begin; t0 < end; t0 += tasks_per_populate) {
             const int64_t t1 = std::min(end, t0 + tasks_per_populate);
-            populate(out + t0 * group_bytes, out + t1 * group_bytes);
+            advise_pages(out + t0 * group_bytes, out + t1 * group_bytes, PageAdvice::kPopulate);
             for (int64_t task = t0; task < t1; ++task) {
                 const int64_t m = task / groups, g = task % groups;
                 pack_row_groups(qtype, src + m * src_bytes, n, k, g, g + 1, out + m * dst_bytes);
             }
-            if (release_source) release(source(t0), source(t1));
+            if (release_source) advise_pages(source(t0), source(t1), PageAdvice::kRelease);
         }
     });
     // the pages that straddled two threads' pieces
-    if (release_source) release(src, src + n_mats * src_bytes);
+    if (release_source) advise_pages(src, src + n_mats * src_bytes, PageAdvice::kRelease);
 }
 
 void linear(const Matrix& w, int64_t index, const float* x, int64_t n_tokens, float* y) {
