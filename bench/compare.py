@@ -367,7 +367,7 @@ def report(args, model_info, bw, peaks, rows, notes) -> str:
         ttft = f"{lfm['ttft_s']:.2f} s" if lfm.get("ttft_s") is not None else "n/a"
         rss_l = f"{r['lfm_rss']:.0f} ({r['lfm_rss'] / size_mb:.2f}x)" if r["lfm_rss"] else "n/a"
         rss_ll = f"{r['llama_rss']:.0f} ({r['llama_rss'] / size_mb:.2f}x)" if r["llama_rss"] else "n/a"
-        load = fmt(lfm.get("load_s"))
+        load = fmt(lfm.get("load_s")) + (" (weight cache)" if lfm.get("weights") == "cache" else "")
         out.append(f"| {r['threads']} | {ttft} | {ttft_ll} | {load} | {rss_l} | {rss_ll} | {size_mb:.0f} |")
     out += ["", *[f"- {n}" for n in notes]]
     return "\n".join(out)

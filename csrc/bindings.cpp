@@ -20,6 +20,7 @@
 #include "kernels.h"
 #include "ops.h"
 #include "pack.h"
+#include "packed.h"
 #include "qtypes.h"
 #include "threadpool.h"
 
@@ -264,8 +265,11 @@ void check_read_only_mapping_holds(const py::buffer_info& w, const py::object& m
     }
 }
 
+struct FromPacked {};
+
 // A weight matrix (or a stack of them) ready for the kernels: the quantized types repacked into an
-// aligned buffer it owns, float types as the caller's buffer, kept alive by a reference.
+// aligned buffer it owns (or borrowed, already packed), float types as the caller's buffer, kept
+// alive by a reference.
 class PackedMatrix {
    public:
     // `mapping`, if not None, is the read-only mmap.mmap that w lies in: packing then drops the
@@ -295,8 +299,47 @@ class PackedMatrix {
         }
     }
 
+    // Borrows n_mats matrices already in the kernels' layout: the bytes another PackedMatrix's
+    // packed_bytes() gave, saved and mapped back. Only their size and alignment can be checked
+    // here (lfm_edge/weight_cache.py checks a CRC of them first); `packed` is kept alive.
+    PackedMatrix(FromPacked, const py::buffer& packed, QType qtype, int64_t n, int64_t k, int64_t n_mats) {
+        if (!lfm::is_packed_type(qtype)) {
+            throw py::value_error(std::string(qtype_name(qtype)) + " matrices are not repacked");
+        }
+        if (n <= 0) throw py::value_error("n must be positive, got " + std::to_string(n));
+        if (n_mats <= 0) throw py::value_error("n_mats must be positive, got " + std::to_string(n_mats));
+        const py::buffer_info info = packed.request();
+        if (!is_c_contiguous(info)) throw py::value_error("packed must be a C-contiguous buffer");
+        const int64_t nbytes = static_cast<int64_t>(info.size) * info.itemsize;
+        // a packed matrix is never smaller than the file's rows (it adds padding rows and wider
+        // scales, a few percent), so this bounds n and k before packed_bytes multiplies them
+        const int64_t gguf_bytes = checked_mul(checked_mul(n, n_mats, "n * n_mats"), checked_row_bytes(qtype, k),
+                                               "the matrices' size");
+        const int64_t expected = gguf_bytes <= nbytes ? lfm::packed_bytes(qtype, n, k) * n_mats : -1;
+        if (nbytes != expected) {
+            throw py::value_error("packed holds " + std::to_string(nbytes) + " bytes, not the packed size of " +
+                                  std::to_string(n_mats) + " x [" + std::to_string(n) + ", " + std::to_string(k) +
+                                  "] " + qtype_name(qtype));
+        }
+        if (reinterpret_cast<uintptr_t>(info.ptr) % 64 != 0) throw py::value_error("packed must be 64-byte aligned");
+        matrix_ = {qtype, n, k, n_mats, expected / n_mats, static_cast<const uint8_t*>(info.ptr)};
+        owner_ = packed;
+    }
+
     const lfm::Matrix& matrix() const { return matrix_; }
     int64_t nbytes() const { return matrix_.mat_bytes * matrix_.n_mats; }
+
+    // The kernels' bytes of a repacked matrix, read-only uint8 [nbytes], for saving (a view:
+    // `self` is kept alive by it).
+    static py::array_t<uint8_t> packed_bytes(const py::object& self) {
+        const PackedMatrix& p = self.cast<const PackedMatrix&>();
+        if (!p.matrix_.packed()) {
+            throw py::value_error(std::string(qtype_name(p.matrix_.qtype)) + " matrices are not repacked");
+        }
+        py::array_t<uint8_t> view({p.nbytes()}, {int64_t{1}}, p.matrix_.data, self);
+        view.attr("flags").attr("writeable") = false;
+        return view;
+    }
 
     // The GGUF bytes the kernels' copy stands for, [n_mats * n, row_bytes]: for the tests, which
     // show the repacking lossless by comparing them with the file's.
@@ -665,6 +708,7 @@ PYBIND11_MODULE(_C, m) {
               for (const lfm::QTypeInfo& info : lfm::kQTypes) out[info.name] = static_cast<int>(info.qtype);
               return out;
           }, "The weight types these kernels read: {name: GGML id}.");
+    m.attr("PACK_FORMAT") = lfm::kPackFormat;  // the packed layouts' version (packed.h)
 
     m.def("matmul", &matmul, py::arg("x"), py::arg("w"), py::arg("qtype"), py::arg("n"),
           py::arg("k"),
@@ -696,6 +740,16 @@ PYBIND11_MODULE(_C, m) {
              }),
              py::arg("w"), py::arg("qtype"), py::arg("n"), py::arg("k"), py::arg("n_mats") = 1,
              py::arg("mapping") = py::none())
+        .def_static("from_packed",
+                    [](const py::buffer& packed, int64_t qtype, int64_t n, int64_t k, int64_t n_mats) {
+                        return std::make_unique<PackedMatrix>(FromPacked{}, packed, checked_qtype(qtype), n, k,
+                                                              n_mats);
+                    },
+                    py::arg("packed"), py::arg("qtype"), py::arg("n"), py::arg("k"), py::arg("n_mats") = 1,
+                    "Matrices already in the kernels' layout (the bytes packed_bytes() gave), borrowed: "
+                    "packed must be exactly their packed size and 64-byte aligned.")
+        .def("packed_bytes", &PackedMatrix::packed_bytes,
+             "The kernels' bytes of a repacked matrix, read-only uint8 [nbytes] (a view), for saving.")
         .def_property_readonly("qtype", [](const PackedMatrix& p) { return static_cast<int>(p.matrix().qtype); })
         .def_property_readonly("n", [](const PackedMatrix& p) { return p.matrix().n; })
         .def_property_readonly("k", [](const PackedMatrix& p) { return p.matrix().k; })

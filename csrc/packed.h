@@ -22,6 +22,11 @@ namespace lfm {
 
 constexpr int64_t kRowGroup = 16;  // rows interleaved in one packed block
 
+// The version of these layouts. Packed matrices saved to disk (lfm_edge/weight_cache.py) name
+// the version they were made in and are not read by another: change it with any layout below.
+// tests/test_weight_cache.py pins a digest of every type's packing to it.
+constexpr int kPackFormat = 1;
+
 // G full row groups that a decode tile reads side by side, `spacing` row groups apart (see
 // qmatmul_impl.h: kDecodeStreams).
 template <int G>

@@ -31,6 +31,7 @@ tensors whose bytes overlap are refused; nested arrays are refused.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import math
 import mmap
 import operator
@@ -74,6 +75,8 @@ SUPPORTED_TYPES = {
     GGMLQuantizationType.Q6_K,
     GGMLQuantizationType.IQ4_XS,
 }
+# the types stored as plain floats; the others are quantized in blocks
+FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
 SUPER_BLOCK_TYPES = {t for t in SUPPORTED_TYPES if GGML_QUANT_SIZES[t][0] == 256}
 _SUPPORTED_IDS = np.array(sorted(SUPPORTED_TYPES), np.uint32)
 # block length and bytes of each supported type id (0 for the others), for numpy lookups
@@ -479,7 +482,7 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        self._map = _map_file(self.path)
+        self._map, self.stat = _map_file(self.path)
         size = len(self._map)
         try:
             self.metadata, infos, hashes, order, data_start = _read_header(self._map, size)
@@ -598,6 +601,11 @@ class GGUFFile:
     def error(self, problem: str) -> LfmEdgeError:
         return LfmEdgeError(f"{self.path}: {_one_line(problem)}")
 
+    def header_sha256(self) -> str:
+        """SHA-256 of everything before the tensor data: the metadata and the tensor infos."""
+        with memoryview(self._map) as view:
+            return hashlib.sha256(view[:self.data_offset]).hexdigest()
+
     def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
         """The metadata value `key`, checked to be of `kind` (int, float, str, list or a tuple of them).
 
@@ -628,8 +636,8 @@ def _one_line(text: str, limit: int = 600) -> str:
     return text if len(text) <= limit else f"{text[: limit // 2]} ... {text[-limit // 2 :]}"
 
 
-def _map_file(path: Path) -> Any:
-    """The file mapped read-only, after checking it is a GGUF file at all."""
+def _map_file(path: Path) -> tuple[mmap.mmap, os.stat_result]:
+    """The file mapped read-only, after checking it is a GGUF file at all, and its status."""
     try:
         if not path.exists():
             raise LfmEdgeError(f"{path}: no such file")
@@ -638,7 +646,7 @@ def _map_file(path: Path) -> Any:
         with open(path, "rb") as f:
             if f.read(4) != GGUF_MAGIC:
                 raise LfmEdgeError(f"{path}: is not a GGUF file (it does not start with the GGUF magic bytes)")
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), os.fstat(f.fileno())
     except OSError as e:
         raise LfmEdgeError(f"{path}: cannot be read ({e.strerror or e})") from None
 

@@ -29,6 +29,7 @@ from .models import build_model
 from .reply import TEXT, Event, Markers, opens_reasoning, reply_text
 from .sampling import Sampler, SamplingParams
 from .tokenizer import GGUFTokenizer
+from .weight_cache import WeightCache, default_dir
 
 KV_CACHE_TYPES = {"f16": np.float16, "f32": np.float32}
 
@@ -46,19 +47,26 @@ class LLM:
         n_threads: int | None = None,
         n_ctx: int = 4096,
         kv_cache_type: str | None = None,
+        weight_cache: str | os.PathLike[str] | bool | None = None,
     ):
+        """weight_cache: the directory the packed weights are saved in and read from (see
+        lfm_edge.weight_cache), False for none; by default the environment's choice."""
         if kv_cache_type is not None and kv_cache_type not in KV_CACHE_TYPES:
             raise LfmEdgeError(f"kv_cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache_type!r}")
         if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
             raise LfmEdgeError(f"n_threads must be a positive integer, got {n_threads!r}")
         if not isinstance(n_ctx, int) or n_ctx < 1:
             raise LfmEdgeError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+        directory = _weight_cache_dir(weight_cache)
         self.file = GGUFFile(path)
-        # the tokenizer is built beside the weights' packing, which runs in native code with the
-        # GIL released; a model error still comes first, the tokenizer's then
+        self.n_threads = n_threads or usable_cores()
+        # the tokenizer is built beside the weights' packing (or the check of the saved packing),
+        # which run in native code with the GIL released; a model error still comes first, the
+        # tokenizer's then
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lfm-edge-tokenizer") as background:
             tokenizer = background.submit(GGUFTokenizer, self.file)
-            self.model = build_model(self.file)
+            self.weight_cache = WeightCache(self.file, directory, self.n_threads) if directory else None
+            self.model = build_model(self.file, self.weight_cache)
             self.tokenizer = tokenizer.result()
         self.args = self.model.args
         if self.tokenizer.n_vocab != self.args.n_vocab:
@@ -77,7 +85,6 @@ class LLM:
         self._vocabulary: Vocabulary | None = None  # built by the first constrained request
         self._vocabulary_lock = threading.Lock()
         self._longest_token: int | None = None  # bytes of the longest token, found when first needed
-        self.n_threads = n_threads or usable_cores()
         native.set_threads(self.n_threads)  # one pool for the process: the last load sets its size
         # a template that cannot be used is reported when a chat needs it: generate() still works
         self.chat_template: ChatTemplate | None = None
@@ -425,13 +432,30 @@ def check_max_tokens(max_tokens: Any) -> None:
 
 
 def load(
-    path: str | os.PathLike[str], n_threads: int | None = None, n_ctx: int = 4096, kv_cache_type: str | None = None
+    path: str | os.PathLike[str],
+    n_threads: int | None = None,
+    n_ctx: int = 4096,
+    kv_cache_type: str | None = None,
+    weight_cache: str | os.PathLike[str] | bool | None = None,
 ) -> LLM:
     """Open a GGUF model file for inference.
 
     kv_cache_type: "f16" or "f32" keys and values; by default f32 for a float32 model, else f16.
+    weight_cache: where the packed weights are saved for the next load (lfm_edge.weight_cache):
+    a directory, False for nowhere, None for the environment's choice (LFM_EDGE_WEIGHT_CACHE,
+    else ~/.cache/lfm-edge/packed).
     """
-    return LLM(path, n_threads=n_threads, n_ctx=n_ctx, kv_cache_type=kv_cache_type)
+    return LLM(path, n_threads=n_threads, n_ctx=n_ctx, kv_cache_type=kv_cache_type, weight_cache=weight_cache)
+
+
+def _weight_cache_dir(setting: str | os.PathLike[str] | bool | None) -> Path | None:
+    if setting is None or setting is True:
+        return default_dir()
+    if setting is False:
+        return None
+    if isinstance(setting, (str, os.PathLike)):
+        return Path(setting).expanduser()
+    raise LfmEdgeError(f"weight_cache must be a directory, False or None, got {setting!r}")
 
 
 __all__ = ["LLM", "GenerationStats", "load"]

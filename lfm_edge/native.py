@@ -49,6 +49,7 @@ __all__ = [
     "ISA_ENV_VAR",
     "KNOWN_ISAS",
     "ConvLayer",
+    "PACK_FORMAT",
     "PackedMatrix",
     "attention",
     "available_isas",
@@ -90,7 +91,10 @@ qtypes = _C.qtypes
 # A matrix (or a stack of n_mats, e.g. experts) ready for `linear` / `moe`:
 # PackedMatrix(w, qtype, n, k, n_mats=1). The quantized types are repacked once, losslessly,
 # into 16-row groups (csrc/packed.h); float types are borrowed as stored.
+# PackedMatrix.from_packed(bytes, ...) borrows matrices already packed (packed_bytes() saved).
 PackedMatrix = _C.PackedMatrix
+# the version of the packed layouts: saved packed matrices of another version are not read
+PACK_FORMAT = _C.PACK_FORMAT
 # y = x @ W[index].T -> float32 [T, n]; int8 activations for the quantized types, exact float32
 # for the float types
 linear = _C.linear

@@ -3,9 +3,12 @@ converted to GGUF by the project's own quantize tool, once per session."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,13 @@ sys.path.insert(0, str(TESTS))
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-from lfm_edge import native, tiny_models  # noqa: E402
+from lfm_edge import native, tiny_models, weight_cache  # noqa: E402
+
+# Every load in the run, the tests' own and their subprocesses', saves its packed weights to a
+# directory of the run's (so later loads of a model read them back), never to the user's cache.
+_WEIGHT_CACHE = tempfile.mkdtemp(prefix="lfm-edge-test-weight-cache-")
+os.environ[weight_cache.ENV_VAR] = _WEIGHT_CACHE
+atexit.register(shutil.rmtree, _WEIGHT_CACHE, ignore_errors=True)
 
 from lfm_edge.quantize.convert import convert  # noqa: E402
 

@@ -46,7 +46,7 @@ import numpy as np
 
 from ..errors import LfmEdgeError
 from ..hub import resolve_model
-from .common import add_gpu_flags, thread_count
+from .common import add_gpu_flags, add_weight_cache_flag, thread_count
 
 OUTPUTS = ("md", "csv", "json", "jsonl")
 
@@ -74,6 +74,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="md", help=f"llama-bench's output format: {', '.join(OUTPUTS)} (default md)")
     p.add_argument("--json", action="store_true",
                    help="one lfm-edge record per configuration (median, min, max, TTFT, load, RSS) instead")
+    add_weight_cache_flag(p)
     add_gpu_flags(p)
 
 
@@ -146,6 +147,7 @@ class Result:
     ctx_depth: int
     repetitions: int
     load_s: float
+    weights: str = ""  # where load_s's weights came from: "packed", "cache" (the packing saved before)
     pp_tps: float | None = None  # median over the runs
     pp_tps_min: float | None = None
     pp_tps_max: float | None = None
@@ -210,12 +212,19 @@ def describe(llm) -> tuple[str, int, int]:
 class Bench:
     """A loaded model and the tests run on it; each test is handed to `report` as it finishes."""
 
-    def __init__(self, path: Path, n_ctx: int, seed: int, kv_cache_type: str | None):
+    def __init__(self, path: Path, n_ctx: int, seed: int, kv_cache_type: str | None, weight_cache: bool | None = None):
         import lfm_edge
 
         start = time.perf_counter()
-        self.llm = lfm_edge.load(path, n_ctx=n_ctx, kv_cache_type=kv_cache_type)
+        self.llm = lfm_edge.load(path, n_ctx=n_ctx, kv_cache_type=kv_cache_type, weight_cache=weight_cache)
         self.load_s = time.perf_counter() - start
+        cache = self.llm.weight_cache
+        self.weights = "cache" if cache is not None and cache.status == "read" else "packed"
+        self.saved = ""  # how the packing's save went, said in the footer
+        if cache is not None and cache.status == "saving":
+            cache.wait()  # the tests measure a quiet machine
+            self.saved = (f"saved to the weight cache in {cache.save_s:.2f} s" if cache.status == "written"
+                          else f"not saved ({cache.reason})")
         self.path, self.n_ctx = path, n_ctx
         self.model_type, self.model_size, self.n_params = describe(self.llm)
         special = self.llm.tokenizer.special_ids
@@ -464,11 +473,17 @@ class Printer:
             self.write("]")
 
 
+def describe_load(bench: Bench) -> str:
+    if bench.weights == "cache":
+        return "packed weights read from the weight cache"
+    return "weights packed" + (f", {bench.saved}" if bench.saved else "")
+
+
 def footer(bench: Bench, tests: list[Test], repetitions: int) -> str:
     import lfm_edge
 
     lines = [", ".join([f"lfm-edge {lfm_edge.__version__}", f"kernels {isa()}", f"{bench.llm.kv_cache_type} KV cache",
-                        f"load {bench.load_s:.2f} s", f"peak RSS {peak_rss_mb():.0f} MB", f"{repetitions} runs each"])]
+                        f"load {bench.load_s:.2f} s ({describe_load(bench)})", f"peak RSS {peak_rss_mb():.0f} MB", f"{repetitions} runs each"])]
     for th in dict.fromkeys(t.n_threads for t in tests):
         mine = [t for t in tests if t.n_threads == th]
         ttft = [f"pp{t.n_prompt} {t.ttft_s:.3f} s" for t in mine if t.ttft_s is not None]
@@ -512,7 +527,7 @@ def records(bench: Bench, tests: list[Test], threads: list[int], prompts: list[i
                                and t.n_parallel == n_seq), None)
                     r = Result(model=str(bench.path), model_bytes=bench.path.stat().st_size, arch=bench.llm.args.arch,
                                isa=isa(), threads=th, n_prompt=p, n_gen=n, ctx_depth=d, repetitions=repetitions,
-                               load_s=bench.load_s, rss_mb=peak_rss_mb(), kernel_threads=native.threads(),
+                               load_s=bench.load_s, weights=bench.weights, rss_mb=peak_rss_mb(), kernel_threads=native.threads(),
                                kv_cache_type=bench.llm.kv_cache_type, version=lfm_edge.__version__)
                     if pp is not None:
                         r.pp_runs, r.ttft_s = pp.samples_ts, pp.ttft_s
@@ -562,7 +577,7 @@ def main(args: argparse.Namespace) -> int:
         if max(prompts) == 0:
             raise LfmEdgeError("--ttft-during-decode measures a prompt: give it -p N")
         n_ctx = max(n_ctx, max(prompts) + 16 + 1024)  # room for the decoding sequence's tokens meanwhile
-    bench = Bench(path, n_ctx, seed, args.kv_cache_type)
+    bench = Bench(path, n_ctx, seed, args.kv_cache_type, args.weight_cache)
     printer = None if args.json else Printer(args.output)
     tests: list[Test] = []
     used_threads = []

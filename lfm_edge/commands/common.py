@@ -41,7 +41,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="context length in tokens: prompt, history and reply together (default 4096)")
     p.add_argument("-ctk", "--kv-cache-type", choices=("f16", "f32"), default=None,
                    help="keys and values in the cache (default: f32 for a float32 model, else f16)")
+    add_weight_cache_flag(p)
     add_gpu_flags(p)
+
+
+def add_weight_cache_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-weight-cache", dest="weight_cache", action="store_false", default=None,
+                   help="neither read nor save the packed weights that make later loads fast (see "
+                        "LFM_EDGE_WEIGHT_CACHE; default ~/.cache/lfm-edge/packed)")
 
 
 def add_gpu_flags(p: argparse.ArgumentParser) -> None:
@@ -95,10 +102,22 @@ def thread_count(text: str) -> int:
 
 
 def load_model(args: argparse.Namespace) -> LLM:
-    llm = LLM(resolve_model(args.model), n_threads=args.threads, n_ctx=args.n_ctx, kv_cache_type=args.kv_cache_type)
+    llm = LLM(resolve_model(args.model), n_threads=args.threads, n_ctx=args.n_ctx, kv_cache_type=args.kv_cache_type,
+              weight_cache=args.weight_cache)
     if llm.file.metadata.get("lfm_edge.demo"):
         print("note: this is an lfm-edge demo model with random weights; its output is gibberish.", file=sys.stderr)
+    note_weight_cache(llm)
     return llm
+
+
+def note_weight_cache(llm: LLM) -> None:
+    """Says once, when the packed weights are first saved, where the disk space went."""
+    cache = llm.weight_cache
+    if cache is not None and cache.status == "saving":
+        print(f"note: saving the packed weights ({cache.nbytes / 1e9:.2f} GB) to {cache.path}, once, so that "
+              "later loads of this model skip packing (--no-weight-cache: do not)", file=sys.stderr)
+    elif cache is not None and cache.status == "failed":
+        print(f"note: the packed weights cannot be saved for faster loads: {cache.reason}", file=sys.stderr)
 
 
 def card_defaults(llm: LLM) -> dict[str, Any]:

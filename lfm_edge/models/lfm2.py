@@ -14,6 +14,7 @@ from .. import ops
 from ..cache import Batch, Cache, KVCache
 from ..gguf_file import GGUFFile, Tensor
 from ..packed import Linear
+from ..weight_cache import WeightCache
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,11 @@ class ModelArgs:
 class Weights:
     """Looks up a model's tensors, checking each against the shape it must have."""
 
-    def __init__(self, f: GGUFFile):
+    def __init__(self, f: GGUFFile, cache: WeightCache | None = None):
         self.file = f
         self.used: set[str] = set()  # the names asked for: a file must hold no others
+        self.cache = cache  # packed matrices saved by an earlier load, if any
+        self.matrices: list[Linear] = []
 
     def get(self, name: str, shape: tuple[int, ...]) -> Tensor:
         self.used.add(name)
@@ -93,7 +96,7 @@ class Weights:
 
     def linear(self, name: str, shape: tuple[int, ...]) -> Linear:
         """A weight matrix, repacked once here for the kernels (see `packed`)."""
-        return Linear(self.get(name, shape))
+        return self._linear(self.get(name, shape))
 
     def vector(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         return ops.to_float(self.get(name, shape))
@@ -106,7 +109,12 @@ class Weights:
             raise self.file.error(
                 f"tensors {gate} ({g.qtype.name}) and {up} ({u.qtype.name}) must have the same type"
             )
-        return Linear(g), Linear(u)
+        return self._linear(g), self._linear(u)
+
+    def _linear(self, t: Tensor) -> Linear:
+        linear = Linear(t, self.cache.get(t) if self.cache else None)
+        self.matrices.append(linear)
+        return linear
 
 
 class ShortConv:

@@ -1,0 +1,290 @@
+"""The packed weights of a model saved once, so that later loads skip the packing.
+
+Packing copies every quantized matrix of a GGUF file into the kernels' layout (csrc/packed.h)
+in fresh memory: for LFM2-8B-A1B, 4.7 GB, 2.5-3.3 s on the 2-core test VM, more than half of
+it the operating system making the new pages. The packed bytes only change when the file or
+the layout does, so the first load saves them to a cache file, and every later load maps that
+file read-only and hands the kernels views of it. Nothing is copied, and the weights are page
+cache: processes loading the same model share them, and memory pressure drops them (to be read
+again) instead of holding 4.7 GB of anonymous memory. XNNPACK's weight cache file is the same
+idea.
+
+A cache file is one model's packed matrices:
+
+    magic b"LFMPACK\\0", index length (u64), data start (u64, a multiple of 4096), the index
+    (UTF-8 JSON), zero bytes up to the data start, then each matrix at a 4096-aligned offset
+    from there
+
+    index = {"pack_format": N, "source": {...}, "tensors": {name: {"qtype", "shape", "offset",
+             "nbytes", "crc32"}}}
+
+It is only read when its index names this build's PACK_FORMAT and this very GGUF file (its
+size, modification time, inode and a SHA-256 of its header), holds every packed matrix the model
+asks for, with its type and shape, and each matrix's CRC-32 matches (checking it also maps the
+pages, which the first token would otherwise fault in). Anything else, a torn write, a stale or
+foreign file, is packed from the GGUF and saved again. A file is written under a temporary name
+and renamed into place, so a reader sees a whole file or none.
+
+Where: the directory in $LFM_EDGE_WEIGHT_CACHE, else $XDG_CACHE_HOME/lfm-edge/packed, else
+~/.cache/lfm-edge/packed; LFM_EDGE_WEIGHT_CACHE=off saves and reads nothing. One file per model
+path; a changed model replaces its file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import os
+import shutil
+import struct
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import native
+from .gguf_file import FLOAT_TYPES, GGUFFile, Tensor
+
+log = logging.getLogger("lfm_edge.weight_cache")
+
+ENV_VAR = "LFM_EDGE_WEIGHT_CACHE"
+OFF = {"0", "off", "false", "no"}
+MAGIC = b"LFMPACK\0"
+_PREFIX = struct.Struct("<8sQQ")  # magic, index length, data start
+PAGE = 4096  # every matrix starts on a page: aligned for the kernels (64) and for mapping
+FREE_MARGIN = 1 << 30  # a save leaves at least this much of the disk free
+
+
+def default_dir() -> Path | None:
+    """The cache directory the environment asks for, or None if it turns the cache off."""
+    value = os.environ.get(ENV_VAR, "")
+    if value.strip().lower() in OFF:
+        return None
+    if value:
+        return Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lfm-edge" / "packed"
+
+
+class WeightCache:
+    """One model's cache file: the packed matrices it holds (`get`), or those to save (`save`).
+
+    `status` says what happened, for the front ends to tell the user: "read" (the weights are
+    the file's), "saving" (packed, and being saved on a thread of its own, which the process
+    waits for before it exits; `wait` waits for it), "written" (packed, then saved), "failed"
+    (packed; `reason` says why nothing was saved) or "none" (the model has no matrix to pack).
+    """
+
+    def __init__(self, gguf: GGUFFile, directory: Path, n_threads: int):
+        self.directory = directory
+        real = os.path.realpath(gguf.path)
+        self.path = directory / f"{Path(real).stem}-{hashlib.sha256(real.encode()).hexdigest()[:16]}.lfmpack"
+        self.n_threads = max(1, n_threads)
+        self.source = _source_identity(gguf)
+        self.status = "none"
+        self.reason = ""
+        self.nbytes = 0
+        self._map: mmap.mmap | None = None
+        self._tensors: dict[str, dict[str, Any]] = {}
+        self._missed = False  # a matrix asked for that the file did not hold
+        self._saver: threading.Thread | None = None
+        self.save_s = 0.0  # how long the save took
+        self._open()
+
+    # -- reading ---------------------------------------------------------------------
+    def _open(self) -> None:
+        """Maps the file if it is this model's, whole and intact; else leaves the cache empty."""
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < _PREFIX.size:
+                    return
+                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError:
+            return  # no cache yet (or an unreadable one, which the save replaces)
+        index, data_start = _read_index(mapping, size)
+        if index is None or index.get("pack_format") != native.PACK_FORMAT or index.get("source") != self.source:
+            mapping.close()
+            return
+        tensors = index.get("tensors")
+        if not isinstance(tensors, dict) or not all(_entry_fits(e, size - data_start) for e in tensors.values()):
+            mapping.close()
+            return
+        for e in tensors.values():
+            e["offset"] += data_start
+        view = memoryview(mapping)
+        try:
+            with ThreadPoolExecutor(self.n_threads, thread_name_prefix="lfm-edge-cache") as pool:
+                crcs = list(pool.map(lambda e: zlib.crc32(view[e["offset"]:e["offset"] + e["nbytes"]]),
+                                     tensors.values()))
+        finally:
+            view.release()
+        if any(_hex(crc) != e["crc32"] for crc, e in zip(crcs, tensors.values())):
+            mapping.close()
+            return
+        self._map, self._tensors = mapping, tensors
+
+    def get(self, tensor: Tensor) -> native.PackedMatrix | None:
+        """The saved packing of `tensor` (a quantized matrix or stack of them), or None."""
+        if tensor.qtype in FLOAT_TYPES:
+            return None  # the kernels read these from the GGUF file as they are
+        entry = self._tensors.get(tensor.name)
+        *stack, n, k = tensor.shape
+        if entry is None or entry["qtype"] != int(tensor.qtype) or entry["shape"] != list(tensor.shape):
+            self._missed = True
+            return None
+        data = np.frombuffer(self._map, np.uint8, entry["nbytes"], entry["offset"])
+        try:
+            return native.PackedMatrix.from_packed(data, int(tensor.qtype), n, k, stack[0] if stack else 1)
+        except ValueError:  # a size that is not this type's packing: the file is not ours
+            self._missed = True
+            return None
+
+    # -- saving ----------------------------------------------------------------------
+    def finish(self, matrices: Iterable[tuple[str, Tensor, native.PackedMatrix]]) -> None:
+        """Called with every packed matrix once the model is built: saves them unless they all
+        came from the file."""
+        packed = [(name, t, m) for name, t, m in matrices if m.int8_activations]
+        self.nbytes = sum(m.nbytes for _, _, m in packed)
+        if not packed:
+            self.status = "none"
+        elif self._map is not None and not self._missed:
+            self.status = "read"
+        elif self._room_for(self.nbytes):
+            # the model is ready now: the save (seconds for gigabytes, the kernel writing back
+            # pages) runs beside its first requests, a CRC thread beside the writes
+            self.status = "saving"
+            self._saver = threading.Thread(target=self._save, args=(packed,), name="lfm-edge-weight-cache")
+            self._saver.start()
+
+    def wait(self) -> str:
+        """Waits for a save in progress to end; the status it ended in."""
+        if self._saver is not None:
+            self._saver.join()
+        return self.status
+
+    def _save(self, packed: list[tuple[str, Tensor, native.PackedMatrix]]) -> None:
+        start = time.perf_counter()
+        # the pid says whose it is (see _remove_abandoned); two loads in one process differ in the rest
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            _remove_abandoned(self.directory, self.path.name)
+            tensors: dict[str, dict[str, Any]] = {}
+            offset = 0
+            for name, t, m in packed:
+                # the CRC is known once the bytes are written: eight hex digits either way, so the
+                # index keeps its length, and goes in front of them afterwards
+                tensors[name] = {"qtype": int(t.qtype), "shape": list(t.shape), "offset": offset,
+                                 "nbytes": m.nbytes, "crc32": _hex(0)}
+                offset += _round_up(m.nbytes, PAGE)
+            index = {"pack_format": native.PACK_FORMAT, "source": self.source, "tensors": tensors}
+            data_start = _round_up(_PREFIX.size + len(_encode(index)), PAGE)
+            views = [m.packed_bytes() for _, _, m in packed]
+            with open(tmp, "wb") as f, ThreadPoolExecutor(1) as pool:
+                crcs = pool.map(zlib.crc32, views)  # beside the writes (both let the GIL go), faster
+                for e, view in zip(tensors.values(), views):
+                    f.seek(data_start + e["offset"])
+                    f.write(view)
+                for e, crc in zip(tensors.values(), crcs):
+                    e["crc32"] = _hex(crc)
+                f.seek(0)
+                f.write(_PREFIX.pack(MAGIC, len(_encode(index)), data_start) + _encode(index))
+            os.replace(tmp, self.path)
+            self.status = "written"
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            self._failed(f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
+        except Exception as e:  # a thread's traceback would reach the user: the model works without the file
+            tmp.unlink(missing_ok=True)
+            self._failed(f"{type(e).__name__}: {e}")
+        finally:
+            self.save_s = time.perf_counter() - start
+
+    def _room_for(self, nbytes: int) -> bool:
+        """Whether the directory can take a file of nbytes; if not, the status says why."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(self.directory).free
+        except OSError as e:
+            self._failed(f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
+            return False
+        if free < nbytes + FREE_MARGIN:
+            self._failed(f"{self.directory} has {free / 1e9:.1f} GB free; the packed weights need "
+                         f"{nbytes / 1e9:.1f} GB and {FREE_MARGIN >> 30} GB to spare")
+            return False
+        return True
+
+    def _failed(self, reason: str) -> None:
+        self.status, self.reason = "failed", reason
+        if threading.current_thread() is self._saver:  # no one is looking at the status now
+            log.warning("lfm-edge: the packed weights were not saved to %s (%s)", self.path, reason)
+
+
+def _source_identity(gguf: GGUFFile) -> dict[str, Any]:
+    """What makes the cache this file's: changed in place or replaced, the file differs in one."""
+    st = gguf.stat
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "header_sha256": gguf.header_sha256()}
+
+
+def _encode(index: dict[str, Any]) -> bytes:
+    return json.dumps(index, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _read_index(mapping: mmap.mmap, size: int) -> tuple[dict[str, Any] | None, int]:
+    """The index and where the data starts, or (None, 0) for a file that is not a cache file."""
+    magic, length, data_start = _PREFIX.unpack_from(mapping, 0)
+    if magic != MAGIC or data_start % PAGE or data_start > size or length > data_start - _PREFIX.size:
+        return None, 0
+    try:
+        index = json.loads(mapping[_PREFIX.size:_PREFIX.size + length])
+    except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError is a ValueError)
+        return None, 0
+    return (index, data_start) if isinstance(index, dict) else (None, 0)
+
+
+def _entry_fits(entry: Any, size: int) -> bool:
+    """An index entry of the right types whose bytes lie page-aligned inside the data's size bytes."""
+    if not isinstance(entry, dict):
+        return False
+    ints = [entry.get(key) for key in ("qtype", "offset", "nbytes")]
+    shape = entry.get("shape")
+    if not all(type(v) is int for v in ints) or not isinstance(shape, list) or not all(type(d) is int for d in shape):
+        return False
+    if not isinstance(entry.get("crc32"), str):
+        return False
+    _, offset, nbytes = ints
+    return offset >= 0 and offset % PAGE == 0 and 0 < nbytes <= size - offset
+
+
+def _remove_abandoned(directory: Path, name: str) -> None:
+    """Temporary files of this cache file left by saves that did not finish (their process is gone)."""
+    for tmp in directory.glob(f".{name}.*.tmp"):
+        pid = tmp.name[len(name) + 2:-len(".tmp")].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _hex(crc: int) -> str:
+    return f"{crc:08x}"
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
