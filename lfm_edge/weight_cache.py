@@ -188,12 +188,19 @@ class WeightCache:
             index = {"pack_format": native.PACK_FORMAT, "source": self.source, "tensors": tensors}
             data_start = _round_up(_PREFIX.size + len(_encode(index)), PAGE)
             views = [m.packed_bytes() for _, _, m in packed]
-            with open(tmp, "wb") as f, ThreadPoolExecutor(1) as pool:
-                crcs = pool.map(zlib.crc32, views)  # beside the writes (both let the GIL go), faster
-                for e, view in zip(tensors.values(), views):
-                    f.seek(data_start + e["offset"])
-                    f.write(view)
-                for e, crc in zip(tensors.values(), crcs):
+            # the CRCs on a thread beside the writes (both let the GIL go), which are slower; a plain
+            # thread, as an executor refuses work once the interpreter has begun to exit
+            crcs: list[int] = []
+            summer = threading.Thread(target=lambda: crcs.extend(map(zlib.crc32, views)), name="lfm-edge-crc32")
+            summer.start()
+            with open(tmp, "wb") as f:
+                try:
+                    for e, view in zip(tensors.values(), views):
+                        f.seek(data_start + e["offset"])
+                        f.write(view)
+                finally:
+                    summer.join()
+                for e, crc in zip(tensors.values(), crcs, strict=True):
                     e["crc32"] = _hex(crc)
                 f.seek(0)
                 f.write(_PREFIX.pack(MAGIC, len(_encode(index)), data_start) + _encode(index))

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -303,14 +304,32 @@ def test_abandoned_temporary_files_are_removed(model, tmp_path):
     assert not dead.exists() and alive.exists()
 
 
-def test_two_loads_at_once_save_one_whole_file(model, tmp_path):
+def test_two_loads_at_once_save_one_whole_file(model, tmp_path, monkeypatch):
     path, expected = model
     directory = tmp_path / "cache"
+    both_written = threading.Barrier(2, timeout=60)
+    replace = os.replace
+
+    def replace_when_both_are_written(src, dst):
+        both_written.wait()  # the second load finds no file yet, and the saves overlap
+        replace(src, dst)
+
+    monkeypatch.setattr(weight_cache.os, "replace", replace_when_both_are_written)
     llms = [lfm_edge.load(path, n_ctx=64, weight_cache=directory) for _ in range(2)]
     assert [llm.weight_cache.wait() for llm in llms] == ["written", "written"]
+    monkeypatch.undo()
     again = load(path, directory)
     assert again.weight_cache.status == "read" and len(cache_files(directory)) == 1
     np.testing.assert_array_equal(logits(again), expected)
+
+
+def test_a_process_that_exits_right_after_loading_still_saves(model, tmp_path):
+    path, _ = model
+    directory = tmp_path / "cache"
+    code = f"import lfm_edge; print(lfm_edge.load({str(path)!r}, weight_cache={str(directory)!r}).weight_cache.status)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "saving\n" and proc.stderr == "", proc.stderr
+    assert load(path, directory).weight_cache.status == "read"
 
 
 def test_the_environment_chooses_the_directory(model, tmp_path, monkeypatch):
@@ -333,8 +352,9 @@ def test_the_cli_says_once_where_the_packed_weights_went(model, tmp_path):
     env = {**os.environ, weight_cache.ENV_VAR: str(tmp_path / "cache")}
 
     def run(*flags):
-        return subprocess.run([sys.executable, "-m", "lfm_edge", "run", "-m", str(path), "-n", "2", *flags, "Hi"],
-                              capture_output=True, text=True, timeout=120, env=env)
+        argv = ["run", "-m", str(path), "-n", "4", "--temperature", "0", *flags, "Hi"]
+        return subprocess.run([sys.executable, "-m", "lfm_edge", *argv], capture_output=True, text=True, timeout=120,
+                              env=env)
 
     off = run("--no-weight-cache")
     assert off.returncode == 0, off.stderr
