@@ -91,7 +91,7 @@ check_module() {  # check_module TREE HOST: the tests import the sanitized copy,
 KERNEL_TESTS="tests/test_kernels.py tests/test_kernels_int8.py \
 tests/test_quant_types.py tests/test_kquants.py tests/test_attention.py tests/test_threads.py"
 MODEL_TESTS="tests/test_model.py tests/test_native_model.py tests/test_kquant_model.py \
-tests/test_quant_mix_model.py"
+tests/test_quant_mix_model.py tests/test_weight_cache.py"
 
 emulated() {  # tests/test_$1_emulated.py's kernel harness (avx512 | avxvnni), built with the sanitizers
     local isa=$1 simde flags obj=()

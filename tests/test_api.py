@@ -44,6 +44,21 @@ def test_generate_greedy_is_the_argmax_chain(llm):
     assert text == llm.tokenizer.decode(expected, skip_special=True)  # special tokens are not text
 
 
+
+def test_named_steps_prefill_then_sample_tokens(llm):
+    """The steps by hand: prefill a cache, then sample_tokens from its logits, which feeds each
+    token back into that cache; the same chain as decode_tokens, and the cache holds it."""
+    prompt = llm.tokenize("Once upon a time")
+    expected = greedy_ids(llm, prompt, 10)
+    cache = llm.new_cache()
+    logits = llm.prefill(prompt, cache)
+    history = list(prompt)
+    made = list(llm.sample_tokens(logits, history, 10, Sampler(SamplingParams(temperature=0.0)), cache))
+    assert made == expected and history == prompt + expected
+    assert cache.pos == len(prompt) + len(expected) - 1  # the last token is sampled, not yet read
+    follow = llm.decode_one_token(expected[-1], cache)  # the cache goes on from there
+    assert np.allclose(follow, llm.logits(prompt + expected)[-1], atol=1e-4)
+
 def test_generate_seeded_sampling_reproduces(llm):
     kw = dict(max_tokens=16, temperature=1.0, top_p=0.9, seed=42)
     assert "".join(llm.generate("Hi", **kw)) == "".join(llm.generate("Hi", **kw))
