@@ -4,38 +4,27 @@
 #include <immintrin.h>
 
 #include "probe.h"
+#include "probe_impl.h"
 
 namespace lfm {
 namespace {
 
-template <int kStreams>
-uint64_t read_streams(const uint8_t* data, int64_t n) {
-    const int64_t part = n / kStreams;
-    __m256i acc[kStreams];
-    for (__m256i& a : acc) a = _mm256_setzero_si256();
-    for (int64_t offset = 0; offset < part; offset += 64) {
-        for (int s = 0; s < kStreams; ++s) {
-            const uint8_t* line = data + s * part + offset;
-            const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line));
-            const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line + 32));
-            acc[s] = _mm256_add_epi64(acc[s], _mm256_add_epi64(lo, hi));
-        }
+// 256-bit lanes: a line is two loads.
+struct Avx2Lines {
+    using Acc = __m256i;
+    static Acc zero() { return _mm256_setzero_si256(); }
+    static Acc add(Acc a, Acc b) { return _mm256_add_epi64(a, b); }
+    static Acc add_line(Acc acc, const uint8_t* line) {
+        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line));
+        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line + 32));
+        return _mm256_add_epi64(acc, _mm256_add_epi64(lo, hi));
     }
-    __m256i total = acc[0];
-    for (int s = 1; s < kStreams; ++s) total = _mm256_add_epi64(total, acc[s]);
-    alignas(32) uint64_t lanes[4];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), total);
-    return lanes[0] + lanes[1] + lanes[2] + lanes[3];
-}
-
-uint64_t read_sum(const uint8_t* data, int64_t n, int streams) {
-    switch (streams) {
-        case 1: return read_streams<1>(data, n);
-        case 2: return read_streams<2>(data, n);
-        case 4: return read_streams<4>(data, n);
-        default: return read_streams<8>(data, n);
+    static uint64_t total(Acc a) {
+        alignas(32) uint64_t lanes[4];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), a);
+        return lanes[0] + lanes[1] + lanes[2] + lanes[3];
     }
-}
+};
 
 // Only the vpaddd into each accumulator is serial from one iteration to the next; the multiplies
 // of successive iterations overlap, so a few chains fill both multiply pipes.
@@ -67,7 +56,7 @@ int64_t int8_mac(uint32_t a4, uint32_t b4, int64_t iterations) {
 }  // namespace
 
 const ProbeKernels& avx2_probe_kernels() {
-    static const ProbeKernels table = {"avx2", read_sum, int8_mac, kChains * 8 * 4,
+    static const ProbeKernels table = {"avx2", probe_impl::read_sum<Avx2Lines>, int8_mac, kChains * 8 * 4,
                                        "vpmaddubsw + vpmaddwd + vpaddd"};
     return table;
 }

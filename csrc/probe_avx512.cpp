@@ -4,37 +4,19 @@
 #include <immintrin.h>
 
 #include "probe.h"
+#include "probe_impl.h"
 
 namespace lfm {
 namespace {
 
-template <int kStreams>
-uint64_t read_streams(const uint8_t* data, int64_t n) {
-    const int64_t part = n / kStreams;
-    __m512i acc[kStreams];
-    for (__m512i& a : acc) a = _mm512_setzero_si512();
-    for (int64_t offset = 0; offset < part; offset += 64) {
-        for (int s = 0; s < kStreams; ++s) {
-            acc[s] = _mm512_add_epi64(acc[s], _mm512_loadu_si512(data + s * part + offset));
-        }
-    }
-    __m512i total = acc[0];
-    for (int s = 1; s < kStreams; ++s) total = _mm512_add_epi64(total, acc[s]);
-    alignas(64) uint64_t lanes[8];
-    _mm512_store_si512(lanes, total);
-    uint64_t sum = 0;
-    for (uint64_t x : lanes) sum += x;
-    return sum;
-}
-
-uint64_t read_sum(const uint8_t* data, int64_t n, int streams) {
-    switch (streams) {
-        case 1: return read_streams<1>(data, n);
-        case 2: return read_streams<2>(data, n);
-        case 4: return read_streams<4>(data, n);
-        default: return read_streams<8>(data, n);
-    }
-}
+// 512-bit lanes: a line is one load.
+struct Avx512Lines {
+    using Acc = __m512i;
+    static Acc zero() { return _mm512_setzero_si512(); }
+    static Acc add(Acc a, Acc b) { return _mm512_add_epi64(a, b); }
+    static Acc add_line(Acc acc, const uint8_t* line) { return _mm512_add_epi64(acc, _mm512_loadu_si512(line)); }
+    static uint64_t total(Acc a) { return static_cast<uint64_t>(_mm512_reduce_add_epi64(a)); }
+};
 
 // Each vpdpbusd reads its accumulator: with a latency of about 5 cycles and up to 2 issued per
 // cycle, 12 independent chains keep the pipes full.
@@ -60,7 +42,7 @@ int64_t int8_mac(uint32_t a4, uint32_t b4, int64_t iterations) {
 }  // namespace
 
 const ProbeKernels& avx512_probe_kernels() {
-    static const ProbeKernels table = {"avx512", read_sum, int8_mac, kChains * 16 * 4, "vpdpbusd"};
+    static const ProbeKernels table = {"avx512", probe_impl::read_sum<Avx512Lines>, int8_mac, kChains * 16 * 4, "vpdpbusd"};
     return table;
 }
 

@@ -2,34 +2,24 @@
 #include <cstring>
 
 #include "probe.h"
+#include "probe_impl.h"
 
 namespace lfm {
 namespace {
 
-template <int kStreams>
-uint64_t read_streams(const uint8_t* data, int64_t n) {
-    const int64_t part = n / kStreams;
-    uint64_t acc[kStreams] = {};
-    for (int64_t offset = 0; offset < part; offset += 64) {
-        for (int s = 0; s < kStreams; ++s) {
-            uint64_t words[8];  // one cache line
-            std::memcpy(words, data + s * part + offset, sizeof words);
-            for (uint64_t w : words) acc[s] += w;
-        }
+// One 64-bit lane: a line is eight words.
+struct ScalarLines {
+    using Acc = uint64_t;
+    static Acc zero() { return 0; }
+    static Acc add(Acc a, Acc b) { return a + b; }
+    static Acc add_line(Acc acc, const uint8_t* line) {
+        uint64_t words[8];
+        std::memcpy(words, line, sizeof words);
+        for (uint64_t w : words) acc += w;
+        return acc;
     }
-    uint64_t sum = 0;
-    for (uint64_t a : acc) sum += a;
-    return sum;
-}
-
-uint64_t read_sum(const uint8_t* data, int64_t n, int streams) {
-    switch (streams) {
-        case 1: return read_streams<1>(data, n);
-        case 2: return read_streams<2>(data, n);
-        case 4: return read_streams<4>(data, n);
-        default: return read_streams<8>(data, n);
-    }
-}
+    static uint64_t total(Acc a) { return a; }
+};
 
 constexpr int kChains = 4;
 
@@ -58,7 +48,7 @@ int64_t int8_mac(uint32_t a4, uint32_t b4, int64_t iterations) {
 }  // namespace
 
 const ProbeKernels& scalar_probe_kernels() {
-    static const ProbeKernels table = {"scalar", read_sum, int8_mac, kChains * 4, "scalar int32 multiply-add"};
+    static const ProbeKernels table = {"scalar", probe_impl::read_sum<ScalarLines>, int8_mac, kChains * 4, "scalar int32 multiply-add"};
     return table;
 }
 

@@ -75,7 +75,8 @@ def default_dir() -> Path | None:
 
 
 class WeightCache:
-    """One model's cache file: the packed matrices it holds (`get`), or those to save (`save`).
+    """One model's cache file: the packed matrices it holds (`get`), and the saving of those the
+    model packed (`finish`).
 
     `status` says what happened, for the front ends to tell the user: "read" (the weights are
     the file's), "saving" (packed, and being saved on a thread of its own, which the process
