@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from kernel_checks import assert_linear_bits_agree
+import kernel_checks
+from kernel_checks import assert_linear_bits_agree, assert_within
 from lfm_edge import native, reference
 
 INT8_TYPES = (Q.Q8_0, Q.Q4_0)
@@ -48,14 +49,8 @@ def packed(qtype: Q, n: int, k: int) -> native.PackedMatrix:
     return native.PackedMatrix(weights(qtype, n, k)[0], qtype, n, k)
 
 
-@cache
 def activations(t: int, k: int) -> np.ndarray:
-    rng = np.random.default_rng([t, k, 11])
-    x = rng.standard_normal((t, k)).astype(np.float32)
-    x[:, :32] *= 100.0  # blocks of very different scale
-    if k > 32:
-        x[0, 32:64] = 0.0  # an all-zero block: scale 0
-    return x
+    return kernel_checks.activations(t, k, seed=11)
 
 
 def quantize_model(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -72,15 +67,6 @@ def dequantized_activations(x: np.ndarray) -> np.ndarray:
     q, d, _ = quantize_model(x)
     t, k = x.shape
     return (q.reshape(t, k // 32, 32).astype(np.float64) * d[..., None].astype(np.float64)).reshape(t, k)
-
-
-def assert_within(got: np.ndarray, want: np.ndarray, limit: np.ndarray, what: str) -> None:
-    error = np.abs(got.astype(np.float64) - want)
-    bad = np.argwhere(~(error <= limit))  # also catches NaN
-    assert bad.size == 0, (
-        f"{what}: {len(bad)} of {got.size} off; first at {tuple(bad[0])}: got {got[tuple(bad[0])]}, "
-        f"want {want[tuple(bad[0])]}, limit {limit[tuple(bad[0])]:.3e}"
-    )
 
 
 # ---------------------------------------------------------------- activation quantization

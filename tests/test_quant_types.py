@@ -18,7 +18,9 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.constants import GGML_QUANT_SIZES
 
-from kernel_checks import assert_linear_bits_agree
+import kernel_checks
+from kernel_checks import (assert_linear_bits_agree, assert_moe_is_its_experts, assert_stack_is_its_matrices,
+                           assert_within, dequantized_activations)
 from lfm_edge import native
 
 # type -> (byte offset of the main fp16 scale d, of the fp16 minimum or min-scale, or None)
@@ -108,30 +110,8 @@ def packed(qtype: Q, n: int, k: int) -> native.PackedMatrix:
     return native.PackedMatrix(weights(qtype, n, k), qtype, n, k)
 
 
-@cache
 def activations(t: int, k: int) -> np.ndarray:
-    rng = np.random.default_rng([t, k, 17])
-    x = rng.standard_normal((t, k)).astype(np.float32)
-    x[:, :32] *= 100.0  # blocks of very different scale
-    if k > 32:
-        x[0, 32:64] = 0.0  # an all-zero block: scale 0
-    return x
-
-
-def dequantized_activations(x: np.ndarray) -> np.ndarray:
-    """The int8 activations the kernels use (checked bit-exact in test_kernels_int8.py), float64."""
-    q, d, _ = native.quantize_activations(x)
-    t, k = x.shape
-    return (q.reshape(t, k // 32, 32).astype(np.float64) * d[..., None].astype(np.float64)).reshape(t, k)
-
-
-def assert_within(y: np.ndarray, want: np.ndarray, bound: np.ndarray, what: str) -> None:
-    err = np.abs(y.astype(np.float64) - want)
-    bad = np.argwhere(err > bound)
-    assert len(bad) == 0, (
-        f"{what}: {len(bad)} of {err.size} outputs out of bound, first at {tuple(bad[0])}: "
-        f"error {err[tuple(bad[0])]:.3g} > bound {bound[tuple(bad[0])]:.3g}"
-    )
+    return kernel_checks.activations(t, k, seed=17)
 
 
 # ---------------------------------------------------------------- dequantize, get_rows, repack
@@ -239,10 +219,7 @@ def test_packed_size_and_stacks(isa, qtype):
     n, k, e = 17, 512, 3
     stack = native.PackedMatrix(np.concatenate([weights(qtype, n, k)] * e), qtype, n, k, e)
     assert stack.nbytes == e * 32 * (k // block_of(qtype)) * PACKED_BLOCK_BYTES[qtype]  # 2 row groups of 16
-    assert stack.int8_activations
-    x = activations(2, k)
-    for i in range(e):
-        np.testing.assert_array_equal(native.linear(x, stack, i), native.linear(x, packed(qtype, n, k)))
+    assert_stack_is_its_matrices(stack, packed(qtype, n, k), activations(2, k))
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
@@ -250,19 +227,7 @@ def test_moe_runs_the_type_as_experts(isa, qtype):
     # gate/up [E, F, H], down [E, H, F] with H = F = 256: each expert against ops on its own
     e, h = 3, 256
     mats = [native.PackedMatrix(weights(qtype, e * h, h), qtype, h, h, e) for _ in range(3)]
-    x = activations(2, h) * np.float32(1e-4)  # keeps silu's exp in range
-    experts = np.array([[0, 2], [1, 0]])
-    wts = np.array([[0.25, 0.75], [0.5, 0.5]], np.float32)
-    out = native.moe(x, experts, wts, *mats)
-    want = np.zeros((2, h))
-    for t in range(2):
-        for j in range(2):
-            ex = experts[t, j]
-            g = native.linear(x[t : t + 1], mats[0], ex)
-            u = native.linear(x[t : t + 1], mats[1], ex)
-            hid = (g / (1.0 + np.exp(-g)) * u).astype(np.float32)
-            want[t] += wts[t, j] * native.linear(hid, mats[2], ex)[0]
-    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    assert_moe_is_its_experts(*mats, activations(2, h) * np.float32(1e-4))  # 1e-4: silu's exp in range
 
 
 # ---------------------------------------------------------------- validation and files
