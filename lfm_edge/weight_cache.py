@@ -19,7 +19,7 @@ A cache file is one model's packed matrices:
              "nbytes", "crc32"}}}
 
 It is only read when its index names this build's PACK_FORMAT and this very GGUF file (its
-size, modification time, inode and a SHA-256 of its header), holds every packed matrix the model
+path, size, modification time, inode and a SHA-256 of its header), holds every packed matrix the model
 asks for, with its type and shape, and each matrix's CRC-32 matches (checking it also maps the
 pages, which the first token would otherwise fault in). Anything else, a torn write, a stale or
 foreign file, is packed from the GGUF and saved again. A file is written under a temporary name
@@ -27,7 +27,8 @@ and renamed into place, so a reader sees a whole file or none.
 
 Where: the directory in $LFM_EDGE_WEIGHT_CACHE, else $XDG_CACHE_HOME/lfm-edge/packed, else
 ~/.cache/lfm-edge/packed; LFM_EDGE_WEIGHT_CACHE=off saves and reads nothing. One file per model
-path; a changed model replaces its file.
+path: a changed model replaces its file, and every save removes the files of models that are
+gone (a model on a drive that is not mounted counts as gone: it is packed again when it is back).
 """
 
 from __future__ import annotations
@@ -86,8 +87,7 @@ class WeightCache:
 
     def __init__(self, gguf: GGUFFile, directory: Path, n_threads: int):
         self.directory = directory
-        real = os.path.realpath(gguf.path)
-        self.path = directory / f"{Path(real).stem}-{hashlib.sha256(real.encode()).hexdigest()[:16]}.lfmpack"
+        self.path = cache_path(gguf, directory)
         self.n_threads = max(1, n_threads)
         self.source = _source_identity(gguf)
         self.status = "none"
@@ -103,24 +103,14 @@ class WeightCache:
     # -- reading ---------------------------------------------------------------------
     def _open(self) -> None:
         """Maps the file if it is this model's, whole and intact; else leaves the cache empty."""
-        try:
-            with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < _PREFIX.size:
-                    return
-                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except OSError:
+        found = _map_cache_file(self.path)
+        if found is None:
             return  # no cache yet (or an unreadable one, which the save replaces)
-        index, data_start = _read_index(mapping, size)
-        if index is None or index.get("pack_format") != native.PACK_FORMAT or index.get("source") != self.source:
+        mapping, index = found
+        if index.get("pack_format") != native.PACK_FORMAT or index.get("source") != self.source:
             mapping.close()
             return
-        tensors = index.get("tensors")
-        if not isinstance(tensors, dict) or not all(_entry_fits(e, size - data_start) for e in tensors.values()):
-            mapping.close()
-            return
-        for e in tensors.values():
-            e["offset"] += data_start
+        tensors = index["tensors"]
         view = memoryview(mapping)
         try:
             with ThreadPoolExecutor(self.n_threads, thread_name_prefix="lfm-edge-cache") as pool:
@@ -178,6 +168,7 @@ class WeightCache:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         try:
             _remove_abandoned(self.directory, self.path.name)
+            _remove_orphans(self.directory)
             tensors: dict[str, dict[str, Any]] = {}
             offset = 0
             for name, t, m in packed:
@@ -236,10 +227,52 @@ class WeightCache:
             log.warning("lfm-edge: the packed weights were not saved to %s (%s)", self.path, reason)
 
 
+def saved_for(gguf: GGUFFile, directory: Path) -> Path | None:
+    """The cache file in `directory` that holds this GGUF file's packing, if there is one (its
+    index is read; the CRCs are left to the load)."""
+    path = cache_path(gguf, directory)
+    found = _map_cache_file(path)
+    if found is None:
+        return None
+    mapping, index = found
+    mapping.close()
+    ours = index.get("pack_format") == native.PACK_FORMAT and index.get("source") == _source_identity(gguf)
+    return path if ours else None
+
+
+def cache_path(gguf: GGUFFile, directory: Path) -> Path:
+    """Where the cache file of this GGUF file's path lies: one per path."""
+    real = os.path.realpath(gguf.path)
+    return directory / f"{Path(real).stem}-{hashlib.sha256(real.encode()).hexdigest()[:16]}.lfmpack"
+
+
 def _source_identity(gguf: GGUFFile) -> dict[str, Any]:
     """What makes the cache this file's: changed in place or replaced, the file differs in one."""
     st = gguf.stat
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "header_sha256": gguf.header_sha256()}
+    return {"path": os.path.realpath(gguf.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "inode": st.st_ino, "header_sha256": gguf.header_sha256()}
+
+
+def _map_cache_file(path: Path) -> tuple[mmap.mmap, dict[str, Any]] | None:
+    """The file mapped read-only and its index, each tensor's offset made absolute; None for a
+    file that is missing, unreadable, or not a whole cache file (the checks of _read_index and
+    _entry_fits)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < _PREFIX.size:
+                return None
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    index, data_start = _read_index(mapping, size)
+    tensors = index.get("tensors") if index is not None else None
+    if not isinstance(tensors, dict) or not all(_entry_fits(e, size - data_start) for e in tensors.values()):
+        mapping.close()
+        return None
+    for e in tensors.values():
+        e["offset"] += data_start
+    return mapping, index
 
 
 def _encode(index: dict[str, Any]) -> bytes:
@@ -270,6 +303,20 @@ def _entry_fits(entry: Any, size: int) -> bool:
         return False
     _, offset, nbytes = ints
     return offset >= 0 and offset % PAGE == 0 and 0 < nbytes <= size - offset
+
+
+def _remove_orphans(directory: Path) -> None:
+    """Cache files whose GGUF file is gone: a deleted model's packing goes at the next save."""
+    for path in directory.glob("*.lfmpack"):
+        found = _map_cache_file(path)
+        if found is None:
+            continue  # not a cache file this version reads: its model's next load replaces it
+        mapping, index = found
+        mapping.close()
+        source = index.get("source")
+        model = source.get("path") if isinstance(source, dict) else None
+        if isinstance(model, str) and not os.path.exists(model):
+            path.unlink(missing_ok=True)
 
 
 def _remove_abandoned(directory: Path, name: str) -> None:

@@ -154,27 +154,10 @@ def test_second_load_borrows_the_saved_packing(gguf_path, tmp_path, name, out_ty
     assert saved == first.weight_cache.path and saved.stat().st_size > first.weight_cache.nbytes
     second = load(path, tmp_path)
     assert second.weight_cache.status == "read"
-    matrices = [m.native for m in _matrices(second)]
+    matrices = [m.native for m in second.model.matrices]
     assert matrices and all(not m.int8_activations or _inside(m, saved) for m in matrices)
     np.testing.assert_array_equal(logits(second), logits(first))
     assert cache_files(tmp_path) == [saved]  # read, not written again
-
-
-def _matrices(llm):
-    from lfm_edge.packed import Linear
-
-    seen = []
-
-    def walk(obj, depth=0):
-        if isinstance(obj, Linear):
-            seen.append(obj)
-        elif depth < 4 and hasattr(obj, "__dict__"):
-            for v in vars(obj).values():
-                for item in v if isinstance(v, list) else [v]:
-                    walk(item, depth + 1)
-
-    walk(llm.model)
-    return seen
 
 
 def _inside(matrix, path: Path) -> bool:
@@ -330,6 +313,35 @@ def test_a_process_that_exits_right_after_loading_still_saves(model, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout == "saving\n" and proc.stderr == "", proc.stderr
     assert load(path, directory).weight_cache.status == "read"
+
+
+def test_a_save_removes_the_files_of_models_that_are_gone(model, tmp_path):
+    path, _ = model
+    directory = tmp_path / "cache"
+    gone = tmp_path / "gone.gguf"
+    shutil.copyfile(path, gone)
+    orphan = load(gone, directory).weight_cache.path
+    gone.unlink()
+    stranger = directory / "not-ours.lfmpack"
+    stranger.write_bytes(b"something else")
+    assert load(path, directory).weight_cache.status == "written"
+    assert not orphan.exists() and stranger.exists()  # only a file that names a missing model goes
+
+
+def test_info_says_where_the_packed_weights_are(model, tmp_path):
+    path, _ = model
+    env = {**os.environ, weight_cache.ENV_VAR: str(tmp_path / "cache")}
+
+    def info(**extra):
+        proc = subprocess.run([sys.executable, "-m", "lfm_edge", "info", str(path)], capture_output=True, text=True,
+                              timeout=120, env={**env, **extra})
+        assert proc.returncode == 0, proc.stderr
+        return next(line for line in proc.stdout.splitlines() if line.startswith("packed:"))
+
+    assert "not saved yet: the next load saves them to " + str(tmp_path / "cache") in info()
+    saved = load(path, tmp_path / "cache").weight_cache.path
+    assert f"saved in {saved}: loads map it" in info()
+    assert "packed at every load" in info(**{weight_cache.ENV_VAR: "off"})
 
 
 def test_the_environment_chooses_the_directory(model, tmp_path, monkeypatch):

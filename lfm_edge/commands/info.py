@@ -7,6 +7,7 @@ from collections import Counter
 
 from gguf import LlamaFileType
 
+from .. import weight_cache
 from ..errors import LfmEdgeError
 from ..gguf_file import GGUFFile
 from ..hub import resolve_model
@@ -42,7 +43,22 @@ def main(args: argparse.Namespace) -> int:
     print(f"context:     {a.n_ctx_train}, rope base {a.rope_base:g}")
     print(f"file type:   {file_type(f)}")
     print(f"tensors:     {len(f.tensors)}: {type_mix(f)}")
+    print(f"packed:      {packed_weights(f, model)}")
     return 0
+
+
+def packed_weights(f: GGUFFile, model) -> str:
+    """Where the weight cache keeps this file's packed matrices, or what the next load does."""
+    packed = sum(m.nbytes for m in model.matrices if m.native.int8_activations)
+    if not packed:
+        return "nothing to pack (float weights are read from the file as they are)"
+    directory = weight_cache.default_dir()
+    if directory is None:
+        return f"{packed / 1e9:.2f} GB, packed at every load ({weight_cache.ENV_VAR} is off)"
+    saved = weight_cache.saved_for(f, directory)
+    if saved is not None:
+        return f"{packed / 1e9:.2f} GB, saved in {saved}: loads map it"
+    return f"{packed / 1e9:.2f} GB, not saved yet: the next load saves them to {directory}"
 
 
 def file_type(f: GGUFFile) -> str:

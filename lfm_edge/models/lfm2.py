@@ -210,6 +210,7 @@ class Model:
         # tied embeddings: without output.weight the head reuses token_embd
         self.output = w.linear("output.weight" if w.has("output.weight") else "token_embd.weight", (v, h))
         self.layers = [DecoderLayer(args, w, i, self.feed_forward(args, w, i)) for i in range(args.n_layer)]
+        self.matrices = list(w.matrices)  # every weight matrix, in the order asked for (the weight cache's)
 
     def feed_forward(self, args: ModelArgs, w: Weights, i: int):
         return MLP(args, w, i)
