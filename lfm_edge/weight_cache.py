@@ -241,9 +241,11 @@ def saved_for(gguf: GGUFFile, directory: Path) -> Path | None:
 
 
 def cache_path(gguf: GGUFFile, directory: Path) -> Path:
-    """Where the cache file of this GGUF file's path lies: one per path."""
-    real = os.path.realpath(gguf.path)
-    return directory / f"{Path(real).stem}-{hashlib.sha256(real.encode()).hexdigest()[:16]}.lfmpack"
+    """Where the cache file of this GGUF file lies: one per real path, named after the path it
+    was first loaded by (a hub download's real path is a blob named by its hash)."""
+    digest = hashlib.sha256(os.path.realpath(gguf.path).encode()).hexdigest()[:16]
+    named = sorted(directory.glob(f"*-{digest}.lfmpack"))
+    return named[0] if named else directory / f"{Path(gguf.path).stem}-{digest}.lfmpack"
 
 
 def _source_identity(gguf: GGUFFile) -> dict[str, Any]:

@@ -199,6 +199,22 @@ def test_another_path_has_a_cache_file_of_its_own(model, tmp_path):
     assert len(cache_files(directory)) == 2
 
 
+def test_a_link_to_the_model_shares_its_cache_file(model, tmp_path):
+    path, _ = model
+    directory = tmp_path / "cache"
+    saved = load(path, directory).weight_cache.path
+    link = tmp_path / "LFM2-link.gguf"
+    link.symlink_to(path)
+    via_link = load(link, directory)
+    assert via_link.weight_cache.status == "read" and via_link.weight_cache.path == saved
+    blob = tmp_path / "blobs" / "0123abcd"  # as the hub stores a download, behind a named link
+    blob.parent.mkdir()
+    shutil.copyfile(path, blob)
+    named = tmp_path / "LFM2-named.gguf"
+    named.symlink_to(blob)
+    assert load(named, directory).weight_cache.path.name.startswith("LFM2-named-")
+
+
 def _damage(path: Path, how: str) -> None:
     data = bytearray(path.read_bytes())
     prefix = weight_cache._PREFIX
