@@ -66,6 +66,15 @@ def kernels_problem() -> LfmEdgeError | None:
     return None
 
 
+def finish_saves() -> None:
+    """Says so when the process is about to wait for a first save of packed weights (a
+    one-shot `run` ends before it does), then waits."""
+    cache_module = sys.modules.get("lfm_edge.weight_cache")  # not imported: nothing was loaded
+    for cache in cache_module.saves_in_progress() if cache_module else []:
+        print(f"note: finishing the save of the packed weights to {cache.path} (once)", file=sys.stderr)
+        cache.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         try:
@@ -81,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        return modules[args.command].main(args) or 0
+        status = modules[args.command].main(args) or 0
+        finish_saves()
+        return status
     except LfmEdgeError as e:
         print(f"lfm-edge: error: {e}", file=sys.stderr)
         return 1

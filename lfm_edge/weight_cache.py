@@ -64,6 +64,16 @@ PAGE = 4096  # every matrix starts on a page: aligned for the kernels (64) and f
 FREE_MARGIN = 1 << 30  # a save leaves at least this much of the disk free
 
 
+_saving: set[WeightCache] = set()  # the caches whose save runs now (see saves_in_progress)
+_saving_lock = threading.Lock()
+
+
+def saves_in_progress() -> list[WeightCache]:
+    """The saves running now, in this process; it waits for them before it exits."""
+    with _saving_lock:
+        return list(_saving)
+
+
 def default_dir() -> Path | None:
     """The cache directory the environment asks for, or None if it turns the cache off."""
     value = os.environ.get(ENV_VAR, "")
@@ -154,6 +164,8 @@ class WeightCache:
             # pages) runs beside its first requests, a CRC thread beside the writes
             self.status = "saving"
             self._saver = threading.Thread(target=self._save, args=(packed,), name="lfm-edge-weight-cache")
+            with _saving_lock:
+                _saving.add(self)
             self._saver.start()
 
     def wait(self) -> str:
@@ -206,6 +218,8 @@ class WeightCache:
             self._failed(f"{type(e).__name__}: {e}")
         finally:
             self.save_s = time.perf_counter() - start
+            with _saving_lock:
+                _saving.discard(self)
 
     def _room_for(self, nbytes: int) -> bool:
         """Whether the directory can take a file of nbytes; if not, the status says why."""

@@ -360,6 +360,31 @@ def test_info_says_where_the_packed_weights_are(model, tmp_path):
     assert "packed at every load" in info(**{weight_cache.ENV_VAR: "off"})
 
 
+def test_the_cli_says_it_waits_for_a_save_still_running(model, tmp_path, monkeypatch, capsys):
+    from lfm_edge import cli
+
+    path, _ = model
+    may_finish = threading.Event()
+    replace = os.replace
+
+    def replace_when_allowed(src, dst):
+        assert may_finish.wait(60)
+        replace(src, dst)
+
+    monkeypatch.setattr(weight_cache.os, "replace", replace_when_allowed)
+    llm = lfm_edge.load(path, n_ctx=64, weight_cache=tmp_path / "cache")
+    assert weight_cache.saves_in_progress() == [llm.weight_cache]
+    waiter = threading.Thread(target=cli.finish_saves)
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive()  # waiting for the save, and it said so
+    assert f"note: finishing the save of the packed weights to {llm.weight_cache.path}" in capsys.readouterr().err
+    may_finish.set()
+    waiter.join(60)
+    assert not waiter.is_alive() and llm.weight_cache.status == "written"
+    assert weight_cache.saves_in_progress() == []
+
+
 def test_the_environment_chooses_the_directory(model, tmp_path, monkeypatch):
     path, _ = model
     monkeypatch.setenv(weight_cache.ENV_VAR, str(tmp_path / "from-env"))
