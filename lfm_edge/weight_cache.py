@@ -166,7 +166,13 @@ class WeightCache:
             self._saver = threading.Thread(target=self._save, args=(packed,), name="lfm-edge-weight-cache")
             with _saving_lock:
                 _saving.add(self)
-            self._saver.start()
+            try:
+                self._saver.start()
+            except RuntimeError as e:  # no thread to be had: the model works without the file
+                with _saving_lock:
+                    _saving.discard(self)
+                self._saver = None
+                self._failed(f"no thread to save them on ({e})")
 
     def wait(self) -> str:
         """Waits for a save in progress to end; the status it ended in."""

@@ -327,7 +327,8 @@ def test_a_process_that_exits_right_after_loading_still_saves(model, tmp_path):
     directory = tmp_path / "cache"
     code = f"import lfm_edge; print(lfm_edge.load({str(path)!r}, weight_cache={str(directory)!r}).weight_cache.status)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout == "saving\n" and proc.stderr == "", proc.stderr
+    # "written" when a tiny model's save is done before the status is read
+    assert proc.returncode == 0 and proc.stdout in ("saving\n", "written\n") and proc.stderr == "", proc.stderr
     assert load(path, directory).weight_cache.status == "read"
 
 

@@ -221,7 +221,7 @@ class Bench:
         cache = self.llm.weight_cache
         self.weights = "cache" if cache is not None and cache.status == "read" else "packed"
         self.saved = ""  # how the packing's save went, said in the footer
-        if cache is not None and cache.status == "saving":
+        if cache is not None and cache.status in ("saving", "written"):  # this load packed and saves
             cache.wait()  # the tests measure a quiet machine
             self.saved = (f"saved to the weight cache in {cache.save_s:.2f} s" if cache.status == "written"
                           else f"not saved ({cache.reason})")

@@ -113,7 +113,7 @@ def load_model(args: argparse.Namespace) -> LLM:
 def note_weight_cache(llm: LLM) -> None:
     """Says once, when the packed weights are first saved, where the disk space went."""
     cache = llm.weight_cache
-    if cache is not None and cache.status == "saving":
+    if cache is not None and cache.status in ("saving", "written"):  # a small model's save may be done
         print(f"note: saving the packed weights ({cache.nbytes / 1e9:.2f} GB) to {cache.path}, once, so that "
               "later loads of this model skip packing (--no-weight-cache: do not)", file=sys.stderr)
     elif cache is not None and cache.status == "failed":
