@@ -29,7 +29,9 @@ class Linear:
         self.name, self.qtype, self.shape = tensor.name, tensor.qtype, tensor.shape
         self.n_mats = stack[0] if stack else 1
         # the kernels read the copy, not the file: the packer drops the file's pages it has read
-        self.native = packed or native.PackedMatrix(tensor.data, int(tensor.qtype), n, k, self.n_mats, tensor.mapping)
+        if packed is None:
+            packed = native.PackedMatrix(tensor.data, int(tensor.qtype), n, k, self.n_mats, tensor.mapping)
+        self.native = packed
 
     @property
     def nbytes(self) -> int:

@@ -22,8 +22,9 @@ It is only read when its index names this build's PACK_FORMAT and this very GGUF
 path, size, modification time, inode and a SHA-256 of its header), holds every packed matrix the model
 asks for, with its type and shape, and each matrix's CRC-32 matches (checking it also maps the
 pages, which the first token would otherwise fault in). Anything else, a torn write, a stale or
-foreign file, is packed from the GGUF and saved again. A file is written under a temporary name
-and renamed into place, so a reader sees a whole file or none.
+foreign file, is packed from the GGUF and saved again. A file is written as every file lfm-edge
+writes (lfm_edge/files.py: a temporary file, fsynced, renamed into place, one writer at a time),
+so a reader sees a whole file or none.
 
 Where: the directory in $LFM_EDGE_WEIGHT_CACHE, else $XDG_CACHE_HOME/lfm-edge/packed, else
 ~/.cache/lfm-edge/packed; LFM_EDGE_WEIGHT_CACHE=off saves and reads nothing. One file per model
@@ -42,17 +43,21 @@ import shutil
 import struct
 import threading
 import time
-import uuid
 import zlib
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import native
+from .errors import LfmEdgeError
+from .files import atomic_output
 from .gguf_file import FLOAT_TYPES, GGUFFile, Tensor
+
+if TYPE_CHECKING:
+    from .packed import Linear
 
 log = logging.getLogger("lfm_edge.weight_cache")
 
@@ -117,7 +122,7 @@ class WeightCache:
         if found is None:
             return  # no cache yet (or an unreadable one, which the save replaces)
         mapping, index = found
-        if index.get("pack_format") != native.PACK_FORMAT or index.get("source") != self.source:
+        if not _made_for(index, self.source):
             mapping.close()
             return
         tensors = index["tensors"]
@@ -150,11 +155,11 @@ class WeightCache:
             return None
 
     # -- saving ----------------------------------------------------------------------
-    def finish(self, matrices: Iterable[tuple[str, Tensor, native.PackedMatrix]]) -> None:
-        """Called with every packed matrix once the model is built: saves them unless they all
-        came from the file."""
-        packed = [(name, t, m) for name, t, m in matrices if m.int8_activations]
-        self.nbytes = sum(m.nbytes for _, _, m in packed)
+    def finish(self, matrices: Iterable[Linear]) -> None:
+        """Called with every weight matrix once the model is built: saves the packed ones unless
+        they all came from the file."""
+        packed = [m for m in matrices if m.native.int8_activations]
+        self.nbytes = packed_nbytes(packed)
         if not packed:
             self.status = "none"
         elif self._map is not None and not self._missed:
@@ -180,30 +185,28 @@ class WeightCache:
             self._saver.join()
         return self.status
 
-    def _save(self, packed: list[tuple[str, Tensor, native.PackedMatrix]]) -> None:
+    def _save(self, packed: list[Linear]) -> None:
         start = time.perf_counter()
-        # the pid says whose it is (see _remove_abandoned); two loads in one process differ in the rest
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         try:
-            _remove_abandoned(self.directory, self.path.name)
             _remove_orphans(self.directory)
             tensors: dict[str, dict[str, Any]] = {}
             offset = 0
-            for name, t, m in packed:
+            for m in packed:
                 # the CRC is known once the bytes are written: eight hex digits either way, so the
                 # index keeps its length, and goes in front of them afterwards
-                tensors[name] = {"qtype": int(t.qtype), "shape": list(t.shape), "offset": offset,
-                                 "nbytes": m.nbytes, "crc32": _hex(0)}
+                tensors[m.name] = {"qtype": int(m.qtype), "shape": list(m.shape), "offset": offset,
+                                   "nbytes": m.nbytes, "crc32": _hex(0)}
                 offset += _round_up(m.nbytes, PAGE)
             index = {"pack_format": native.PACK_FORMAT, "source": self.source, "tensors": tensors}
             data_start = _round_up(_PREFIX.size + len(_encode(index)), PAGE)
-            views = [m.packed_bytes() for _, _, m in packed]
+            views = [m.native.packed_bytes() for m in packed]
             # the CRCs on a thread beside the writes (both let the GIL go), which are slower; a plain
             # thread, as an executor refuses work once the interpreter has begun to exit
             crcs: list[int] = []
             summer = threading.Thread(target=lambda: crcs.extend(map(zlib.crc32, views)), name="lfm-edge-crc32")
             summer.start()
-            with open(tmp, "wb") as f:
+            # whole or absent, a dead process's temporary file swept, one writer per file (files.py)
+            with atomic_output(self.path) as tmp, open(tmp, "wb") as f:
                 try:
                     for e, view in zip(tensors.values(), views):
                         f.seek(data_start + e["offset"])
@@ -214,13 +217,12 @@ class WeightCache:
                     e["crc32"] = _hex(crc)
                 f.seek(0)
                 f.write(_PREFIX.pack(MAGIC, len(_encode(index)), data_start) + _encode(index))
-            os.replace(tmp, self.path)
             self.status = "written"
+        except LfmEdgeError as e:  # atomic_output's one sentence
+            self._failed(str(e))
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             self._failed(f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
         except Exception as e:  # a thread's traceback would reach the user: the model works without the file
-            tmp.unlink(missing_ok=True)
             self._failed(f"{type(e).__name__}: {e}")
         finally:
             self.save_s = time.perf_counter() - start
@@ -247,6 +249,11 @@ class WeightCache:
             log.warning("lfm-edge: the packed weights were not saved to %s (%s)", self.path, reason)
 
 
+def packed_nbytes(matrices: Iterable[Linear]) -> int:
+    """Bytes of the matrices that are packed (and so saved); float ones are read from the GGUF."""
+    return sum(m.nbytes for m in matrices if m.native.int8_activations)
+
+
 def saved_for(gguf: GGUFFile, directory: Path) -> Path | None:
     """The cache file in `directory` that holds this GGUF file's packing, if there is one (its
     index is read; the CRCs are left to the load)."""
@@ -256,8 +263,7 @@ def saved_for(gguf: GGUFFile, directory: Path) -> Path | None:
         return None
     mapping, index = found
     mapping.close()
-    ours = index.get("pack_format") == native.PACK_FORMAT and index.get("source") == _source_identity(gguf)
-    return path if ours else None
+    return path if _made_for(index, _source_identity(gguf)) else None
 
 
 def cache_path(gguf: GGUFFile, directory: Path) -> Path:
@@ -273,6 +279,11 @@ def _source_identity(gguf: GGUFFile) -> dict[str, Any]:
     st = gguf.stat
     return {"path": os.path.realpath(gguf.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
             "inode": st.st_ino, "header_sha256": gguf.header_sha256()}
+
+
+def _made_for(index: dict[str, Any], source: dict[str, Any]) -> bool:
+    """Whether a cache file's index is this build's layout of this very GGUF file."""
+    return index.get("pack_format") == native.PACK_FORMAT and index.get("source") == source
 
 
 def _map_cache_file(path: Path) -> tuple[mmap.mmap, dict[str, Any]] | None:
@@ -339,24 +350,6 @@ def _remove_orphans(directory: Path) -> None:
         model = source.get("path") if isinstance(source, dict) else None
         if isinstance(model, str) and not os.path.exists(model):
             path.unlink(missing_ok=True)
-
-
-def _remove_abandoned(directory: Path, name: str) -> None:
-    """Temporary files of this cache file left by saves that did not finish (their process is gone)."""
-    for tmp in directory.glob(f".{name}.*.tmp"):
-        pid = tmp.name[len(name) + 2:-len(".tmp")].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _hex(crc: int) -> str:

@@ -17,7 +17,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 import lfm_edge
-from lfm_edge import native, weight_cache
+from lfm_edge import files, native, weight_cache
 from lfm_edge.errors import LfmEdgeError
 from lfm_edge.gguf_file import FLOAT_TYPES, SUPPORTED_TYPES
 
@@ -286,7 +286,8 @@ def test_a_save_that_fails_midway_leaves_no_file(model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(weight_cache.os, "replace", fail)
     llm = load(path, directory)
-    assert llm.weight_cache.status == "failed" and llm.weight_cache.reason == "No space left on device"
+    assert llm.weight_cache.status == "failed"
+    assert llm.weight_cache.reason == f"cannot write {llm.weight_cache.path}: No space left on device"
     assert list(directory.iterdir()) == []  # the temporary file went too
 
 
@@ -294,8 +295,8 @@ def test_abandoned_temporary_files_are_removed(model, tmp_path):
     path, _ = model
     directory = tmp_path / "cache"
     name = load(path, directory).weight_cache.path.name
-    dead = directory / f".{name}.{(1 << 22) + 1}-0a1b2c3d.tmp"  # above any pid Linux hands out
-    alive = directory / f".{name}.1-0a1b2c3d.tmp"  # init's: still being written, as far as anyone can tell
+    dead = directory / f".{name}{files.TMP_MARK}{(1 << 22) + 1}"  # above any pid Linux hands out
+    alive = directory / f".{name}{files.TMP_MARK}1"  # init's: still being written, as far as anyone can tell
     dead.write_bytes(b"half a file")
     alive.write_bytes(b"half a file")
     os.utime(path, ns=(0, 0))  # so the next load saves
@@ -306,15 +307,18 @@ def test_abandoned_temporary_files_are_removed(model, tmp_path):
 def test_two_loads_at_once_save_one_whole_file(model, tmp_path, monkeypatch):
     path, expected = model
     directory = tmp_path / "cache"
-    both_written = threading.Barrier(2, timeout=60)
+    second_saving = threading.Event()
     replace = os.replace
 
-    def replace_when_both_are_written(src, dst):
-        both_written.wait()  # the second load finds no file yet, and the saves overlap
+    def replace_once_the_second_saves(src, dst):
+        assert second_saving.wait(60)  # the second load finds no file yet, and its save waits for this one
         replace(src, dst)
 
-    monkeypatch.setattr(weight_cache.os, "replace", replace_when_both_are_written)
-    llms = [lfm_edge.load(path, n_ctx=64, weight_cache=directory) for _ in range(2)]
+    monkeypatch.setattr(weight_cache.os, "replace", replace_once_the_second_saves)
+    llms = [lfm_edge.load(path, n_ctx=64, weight_cache=directory)]
+    llms.append(lfm_edge.load(path, n_ctx=64, weight_cache=directory))
+    assert [llm.weight_cache.status for llm in llms] == ["saving", "saving"]
+    second_saving.set()
     assert [llm.weight_cache.wait() for llm in llms] == ["written", "written"]
     monkeypatch.undo()
     again = load(path, directory)

@@ -49,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
 
 def packed_weights(f: GGUFFile, model) -> str:
     """Where the weight cache keeps this file's packed matrices, or what the next load does."""
-    packed = sum(m.nbytes for m in model.matrices if m.native.int8_activations)
+    packed = weight_cache.packed_nbytes(model.matrices)
     if not packed:
         return "nothing to pack (float weights are read from the file as they are)"
     directory = weight_cache.default_dir()

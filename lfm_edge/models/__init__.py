@@ -27,5 +27,5 @@ def build_model(f: GGUFFile, cache: WeightCache | None = None) -> lfm2.Model:
         raise f.error(f"holds {len(f.tensors) - len(weights.used)} tensors that {f.arch} does not use "
                       f"(the first is {first})")
     if cache is not None:
-        cache.finish((m.name, m.tensor, m.native) for m in model.matrices)
+        cache.finish(model.matrices)
     return model
