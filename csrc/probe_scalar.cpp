@@ -48,7 +48,8 @@ int64_t int8_mac(uint32_t a4, uint32_t b4, int64_t iterations) {
 }  // namespace
 
 const ProbeKernels& scalar_probe_kernels() {
-    static const ProbeKernels table = {"scalar", probe_impl::read_sum<ScalarLines>, int8_mac, kChains * 4, "scalar int32 multiply-add"};
+    static const ProbeKernels table = {"scalar", probe_impl::read_sum<ScalarLines>, int8_mac, kChains * 4,
+                                       "scalar int32 multiply-add"};
     return table;
 }
 
