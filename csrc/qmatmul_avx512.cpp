@@ -16,16 +16,64 @@ namespace {
 
 namespace this_isa = avx512;
 constexpr int kTokenTile = 4;  // tokens that share each unpacked weight block (prefill)
+// Row groups a decode tile reads side by side (qmatmul_impl.h; over_groups): one. On the Zen 4
+// VM (AVX-512), 2 and 4 streams gave a GEMV from DRAM a few GB/s in some types and took it in
+// others, and 8B-A1B decode no speed: four interleaved pairs of `lfm-edge bench -p 0 -n 64 -r 4`,
+// one stream against two, 20.9-21.5 / 24.3-30.8 tok/s against 20.8-22.6 / 28.4-31.1 (1 / 2 threads).
 template <class Block>
-constexpr int kDecodeStreams = 1;  // row groups a decode tile reads side by side
+constexpr int kDecodeStreams = 1;
 
 // The lanes of rows 0 .. rows - 1 (rows <= 16).
 static inline __mmask16 row_mask(int rows) { return static_cast<__mmask16>((1u << rows) - 1); }
+
+// Runs `step` over the n_steps steps (blocks or sub-blocks) of one row group for TT tokens, each
+// step adding to the TT accumulators of the group's 16 rows, then stores them. Decode may run G
+// full row groups side by side, `spacing` groups apart (their outputs 16 * spacing rows apart):
+// G streams from memory at once instead of one, for the hardware prefetcher (qmatmul_impl.h,
+// kDecodeStreams). Each output is still the same sums in the same order, so G changes no bit.
+template <int TT, int G, class Block, class Step>
+static inline void over_groups(const Block* blocks, int64_t n_blocks, int64_t spacing, int64_t n_steps,
+                               int rows, float* y, int64_t ldy, int64_t t0, int64_t row0, const Step& step) {
+    static_assert(G == 1 || TT <= 2, "row groups side by side are for decode: one or two tokens");
+    __m512 acc[G][TT];
+    for (int g = 0; g < G; ++g) {
+        for (int t = 0; t < TT; ++t) acc[g][t] = _mm512_setzero_ps();
+    }
+    for (int64_t i = 0; i < n_steps; ++i) {
+        for (int g = 0; g < G; ++g) step(blocks + g * spacing * n_blocks, i, acc[g]);
+    }
+    for (int g = 0; g < G; ++g) {
+        float* out = y + t0 * ldy + row0 + g * spacing * kRowGroup;
+        for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(out + t * ldy, row_mask(rows), acc[g][t]);
+    }
+}
 
 static inline __m512i broadcast4(const int8_t* p) {  // 4 activation bytes into every lane
     int32_t v;
     std::memcpy(&v, p, sizeof v);
     return _mm512_set1_epi32(v);
+}
+
+// Adds to dot[t] the exact integer dot products of one block's 8 operands (operand i = weights
+// 4i .. 4i+3 of the 16 rows) with token t's 32 activations at a[t]. Four or more tokens hide
+// vpdpbusd's latency with one chain each; fewer run two a token (even and odd operands). The
+// sums are integers: their order changes no bit.
+template <int TT>
+static inline void add_block_dots(const __m512i w[8], const int8_t* const (&a)[TT], __m512i (&dot)[TT]) {
+    if constexpr (TT >= 4) {
+        for (int i = 0; i < 8; ++i) {
+            for (int t = 0; t < TT; ++t) dot[t] = _mm512_dpbusd_epi32(dot[t], w[i], broadcast4(a[t] + 4 * i));
+        }
+    } else {
+        for (int t = 0; t < TT; ++t) {
+            __m512i odd = _mm512_setzero_si512();
+            for (int i = 0; i < 8; i += 2) {
+                dot[t] = _mm512_dpbusd_epi32(dot[t], w[i], broadcast4(a[t] + 4 * i));
+                odd = _mm512_dpbusd_epi32(odd, w[i + 1], broadcast4(a[t] + 4 * i + 4));
+            }
+            dot[t] = _mm512_add_epi32(dot[t], odd);
+        }
+    }
 }
 
 // The 8 VNNI operands of a Q4_0x16-style nibble array qs[256] (operand o = weights 4o..4o+3).
@@ -92,45 +140,34 @@ static inline int32_t unpack(const IQ4_NLx16& blk, __m512i w[8]) {
 }
 
 // Tokens [t0, t0 + TT) against one row group (nb blocks), into y columns row0 .. row0 + rows - 1.
-template <class Block, int TT>
+template <class Block, int TT, int G = 1>
 void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nb,
-                    int rows, float* y, int64_t ldy, int64_t row0) {
-    __m512 acc[TT];
-    for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();
-    const int8_t* q[TT];
-    const float* dx[TT];
-    const int32_t* sx[TT];
-    for (int t = 0; t < TT; ++t) {
-        q[t] = x.q + (t0 + t) * x.k;
-        dx[t] = x.d + (t0 + t) * nb;
-        sx[t] = x.sum + (t0 + t) * nb;
-    }
-    for (int64_t b = 0; b < nb; ++b) {
-        const Block& blk = blocks[b];
+                    int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
+    over_groups<TT, G>(blocks, nb, streams.spacing, nb, rows, y, ldy, t0, row0,
+                       [&](const Block* group, int64_t b, __m512 (&acc)[TT]) {
+        const Block& blk = group[b];
         prefetch_weights(&blk, sizeof(Block));
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
         __m512i w[8];
         const int32_t offset = unpack(blk, w);
+        const int8_t* a[TT];
+        __m512i dot[TT];
         for (int t = 0; t < TT; ++t) {
-            const int8_t* a = q[t] + b * kQuantBlock;
-            __m512i even = _mm512_setzero_si512();  // two chains halve the latency
-            __m512i odd = _mm512_setzero_si512();
-            for (int i = 0; i < 8; i += 2) {
-                even = _mm512_dpbusd_epi32(even, w[i], broadcast4(a + 4 * i));
-                odd = _mm512_dpbusd_epi32(odd, w[i + 1], broadcast4(a + 4 * i + 4));
-            }
-            const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(even, odd),
-                                                 _mm512_set1_epi32(offset * sx[t][b]));
-            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(dx[t][b]));
-            acc[t] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[t]);
+            a[t] = x.q + (t0 + t) * x.k + b * kQuantBlock;
+            dot[t] = _mm512_set1_epi32(-offset * x.sum[(t0 + t) * nb + b]);
+        }
+        add_block_dots(w, a, dot);
+        for (int t = 0; t < TT; ++t) {
+            const int64_t token = t0 + t;
+            const __m512 dx = _mm512_set1_ps(x.d[token * nb + b]);
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(dot[t]), acc[t]);
             if constexpr (kHasMin<Block>) {
                 const __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.m)));
-                const __m512 min = _mm512_mul_ps(mw, _mm512_set1_ps(dx[t][b]));
-                acc[t] = _mm512_fmadd_ps(min, _mm512_set1_ps(static_cast<float>(sx[t][b])), acc[t]);
+                const __m512 a_sum = _mm512_set1_ps(static_cast<float>(x.sum[token * nb + b]));
+                acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(mw, dx), a_sum, acc[t]);
             }
         }
-    }
-    for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + row0, row_mask(rows), acc[t]);
+    });
 }
 
 // ---- K-quants: one Q4_Kx16 / Q5_Kx16 / Q6_Kx16 per 16 rows x 256 columns (packed.h)
@@ -150,42 +187,37 @@ static inline __m512 u8x16_to_ps(const uint8_t* p) {
 }
 
 // Q4_K / Q5_K, tokens [t0, t0 + TT): acc += (s dx) dot - (mn dx) sum(a), per sub-block of 32.
-template <class Block, int TT>
+template <class Block, int TT, int G = 1>
 void k_affine_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb,
-                   int rows, float* y, int64_t ldy, int64_t row0) {
+                   int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
     const int64_t nb = x.k / kQuantBlock;
-    __m512 acc[TT];
-    for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();
-    for (int64_t sb = 0; sb < nsb; ++sb) {
-        const Block& blk = blocks[sb];
+    over_groups<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
+                       [&](const Block* group, int64_t b, __m512 (&acc)[TT]) {
+        const Block& blk = group[b / 8];
+        const int j = static_cast<int>(b % 8);
+        prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         const Q4_Kx16& low = low_part(blk);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low.d)));
         const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low.dmin)));
-        for (int j = 0; j < 8; ++j) {
-            prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
-            const __m512 scale = _mm512_mul_ps(d, u8x16_to_ps(low.sc[j]));  // exact
-            const __m512 min = _mm512_mul_ps(dmin, u8x16_to_ps(low.m[j]));  // exact
-            __m512i w[8];
-            unpack_k(blk, j, w);
-            const int64_t b = 8 * sb + j;
-            for (int t = 0; t < TT; ++t) {
-                const int64_t token = t0 + t;
-                const int8_t* a = x.q + token * x.k + b * kQuantBlock;
-                __m512i even = _mm512_setzero_si512();
-                __m512i odd = _mm512_setzero_si512();
-                for (int i = 0; i < 8; i += 2) {
-                    even = _mm512_dpbusd_epi32(even, w[i], broadcast4(a + 4 * i));
-                    odd = _mm512_dpbusd_epi32(odd, w[i + 1], broadcast4(a + 4 * i + 4));
-                }
-                const __m512 dx = _mm512_set1_ps(x.d[token * nb + b]);
-                const __m512 sum = _mm512_set1_ps(static_cast<float>(x.sum[token * nb + b]));
-                acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(scale, dx),
-                                         _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), acc[t]);
-                acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(min, dx), sum, acc[t]);
-            }
+        const __m512 scale = _mm512_mul_ps(d, u8x16_to_ps(low.sc[j]));  // exact
+        const __m512 min = _mm512_mul_ps(dmin, u8x16_to_ps(low.m[j]));  // exact
+        __m512i w[8];
+        unpack_k(blk, j, w);
+        const int8_t* a[TT];
+        __m512i dot[TT];
+        for (int t = 0; t < TT; ++t) {
+            a[t] = x.q + (t0 + t) * x.k + b * kQuantBlock;
+            dot[t] = _mm512_setzero_si512();
         }
-    }
-    for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + row0, row_mask(rows), acc[t]);
+        add_block_dots(w, a, dot);
+        for (int t = 0; t < TT; ++t) {
+            const int64_t token = t0 + t;
+            const __m512 dx = _mm512_set1_ps(x.d[token * nb + b]);
+            const __m512 sum = _mm512_set1_ps(static_cast<float>(x.sum[token * nb + b]));
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(scale, dx), _mm512_cvtepi32_ps(dot[t]), acc[t]);
+            acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(min, dx), sum, acc[t]);
+        }
+    });
 }
 
 // The 2-bit fields of a Q6_Kx16.qh-style q2[128] (operand 4v + s at bits 2s, 2s+1 of the
@@ -219,117 +251,103 @@ static inline int32_t unpack_scaled16(const Q3_Kx16& blk, int j, __m512i w[8]) {
 }
 
 // Q6_K / Q3_K, tokens [t0, t0 + TT): acc += (d dx) (sc0 (dot0 - off sum0) + sc1 (dot1 - off sum1)).
-template <class Block, int TT>
+template <class Block, int TT, int G = 1>
 void scaled16_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb,
-                   int rows, float* y, int64_t ldy, int64_t row0) {
+                   int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
     const int64_t nb = x.k / kQuantBlock;
-    __m512 acc[TT];
-    for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();
-    for (int64_t sb = 0; sb < nsb; ++sb) {
-        const Block& blk = blocks[sb];
+    over_groups<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
+                       [&](const Block* group, int64_t b, __m512 (&acc)[TT]) {
+        const Block& blk = group[b / 8];
+        const int j = static_cast<int>(b % 8);
+        prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
-        for (int j = 0; j < 8; ++j) {
-            prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
-            __m512i w[8];
-            const int32_t offset = unpack_scaled16(blk, j, w);
-            const __m512i sc0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sc[2 * j])));
-            const __m512i sc1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sc[2 * j + 1])));
-            const int64_t b = 8 * sb + j;
-            for (int t = 0; t < TT; ++t) {
-                const int64_t token = t0 + t;
-                const int8_t* a = x.q + token * x.k + b * kQuantBlock;
-                const int32_t* s16 = x.sum16 + token * 2 * nb + 2 * b;
-                __m512i dot0 = _mm512_set1_epi32(-offset * s16[0]);
-                __m512i dot1 = _mm512_set1_epi32(-offset * s16[1]);
-                for (int i = 0; i < 4; ++i) {
-                    dot0 = _mm512_dpbusd_epi32(dot0, w[i], broadcast4(a + 4 * i));
-                    dot1 = _mm512_dpbusd_epi32(dot1, w[i + 4], broadcast4(a + 16 + 4 * i));
-                }
-                const __m512i combined = _mm512_add_epi32(_mm512_mullo_epi32(sc0, dot0),
-                                                          _mm512_mullo_epi32(sc1, dot1));
-                const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(x.d[token * nb + b]));
-                acc[t] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(combined), acc[t]);
+        __m512i w[8];
+        const int32_t offset = unpack_scaled16(blk, j, w);
+        const __m512i sc0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sc[2 * j])));
+        const __m512i sc1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sc[2 * j + 1])));
+        for (int t = 0; t < TT; ++t) {
+            const int64_t token = t0 + t;
+            const int8_t* a = x.q + token * x.k + b * kQuantBlock;
+            const int32_t* s16 = x.sum16 + token * 2 * nb + 2 * b;
+            __m512i dot0 = _mm512_set1_epi32(-offset * s16[0]);
+            __m512i dot1 = _mm512_set1_epi32(-offset * s16[1]);
+            for (int i = 0; i < 4; ++i) {
+                dot0 = _mm512_dpbusd_epi32(dot0, w[i], broadcast4(a + 4 * i));
+                dot1 = _mm512_dpbusd_epi32(dot1, w[i + 4], broadcast4(a + 16 + 4 * i));
             }
+            const __m512i combined = _mm512_add_epi32(_mm512_mullo_epi32(sc0, dot0), _mm512_mullo_epi32(sc1, dot1));
+            const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(x.d[token * nb + b]));
+            acc[t] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(combined), acc[t]);
         }
-    }
-    for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + row0, row_mask(rows), acc[t]);
+    });
 }
 
 // Q2_K, tokens [t0, t0 + TT): acc += (d dx) (sc0 dot0 + sc1 dot1) - (dmin dx) (m0 sum0 + m1 sum1).
-template <int TT>
+template <int TT, int G = 1>
 void q2_k_tile(const QuantizedRows& x, int64_t t0, const Q2_Kx16* blocks, int64_t nsb,
-               int rows, float* y, int64_t ldy, int64_t row0) {
+               int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
     const int64_t nb = x.k / kQuantBlock;
     const __m512i nibble = _mm512_set1_epi32(0x0f);
-    __m512 acc[TT];
-    for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();
-    for (int64_t sb = 0; sb < nsb; ++sb) {
-        const Q2_Kx16& blk = blocks[sb];
+    over_groups<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
+                       [&](const Q2_Kx16* group, int64_t b, __m512 (&acc)[TT]) {
+        const Q2_Kx16& blk = group[b / 8];
+        const int j = static_cast<int>(b % 8);
+        prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
         const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.dmin)));
-        for (int j = 0; j < 8; ++j) {
-            prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
-            __m512i w[8];
-            unpack_pairs<0>(blk.q2[j], w);
-            const __m512i sm0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sm[2 * j])));
-            const __m512i sm1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sm[2 * j + 1])));
-            const __m512i sc0 = _mm512_and_si512(sm0, nibble), sc1 = _mm512_and_si512(sm1, nibble);
-            const __m512i m0 = _mm512_srli_epi32(sm0, 4), m1 = _mm512_srli_epi32(sm1, 4);
-            const int64_t b = 8 * sb + j;
-            for (int t = 0; t < TT; ++t) {
-                const int64_t token = t0 + t;
-                const int8_t* a = x.q + token * x.k + b * kQuantBlock;
-                const int32_t* s16 = x.sum16 + token * 2 * nb + 2 * b;
-                __m512i dot0 = _mm512_setzero_si512();
-                __m512i dot1 = _mm512_setzero_si512();
-                for (int i = 0; i < 4; ++i) {
-                    dot0 = _mm512_dpbusd_epi32(dot0, w[i], broadcast4(a + 4 * i));
-                    dot1 = _mm512_dpbusd_epi32(dot1, w[i + 4], broadcast4(a + 16 + 4 * i));
-                }
-                const __m512i scaled = _mm512_add_epi32(_mm512_mullo_epi32(sc0, dot0), _mm512_mullo_epi32(sc1, dot1));
-                const __m512i mins = _mm512_add_epi32(_mm512_mullo_epi32(m0, _mm512_set1_epi32(s16[0])),
-                                                      _mm512_mullo_epi32(m1, _mm512_set1_epi32(s16[1])));
-                const __m512 dx = _mm512_set1_ps(x.d[token * nb + b]);
-                acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(d, dx), _mm512_cvtepi32_ps(scaled), acc[t]);
-                acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, dx), _mm512_cvtepi32_ps(mins), acc[t]);
+        __m512i w[8];
+        unpack_pairs<0>(blk.q2[j], w);
+        const __m512i sm0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sm[2 * j])));
+        const __m512i sm1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sm[2 * j + 1])));
+        const __m512i sc0 = _mm512_and_si512(sm0, nibble), sc1 = _mm512_and_si512(sm1, nibble);
+        const __m512i m0 = _mm512_srli_epi32(sm0, 4), m1 = _mm512_srli_epi32(sm1, 4);
+        for (int t = 0; t < TT; ++t) {
+            const int64_t token = t0 + t;
+            const int8_t* a = x.q + token * x.k + b * kQuantBlock;
+            const int32_t* s16 = x.sum16 + token * 2 * nb + 2 * b;
+            __m512i dot0 = _mm512_setzero_si512();
+            __m512i dot1 = _mm512_setzero_si512();
+            for (int i = 0; i < 4; ++i) {
+                dot0 = _mm512_dpbusd_epi32(dot0, w[i], broadcast4(a + 4 * i));
+                dot1 = _mm512_dpbusd_epi32(dot1, w[i + 4], broadcast4(a + 16 + 4 * i));
             }
+            const __m512i scaled = _mm512_add_epi32(_mm512_mullo_epi32(sc0, dot0), _mm512_mullo_epi32(sc1, dot1));
+            const __m512i mins = _mm512_add_epi32(_mm512_mullo_epi32(m0, _mm512_set1_epi32(s16[0])),
+                                                  _mm512_mullo_epi32(m1, _mm512_set1_epi32(s16[1])));
+            const __m512 dx = _mm512_set1_ps(x.d[token * nb + b]);
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(d, dx), _mm512_cvtepi32_ps(scaled), acc[t]);
+            acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, dx), _mm512_cvtepi32_ps(mins), acc[t]);
         }
-    }
-    for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + row0, row_mask(rows), acc[t]);
+    });
 }
 
 // IQ4_XS, tokens [t0, t0 + TT): acc += (d dx) (sc (dot(kIq4Values[u] + 128, a) - 128 sum(a))).
-template <int TT>
+template <int TT, int G = 1>
 void iq4_xs_tile(const QuantizedRows& x, int64_t t0, const IQ4_XSx16* blocks, int64_t nsb,
-                 int rows, float* y, int64_t ldy, int64_t row0) {
+                 int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
     const int64_t nb = x.k / kQuantBlock;
-    __m512 acc[TT];
-    for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();
-    for (int64_t sb = 0; sb < nsb; ++sb) {
-        const IQ4_XSx16& blk = blocks[sb];
+    over_groups<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
+                       [&](const IQ4_XSx16* group, int64_t b, __m512 (&acc)[TT]) {
+        const IQ4_XSx16& blk = group[b / 8];
+        const int j = static_cast<int>(b % 8);
+        prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
-        for (int j = 0; j < 8; ++j) {
-            prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
-            __m512i w[8];
-            unpack_iq4(blk.qs[j], w);
-            const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sc[j])));
-            const int64_t b = 8 * sb + j;
-            for (int t = 0; t < TT; ++t) {
-                const int64_t token = t0 + t;
-                const int8_t* a = x.q + token * x.k + b * kQuantBlock;
-                __m512i even = _mm512_set1_epi32(-128 * x.sum[token * nb + b]);
-                __m512i odd = _mm512_setzero_si512();
-                for (int i = 0; i < 8; i += 2) {
-                    even = _mm512_dpbusd_epi32(even, w[i], broadcast4(a + 4 * i));
-                    odd = _mm512_dpbusd_epi32(odd, w[i + 1], broadcast4(a + 4 * i + 4));
-                }
-                const __m512i combined = _mm512_mullo_epi32(sc, _mm512_add_epi32(even, odd));
-                const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(x.d[token * nb + b]));
-                acc[t] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(combined), acc[t]);
-            }
+        __m512i w[8];
+        unpack_iq4(blk.qs[j], w);
+        const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sc[j])));
+        const int8_t* a[TT];
+        __m512i dot[TT];
+        for (int t = 0; t < TT; ++t) {
+            a[t] = x.q + (t0 + t) * x.k + b * kQuantBlock;
+            dot[t] = _mm512_set1_epi32(-128 * x.sum[(t0 + t) * nb + b]);
         }
-    }
-    for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(y + (t0 + t) * ldy + row0, row_mask(rows), acc[t]);
+        add_block_dots(w, a, dot);
+        for (int t = 0; t < TT; ++t) {
+            const __m512i combined = _mm512_mullo_epi32(sc, dot[t]);
+            const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(x.d[(t0 + t) * nb + b]));
+            acc[t] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(combined), acc[t]);
+        }
+    });
 }
 
 }  // namespace
