@@ -16,6 +16,7 @@
 // Internal linkage only (see kernels.h).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -74,6 +75,11 @@ static inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline Vec vfnma(Vec a, Vec b, Vec c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
 static inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
 static inline Vec vmin(Vec a, Vec b) { return _mm512_min_ps(a, b); }
+static inline Vec vdiv(Vec a, Vec b) { return _mm512_div_ps(a, b); }
+static inline Vec vabs(Vec a) { return _mm512_abs_ps(a); }
+static inline Vec vselect_nonnegative(Vec v, Vec a, Vec b) {  // a where v >= 0, else b
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GE_OQ), b, a);
+}
 static inline Vec vtimes_pow2(Vec a, Vec n) {  // a * 2^n, n integral in [-126, 127]
     const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_mul_ps(a, _mm512_castsi512_ps(bits));
@@ -94,6 +100,11 @@ static inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline Vec vfnma(Vec a, Vec b, Vec c) { return _mm256_fnmadd_ps(a, b, c); }
 static inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
 static inline Vec vmin(Vec a, Vec b) { return _mm256_min_ps(a, b); }
+static inline Vec vdiv(Vec a, Vec b) { return _mm256_div_ps(a, b); }
+static inline Vec vabs(Vec a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+static inline Vec vselect_nonnegative(Vec v, Vec a, Vec b) {  // a where v >= 0, else b
+    return _mm256_blendv_ps(b, a, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GE_OQ));
+}
 static inline Vec vtimes_pow2(Vec a, Vec n) {
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(a, _mm256_castsi256_ps(bits));
@@ -122,6 +133,9 @@ static inline Vec vsub(Vec a, Vec b) { return a - b; }
 static inline Vec vmul(Vec a, Vec b) { return a * b; }
 static inline Vec vfma(Vec a, Vec b, Vec c) { return a * b + c; }
 static inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }
+static inline Vec vdiv(Vec a, Vec b) { return a / b; }
+static inline Vec vabs(Vec a) { return std::fabs(a); }
+static inline Vec vselect_nonnegative(Vec v, Vec a, Vec b) { return v >= 0.0f ? a : b; }
 static inline float vsum(Vec a) { return a; }
 static inline float vmax_all(Vec a) { return a; }
 #endif

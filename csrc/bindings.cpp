@@ -472,6 +472,21 @@ py::array_t<float> rms_norm(const py::array& x, const py::array& w, double eps) 
     return out;
 }
 
+// silu(h) * u elementwise (the SwiGLU product of the MoE and the dense FFN), for the tests.
+py::array_t<float> silu_mul(const py::array& h, const py::array& u) {
+    const std::vector<int64_t> shape = checked_f32(h, "h");
+    expect_shape(checked_f32(u, "u"), shape, "u");
+    int64_t n = 1;
+    for (const int64_t d : shape) n *= d;
+    py::array_t<float> out(shape);
+    std::memcpy(out.mutable_data(), h.data(), static_cast<size_t>(n) * sizeof(float));
+    {
+        KernelSection kernel;
+        lfm::active_kernels().silu_mul(out.mutable_data(), static_cast<const float*>(u.data()), n);
+    }
+    return out;
+}
+
 // state [L-1, H] (written), kernel [H, L]: checked against `hidden`; returns L.
 int64_t checked_conv_state(const py::array& state, const py::array& kernel, int64_t hidden) {
     const std::vector<int64_t> ks = checked_f32(kernel, "kernel");
@@ -781,6 +796,8 @@ PYBIND11_MODULE(_C, m) {
         .def("__call__", &ConvLayer::operator(), py::arg("x"), py::arg("state"),
              "The layer's output [T, H] for x [T, H] of one sequence; the conv state [L-1, H] is "
              "updated in place.");
+    m.def("silu_mul", &silu_mul, py::arg("h"), py::arg("u"),
+          "silu(h) * u = h / (1 + exp(-h)) * u elementwise, by the active kernels.");
     m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
           "x / sqrt(mean(x^2) + eps) * weight over the last axis.");
     m.def("short_conv",

@@ -106,6 +106,11 @@ using AttentionFn = void (*)(const AttentionArgs& a, int64_t kv_head, int64_t t_
 // call as many rows as make this many vectors.
 constexpr int64_t kAttentionTileQueries = 64;
 
+// The SwiGLU product in place: h[i] = silu(h[i]) * u[i] = h[i] / (1 + e^-h[i]) * u[i] for i < n.
+// Each element takes the same steps wherever it falls (a tail shorter than a vector runs through
+// a vector's lanes too), so the bits of a row do not depend on how its columns were cut.
+using SiluMulFn = void (*)(float* h, const float* u, int64_t n);
+
 struct KernelTable {
     const char* isa;  // "scalar" | "avx2" | "avxvnni" | "avx512"
     QTypeKernels f32;
@@ -125,6 +130,7 @@ struct KernelTable {
     QTypeKernels iq4_xs;
     QuantizeRowFn quantize_row;
     AttentionFn attention;
+    SiluMulFn silu_mul;
 };
 
 // One getter per instruction set. Only the scalar one exists on every build; dispatch.cpp

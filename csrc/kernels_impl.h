@@ -151,6 +151,7 @@ constexpr QTypeKernels kernels_of(PackedMatmulFn matmul_packed = nullptr) {
         kernels_of<IQ4_XS>(isa::matmul_iq4_xs_packed), \
         isa::quantize_row,                             \
         isa::attention,                                \
+        isa::silu_mul,                                 \
     }
 
 constexpr KernelTable kTable = LFM_EDGE_KERNEL_TABLE(kIsaName, this_isa);

@@ -142,7 +142,6 @@ void rows_on_pool(int64_t n, int64_t values, const std::function<void(int64_t, i
 using Scratch = std::unique_ptr<float[]>;
 Scratch scratch(int64_t n) { return Scratch(new float[static_cast<size_t>(n)]); }
 
-inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
 // What pack_matrices asks of the pages it touches (Linux's madvise; elsewhere nothing):
 // - kPopulate: the destination is made present a piece at a time just before it is packed, one
@@ -300,7 +299,7 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
             matmul_groups(table, up, up.mat(s.expert), xf, &rows, s.count, g0, g1, u.get() + s.first * ffn, ffn);
             const int64_t c0 = g0 * kRowGroup, c1 = std::min(g1 * kRowGroup, ffn);
             for (int64_t r = s.first; r < s.first + s.count; ++r) {
-                for (int64_t c = c0; c < c1; ++c) h[r * ffn + c] = silu(h[r * ffn + c]) * u[r * ffn + c];
+                table.silu_mul(h.get() + r * ffn + c0, u.get() + r * ffn + c0, c1 - c0);
             }
         });
     });

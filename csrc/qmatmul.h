@@ -20,6 +20,7 @@ using PackedMatmul = void(const QuantizedRows& x, const uint8_t* w, int64_t n_ro
     PackedMatmul matmul_q2_k_packed, matmul_q3_k_packed, matmul_q4_k_packed,              \
         matmul_q5_k_packed, matmul_q6_k_packed, matmul_iq4_xs_packed;                     \
     void attention(const AttentionArgs& a, int64_t kv_head, int64_t t_begin, int64_t t_end); \
+    void silu_mul(float* h, const float* u, int64_t n);                                    \
     }
 
 LFM_EDGE_DECLARE_QMATMUL(scalar)

@@ -19,6 +19,7 @@
 // instruction set.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "attention_impl.h"
@@ -148,6 +149,33 @@ LFM_EDGE_QMATMUL_ENTRY(iq4_xs, IQ4_XSx16)
 
 void this_isa::attention(const AttentionArgs& a, int64_t kv_head, int64_t t_begin, int64_t t_end) {
     attention_rows(a, kv_head, t_begin, t_end);
+}
+
+namespace {
+
+// silu(v) = v / (1 + e^-v) with an exponential of a non-positive argument only (attention_impl.h):
+// with e = e^-|v|, v / (1 + e) where v >= 0 and v e / (1 + e) below, e taken as 0 below -87
+// (where e^v leaves the normal floats; exp_nonpositive would clamp it there). So silu's limits
+// are kept: -0 far below zero, NaN for NaN and -inf (-inf * 0), +inf for +inf.
+static inline Vec vsilu(Vec v) {
+    const Vec one = vset1(1.0f);
+    const Vec e = vexp_nonpositive(vsub(vzero(), vabs(v)));
+    const Vec e_below = vselect_nonnegative(vadd(v, vset1(87.0f)), e, vzero());
+    return vdiv(vmul(v, vselect_nonnegative(v, one, e_below)), vadd(one, e));
+}
+
+}  // namespace
+
+void this_isa::silu_mul(float* h, const float* u, int64_t n) {
+    int64_t i = 0;
+    for (; i + kWidth <= n; i += kWidth) vstore(h + i, vmul(vsilu(vload(h + i)), vload(u + i)));
+    if (i < n) {  // the tail through a vector's lanes as well, padded with zeros
+        float hv[kWidth] = {}, uv[kWidth] = {};
+        std::copy(h + i, h + n, hv);
+        std::copy(u + i, u + n, uv);
+        vstore(hv, vmul(vsilu(vload(hv)), vload(uv)));
+        std::copy(hv, hv + (n - i), h + i);
+    }
 }
 
 }  // namespace lfm

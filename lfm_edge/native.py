@@ -70,6 +70,7 @@ __all__ = [
     "row_bytes",
     "set_threads",
     "short_conv",
+    "silu_mul",
     "threads",
     "use_isa",
 ]
@@ -107,6 +108,7 @@ ConvLayer = _C.ConvLayer
 quantize_activations = _C.quantize_activations
 # the small ops, as lfm_edge.ops documents them
 rms_norm = _C.rms_norm
+silu_mul = _C.silu_mul
 short_conv = _C.short_conv
 gated_short_conv = _C.gated_short_conv
 rope = _C.rope

@@ -353,3 +353,36 @@ def test_kernel_time_counts_the_time_inside_kernels():
     wall = time.perf_counter_ns() - t0
     inside = native.kernel_time_ns() - before
     assert 0 < inside <= wall
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 17, 100, 1792])
+def test_silu_mul(isa, n):
+    rng = np.random.default_rng(n)
+    h = (rng.standard_normal(n) * 8).astype(np.float32)
+    u = rng.standard_normal(n).astype(np.float32)
+    got = native.silu_mul(h, u)
+    exact = h.astype(np.float64) / (1.0 + np.exp(-h.astype(np.float64))) * u
+    np.testing.assert_allclose(got, exact, rtol=2e-6, atol=1e-37)
+    # an element's bits do not depend on where it falls: alone, in a vector or in the tail
+    for i in {0, n // 2, n - 1}:
+        assert native.silu_mul(h[i : i + 1], u[i : i + 1]).view(np.uint32)[0] == got.view(np.uint32)[i]
+
+
+def test_silu_mul_limits(isa):
+    h = np.array([0.0, -0.0, 1e-30, -1e-30, 20.0, -20.0, 86.0, -86.0, 88.0, -88.0, 1e30, -1e30,
+                  np.inf, -np.inf, np.nan], np.float32)
+    got = native.silu_mul(h, np.ones_like(h))
+    finite = np.isfinite(h)
+    hd = h[finite].astype(np.float64)
+    with np.errstate(over="ignore"):
+        exact = hd / (1.0 + np.exp(-hd))
+    # below -87 silu is flushed to -0 (it is smaller than 88 e^-87 = 1.6e-36 there)
+    np.testing.assert_allclose(got[finite], exact, rtol=2e-6, atol=2e-36)
+    assert got[h == np.inf][0] == np.inf
+    assert np.isnan(got[np.isnan(h) | (h == -np.inf)]).all()
+    assert np.signbit(got[h == -1e30])[0]  # -0, as v / (1 + e^-v) gives
+
+
+def test_silu_mul_checks_its_arguments():
+    with pytest.raises(ValueError, match="u"):
+        native.silu_mul(np.zeros(4, np.float32), np.zeros(5, np.float32))
