@@ -55,6 +55,11 @@ class KernelSection {
 
 const char* qtype_name(QType qtype) { return lfm::qtype_info(qtype).name; }
 
+// For a packed-only operation on a type the kernels read in the file's own layout.
+py::value_error not_repacked(QType qtype) {
+    return py::value_error(std::string(qtype_name(qtype)) + " matrices are not repacked");
+}
+
 // "F32=0, F16=1, ..." for the error messages, from the type table.
 std::string known_qtypes() {
     std::string out;
@@ -304,7 +309,7 @@ class PackedMatrix {
     // here (lfm_edge/weight_cache.py checks a CRC of them first); `packed` is kept alive.
     PackedMatrix(FromPacked, const py::buffer& packed, QType qtype, int64_t n, int64_t k, int64_t n_mats) {
         if (!lfm::is_packed_type(qtype)) {
-            throw py::value_error(std::string(qtype_name(qtype)) + " matrices are not repacked");
+            throw not_repacked(qtype);
         }
         if (n <= 0) throw py::value_error("n must be positive, got " + std::to_string(n));
         if (n_mats <= 0) throw py::value_error("n_mats must be positive, got " + std::to_string(n_mats));
@@ -334,7 +339,7 @@ class PackedMatrix {
     static py::array_t<uint8_t> packed_bytes(const py::object& self) {
         const PackedMatrix& p = self.cast<const PackedMatrix&>();
         if (!p.matrix_.packed()) {
-            throw py::value_error(std::string(qtype_name(p.matrix_.qtype)) + " matrices are not repacked");
+            throw not_repacked(p.matrix_.qtype);
         }
         py::array_t<uint8_t> view({p.nbytes()}, {int64_t{1}}, p.matrix_.data, self);
         view.attr("flags").attr("writeable") = false;

@@ -7,7 +7,10 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <cstdlib>
 #include <memory>
+#include <mutex>
+#include <new>
 #include <vector>
 
 #include "dispatch.h"
@@ -28,33 +31,117 @@ const QTypeKernels& kernels_of_type(const KernelTable& table, QType qtype) {
     return *kernels_for(table, qtype);
 }
 
+// Scratch memory handed back and forth between the ops' calls. Fresh memory of tens of MB is
+// fresh pages, which the kernel faults in and zeroes 4 KiB at a time: a 512-token prefill of the
+// 8B-A1B took 337,000 page faults (1.3 GB, mostly the MoE's 54 MB of buffers a layer). A buffer
+// released waits here, up to kKeepBytes of them in all, for the next request it can serve: the
+// ops ask for the same few sizes layer after layer. Buffers are not zeroed: their users fill them.
+class ScratchPool {
+  public:
+    static constexpr size_t kKeepBytes = size_t{320} << 20;  // a 2048-token chunk's MoE needs ~220 MB
+
+    static ScratchPool& instance() {
+        static ScratchPool* pool = new ScratchPool;  // never destroyed: buffers may outlive statics
+        return *pool;
+    }
+    // A 64-byte aligned buffer of at least `bytes`, and its real size.
+    std::pair<void*, size_t> acquire(size_t bytes) {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            size_t best = free_.size();  // the smallest that fits, if it is not twice too big
+            for (size_t i = 0; i < free_.size(); ++i) {
+                if (free_[i].second >= bytes && free_[i].second <= 2 * bytes + (1 << 20) &&
+                    (best == free_.size() || free_[i].second < free_[best].second)) {
+                    best = i;
+                }
+            }
+            if (best != free_.size()) {
+                const auto found = free_[best];
+                free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
+                kept_ -= found.second;
+                return found;
+            }
+        }
+        const size_t size = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
+        void* p = std::aligned_alloc(64, size);
+        if (p == nullptr) throw std::bad_alloc();
+        return {p, size};
+    }
+    void release(void* p, size_t size) {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            if (kept_ + size <= kKeepBytes) {
+                free_.emplace_back(p, size);
+                kept_ += size;
+                return;
+            }
+        }
+        std::free(p);
+    }
+
+  private:
+    std::mutex mutex_;
+    std::vector<std::pair<void*, size_t>> free_;
+    size_t kept_ = 0;
+};
+
+// n values of T from the pool, not zeroed; returned to it when destroyed.
+template <class T>
+class Scratch {
+  public:
+    Scratch() = default;
+    explicit Scratch(int64_t n) {
+        const auto [p, size] = ScratchPool::instance().acquire(static_cast<size_t>(n) * sizeof(T));
+        data_ = static_cast<T*>(p);
+        size_ = size;
+    }
+    Scratch(Scratch&& other) noexcept : data_(other.data_), size_(other.size_) { other.data_ = nullptr; }
+    Scratch& operator=(Scratch&& other) noexcept {
+        std::swap(data_, other.data_);
+        std::swap(size_, other.size_);
+        return *this;
+    }
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    ~Scratch() {
+        if (data_ != nullptr) ScratchPool::instance().release(data_, size_);
+    }
+    T* get() const { return data_; }
+    T& operator[](int64_t i) const { return data_[i]; }
+
+  private:
+    T* data_ = nullptr;
+    size_t size_ = 0;
+};
+
 // Activations quantized for the int8 kernels (kernels.h QuantizedRows), owning their storage.
 struct QuantizedBuffer {
-    std::vector<int8_t> q;    // [T, k]
-    std::vector<float> d;     // [T, k / 32]
-    std::vector<int32_t> sum; // [T, k / 32]
-    std::vector<int32_t> sum16; // [T, k / 16]
+    Scratch<int8_t> q;       // [T, k]
+    Scratch<float> d;        // [T, k / 32]
+    Scratch<int32_t> sum;    // [T, k / 32]
+    Scratch<int32_t> sum16;  // [T, k / 16]
     int64_t n_tokens = 0, k = 0;
 
+    // Room for t rows of k values, filled by set_row.
     void resize(int64_t t, int64_t k_) {
         n_tokens = t;
         k = k_;
-        q.resize(static_cast<size_t>(t * k));
-        d.resize(static_cast<size_t>(t * k / kQuantBlock));
-        sum.resize(static_cast<size_t>(t * k / kQuantBlock));
-        sum16.resize(static_cast<size_t>(t * k / 16));
+        q = Scratch<int8_t>(t * k);
+        d = Scratch<float>(t * k / kQuantBlock);
+        sum = Scratch<int32_t>(t * k / kQuantBlock);
+        sum16 = Scratch<int32_t>(t * k / 16);
     }
     QuantizedRows rows(int64_t first = 0, int64_t count = -1) const {
         const int64_t nb = k / kQuantBlock;
-        return {q.data() + first * k, d.data() + first * nb, sum.data() + first * nb,
-                sum16.data() + first * (k / 16), count < 0 ? n_tokens - first : count, k};
+        return {q.get() + first * k, d.get() + first * nb, sum.get() + first * nb,
+                sum16.get() + first * (k / 16), count < 0 ? n_tokens - first : count, k};
     }
     // Quantizes row t of this buffer from x[k].
     void set_row(const KernelTable& table, int64_t t, const float* x) {
         const int64_t nb = k / kQuantBlock;
-        table.quantize_row(x, k, q.data() + t * k, d.data() + t * nb, sum.data() + t * nb);
-        const int8_t* qt = q.data() + t * k;
-        int32_t* s16 = sum16.data() + t * (k / 16);
+        table.quantize_row(x, k, q.get() + t * k, d.get() + t * nb, sum.get() + t * nb);
+        const int8_t* qt = q.get() + t * k;
+        int32_t* s16 = sum16.get() + t * (k / 16);
         for (int64_t h = 0; h < k / 16; ++h) {  // cheap next to any matmul over k
             int32_t total = 0;
             for (int i = 0; i < 16; ++i) total += qt[16 * h + i];
@@ -139,8 +226,7 @@ void rows_on_pool(int64_t n, int64_t values, const std::function<void(int64_t, i
 
 // Float buffers that the ops fill completely: not zeroed first (a single-threaded pass over tens
 // of MB per MoE layer in prefill).
-using Scratch = std::unique_ptr<float[]>;
-Scratch scratch(int64_t n) { return Scratch(new float[static_cast<size_t>(n)]); }
+Scratch<float> scratch(int64_t n) { return Scratch<float>(n); }
 
 
 // What pack_matrices asks of the pages it touches (Linux's madvise; elsewhere nothing):
@@ -269,7 +355,7 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
 
     // Each row's input: quantized from its token's row if the weights are packed, else copied.
     QuantizedBuffer xq;
-    Scratch xs;  // [n_rows, H]
+    Scratch<float> xs;  // [n_rows, H]
     if (gate.packed()) {
         xq.resize(n_rows, hidden);
     } else {
@@ -289,7 +375,7 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
     // h = silu(gate(x)) * up(x): tasks (span, row group), each both matrices' group and then
     // the product over the group's columns while they are in cache.
     const int64_t ffn_groups = row_groups(ffn);
-    Scratch h = scratch(n_rows * ffn), u = scratch(n_rows * ffn);  // [n_rows, F]
+    Scratch<float> h = scratch(n_rows * ffn), u = scratch(n_rows * ffn);  // [n_rows, F]
     parallel_for(n_spans * ffn_groups, expert_grain(n_spans, ffn_groups), [&](int64_t begin, int64_t end) {
         for_group_runs(begin, end, ffn_groups, [&](int64_t span, int64_t g0, int64_t g1) {
             const Span& s = spans[span];
@@ -307,7 +393,7 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
     if (down.packed()) quantize_all(table, h.get(), n_rows, ffn, hq);
 
     const int64_t hidden_groups = row_groups(hidden);
-    Scratch yd = scratch(n_rows * hidden);  // [n_rows, H]
+    Scratch<float> yd = scratch(n_rows * hidden);  // [n_rows, H]
     parallel_for(n_spans * hidden_groups, expert_grain(n_spans, hidden_groups), [&](int64_t begin, int64_t end) {
         for_group_runs(begin, end, hidden_groups, [&](int64_t span, int64_t g0, int64_t g1) {
             const Span& s = spans[span];
@@ -364,13 +450,13 @@ void short_conv(const float* bx, int64_t n_tokens, int64_t hidden, float* state,
 
 void gated_short_conv(const float* bcx, int64_t n_tokens, int64_t hidden, float* state,
                       const float* kernel, int64_t width, float* y) {
-    std::vector<float> bx(static_cast<size_t>(n_tokens * hidden));  // [T, H]
+    Scratch<float> bx = scratch(n_tokens * hidden);  // [T, H]
     for (int64_t t = 0; t < n_tokens; ++t) {
         const float* b = bcx + t * 3 * hidden;
         const float* xx = b + 2 * hidden;
         for (int64_t c = 0; c < hidden; ++c) bx[t * hidden + c] = b[c] * xx[c];
     }
-    short_conv(bx.data(), n_tokens, hidden, state, kernel, width, y);
+    short_conv(bx.get(), n_tokens, hidden, state, kernel, width, y);
     for (int64_t t = 0; t < n_tokens; ++t) {
         const float* c_gate = bcx + t * 3 * hidden + hidden;
         for (int64_t c = 0; c < hidden; ++c) y[t * hidden + c] *= c_gate[c];
@@ -380,24 +466,24 @@ void gated_short_conv(const float* bcx, int64_t n_tokens, int64_t hidden, float*
 void swiglu_block(float* x, int64_t n_tokens, const float* norm, float eps, const Matrix& gate,
                   const Matrix& up, const Matrix& down) {
     const int64_t hidden = gate.k;
-    std::vector<float> h(static_cast<size_t>(n_tokens * hidden)), y(h.size());  // [T, H]
-    rms_norm(x, n_tokens, hidden, norm, eps, h.data());
+    Scratch<float> h = scratch(n_tokens * hidden), y = scratch(n_tokens * hidden);  // [T, H]
+    rms_norm(x, n_tokens, hidden, norm, eps, h.get());
     // one expert of weight 1 for every token, as ops.swiglu runs it
     const std::vector<int32_t> expert(static_cast<size_t>(n_tokens), 0);
     const std::vector<float> weight(static_cast<size_t>(n_tokens), 1.0f);
-    moe(h.data(), n_tokens, expert.data(), weight.data(), 1, gate, up, down, y.data());
-    for (size_t i = 0; i < h.size(); ++i) x[i] += y[i];
+    moe(h.get(), n_tokens, expert.data(), weight.data(), 1, gate, up, down, y.get());
+    for (int64_t i = 0; i < n_tokens * hidden; ++i) x[i] += y[i];
 }
 
 void conv_layer(const ConvLayer& layer, float* x, int64_t n_tokens, float* state) {
     const int64_t hidden = layer.out_proj->n;
-    std::vector<float> h(static_cast<size_t>(n_tokens * hidden)), y(h.size());  // [T, H]
-    std::vector<float> bcx(static_cast<size_t>(n_tokens * 3 * hidden));        // [T, 3H]
-    rms_norm(x, n_tokens, hidden, layer.operator_norm, layer.eps, h.data());
-    linear(*layer.in_proj, 0, h.data(), n_tokens, bcx.data());
-    gated_short_conv(bcx.data(), n_tokens, hidden, state, layer.kernel, layer.width, h.data());
-    linear(*layer.out_proj, 0, h.data(), n_tokens, y.data());
-    for (size_t i = 0; i < h.size(); ++i) x[i] += y[i];
+    Scratch<float> h = scratch(n_tokens * hidden), y = scratch(n_tokens * hidden);  // [T, H]
+    Scratch<float> bcx = scratch(n_tokens * 3 * hidden);                              // [T, 3H]
+    rms_norm(x, n_tokens, hidden, layer.operator_norm, layer.eps, h.get());
+    linear(*layer.in_proj, 0, h.get(), n_tokens, bcx.get());
+    gated_short_conv(bcx.get(), n_tokens, hidden, state, layer.kernel, layer.width, h.get());
+    linear(*layer.out_proj, 0, h.get(), n_tokens, y.get());
+    for (int64_t i = 0; i < n_tokens * hidden; ++i) x[i] += y[i];
     swiglu_block(x, n_tokens, layer.ffn_norm, layer.eps, *layer.gate, *layer.up, *layer.down);
 }
 
