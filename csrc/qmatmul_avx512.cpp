@@ -23,6 +23,11 @@ constexpr int kTokenTile = 4;  // tokens that share each unpacked weight block (
 template <class Block>
 constexpr int kDecodeStreams = 1;
 
+// How a TT-token tile's weights are read (packed.h, prefetch_weights): once in decode (one or two
+// tokens), again by the next tiles of a prompt.
+template <int TT>
+constexpr Reads kReads = TT <= 2 ? Reads::kOnce : Reads::kAgain;
+
 // The lanes of rows 0 .. rows - 1 (rows <= 16).
 static inline __mmask16 row_mask(int rows) { return static_cast<__mmask16>((1u << rows) - 1); }
 
@@ -146,7 +151,7 @@ void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int
     over_groups<TT, G>(blocks, nb, streams.spacing, nb, rows, y, ldy, t0, row0,
                        [&](const Block* group, int64_t b, __m512 (&acc)[TT]) {
         const Block& blk = group[b];
-        prefetch_weights(&blk, sizeof(Block));
+        prefetch_weights<kReads<TT>>(&blk, sizeof(Block));
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
         __m512i w[8];
         const int32_t offset = unpack(blk, w);
@@ -195,7 +200,7 @@ void k_affine_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int6
                        [&](const Block* group, int64_t b, __m512 (&acc)[TT]) {
         const Block& blk = group[b / 8];
         const int j = static_cast<int>(b % 8);
-        prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+        prefetch_weights<kReads<TT>>(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         const Q4_Kx16& low = low_part(blk);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low.d)));
         const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low.dmin)));
@@ -259,7 +264,7 @@ void scaled16_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int6
                        [&](const Block* group, int64_t b, __m512 (&acc)[TT]) {
         const Block& blk = group[b / 8];
         const int j = static_cast<int>(b % 8);
-        prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+        prefetch_weights<kReads<TT>>(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
         __m512i w[8];
         const int32_t offset = unpack_scaled16(blk, j, w);
@@ -292,7 +297,7 @@ void q2_k_tile(const QuantizedRows& x, int64_t t0, const Q2_Kx16* blocks, int64_
                        [&](const Q2_Kx16* group, int64_t b, __m512 (&acc)[TT]) {
         const Q2_Kx16& blk = group[b / 8];
         const int j = static_cast<int>(b % 8);
-        prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+        prefetch_weights<kReads<TT>>(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
         const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.dmin)));
         __m512i w[8];
@@ -330,7 +335,7 @@ void iq4_xs_tile(const QuantizedRows& x, int64_t t0, const IQ4_XSx16* blocks, in
                        [&](const IQ4_XSx16* group, int64_t b, __m512 (&acc)[TT]) {
         const IQ4_XSx16& blk = group[b / 8];
         const int j = static_cast<int>(b % 8);
-        prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+        prefetch_weights<kReads<TT>>(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
         __m512i w[8];
         unpack_iq4(blk.qs[j], w);
