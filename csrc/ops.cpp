@@ -7,10 +7,10 @@
 #include <cmath>
 #include <functional>
 #include <limits>
-#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <new>
+#include <utility>
 #include <vector>
 
 #include "dispatch.h"
@@ -63,9 +63,7 @@ class ScratchPool {
             }
         }
         const size_t size = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
-        void* p = std::aligned_alloc(64, size);
-        if (p == nullptr) throw std::bad_alloc();
-        return {p, size};
+        return {::operator new(size, kAlign), size};  // throws std::bad_alloc
     }
     void release(void* p, size_t size) {
         {
@@ -76,10 +74,11 @@ class ScratchPool {
                 return;
             }
         }
-        std::free(p);
+        ::operator delete(p, kAlign);
     }
 
   private:
+    static constexpr std::align_val_t kAlign{64};
     std::mutex mutex_;
     std::vector<std::pair<void*, size_t>> free_;
     size_t kept_ = 0;
