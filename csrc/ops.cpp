@@ -223,11 +223,6 @@ void rows_on_pool(int64_t n, int64_t values, const std::function<void(int64_t, i
     }
 }
 
-// Float buffers that the ops fill completely: not zeroed first (a single-threaded pass over tens
-// of MB per MoE layer in prefill).
-Scratch<float> scratch(int64_t n) { return Scratch<float>(n); }
-
-
 // What pack_matrices asks of the pages it touches (Linux's madvise; elsewhere nothing):
 // - kPopulate: the destination is made present a piece at a time just before it is packed, one
 //   MADV_POPULATE_WRITE call (Linux >= 5.14) instead of a page fault per 4 KiB page, and the
@@ -358,7 +353,7 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
     if (gate.packed()) {
         xq.resize(n_rows, hidden);
     } else {
-        xs = scratch(n_rows * hidden);
+        xs = Scratch<float>(n_rows * hidden);
     }
     rows_on_pool(n_rows, hidden, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
@@ -374,7 +369,7 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
     // h = silu(gate(x)) * up(x): tasks (span, row group), each both matrices' group and then
     // the product over the group's columns while they are in cache.
     const int64_t ffn_groups = row_groups(ffn);
-    Scratch<float> h = scratch(n_rows * ffn), u = scratch(n_rows * ffn);  // [n_rows, F]
+    Scratch<float> h(n_rows * ffn), u(n_rows * ffn);  // [n_rows, F]
     parallel_for(n_spans * ffn_groups, expert_grain(n_spans, ffn_groups), [&](int64_t begin, int64_t end) {
         for_group_runs(begin, end, ffn_groups, [&](int64_t span, int64_t g0, int64_t g1) {
             const Span& s = spans[span];
@@ -392,7 +387,7 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
     if (down.packed()) quantize_all(table, h.get(), n_rows, ffn, hq);
 
     const int64_t hidden_groups = row_groups(hidden);
-    Scratch<float> yd = scratch(n_rows * hidden);  // [n_rows, H]
+    Scratch<float> yd(n_rows * hidden);  // [n_rows, H]
     parallel_for(n_spans * hidden_groups, expert_grain(n_spans, hidden_groups), [&](int64_t begin, int64_t end) {
         for_group_runs(begin, end, hidden_groups, [&](int64_t span, int64_t g0, int64_t g1) {
             const Span& s = spans[span];
@@ -449,7 +444,7 @@ void short_conv(const float* bx, int64_t n_tokens, int64_t hidden, float* state,
 
 void gated_short_conv(const float* bcx, int64_t n_tokens, int64_t hidden, float* state,
                       const float* kernel, int64_t width, float* y) {
-    Scratch<float> bx = scratch(n_tokens * hidden);  // [T, H]
+    Scratch<float> bx(n_tokens * hidden);  // [T, H]
     for (int64_t t = 0; t < n_tokens; ++t) {
         const float* b = bcx + t * 3 * hidden;
         const float* xx = b + 2 * hidden;
@@ -465,7 +460,7 @@ void gated_short_conv(const float* bcx, int64_t n_tokens, int64_t hidden, float*
 void swiglu_block(float* x, int64_t n_tokens, const float* norm, float eps, const Matrix& gate,
                   const Matrix& up, const Matrix& down) {
     const int64_t hidden = gate.k;
-    Scratch<float> h = scratch(n_tokens * hidden), y = scratch(n_tokens * hidden);  // [T, H]
+    Scratch<float> h(n_tokens * hidden), y(n_tokens * hidden);  // [T, H]
     rms_norm(x, n_tokens, hidden, norm, eps, h.get());
     // one expert of weight 1 for every token, as ops.swiglu runs it
     const std::vector<int32_t> expert(static_cast<size_t>(n_tokens), 0);
@@ -476,8 +471,8 @@ void swiglu_block(float* x, int64_t n_tokens, const float* norm, float eps, cons
 
 void conv_layer(const ConvLayer& layer, float* x, int64_t n_tokens, float* state) {
     const int64_t hidden = layer.out_proj->n;
-    Scratch<float> h = scratch(n_tokens * hidden), y = scratch(n_tokens * hidden);  // [T, H]
-    Scratch<float> bcx = scratch(n_tokens * 3 * hidden);                              // [T, 3H]
+    Scratch<float> h(n_tokens * hidden), y(n_tokens * hidden);  // [T, H]
+    Scratch<float> bcx(n_tokens * 3 * hidden);  // [T, 3H]
     rms_norm(x, n_tokens, hidden, layer.operator_norm, layer.eps, h.get());
     linear(*layer.in_proj, 0, h.get(), n_tokens, bcx.get());
     gated_short_conv(bcx.get(), n_tokens, hidden, state, layer.kernel, layer.width, h.get());
