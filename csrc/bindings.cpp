@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -634,33 +635,79 @@ py::array_t<float> swiglu_block(const py::array& x, const py::array& norm, doubl
     return out;
 }
 
-// An LFM2 conv layer with a dense SwiGLU (lfm::conv_layer), its weights checked once when made;
-// it holds references to them, so they live as long as it does.
+// A sparse MoE FFN's weights: norm [H], router [E, H], expert_bias [E] or None, gate and up
+// [E, F, H] of one type, down [E, H, F], 1 <= top_k <= E.
+struct MoEWeights {
+    py::array norm, expert_bias;
+    const lfm::Matrix *gate, *up, *down;
+    lfm::MoERouter router{};
+
+    MoEWeights(const py::array& norm_, const PackedMatrix& router_matrix, const py::object& bias, int64_t top_k,
+               bool normalize, double scale, const PackedMatrix& g, const PackedMatrix& u, const PackedMatrix& d)
+        : norm(norm_), gate(&g.matrix()), up(&u.matrix()), down(&d.matrix()) {
+        const int64_t n_expert = gate->n_mats, ffn = gate->n, hidden = gate->k;
+        if (up->n_mats != n_expert || up->n != ffn || up->k != hidden || down->n_mats != n_expert ||
+            down->n != hidden || down->k != ffn) {
+            throw py::value_error("gate/up must be [E, F, H] and down [E, H, F] with the same E, F, H");
+        }
+        if (up->qtype != gate->qtype) throw py::value_error("gate and up must have the same type");
+        expect_shape(checked_f32(norm, "ffn_norm"), {hidden}, "ffn_norm");
+        const lfm::Matrix& r = checked_block_matrix(router_matrix, n_expert, hidden, "router");
+        if (top_k < 1 || top_k > n_expert) {
+            throw py::value_error("top_k must be in 1 .. " + std::to_string(n_expert) + ", got " + std::to_string(top_k));
+        }
+        if (!bias.is_none()) {
+            expert_bias = bias.cast<py::array>();
+            expect_shape(checked_f32(expert_bias, "expert_bias"), {n_expert}, "expert_bias");
+        }
+        router = {&r, bias.is_none() ? nullptr : static_cast<const float*>(expert_bias.data()), top_k, normalize,
+                  static_cast<float>(scale)};
+    }
+};
+
+// An LFM2 conv layer with its FFN, a dense SwiGLU or (given a router) a sparse MoE
+// (lfm::conv_layer), its weights checked once when made; it holds references to them, so they
+// live as long as it does.
 class ConvLayer {
    public:
     ConvLayer(const py::array& operator_norm, const py::array& ffn_norm, double eps, const py::object& in_proj,
               const py::array& kernel, const py::object& out_proj, const py::object& gate, const py::object& up,
-              const py::object& down)
-        : ffn_(ffn_norm, gate.cast<const PackedMatrix&>(), up.cast<const PackedMatrix&>(),
-               down.cast<const PackedMatrix&>()),
-          operator_norm_(operator_norm), kernel_(kernel), owners_{in_proj, out_proj, gate, up, down} {
-        const int64_t hidden = ffn_.gate->k;
+              const py::object& down, const py::object& router, const py::object& expert_bias, int64_t top_k,
+              bool normalize, double scale)
+        : operator_norm_(operator_norm), kernel_(kernel), owners_{in_proj, out_proj, gate, up, down, router} {
+        const auto& g = gate.cast<const PackedMatrix&>();
+        const auto& u = up.cast<const PackedMatrix&>();
+        const auto& d = down.cast<const PackedMatrix&>();
+        const lfm::Matrix *gate_m, *up_m, *down_m;
+        const float* ffn_norm_data;
+        if (router.is_none()) {
+            dense_.emplace(ffn_norm, g, u, d);
+            gate_m = dense_->gate, up_m = dense_->up, down_m = dense_->down;
+            ffn_norm_data = static_cast<const float*>(dense_->norm.data());
+        } else {
+            moe_.emplace(ffn_norm, router.cast<const PackedMatrix&>(), expert_bias, top_k, normalize, scale, g, u, d);
+            gate_m = moe_->gate, up_m = moe_->up, down_m = moe_->down;
+            ffn_norm_data = static_cast<const float*>(moe_->norm.data());
+        }
+        const int64_t hidden = gate_m->k;
         const std::vector<int64_t> ks = checked_f32(kernel, "kernel");
         if (ks.size() != 2 || ks[0] != hidden || ks[1] < 1) {
             throw py::value_error("kernel has shape " + shape_str(ks) + ", expected [" + std::to_string(hidden) + ", L]");
         }
         expect_shape(checked_f32(operator_norm, "operator_norm"), {hidden}, "operator_norm");
-        layer_ = {static_cast<const float*>(operator_norm_.data()), static_cast<const float*>(ffn_.norm.data()),
-                  static_cast<float>(eps),
+        layer_ = {static_cast<const float*>(operator_norm_.data()), ffn_norm_data, static_cast<float>(eps),
                   &checked_block_matrix(in_proj.cast<const PackedMatrix&>(), 3 * hidden, hidden, "in_proj"),
                   static_cast<const float*>(kernel_.data()), ks[1],
                   &checked_block_matrix(out_proj.cast<const PackedMatrix&>(), hidden, hidden, "out_proj"),
-                  ffn_.gate, ffn_.up, ffn_.down};
+                  gate_m, up_m, down_m, moe_ ? &moe_->router : nullptr};
     }
+
+    ConvLayer(const ConvLayer&) = delete;  // layer_ points into its own members
+    ConvLayer& operator=(const ConvLayer&) = delete;
 
     // The layer's output for x [T, H] (a new array); state [L-1, H] is updated in place.
     py::array_t<float> operator()(const py::array& x, py::array& state) const {
-        const int64_t hidden = ffn_.gate->k;
+        const int64_t hidden = layer_.gate->k;
         expect_shape(checked_f32(state, "state"), {layer_.width - 1, hidden}, "state");
         if (!state.writeable()) throw py::value_error("state must be writeable");
         py::array_t<float> out = residual_copy(x, hidden);
@@ -673,9 +720,10 @@ class ConvLayer {
     }
 
    private:
-    SwiGLUWeights ffn_;
+    std::optional<SwiGLUWeights> dense_;
+    std::optional<MoEWeights> moe_;  // layer_.moe points into it
     py::array operator_norm_, kernel_;
-    py::object owners_[5];  // the PackedMatrix objects layer_ points into
+    py::object owners_[6];  // the PackedMatrix objects layer_ points into (the router: None if dense)
     lfm::ConvLayer layer_{};
 };
 
@@ -791,13 +839,17 @@ PYBIND11_MODULE(_C, m) {
           "x + down(silu(gate(h)) * up(h)), h = rms_norm(x, norm, eps): a pre-norm dense SwiGLU and its "
           "residual, [T, H] (a new array).");
     py::class_<ConvLayer>(m, "ConvLayer",
-                          "An LFM2 layer of a gated short conv and a dense SwiGLU, run in one call: "
+                          "An LFM2 layer of a gated short conv and its FFN, run in one call: "
                           "x + out_proj(C * conv(B * x')), (B, C, x') = in_proj(rms_norm(x)), then "
-                          "swiglu_block. Keeps references to its weights.")
+                          "swiglu_block, or with a router the sigmoid-routed top-k MoE of the expert "
+                          "stacks gate/up/down and its residual. Keeps references to its weights.")
         .def(py::init<const py::array&, const py::array&, double, const py::object&, const py::array&,
-                      const py::object&, const py::object&, const py::object&, const py::object&>(),
+                      const py::object&, const py::object&, const py::object&, const py::object&,
+                      const py::object&, const py::object&, int64_t, bool, double>(),
              py::arg("operator_norm"), py::arg("ffn_norm"), py::arg("eps"), py::arg("in_proj"), py::arg("kernel"),
-             py::arg("out_proj"), py::arg("gate"), py::arg("up"), py::arg("down"))
+             py::arg("out_proj"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("router") = py::none(),
+             py::arg("expert_bias") = py::none(), py::arg("top_k") = 0, py::arg("normalize") = true,
+             py::arg("scale") = 1.0)
         .def("__call__", &ConvLayer::operator(), py::arg("x"), py::arg("state"),
              "The layer's output [T, H] for x [T, H] of one sequence; the conv state [L-1, H] is "
              "updated in place.");

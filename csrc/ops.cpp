@@ -469,6 +469,20 @@ void swiglu_block(float* x, int64_t n_tokens, const float* norm, float eps, cons
     for (int64_t i = 0; i < n_tokens * hidden; ++i) x[i] += y[i];
 }
 
+void moe_block(float* x, int64_t n_tokens, const float* norm, float eps, const MoERouter& router,
+               const Matrix& gate, const Matrix& up, const Matrix& down) {
+    const int64_t hidden = gate.k, n_expert = gate.n_mats, top_k = router.top_k;
+    Scratch<float> h(n_tokens * hidden), y(n_tokens * hidden);  // [T, H]
+    Scratch<float> logits(n_tokens * n_expert), weights(n_tokens * top_k);
+    std::vector<int32_t> experts(static_cast<size_t>(n_tokens * top_k));
+    rms_norm(x, n_tokens, hidden, norm, eps, h.get());
+    linear(*router.router, 0, h.get(), n_tokens, logits.get());
+    route(logits.get(), n_tokens, n_expert, router.expert_bias, top_k, router.normalize, router.scale,
+          experts.data(), weights.get());
+    moe(h.get(), n_tokens, experts.data(), weights.get(), top_k, gate, up, down, y.get());
+    for (int64_t i = 0; i < n_tokens * hidden; ++i) x[i] += y[i];
+}
+
 void conv_layer(const ConvLayer& layer, float* x, int64_t n_tokens, float* state) {
     const int64_t hidden = layer.out_proj->n;
     Scratch<float> h(n_tokens * hidden), y(n_tokens * hidden);  // [T, H]
@@ -478,7 +492,11 @@ void conv_layer(const ConvLayer& layer, float* x, int64_t n_tokens, float* state
     gated_short_conv(bcx.get(), n_tokens, hidden, state, layer.kernel, layer.width, h.get());
     linear(*layer.out_proj, 0, h.get(), n_tokens, y.get());
     for (int64_t i = 0; i < n_tokens * hidden; ++i) x[i] += y[i];
-    swiglu_block(x, n_tokens, layer.ffn_norm, layer.eps, *layer.gate, *layer.up, *layer.down);
+    if (layer.moe != nullptr) {
+        moe_block(x, n_tokens, layer.ffn_norm, layer.eps, *layer.moe, *layer.gate, *layer.up, *layer.down);
+    } else {
+        swiglu_block(x, n_tokens, layer.ffn_norm, layer.eps, *layer.gate, *layer.up, *layer.down);
+    }
 }
 
 void rope(float* x, int64_t n_tokens, int64_t n_heads, int64_t d, const int64_t* positions,

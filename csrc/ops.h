@@ -62,10 +62,27 @@ void attention(const AttentionArgs& args, int64_t n_tokens);
 void swiglu_block(float* x, int64_t n_tokens, const float* norm, float eps, const Matrix& gate,
                   const Matrix& up, const Matrix& down);
 
-// One LFM2 layer made of a gated short conv and a dense SwiGLU, for the T tokens of one sequence:
+// Sigmoid-routed top-k MoE FFN (LFM2-MoE's), for `moe_block` and `ConvLayer`.
+struct MoERouter {
+    const Matrix* router;      // [E, H]
+    const float* expert_bias;  // [E]: shifts the choice only (null: none)
+    int64_t top_k;
+    bool normalize;
+    float scale;
+};
+
+// x [T, H] += moe(h, route(router(h))) with h = rms_norm(x, norm): lfm_edge/models/lfm2_moe.py's
+// SparseMoE and its residual, the same ops in the same order (the same bits).
+//   gate, up: [E, F, H] stacks; down: [E, H, F]
+void moe_block(float* x, int64_t n_tokens, const float* norm, float eps, const MoERouter& router,
+               const Matrix& gate, const Matrix& up, const Matrix& down);
+
+// One LFM2 layer made of a gated short conv and a SwiGLU FFN, dense or a sparse MoE, for the T
+// tokens of one sequence:
 //   x [T, H] += out_proj(C * conv(B * x')), (B, C, x') = in_proj(rms_norm(x, operator_norm)),
-// with the conv state [L-1, H] updated in place, then swiglu_block with ffn_norm. The ops of
-// lfm_edge/models/lfm2.py's DecoderLayer in its order, in one call (the same bits).
+// with the conv state [L-1, H] updated in place, then swiglu_block (or, with moe set, moe_block)
+// with ffn_norm. The ops of lfm_edge/models/lfm2.py's DecoderLayer in its order, in one call
+// (the same bits).
 struct ConvLayer {
     const float* operator_norm;  // [H]
     const float* ffn_norm;       // [H]
@@ -74,9 +91,10 @@ struct ConvLayer {
     const float* kernel;         // [H, L]
     int64_t width;               // L
     const Matrix* out_proj;      // [H, H]
-    const Matrix* gate;          // [F, H]
-    const Matrix* up;            // [F, H]
-    const Matrix* down;          // [H, F]
+    const Matrix* gate;          // [F, H], or [E, F, H] with moe
+    const Matrix* up;            // as gate
+    const Matrix* down;          // [H, F], or [E, H, F] with moe
+    const MoERouter* moe;        // null: a dense SwiGLU
 };
 void conv_layer(const ConvLayer& layer, float* x, int64_t n_tokens, float* state);
 

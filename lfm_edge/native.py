@@ -101,8 +101,9 @@ PACK_FORMAT = _C.PACK_FORMAT
 linear = _C.linear
 # sum_j weights[t, j] * SwiGLU_{experts[t, j]}(x[t]) -> [T, H]; gate/up/down: PackedMatrix stacks
 moe = _C.moe
-# a conv layer and its dense SwiGLU in one call (ops.conv_layer): ConvLayer(operator_norm, ffn_norm,
-# eps, in_proj, kernel, out_proj, gate, up, down), called as layer(x [T, H], state [L-1, H])
+# a conv layer and its FFN in one call (ops.conv_layer): ConvLayer(operator_norm, ffn_norm, eps,
+# in_proj, kernel, out_proj, gate, up, down[, router, expert_bias, top_k, normalize, scale]: a
+# sparse MoE of expert stacks), called as layer(x [T, H], state [L-1, H])
 ConvLayer = _C.ConvLayer
 # the int8 activations the packed kernels use: (q int8 [T, k], d [T, k/32], sum int32 [T, k/32])
 quantize_activations = _C.quantize_activations

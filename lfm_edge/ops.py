@@ -74,8 +74,9 @@ def swiglu(x: np.ndarray, gate: Linear, up: Linear, down: Linear) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ConvLayerWeights:
-    """A whole LFM2 layer of a gated short conv and a dense SwiGLU, for `conv_layer`: its weights,
-    and the native layer made from them once at load (None when a matrix was never packed)."""
+    """A whole LFM2 layer of a gated short conv and its SwiGLU FFN, for `conv_layer`: its weights,
+    and the native layer made from them once at load (None when a matrix was never packed).
+    With a router the FFN is LFM2-MoE's sparse MoE: gate, up and down are stacks of experts."""
 
     operator_norm: np.ndarray  # [H]
     ffn_norm: np.ndarray  # [H]
@@ -83,23 +84,33 @@ class ConvLayerWeights:
     in_proj: Linear  # [3H, H]
     kernel: np.ndarray  # [H, L]
     out_proj: Linear  # [H, H]
-    gate: Linear  # [F, H]
-    up: Linear  # [F, H]
-    down: Linear  # [H, F]
+    gate: Linear  # [F, H], or [E, F, H] with a router
+    up: Linear  # as gate
+    down: Linear  # [H, F], or [E, H, F] with a router
+    router: Linear | None = None  # [E, H]
+    expert_bias: np.ndarray | None = None  # [E]
+    top_k: int = 0
+    normalize: bool = True
+    scale: float = 1.0
     native: object = field(init=False, default=None, compare=False)
 
     def __post_init__(self):
-        matrices = (self.in_proj, self.out_proj, self.gate, self.up, self.down)
-        if all(isinstance(w, Linear) and w.n_mats == 1 for w in matrices):
+        dense = self.router is None
+        matrices = (self.in_proj, self.out_proj, self.gate, self.up, self.down) + (() if dense else (self.router,))
+        if all(isinstance(w, Linear) for w in matrices) and (not dense or self.gate.n_mats == 1):
+            router = None if dense else self.router.native
             layer = native.ConvLayer(self.operator_norm, self.ffn_norm, self.eps, self.in_proj.native, self.kernel,
-                                     self.out_proj.native, self.gate.native, self.up.native, self.down.native)
+                                     self.out_proj.native, self.gate.native, self.up.native, self.down.native,
+                                     router, self.expert_bias, self.top_k, self.normalize, self.scale)
             object.__setattr__(self, "native", layer)
 
 
 def conv_layer(x: np.ndarray, state: np.ndarray, w: ConvLayerWeights) -> np.ndarray:
-    """One sequence's tokens x [T, H] through a conv layer with a dense SwiGLU:
+    """One sequence's tokens x [T, H] through a conv layer and its FFN:
         x = x + out_proj(gated_short_conv(in_proj(rms_norm(x, operator_norm)), state, kernel))
-        x = x + swiglu(rms_norm(x, ffn_norm), gate, up, down)
+        h = rms_norm(x, ffn_norm)
+        x = x + swiglu(h, gate, up, down)                   # dense
+        x = x + moe(h, *route(linear(h, router), ...), gate, up, down)   # with a router
     in one native call: the same ops in the same order, so the same bits as calling them one by
     one (reference.conv_layer), without the Python between them, a tenth of a short decode step.
     state [L-1, H] moves on in place."""

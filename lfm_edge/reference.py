@@ -51,9 +51,14 @@ def swiglu(x: np.ndarray, gate, up, down) -> np.ndarray:
 
 
 def conv_layer(x: np.ndarray, state: np.ndarray, w) -> np.ndarray:
-    """A conv layer with a dense SwiGLU (w: ops.ConvLayerWeights) for one sequence's x [T, H]."""
+    """A conv layer and its FFN, dense or (with w.router) a sparse MoE (w: ops.ConvLayerWeights),
+    for one sequence's x [T, H]."""
     x = x + linear(gated_short_conv(linear(rms_norm(x, w.operator_norm, w.eps), w.in_proj), state, w.kernel), w.out_proj)
-    return x + swiglu(rms_norm(x, w.ffn_norm, w.eps), w.gate, w.up, w.down)
+    h = rms_norm(x, w.ffn_norm, w.eps)
+    if w.router is None:
+        return x + swiglu(h, w.gate, w.up, w.down)
+    experts, weights = route(linear(h, w.router), w.expert_bias, w.top_k, w.normalize, w.scale)
+    return x + moe(h, experts, weights, w.gate, w.up, w.down)
 
 
 def short_conv(bx: np.ndarray, state: np.ndarray, kernel: np.ndarray) -> np.ndarray:

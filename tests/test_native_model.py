@@ -53,16 +53,25 @@ def native_and_reference(llm, ids, monkeypatch, patch_reference=lambda m: None):
     """Logits of `ids` natively and on the reference ops (after `patch_reference(m)`), the native
     run replaying the reference run's expert choices so that only the continuous error remains."""
     routes = []
+
+    def op_by_op(m):  # the layers that route, so that every choice passes through ops.route
+        for layer in llm.model.layers:
+            if layer.conv_layer is not None and layer.conv_layer.router is not None:
+                m.setattr(layer, "conv_layer", None)
+
     with monkeypatch.context() as m:
         patch_reference(m)
+        op_by_op(m)
         for op in reference.OPS:
             m.setattr(ops, op, getattr(reference, op))
         m.setattr(ops, "route", lambda *a: routes.append(reference.route(*a)) or routes[-1])
         reference_logits = llm.logits(ids)
     replay = iter(routes)
     with monkeypatch.context() as m:
+        op_by_op(m)
         m.setattr(ops, "route", lambda *a: next(replay))
         native_logits = llm.logits(ids)
+    assert next(replay, None) is None  # every choice was replayed
     return native_logits, reference_logits
 
 
@@ -145,9 +154,9 @@ def test_weights_are_packed_once_at_load(gguf_path):
 @pytest.mark.parametrize("name", ["dense", "moe"])
 @pytest.mark.parametrize("out_type", ["f32", "q8_0", "q4_0"])
 def test_a_conv_layer_in_one_native_call_has_the_bits_of_its_ops(name, out_type, gguf_path, isa, threads, monkeypatch):
-    """ops.conv_layer (a conv layer and its dense SwiGLU in one native call) against the same
-    layer op by op (DecoderLayer's own path): the same logits to the bit, over a prefill and
-    decode steps that carry the conv state between calls."""
+    """ops.conv_layer (a conv layer and its FFN, dense or a sparse MoE, in one native call)
+    against the same layer op by op (DecoderLayer's own path): the same logits to the bit, over a
+    prefill and decode steps that carry the conv state between calls."""
     llm = lfm_edge.load(gguf_path(name, out_type))
     ids = prompt(llm, 40)
 
@@ -162,7 +171,11 @@ def test_a_conv_layer_in_one_native_call_has_the_bits_of_its_ops(name, out_type,
         m.setattr(ops, "conv_layer", lambda *a: calls.append(1) or conv_layer(*a))
         fused = run()
     fused_layers = [layer for layer in llm.model.layers if layer.conv_layer is not None]
-    assert fused_layers and len(calls) == 8 * len(fused_layers)  # 1 prefill + 7 steps, each layer
+    assert len(fused_layers) == sum(not llm.args.is_attention(i) for i in range(llm.args.n_layer))
+    assert all(layer.conv_layer.native is not None for layer in fused_layers)
+    if name == "moe":
+        assert any(layer.conv_layer.router is not None for layer in fused_layers)
+    assert len(calls) == 8 * len(fused_layers)  # 1 prefill + 7 steps, each layer
     with monkeypatch.context() as m:
         for layer in fused_layers:
             m.setattr(layer, "conv_layer", None)
@@ -179,3 +192,27 @@ def test_conv_layer_refuses_weights_of_the_wrong_shape(gguf_path):
                          w.gate.native, w.up.native, w.down.native)
     with pytest.raises(ValueError, match="state"):
         w.native(np.zeros((1, w.operator_norm.size), np.float32), np.zeros((5, 3), np.float32))
+
+
+def test_a_moe_conv_layer_refuses_a_wrong_router_bias_or_top_k(gguf_path):
+    layer = next(l for l in lfm_edge.load(gguf_path("moe", "q8_0")).model.layers
+                 if l.conv_layer is not None and l.conv_layer.router is not None)
+    w = layer.conv_layer
+    n_expert = w.gate.n_mats
+
+    def make(**change):
+        args = dict(gate=w.gate.native, up=w.up.native, down=w.down.native, router=w.router.native,
+                    expert_bias=w.expert_bias, top_k=w.top_k, normalize=w.normalize, scale=w.scale) | change
+        return native.ConvLayer(w.operator_norm, w.ffn_norm, w.eps, w.in_proj.native, w.kernel, w.out_proj.native,
+                                **args)
+
+    make()  # as loaded
+    with pytest.raises(ValueError, match="router"):
+        make(router=w.out_proj.native)
+    with pytest.raises(ValueError, match="expert_bias"):
+        make(expert_bias=np.zeros(n_expert + 1, np.float32))
+    for top_k in (0, n_expert + 1):
+        with pytest.raises(ValueError, match="top_k"):
+            make(top_k=top_k)
+    with pytest.raises(ValueError, match=r"\[E, F, H\]"):
+        make(down=w.gate.native)

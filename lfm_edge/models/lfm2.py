@@ -171,6 +171,10 @@ class MLP:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return ops.swiglu(x, self.gate, self.up, self.down)
 
+    def conv_layer_weights(self) -> dict:
+        """This FFN's part of an ops.ConvLayerWeights."""
+        return dict(gate=self.gate, up=self.up, down=self.down)
+
 
 class DecoderLayer:
     """Pre-norm residual layer: operator (conv or attention), then the FFN."""
@@ -181,13 +185,13 @@ class DecoderLayer:
         self.ffn_norm = w.vector(f"blk.{i}.ffn_norm.weight", (args.hidden,))
         self.operator = Attention(args, w, i) if args.is_attention(i) else ShortConv(args, w, i)
         self.feed_forward = feed_forward
-        # A conv layer with a dense SwiGLU also runs as one op (ops.conv_layer: one native call),
-        # which __call__ below spells out op by op with the same bits (tests/test_native_model.py).
+        # A conv layer also runs as one op (ops.conv_layer: one native call), which __call__
+        # below spells out op by op with the same bits (tests/test_native_model.py).
         self.conv_layer = None
-        if isinstance(self.operator, ShortConv) and isinstance(feed_forward, MLP):
-            conv, ffn = self.operator, feed_forward
+        if isinstance(self.operator, ShortConv):
+            conv = self.operator
             self.conv_layer = ops.ConvLayerWeights(self.operator_norm, self.ffn_norm, self.eps, conv.in_proj,
-                                                   conv.kernel, conv.out_proj, ffn.gate, ffn.up, ffn.down)
+                                                   conv.kernel, conv.out_proj, **feed_forward.conv_layer_weights())
 
     def __call__(self, x: np.ndarray, batch: Batch) -> np.ndarray:
         if self.conv_layer is not None:

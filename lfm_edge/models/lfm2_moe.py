@@ -69,6 +69,11 @@ class SparseMoE:
         experts, weights = ops.route(logits, self.expert_bias, self.top_k, self.normalize, self.scale)
         return ops.moe(x, experts, weights, self.gate, self.up, self.down)
 
+    def conv_layer_weights(self) -> dict:
+        """This FFN's part of an ops.ConvLayerWeights."""
+        return dict(gate=self.gate, up=self.up, down=self.down, router=self.router, expert_bias=self.expert_bias,
+                    top_k=self.top_k, normalize=self.normalize, scale=self.scale)
+
 
 class Model(lfm2.Model):
     def feed_forward(self, args: ModelArgs, w: lfm2.Weights, i: int):
