@@ -213,21 +213,14 @@ static inline int64_t row_groups(int64_t n) { return (n + kRowGroup - 1) / kRowG
 // 4 blocks ahead into L1 (before): 10.0 GB/s on 1 thread, 20 GB/s on 2; 32 blocks (9 KB) ahead
 // into L2: 13.0 and 25 GB/s (16 and 64 blocks: 24.4 and 23.7 GB/s on 2 threads).
 //
-// Where a row group is read once (decode) a kernel may ask for a non-temporal prefetch instead
-// (prefetchnta, kOnce). On the Zen 4 VM's AVX-512 kernels, three interleaved pairs of 8B-A1B
-// `bench -p 512 -n 64 -r 3`: tg64 20.9-22.1 -> 22.5-25.4 tok/s on 1 thread, 30.3-35.7 -> 32.0-33.2
-// on 2 (means 30.5 -> 32.8), pp512 unchanged. Prefill, which reads each row group again for every
-// tile of tokens, lost 5-10% when every tile prefetched so (hence the choice per tile).
+// Not prefetchnta, though decode reads each row group once: on the Zen 4 VM it gained 8B-A1B
+// decode ~8% on 1 thread, but on Sapphire Rapids it held a Q4_0 GEMV from DRAM to 6-7 GB/s a
+// thread (against 21-24 with prefetcht1).
 constexpr int64_t kPrefetchAhead = 9216;
 
-enum class Reads { kOnce = 0, kAgain = 2 };  // __builtin_prefetch's locality: prefetchnta, prefetcht1
-
-template <Reads kReads = Reads::kAgain>
 static inline void prefetch_weights(const void* block, int64_t bytes) {
     const char* ahead = static_cast<const char*>(block) + kPrefetchAhead;
-    for (int64_t offset = 0; offset < bytes; offset += 64) {
-        __builtin_prefetch(ahead + offset, 0, static_cast<int>(kReads));
-    }
+    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(ahead + offset, 0, 2);
 }
 
 }  // namespace lfm

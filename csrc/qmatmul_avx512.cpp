@@ -16,17 +16,13 @@ namespace {
 
 namespace this_isa = avx512;
 constexpr int kTokenTile = 4;  // tokens that share each unpacked weight block (prefill)
-// Row groups a decode tile reads side by side (qmatmul_impl.h; over_groups): one. On the Zen 4
-// VM (AVX-512), 2 and 4 streams gave a GEMV from DRAM a few GB/s in some types and took it in
-// others, and 8B-A1B decode no speed: four interleaved pairs of `lfm-edge bench -p 0 -n 64 -r 4`,
-// one stream against two, 20.9-21.5 / 24.3-30.8 tok/s against 20.8-22.6 / 28.4-31.1 (1 / 2 threads).
+// Row groups a decode tile reads side by side (qmatmul_impl.h; over_groups): four streams from
+// memory instead of one keep Sapphire Rapids' L2 streamer busier. A Q4_0 / Q8_0 / Q4_K GEMV from
+// DRAM (`pytest bench/ -k gemv`, 2-core SPR VM): 16.0 / 20.2 / 14.6 GB/s with one stream, 21.5 /
+// 23.7 / 20.9 with four on 1 thread; 33.1 / 42.6 / 29.3 and 35.9-47.5 / 43.2-48.9 / 45.2-46.4 on
+// 2. On the Zen 4 VM they had made no difference to decode.
 template <class Block>
-constexpr int kDecodeStreams = 1;
-
-// How a TT-token tile's weights are read (packed.h, prefetch_weights): once in decode (one or two
-// tokens), again by the next tiles of a prompt.
-template <int TT>
-constexpr Reads kReads = TT <= 2 ? Reads::kOnce : Reads::kAgain;
+constexpr int kDecodeStreams = 4;
 
 // The lanes of rows 0 .. rows - 1 (rows <= 16).
 static inline __mmask16 row_mask(int rows) { return static_cast<__mmask16>((1u << rows) - 1); }
@@ -151,7 +147,7 @@ void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int
     over_groups<TT, G>(blocks, nb, streams.spacing, nb, rows, y, ldy, t0, row0,
                        [&](const Block* group, int64_t b, __m512 (&acc)[TT]) {
         const Block& blk = group[b];
-        prefetch_weights<kReads<TT>>(&blk, sizeof(Block));
+        prefetch_weights(&blk, sizeof(Block));
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
         __m512i w[8];
         const int32_t offset = unpack(blk, w);
@@ -200,7 +196,7 @@ void k_affine_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int6
                        [&](const Block* group, int64_t b, __m512 (&acc)[TT]) {
         const Block& blk = group[b / 8];
         const int j = static_cast<int>(b % 8);
-        prefetch_weights<kReads<TT>>(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+        prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         const Q4_Kx16& low = low_part(blk);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low.d)));
         const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low.dmin)));
@@ -264,7 +260,7 @@ void scaled16_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int6
                        [&](const Block* group, int64_t b, __m512 (&acc)[TT]) {
         const Block& blk = group[b / 8];
         const int j = static_cast<int>(b % 8);
-        prefetch_weights<kReads<TT>>(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+        prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
         __m512i w[8];
         const int32_t offset = unpack_scaled16(blk, j, w);
@@ -297,7 +293,7 @@ void q2_k_tile(const QuantizedRows& x, int64_t t0, const Q2_Kx16* blocks, int64_
                        [&](const Q2_Kx16* group, int64_t b, __m512 (&acc)[TT]) {
         const Q2_Kx16& blk = group[b / 8];
         const int j = static_cast<int>(b % 8);
-        prefetch_weights<kReads<TT>>(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+        prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
         const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.dmin)));
         __m512i w[8];
@@ -335,7 +331,7 @@ void iq4_xs_tile(const QuantizedRows& x, int64_t t0, const IQ4_XSx16* blocks, in
                        [&](const IQ4_XSx16* group, int64_t b, __m512 (&acc)[TT]) {
         const IQ4_XSx16& blk = group[b / 8];
         const int j = static_cast<int>(b % 8);
-        prefetch_weights<kReads<TT>>(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+        prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
         __m512i w[8];
         unpack_iq4(blk.qs[j], w);
