@@ -3,11 +3,16 @@
 
 #include <atomic>
 
+#if defined(LFM_EDGE_HAVE_AMX) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace lfm {
 namespace {
 
-// CMake defines LFM_EDGE_HAVE_AVX2 / _AVXVNNI / _AVX512 only on x86-64, for the tables it
-// compiled (_AVXVNNI only with _AVX2).
+// CMake defines LFM_EDGE_HAVE_AVX2 / _AVXVNNI / _AVX512 / _AMX only on x86-64, for the tables it
+// compiled (_AVXVNNI only with _AVX2, _AMX only with _AVX512).
 #if defined(LFM_EDGE_HAVE_AVX2) || defined(LFM_EDGE_HAVE_AVX512)
 // gcc's __builtin_cpu_supports also checks (via XGETBV) that the OS saves the AVX / AVX-512
 // register state, so a feature reported here is safe to use.
@@ -33,6 +38,21 @@ bool cpu_runs_avx512_table() {
 }
 #endif
 
+#if defined(LFM_EDGE_HAVE_AMX)
+// AMX-INT8, and Linux's permission for this process to use the tile data state (asked once
+// here; without it the first tile instruction raises SIGILL). Elsewhere: never.
+bool cpu_runs_amx_table() {
+#if defined(__linux__)
+    constexpr long kReqXcompPerm = 0x1023;  // ARCH_REQ_XCOMP_PERM
+    constexpr long kXfeatureXtiledata = 18;
+    return cpu_runs_avx512_table() && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") &&
+           syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+}
+#endif
+
 std::vector<const KernelTable*> detect_usable_tables() {
     std::vector<const KernelTable*> tables = {&scalar_kernels()};
 #if defined(LFM_EDGE_HAVE_AVX2) || defined(LFM_EDGE_HAVE_AVX512)
@@ -46,6 +66,9 @@ std::vector<const KernelTable*> detect_usable_tables() {
 #endif
 #if defined(LFM_EDGE_HAVE_AVX512)
     if (cpu_runs_avx512_table()) tables.push_back(&avx512_kernels());
+#endif
+#if defined(LFM_EDGE_HAVE_AMX)
+    if (cpu_runs_amx_table()) tables.push_back(&amx_kernels());
 #endif
     return tables;
 }

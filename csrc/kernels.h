@@ -3,7 +3,8 @@
 // kernels_scalar.cpp  baseline flags, portable C++17: the reference for every other table
 // kernels_avx2.cpp    -mavx2 -mfma -mf16c; also the "avxvnni" table: the same float kernels with
 //                     the int8 ones of qmatmul_avxvnni.cpp (-mavx2 -mfma -mf16c -mavxvnni)
-// kernels_avx512.cpp  -mavx512f/bw/vl/dq/vnni -mfma -mf16c
+// kernels_avx512.cpp  -mavx512f/bw/vl/dq/vnni -mfma -mf16c; also the "amx" table: this one with
+//                     the Q4_0 / Q8_0 prompt kernels of qmatmul_amx.cpp (-mamx-tile -mamx-int8)
 //
 // dispatch.cpp picks one table at import from what the CPU supports. A kernel TU compiled with
 // AVX flags must give everything it defines internal linkage (anonymous namespace or `static`)
@@ -112,7 +113,7 @@ constexpr int64_t kAttentionTileQueries = 64;
 using SiluMulFn = void (*)(float* h, const float* u, int64_t n);
 
 struct KernelTable {
-    const char* isa;  // "scalar" | "avx2" | "avxvnni" | "avx512"
+    const char* isa;  // "scalar" | "avx2" | "avxvnni" | "avx512" | "amx"
     QTypeKernels f32;
     QTypeKernels f16;
     QTypeKernels bf16;
@@ -139,5 +140,6 @@ const KernelTable& scalar_kernels();
 const KernelTable& avx2_kernels();
 const KernelTable& avxvnni_kernels();
 const KernelTable& avx512_kernels();
+const KernelTable& amx_kernels();  // the AVX-512 table with AMX prompt kernels for Q4_0 and Q8_0
 
 }  // namespace lfm

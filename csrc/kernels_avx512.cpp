@@ -78,4 +78,22 @@ namespace lfm {
 
 const KernelTable& avx512_kernels() { return kTable; }
 
+#if defined(LFM_EDGE_HAVE_AMX)
+namespace {
+
+// AMX's table: this one with the AMX prompt kernels of qmatmul_amx.cpp for Q4_0 and Q8_0 (which
+// hand decode and the tokens past the last 16 back to this unit's).
+constexpr KernelTable amx_table() {
+    KernelTable table = LFM_EDGE_KERNEL_TABLE("amx", avx512);
+    table.q4_0.matmul_packed = amx::matmul_q4_0_packed;
+    table.q8_0.matmul_packed = amx::matmul_q8_0_packed;
+    return table;
+}
+constexpr KernelTable kAmxTable = amx_table();
+
+}  // namespace
+
+const KernelTable& amx_kernels() { return kAmxTable; }
+#endif
+
 }  // namespace lfm

@@ -1,6 +1,6 @@
 // The int8-activation kernels, one namespace per instruction set, each defined in its own
 // translation unit (qmatmul_scalar.cpp, qmatmul_avx2.cpp, qmatmul_avxvnni.cpp,
-// qmatmul_avx512.cpp) and listed in that instruction set's KernelTable. Declarations only: no
+// qmatmul_avx512.cpp, qmatmul_amx.cpp) and listed in that instruction set's KernelTable. Declarations only: no
 // inline code may live here (see kernels.h on linkage).
 #pragma once
 
@@ -29,5 +29,10 @@ LFM_EDGE_DECLARE_QMATMUL(avxvnni)
 LFM_EDGE_DECLARE_QMATMUL(avx512)
 
 #undef LFM_EDGE_DECLARE_QMATMUL
+
+// qmatmul_amx.cpp: the AVX-512 table's Q4_0 and Q8_0 entries on AMX tiles (16 tokens at a time).
+namespace amx {
+PackedMatmul matmul_q4_0_packed, matmul_q8_0_packed;
+}
 
 }  // namespace lfm

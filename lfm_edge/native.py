@@ -1,7 +1,8 @@
 """The compiled kernels (``lfm_edge._C``) and the choice of instruction set they run on.
 
 At import the best instruction set this CPU supports is active, unless the environment variable
-``LFM_EDGE_ISA`` (scalar | avx2 | avxvnni | avx512) asks for another one.
+``LFM_EDGE_ISA`` (scalar | avx2 | avxvnni | avx512 | amx) asks for another one. "amx" is the
+AVX-512 kernels with AMX tiles for Q4_0 / Q8_0 prompts (16 tokens and more).
 
 Weight types are GGML ids (``gguf.GGMLQuantizationType`` values work); ``qtypes()`` lists the
 ones the kernels read, {name: id}: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL (blocks
@@ -76,7 +77,7 @@ __all__ = [
 ]
 
 ISA_ENV_VAR = "LFM_EDGE_ISA"
-KNOWN_ISAS = ("scalar", "avx2", "avxvnni", "avx512")  # lowest first
+KNOWN_ISAS = ("scalar", "avx2", "avxvnni", "avx512", "amx")  # lowest first
 
 # y = x @ W.T -> float32 [T, n]; x: float32 C-contiguous [T, k]
 matmul = _C.matmul

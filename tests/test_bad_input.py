@@ -192,7 +192,7 @@ def test_cli_version_names_the_kernel_path():
     proc = cli("--version")
     assert proc.returncode == 0
     assert proc.stdout.startswith("lfm-edge 0.1.0 (kernels: ")
-    assert any(isa in proc.stdout for isa in ("scalar", "avx2", "avx512"))
+    assert any(isa in proc.stdout for isa in ("scalar", "avx2", "avx512", "amx"))
 
 
 def test_quantize_bad_input(tmp_path, checkpoint):

@@ -3,6 +3,7 @@ CPU and build can run, plus every validation error the module promises."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import subprocess
@@ -188,7 +189,16 @@ def test_available_isas_match_this_cpu():
             expected.append("avxvnni")
         if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= set(flags):
             expected.append("avx512")
+            # and where Linux lets the process use the tile data (dispatch asks it the same way)
+            if {"amx_tile", "amx_int8"} <= set(flags) and amx_permitted():
+                expected.append("amx")
     assert ISAS == expected
+
+
+def amx_permitted() -> bool:
+    """arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 (x86-64 Linux's syscall 158)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(ctypes.c_long(158), ctypes.c_long(0x1023), ctypes.c_long(18)) == 0
 
 
 def test_use_isa_switches_and_restores():

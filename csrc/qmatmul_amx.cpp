@@ -1,0 +1,250 @@
+// AMX (AMX-TILE, AMX-INT8) prompt kernels for Q4_0 and Q8_0: the "amx" table is the AVX-512 one
+// with these two entries. 16 tokens at a time against one row group: each 32-weight block is one
+// TDPBSSD of the tokens' int8 activations (tile 0, [16 tokens][32 bytes]) by the block's 16 rows
+// of int8 weights (tile 1, [8 quads][16 rows x 4 bytes]: VNNI's operand layout, which the packed
+// blocks keep, their offset taken off once per row group: nibble - 8, byte - 128), giving
+// [16 tokens][16 rows] exact int32 dot products (tile 2). Each is the integer the AVX-512 kernels
+// reach with unsigned weights and the block's offset term (-offset x sum of the activations), so
+// acc += (dw dx) * float(dot), one fused multiply-add per block in block order, gives every output
+// the AVX-512 kernels' bits and hence the scalar twin's (tests/test_kernels_int8.py). The tokens
+// left over (fewer than 16, decode among them) go to the AVX-512 kernels.
+//
+// Compiled with the AVX-512 flags plus -mamx-tile -mamx-int8; dispatch offers the table only
+// where the CPU has AMX-INT8 and Linux grants the process the tile data state (arch_prctl).
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstdlib>
+
+#include "formats.h"
+#include "kernels.h"
+#include "packed.h"
+#include "qmatmul.h"
+
+namespace lfm {
+namespace {
+
+constexpr int kTileTokens = 16;  // the rows of tiles 0 and 2
+constexpr int64_t kTileBytes = kTileTokens * kQuantBlock;  // one block of 16 tokens' activations
+
+// gcc 12's tile intrinsics under-declare their memory operands: its _tile_loadconfig tells the
+// compiler it reads 8 of the config's 64 bytes (so the stores of the rest were dropped as dead)
+// and its _tile_loadd that it reads none. These two say what they read; the store (_tile_stored
+// clobbers memory), zeroing and the dot products are the intrinsics.
+struct alignas(64) TileConfig {
+    uint8_t palette = 1;
+    uint8_t start_row = 0;
+    uint8_t reserved[14] = {};
+    uint16_t colsb[16] = {};  // bytes per row
+    uint8_t rows[16] = {};
+};
+static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
+#define LFM_EDGE_TILE_LOAD(T, base, stride)                                                  \
+    __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #T ::"r"(static_cast<const void*>(base)), \
+                     "r"(static_cast<long>(stride))                                          \
+                     : "memory")
+
+// Tiles 0, 1 and 2 as above (and 3, 4, 5 alike), configured for the kernel's scope and released
+// after it (a thread holding configured tiles saves 8 KB more state at every context switch).
+class Tiles {
+   public:
+    Tiles() {
+        TileConfig config;
+        for (int set = 0; set < 2; ++set) {  // tiles 0-2 and 3-5
+            const int activations = 3 * set, weights = 3 * set + 1, dots = 3 * set + 2;
+            config.rows[activations] = kTileTokens;  // [16 tokens][32 int8]
+            config.colsb[activations] = kQuantBlock;
+            config.rows[weights] = kQuantBlock / 4;  // [8 quads][16 rows x 4 uint8]
+            config.colsb[weights] = 4 * kRowGroup;
+            config.rows[dots] = kTileTokens;  // [16 tokens][16 rows] int32
+            config.colsb[dots] = 4 * kRowGroup;
+        }
+        __asm__ volatile("ldtilecfg %0" ::"m"(config));
+    }
+    ~Tiles() { _tile_release(); }
+    Tiles(const Tiles&) = delete;
+    Tiles& operator=(const Tiles&) = delete;
+};
+
+// A thread's buffer of `bytes`, 64-byte aligned, kept for its next call; `slot` tells them apart.
+// nullptr if there is no memory for it.
+template <int slot>
+uint8_t* thread_buffer(int64_t bytes) {
+    struct Buffer {
+        uint8_t* data = nullptr;
+        int64_t bytes = 0;
+        ~Buffer() { std::free(data); }
+    };
+    static thread_local Buffer buffer;
+    if (bytes > buffer.bytes) {
+        std::free(buffer.data);
+        buffer.data = static_cast<uint8_t*>(std::aligned_alloc(64, static_cast<size_t>((bytes + 63) / 64 * 64)));
+        buffer.bytes = buffer.data != nullptr ? bytes : 0;
+    }
+    return buffer.data;
+}
+
+// A row group's nb blocks of int8 weights, as tile 1 reads them: [nb][8 quads][16 rows][4], into
+// `buffer` (nb x 512 bytes), once for every tile of tokens that then reads them.
+static inline void signed_weights(const Q8_0x16* group, int64_t nb, uint8_t* buffer) {
+    const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int64_t b = 0; b < nb; ++b) {
+        for (int c = 0; c < 8; ++c) {  // byte - 128 = byte ^ 0x80, as int8
+            const __m512i v = _mm512_loadu_si512(group[b].qs + 64 * c);
+            _mm512_store_si512(buffer + b * 512 + 64 * c, _mm512_xor_si512(v, offset));
+        }
+    }
+}
+static inline void signed_weights(const Q4_0x16* group, int64_t nb, uint8_t* buffer) {
+    const __m512i low = _mm512_set1_epi8(0x0f), eight = _mm512_set1_epi8(8);
+    for (int64_t b = 0; b < nb; ++b) {
+        uint8_t* out = buffer + b * 512;
+        for (int c = 0; c < 4; ++c) {  // the low nibbles of 64 bytes are quad c, the high ones c + 4
+            const __m512i v = _mm512_loadu_si512(group[b].qs + 64 * c);
+            _mm512_store_si512(out + 64 * c, _mm512_sub_epi8(_mm512_and_si512(v, low), eight));
+            _mm512_store_si512(out + 64 * (c + 4), _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), eight));
+        }
+    }
+}
+
+// 16 tokens' activations, block-major (token_tiles): q [nb][16 tokens][32], and per block the
+// tokens' scales, [nb][16].
+struct TokenTile {
+    const int8_t* q = nullptr;
+    const float* d = nullptr;
+    TokenTile at(int64_t tile, int64_t nb) const {  // the tile-th 16 tokens of a token_tiles result
+        const int64_t entries = tile * nb * kTileTokens;
+        return {q + entries * kQuantBlock, d + entries};
+    }
+};
+
+// One block's [16 tokens][16 rows] int32 dot products into dots, on tiles A (the activations at
+// a), B (the weights at w) and C (the products). A macro: gcc's tile intrinsics paste their tile
+// numbers into assembly, so they must be literal digits.
+#define LFM_EDGE_BLOCK_DOTS(A, B, C, a, w, dots)   \
+    do {                                           \
+        LFM_EDGE_TILE_LOAD(A, a, kQuantBlock);     \
+        LFM_EDGE_TILE_LOAD(B, w, 4 * kRowGroup);   \
+        _tile_zero(C);                             \
+        _tile_dpbssd(C, A, B);                     \
+        _tile_stored(C, dots, 4 * kRowGroup);      \
+    } while (0)
+
+// 16 tokens against one row group (nb blocks), into rows 0 .. 15 of y, columns row0 .. row0 + rows
+// - 1. Blocks go in pairs on two sets of tiles (0-2, 3-5); the scaling keeps block order, so the
+// bits are the AVX-512 kernels'.
+template <class Block>
+void tile16(const TokenTile& tokens, const Block* blocks, const uint8_t* w, int64_t nb, int rows, float* y,
+            int64_t ldy, int64_t row0) {
+    const int8_t* a = tokens.q;
+    constexpr int64_t kWeightBytes = 8 * 64;  // one block's tile 1
+    alignas(64) int32_t dots[4][kTileTokens][kRowGroup];
+    __m512 acc[kTileTokens];
+    for (__m512& a : acc) a = _mm512_setzero_ps();
+    auto scale = [&](int64_t b, const int32_t (&d)[kTileTokens][kRowGroup]) {
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blocks[b].d)));
+        const float* dx = tokens.d + b * kTileTokens;
+        for (int t = 0; t < kTileTokens; ++t) {
+            const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(d[t]));
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(dx[t])), dot, acc[t]);
+        }
+    };
+    // A pair's products are scaled one pair later: loads cannot take data from a tile store
+    // still in flight, and would wait for it to retire, draining the pipeline at every block.
+    int64_t b = 0;
+    int slot = 0;  // which two of dots the pair being computed writes
+    for (; b + 2 <= nb; b += 2) {
+        LFM_EDGE_BLOCK_DOTS(0, 1, 2, a + b * kTileBytes, w + b * kWeightBytes, dots[2 * slot]);
+        LFM_EDGE_BLOCK_DOTS(3, 4, 5, a + (b + 1) * kTileBytes, w + (b + 1) * kWeightBytes, dots[2 * slot + 1]);
+        slot ^= 1;
+        if (b >= 2) {
+            scale(b - 2, dots[2 * slot]);
+            scale(b - 1, dots[2 * slot + 1]);
+        }
+    }
+    if (b >= 2) {
+        slot ^= 1;
+        scale(b - 2, dots[2 * slot]);
+        scale(b - 1, dots[2 * slot + 1]);
+    }
+    if (b < nb) {
+        LFM_EDGE_BLOCK_DOTS(0, 1, 2, a + b * kTileBytes, w + b * kWeightBytes, dots[0]);
+        scale(b, dots[0]);
+    }
+    const auto mask = static_cast<__mmask16>((1u << rows) - 1);
+    for (int t = 0; t < kTileTokens; ++t) _mm512_mask_storeu_ps(y + t * ldy + row0, mask, acc[t]);
+}
+
+#undef LFM_EDGE_BLOCK_DOTS
+#undef LFM_EDGE_TILE_LOAD
+
+// The activations of tokens [0, n_tokens) (a multiple of 16) block-major, in buffers of the
+// calling thread's, kept for its next call: q [n_tokens / 16][nb][16 tokens][32 bytes], so that
+// an A tile is 512 contiguous bytes (in place its 16 rows would be k bytes apart, and for k a
+// multiple of 2048 all 16 would fall into two of L1's 64 sets); beside it, per tile and block,
+// the 16 tokens' scales d. nullptr members if there is no memory.
+TokenTile token_tiles(const QuantizedRows& x, int64_t n_tokens) {
+    const int64_t nb = x.k / kQuantBlock;
+    auto* q = reinterpret_cast<int8_t*>(thread_buffer<0>(n_tokens * x.k));
+    auto* d = reinterpret_cast<float*>(thread_buffer<2>(n_tokens * nb * 4));
+    if (q == nullptr || d == nullptr) return {};
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        const int64_t first = (t / kTileTokens) * nb * kTileTokens + t % kTileTokens;  // block 0's entry
+        const int8_t* in = x.q + t * x.k;
+        for (int64_t b = 0; b < nb; ++b) {
+            _mm256_store_si256(reinterpret_cast<__m256i*>(q + (first + b * kTileTokens) * kQuantBlock),
+                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + b * kQuantBlock)));
+            d[first + b * kTileTokens] = x.d[t * nb + b];
+        }
+    }
+    return {q, d};
+}
+
+// PackedMatmulFn (kernels.h) for Block: whole tiles of 16 tokens here, the rest by `rest`.
+template <class Block>
+void matmul(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t group_begin, int64_t group_end,
+            float* y, int64_t ldy, PackedMatmul& rest) {
+    const int64_t nb = x.k / kQuantBlock;
+    int64_t whole = x.n_tokens / kTileTokens * kTileTokens;
+    const TokenTile tokens = whole > 0 ? token_tiles(x, whole) : TokenTile{};
+    uint8_t* weights = whole > 0 ? thread_buffer<1>(nb * 8 * 64) : nullptr;
+    if (tokens.q == nullptr || weights == nullptr) whole = 0;  // no memory for the copies: all on AVX-512
+    if (whole > 0) {
+        const auto* blocks = reinterpret_cast<const Block*>(w);  // [groups][nb]
+        const Tiles tiles;
+        for (int64_t g = group_begin; g < group_end; ++g) {
+            const int64_t row0 = g * kRowGroup;
+            const int rows = static_cast<int>(n_rows - row0 < kRowGroup ? n_rows - row0 : kRowGroup);
+            signed_weights(blocks + g * nb, nb, weights);
+            for (int64_t t0 = 0; t0 < whole; t0 += kTileTokens) {
+                tile16(tokens.at(t0 / kTileTokens, nb), blocks + g * nb, weights, nb, rows, y + t0 * ldy, ldy, row0);
+            }
+        }
+    }
+    if (whole < x.n_tokens) {
+        QuantizedRows left = x;
+        left.q += whole * x.k;
+        left.d += whole * nb;
+        left.sum += whole * nb;
+        if (left.sum16 != nullptr) left.sum16 += whole * 2 * nb;
+        left.n_tokens = x.n_tokens - whole;
+        rest(left, w, n_rows, group_begin, group_end, y + whole * ldy, ldy);
+    }
+}
+
+}  // namespace
+
+namespace amx {
+
+void matmul_q4_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t group_begin,
+                        int64_t group_end, float* y, int64_t ldy) {
+    matmul<Q4_0x16>(x, w, n_rows, group_begin, group_end, y, ldy, avx512::matmul_q4_0_packed);
+}
+
+void matmul_q8_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t group_begin,
+                        int64_t group_end, float* y, int64_t ldy) {
+    matmul<Q8_0x16>(x, w, n_rows, group_begin, group_end, y, ldy, avx512::matmul_q8_0_packed);
+}
+
+}  // namespace amx
+}  // namespace lfm
