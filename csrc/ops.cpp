@@ -174,16 +174,13 @@ void matmul_groups(const KernelTable& table, const Matrix& w, const uint8_t* mat
     }
 }
 
-// Row groups handed out per chunk. In prefill up to 8, at least 4 chunks a thread to balance
-// the cores: AMX's kernels lay the chunk's activations out in tiles once per call, and with 2
-// groups a call the Sapphire Rapids VM's 2-thread 512 x 2048 x 2048 Q4_0 linear ran 360 GMAC/s,
-// with 8 518 (AVX-512's: 357 and 365). In decode (one token, or two: qmatmul_impl.h,
-// side_by_side) two chunks a thread, so that each chunk's side-by-side streams are long enough
-// for the prefetchers. Interleaved runs of lfm-edge bench -t 2 -p 0 -n 128 (Zen 3 VM, Q4_0),
+// Row groups handed out per chunk: in prefill small, to balance the cores; in decode (one token,
+// or two: qmatmul_impl.h, side_by_side) two chunks a thread, so that each chunk's side-by-side
+// streams are long enough for the prefetchers. Interleaved runs of lfm-edge bench -t 2 -p 0 -n 128 (Zen 3 VM, Q4_0),
 // 8-group chunks and 16 expert chunks a thread -> this: LFM2-350M 89-101 -> 109-115 tok/s;
 // LFM2-1.2B (32.3-33.6 -> 29.5-35.7) and 8B-A1B (23.2-29.3 -> 24.7-27.1) within the noise.
 int64_t grain_for(int64_t groups, int64_t n_tokens) {
-    if (n_tokens > 2) return std::max<int64_t>(1, std::min<int64_t>(8, groups / (4 * num_threads())));
+    if (n_tokens > 2) return std::max<int64_t>(1, std::min<int64_t>(2, groups / (4 * num_threads())));
     return std::max<int64_t>(1, groups / (2 * num_threads()));
 }
 

@@ -1,13 +1,14 @@
 // AMX (AMX-TILE, AMX-INT8) prompt kernels for Q4_0 and Q8_0: the "amx" table is the AVX-512 one
 // with these two entries. 16 tokens at a time against one row group: each 32-weight block is one
-// TDPBSSD of the tokens' int8 activations (tile 0, [16 tokens][32 bytes]) by the block's 16 rows
-// of int8 weights (tile 1, [8 quads][16 rows x 4 bytes]: VNNI's operand layout, which the packed
-// blocks keep, their offset taken off once per row group: nibble - 8, byte - 128), giving
-// [16 tokens][16 rows] exact int32 dot products (tile 2). Each is the integer the AVX-512 kernels
-// reach with unsigned weights and the block's offset term (-offset x sum of the activations), so
-// acc += (dw dx) * float(dot), one fused multiply-add per block in block order, gives every output
-// the AVX-512 kernels' bits and hence the scalar twin's (tests/test_kernels_int8.py). The tokens
-// left over (fewer than 16, decode among them) go to the AVX-512 kernels.
+// TDPBSSD of the tokens' int8 activations (tile 0, [16 tokens][32 bytes], read in place, rows k
+// bytes apart) by the block's 16 rows of int8 weights (tile 1, [8 quads][16 rows x 4 bytes]:
+// VNNI's operand layout, which the packed blocks keep, their offset taken off once per row group:
+// nibble - 8, byte - 128), giving [16 tokens][16 rows] exact int32 dot products (tile 2). Each is
+// the integer the AVX-512 kernels reach with unsigned weights and the block's offset term
+// (-offset x sum of the activations), so acc += (dw dx) * float(dot), one fused multiply-add per
+// block in block order, gives every output the AVX-512 kernels' bits and hence the scalar twin's
+// (tests/test_kernels_int8.py). The tokens left over (fewer than 16, decode among them) go to the
+// AVX-512 kernels.
 //
 // Compiled with the AVX-512 flags plus -mamx-tile -mamx-int8; dispatch offers the table only
 // where the CPU has AMX-INT8 and Linux grants the process the tile data state (arch_prctl).
@@ -25,7 +26,6 @@ namespace lfm {
 namespace {
 
 constexpr int kTileTokens = 16;  // the rows of tiles 0 and 2
-constexpr int64_t kTileBytes = kTileTokens * kQuantBlock;  // one block of 16 tokens' activations
 
 // gcc 12's tile intrinsics under-declare their memory operands: its _tile_loadconfig tells the
 // compiler it reads 8 of the config's 64 bytes (so the stores of the rest were dropped as dead)
@@ -66,9 +66,8 @@ class Tiles {
     Tiles& operator=(const Tiles&) = delete;
 };
 
-// A thread's buffer of `bytes`, 64-byte aligned, kept for its next call; `slot` tells them apart.
+// A buffer of `bytes` for the calling thread, 64-byte aligned, kept for its next call.
 // nullptr if there is no memory for it.
-template <int slot>
 uint8_t* thread_buffer(int64_t bytes) {
     struct Buffer {
         uint8_t* data = nullptr;
@@ -107,23 +106,12 @@ static inline void signed_weights(const Q4_0x16* group, int64_t nb, uint8_t* buf
     }
 }
 
-// 16 tokens' activations, block-major (token_tiles): q [nb][16 tokens][32], and per block the
-// tokens' scales, [nb][16].
-struct TokenTile {
-    const int8_t* q = nullptr;
-    const float* d = nullptr;
-    TokenTile at(int64_t tile, int64_t nb) const {  // the tile-th 16 tokens of a token_tiles result
-        const int64_t entries = tile * nb * kTileTokens;
-        return {q + entries * kQuantBlock, d + entries};
-    }
-};
-
 // One block's [16 tokens][16 rows] int32 dot products into dots, on tiles A (the activations at
-// a), B (the weights at w) and C (the products). A macro: gcc's tile intrinsics paste their tile
-// numbers into assembly, so they must be literal digits.
-#define LFM_EDGE_BLOCK_DOTS(A, B, C, a, w, dots)   \
+// a, rows lda bytes apart), B (the weights at w) and C (the products). A macro: gcc's tile
+// intrinsics paste their tile numbers into assembly, so they must be literal digits.
+#define LFM_EDGE_BLOCK_DOTS(A, B, C, a, lda, w, dots) \
     do {                                           \
-        LFM_EDGE_TILE_LOAD(A, a, kQuantBlock);     \
+        LFM_EDGE_TILE_LOAD(A, a, lda);             \
         LFM_EDGE_TILE_LOAD(B, w, 4 * kRowGroup);   \
         _tile_zero(C);                             \
         _tile_dpbssd(C, A, B);                     \
@@ -134,19 +122,20 @@ struct TokenTile {
 // - 1. Blocks go in pairs on two sets of tiles (0-2, 3-5); the scaling keeps block order, so the
 // bits are the AVX-512 kernels'.
 template <class Block>
-void tile16(const TokenTile& tokens, const Block* blocks, const uint8_t* w, int64_t nb, int rows, float* y,
-            int64_t ldy, int64_t row0) {
-    const int8_t* a = tokens.q;
+void tile16(const QuantizedRows& x, int64_t t0, const Block* blocks, const uint8_t* w, int64_t nb, int rows,
+            float* y, int64_t ldy, int64_t row0) {
+    const int8_t* a = x.q + t0 * x.k;
+    const float* d_x = x.d + t0 * nb;
     constexpr int64_t kWeightBytes = 8 * 64;  // one block's tile 1
     alignas(64) int32_t dots[4][kTileTokens][kRowGroup];
     __m512 acc[kTileTokens];
     for (__m512& a : acc) a = _mm512_setzero_ps();
     auto scale = [&](int64_t b, const int32_t (&d)[kTileTokens][kRowGroup]) {
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blocks[b].d)));
-        const float* dx = tokens.d + b * kTileTokens;
+        const float* dx = d_x + b;
         for (int t = 0; t < kTileTokens; ++t) {
             const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(d[t]));
-            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(dx[t])), dot, acc[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(dx[t * nb])), dot, acc[t]);
         }
     };
     // A pair's products are scaled one pair later: loads cannot take data from a tile store
@@ -154,8 +143,8 @@ void tile16(const TokenTile& tokens, const Block* blocks, const uint8_t* w, int6
     int64_t b = 0;
     int slot = 0;  // which two of dots the pair being computed writes
     for (; b + 2 <= nb; b += 2) {
-        LFM_EDGE_BLOCK_DOTS(0, 1, 2, a + b * kTileBytes, w + b * kWeightBytes, dots[2 * slot]);
-        LFM_EDGE_BLOCK_DOTS(3, 4, 5, a + (b + 1) * kTileBytes, w + (b + 1) * kWeightBytes, dots[2 * slot + 1]);
+        LFM_EDGE_BLOCK_DOTS(0, 1, 2, a + b * kQuantBlock, x.k, w + b * kWeightBytes, dots[2 * slot]);
+        LFM_EDGE_BLOCK_DOTS(3, 4, 5, a + (b + 1) * kQuantBlock, x.k, w + (b + 1) * kWeightBytes, dots[2 * slot + 1]);
         slot ^= 1;
         if (b >= 2) {
             scale(b - 2, dots[2 * slot]);
@@ -168,7 +157,7 @@ void tile16(const TokenTile& tokens, const Block* blocks, const uint8_t* w, int6
         scale(b - 1, dots[2 * slot + 1]);
     }
     if (b < nb) {
-        LFM_EDGE_BLOCK_DOTS(0, 1, 2, a + b * kTileBytes, w + b * kWeightBytes, dots[0]);
+        LFM_EDGE_BLOCK_DOTS(0, 1, 2, a + b * kQuantBlock, x.k, w + b * kWeightBytes, dots[0]);
         scale(b, dots[0]);
     }
     const auto mask = static_cast<__mmask16>((1u << rows) - 1);
@@ -178,37 +167,14 @@ void tile16(const TokenTile& tokens, const Block* blocks, const uint8_t* w, int6
 #undef LFM_EDGE_BLOCK_DOTS
 #undef LFM_EDGE_TILE_LOAD
 
-// The activations of tokens [0, n_tokens) (a multiple of 16) block-major, in buffers of the
-// calling thread's, kept for its next call: q [n_tokens / 16][nb][16 tokens][32 bytes], so that
-// an A tile is 512 contiguous bytes (in place its 16 rows would be k bytes apart, and for k a
-// multiple of 2048 all 16 would fall into two of L1's 64 sets); beside it, per tile and block,
-// the 16 tokens' scales d. nullptr members if there is no memory.
-TokenTile token_tiles(const QuantizedRows& x, int64_t n_tokens) {
-    const int64_t nb = x.k / kQuantBlock;
-    auto* q = reinterpret_cast<int8_t*>(thread_buffer<0>(n_tokens * x.k));
-    auto* d = reinterpret_cast<float*>(thread_buffer<2>(n_tokens * nb * 4));
-    if (q == nullptr || d == nullptr) return {};
-    for (int64_t t = 0; t < n_tokens; ++t) {
-        const int64_t first = (t / kTileTokens) * nb * kTileTokens + t % kTileTokens;  // block 0's entry
-        const int8_t* in = x.q + t * x.k;
-        for (int64_t b = 0; b < nb; ++b) {
-            _mm256_store_si256(reinterpret_cast<__m256i*>(q + (first + b * kTileTokens) * kQuantBlock),
-                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + b * kQuantBlock)));
-            d[first + b * kTileTokens] = x.d[t * nb + b];
-        }
-    }
-    return {q, d};
-}
-
 // PackedMatmulFn (kernels.h) for Block: whole tiles of 16 tokens here, the rest by `rest`.
 template <class Block>
 void matmul(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t group_begin, int64_t group_end,
             float* y, int64_t ldy, PackedMatmul& rest) {
     const int64_t nb = x.k / kQuantBlock;
     int64_t whole = x.n_tokens / kTileTokens * kTileTokens;
-    const TokenTile tokens = whole > 0 ? token_tiles(x, whole) : TokenTile{};
-    uint8_t* weights = whole > 0 ? thread_buffer<1>(nb * 8 * 64) : nullptr;
-    if (tokens.q == nullptr || weights == nullptr) whole = 0;  // no memory for the copies: all on AVX-512
+    uint8_t* weights = whole > 0 ? thread_buffer(nb * 8 * 64) : nullptr;
+    if (weights == nullptr) whole = 0;  // no memory for the copies: all on AVX-512
     if (whole > 0) {
         const auto* blocks = reinterpret_cast<const Block*>(w);  // [groups][nb]
         const Tiles tiles;
@@ -217,7 +183,7 @@ void matmul(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t gr
             const int rows = static_cast<int>(n_rows - row0 < kRowGroup ? n_rows - row0 : kRowGroup);
             signed_weights(blocks + g * nb, nb, weights);
             for (int64_t t0 = 0; t0 < whole; t0 += kTileTokens) {
-                tile16(tokens.at(t0 / kTileTokens, nb), blocks + g * nb, weights, nb, rows, y + t0 * ldy, ldy, row0);
+                tile16(x, t0, blocks + g * nb, weights, nb, rows, y + t0 * ldy, ldy, row0);
             }
         }
     }

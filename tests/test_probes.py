@@ -40,7 +40,8 @@ def test_int8_mac_does_the_macs_it_counts(isa, iterations):
     rng = np.random.default_rng(iterations)
     with native.use_isa(isa):
         info = C.probe_int8_info()
-        assert info["isa"] == isa
+        # the amx table's prefill yardstick stays AVX-512's vpdpbusd peak (csrc/probe.cpp)
+        assert info["isa"] == ("avx512" if isa == "amx" else isa)
         for _ in range(5):
             # weights within vpmaddubsw's int16 pair range, as the kernels' 4-bit weights are
             a4 = int.from_bytes(rng.integers(0, 64, 4, dtype=np.uint8).tobytes(), "little")
