@@ -797,6 +797,20 @@ PYBIND11_MODULE(_C, m) {
           "Instruction sets compiled in and supported by this CPU, lowest first.");
     m.def("set_isa", &set_isa, py::arg("name"),
           "Use the kernels of one of cpu_isas() from now on (process-wide).");
+    m.def("decode_streaming",
+          [] { return std::string(lfm::decode_streaming() == lfm::DecodeStreaming::kNonTemporal ? "nontemporal" : "prefetch-l2"); },
+          "How the AVX-512 decode kernels stream weights: 'prefetch-l2' (Intel) or 'nontemporal' (AMD).");
+    m.def("set_decode_streaming",
+          [](const std::string& name) {
+              if (name == "prefetch-l2") {
+                  lfm::set_decode_streaming(lfm::DecodeStreaming::kPrefetchL2);
+              } else if (name == "nontemporal") {
+                  lfm::set_decode_streaming(lfm::DecodeStreaming::kNonTemporal);
+              } else {
+                  throw py::value_error("decode streaming is 'prefetch-l2' or 'nontemporal', not '" + name + "'");
+              }
+          },
+          py::arg("name"), "Stream weights in decode that way from now on (process-wide).");
 
     py::class_<PackedMatrix>(m, "PackedMatrix",
                              "A weight matrix (or a stack of n_mats) in the layout the kernels "

@@ -78,6 +78,19 @@ std::atomic<const KernelTable*>& active_table() {
     return active;
 }
 
+DecodeStreaming default_decode_streaming() {
+#if defined(LFM_EDGE_HAVE_AVX2) || defined(LFM_EDGE_HAVE_AVX512)
+    __builtin_cpu_init();
+    if (__builtin_cpu_is("amd")) return DecodeStreaming::kNonTemporal;
+#endif
+    return DecodeStreaming::kPrefetchL2;
+}
+
+std::atomic<int32_t>& decode_streaming_setting() {
+    static std::atomic<int32_t> setting{static_cast<int32_t>(default_decode_streaming())};
+    return setting;
+}
+
 }  // namespace
 
 const std::vector<const KernelTable*>& usable_kernel_tables() {
@@ -116,6 +129,14 @@ const QTypeKernels* kernels_for(const KernelTable& table, QType qtype) {
         case QType::Q6_K: return &table.q6_k;
     }
     return nullptr;
+}
+
+DecodeStreaming decode_streaming() {
+    return static_cast<DecodeStreaming>(decode_streaming_setting().load(std::memory_order_relaxed));
+}
+
+void set_decode_streaming(DecodeStreaming streaming) {
+    decode_streaming_setting().store(static_cast<int32_t>(streaming), std::memory_order_relaxed);
 }
 
 }  // namespace lfm

@@ -235,6 +235,7 @@ template <>
 constexpr int kDecodeStreams<IQ4_NLx16> = 2;
 template <>
 constexpr int kDecodeStreams<Q5_Kx16> = 2;
+static inline bool decode_side_by_side() { return true; }  // on every CPU (kernels.h: DecodeStreaming is AVX-512's)
 
 // The exact integer dot products of half h (8 rows) of one block with the 32 activations of
 // each of TT tokens (token t's at a + t * lda), before the offset: each operand is unpacked

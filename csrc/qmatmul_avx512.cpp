@@ -21,8 +21,25 @@ constexpr int kTokenTile = 4;  // tokens that share each unpacked weight block (
 // DRAM (`pytest bench/ -k gemv`, 2-core SPR VM): 16.0 / 20.2 / 14.6 GB/s with one stream, 21.5 /
 // 23.7 / 20.9 with four on 1 thread; 33.1 / 42.6 / 29.3 and 35.9-47.5 / 43.2-48.9 / 45.2-46.4 on
 // 2. On the Zen 4 VM they had made no difference to decode.
+// On AMD (kernels.h, DecodeStreaming) decode reads one row group at a time instead.
 template <class Block>
 constexpr int kDecodeStreams = 4;
+
+static inline bool decode_side_by_side() { return decode_streaming() == DecodeStreaming::kPrefetchL2; }
+
+// Asks for the weights ahead of a tile of TT tokens: prompts (and decode on Intel) into L2,
+// decode on AMD non-temporally (kernels.h, DecodeStreaming; packed.h).
+template <int TT>
+struct WeightPrefetch {
+    bool nontemporal = TT <= 2 && decode_streaming() == DecodeStreaming::kNonTemporal;
+    void operator()(const void* p, int64_t bytes) const {
+        if (nontemporal) {
+            prefetch_weights_nontemporal(p, bytes);
+        } else {
+            prefetch_weights(p, bytes);
+        }
+    }
+};
 
 // The lanes of rows 0 .. rows - 1 (rows <= 16).
 static inline __mmask16 row_mask(int rows) { return static_cast<__mmask16>((1u << rows) - 1); }
@@ -144,10 +161,11 @@ static inline int32_t unpack(const IQ4_NLx16& blk, __m512i w[8]) {
 template <class Block, int TT, int G = 1>
 void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nb,
                     int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
+    const WeightPrefetch<TT> prefetch;
     over_groups<TT, G>(blocks, nb, streams.spacing, nb, rows, y, ldy, t0, row0,
                        [&](const Block* group, int64_t b, __m512 (&acc)[TT]) {
         const Block& blk = group[b];
-        prefetch_weights(&blk, sizeof(Block));
+        prefetch(&blk, sizeof(Block));
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
         __m512i w[8];
         const int32_t offset = unpack(blk, w);
@@ -192,11 +210,12 @@ template <class Block, int TT, int G = 1>
 void k_affine_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb,
                    int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
     const int64_t nb = x.k / kQuantBlock;
+    const WeightPrefetch<TT> prefetch;
     over_groups<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
                        [&](const Block* group, int64_t b, __m512 (&acc)[TT]) {
         const Block& blk = group[b / 8];
         const int j = static_cast<int>(b % 8);
-        prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+        prefetch(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         const Q4_Kx16& low = low_part(blk);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low.d)));
         const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low.dmin)));
@@ -256,11 +275,12 @@ template <class Block, int TT, int G = 1>
 void scaled16_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb,
                    int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
     const int64_t nb = x.k / kQuantBlock;
+    const WeightPrefetch<TT> prefetch;
     over_groups<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
                        [&](const Block* group, int64_t b, __m512 (&acc)[TT]) {
         const Block& blk = group[b / 8];
         const int j = static_cast<int>(b % 8);
-        prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+        prefetch(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
         __m512i w[8];
         const int32_t offset = unpack_scaled16(blk, j, w);
@@ -289,11 +309,12 @@ void q2_k_tile(const QuantizedRows& x, int64_t t0, const Q2_Kx16* blocks, int64_
                int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
     const int64_t nb = x.k / kQuantBlock;
     const __m512i nibble = _mm512_set1_epi32(0x0f);
+    const WeightPrefetch<TT> prefetch;
     over_groups<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
                        [&](const Q2_Kx16* group, int64_t b, __m512 (&acc)[TT]) {
         const Q2_Kx16& blk = group[b / 8];
         const int j = static_cast<int>(b % 8);
-        prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+        prefetch(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
         const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.dmin)));
         __m512i w[8];
@@ -327,11 +348,12 @@ template <int TT, int G = 1>
 void iq4_xs_tile(const QuantizedRows& x, int64_t t0, const IQ4_XSx16* blocks, int64_t nsb,
                  int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
     const int64_t nb = x.k / kQuantBlock;
+    const WeightPrefetch<TT> prefetch;
     over_groups<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
                        [&](const IQ4_XSx16* group, int64_t b, __m512 (&acc)[TT]) {
         const IQ4_XSx16& blk = group[b / 8];
         const int j = static_cast<int>(b % 8);
-        prefetch_weights(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+        prefetch(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
         __m512i w[8];
         unpack_iq4(blk.qs[j], w);

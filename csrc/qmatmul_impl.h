@@ -6,6 +6,7 @@
 //   namespace this_isa = ...;   its namespace in qmatmul.h; it defines this_isa::quantize_row
 //   kTokenTile                  tokens (1 to 4) that share each loaded weight block
 //   kDecodeStreams<Block>       row groups a decode tile reads side by side (1: one at a time)
+//   decode_side_by_side()       whether it does so now (the AVX-512 unit asks DecodeStreaming)
 //   row_group_tile<Block, TT>   for the 32-weight blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL)
 //   k_affine_tile<Block, TT>    for Q4_Kx16 and Q5_Kx16
 //   scaled16_tile<Block, TT>    for Q6_Kx16 and Q3_Kx16 (a signed scale per 16 weights)
@@ -77,6 +78,7 @@ int64_t side_by_side(const QuantizedRows& x, const Block* blocks, int64_t n_bloc
                      int64_t group_begin, int64_t group_end, float* y, int64_t ldy) {
     constexpr int kStreams = kStreamsFor<Block, TT>;
     if constexpr (kStreams > 1) {
+        if (!decode_side_by_side()) return group_begin;
         const int64_t full_end = group_end < n_rows / kRowGroup ? group_end : n_rows / kRowGroup;
         const int64_t spacing = (full_end - group_begin) / kStreams;
         for (int64_t g = group_begin; g < group_begin + spacing; ++g) {

@@ -49,6 +49,7 @@ namespace this_isa = scalar;
 constexpr int kTokenTile = 1;  // no weight reuse to gain: each output is computed on its own
 template <class Block>
 constexpr int kDecodeStreams = 1;  // row groups a decode tile reads side by side
+static inline bool decode_side_by_side() { return true; }
 
 // y[t, row0 + r] = output(t, r) for the tokens t of the tile [t0, t0 + TT) and rows r < rows.
 template <int TT, class Output>

@@ -50,10 +50,12 @@ __all__ = [
     "ISA_ENV_VAR",
     "KNOWN_ISAS",
     "ConvLayer",
+    "DECODE_STREAMINGS",
     "PACK_FORMAT",
     "PackedMatrix",
     "attention",
     "available_isas",
+    "decode_streaming",
     "dequantize",
     "gated_short_conv",
     "get_rows",
@@ -73,6 +75,7 @@ __all__ = [
     "short_conv",
     "silu_mul",
     "threads",
+    "use_decode_streaming",
     "use_isa",
 ]
 
@@ -169,6 +172,28 @@ def use_isa(name: str) -> Iterator[None]:
         yield
     finally:
         _C.set_isa(previous)
+
+
+DECODE_STREAMINGS = ("prefetch-l2", "nontemporal")
+
+
+def decode_streaming() -> str:
+    """How the AVX-512 decode kernels stream weights from memory: 'prefetch-l2' (the default on
+    Intel) or 'nontemporal' (on AMD). The results are the same bits either way."""
+    return _C.decode_streaming()
+
+
+@contextlib.contextmanager
+def use_decode_streaming(name: str) -> Iterator[None]:
+    """Stream decode's weights the way ``name`` says inside the block (process-wide, like use_isa)."""
+    if name not in DECODE_STREAMINGS:
+        raise LfmEdgeError(f"decode streaming {name!r} is not one of {', '.join(DECODE_STREAMINGS)}")
+    previous = decode_streaming()
+    _C.set_decode_streaming(name)
+    try:
+        yield
+    finally:
+        _C.set_decode_streaming(previous)
 
 
 def _apply_isa_from_environment() -> None:

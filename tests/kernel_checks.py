@@ -42,7 +42,9 @@ def assert_within(got: np.ndarray, want: np.ndarray, limit: np.ndarray, what: st
 def assert_linear_bits_agree(x: np.ndarray, matrix: native.PackedMatrix, raw: np.ndarray, qtype, n: int, k: int):
     """`native.linear(x, matrix)` gives the same bits on every instruction set this CPU and build
     can run, on 1 and 2 threads; one token at a time, and two (decode: two sequences together),
-    give prefill's bits; and it is the int8-activation path, not the float32 one of `raw`."""
+    give prefill's bits, whichever way decode streams the weights (native.DECODE_STREAMINGS: the
+    AVX-512 kernels read row groups side by side or one at a time); and it is the int8-activation
+    path, not the float32 one of `raw`."""
     results = {}
     before = native.threads()
     try:
@@ -57,10 +59,13 @@ def assert_linear_bits_agree(x: np.ndarray, matrix: native.PackedMatrix, raw: np
     assert not np.array_equal(first, native.matmul(x, raw, qtype, n, k))  # really int8
     for key, y in results.items():
         np.testing.assert_array_equal(y.view(np.uint32), first.view(np.uint32), err_msg=str(key))
-    for row in range(len(x)):
-        np.testing.assert_array_equal(native.linear(x[row : row + 1], matrix)[0], first[row])
-    for row in range(len(x) - 1):
-        np.testing.assert_array_equal(native.linear(x[row : row + 2], matrix), first[row : row + 2])
+    for streaming in native.DECODE_STREAMINGS:
+        with native.use_decode_streaming(streaming):
+            for row in range(len(x)):
+                np.testing.assert_array_equal(native.linear(x[row : row + 1], matrix)[0], first[row], err_msg=streaming)
+            for row in range(len(x) - 1):
+                np.testing.assert_array_equal(native.linear(x[row : row + 2], matrix), first[row : row + 2],
+                                              err_msg=streaming)
 
 
 def assert_stack_is_its_matrices(stack: native.PackedMatrix, single: native.PackedMatrix, x: np.ndarray):

@@ -341,3 +341,22 @@ def test_threads_can_be_set_and_read():
 
     with pytest.raises(LfmEdgeError, match="n_threads must be a positive integer"):
         native.set_threads(0)
+
+
+def test_decode_streaming_follows_the_cpu_vendor_and_can_be_changed():
+    from pathlib import Path
+
+    from lfm_edge.errors import LfmEdgeError
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "vendor_id" in cpuinfo.read_text():
+        amd = "AuthenticAMD" in cpuinfo.read_text()
+        assert native.decode_streaming() == ("nontemporal" if amd else "prefetch-l2")
+    before = native.decode_streaming()
+    for streaming in native.DECODE_STREAMINGS:
+        with native.use_decode_streaming(streaming):
+            assert native.decode_streaming() == streaming
+        assert native.decode_streaming() == before
+    with pytest.raises(LfmEdgeError, match="decode streaming 'fast' is not one of prefetch-l2, nontemporal"):
+        with native.use_decode_streaming("fast"):
+            pass
