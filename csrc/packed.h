@@ -213,9 +213,9 @@ static inline int64_t row_groups(int64_t n) { return (n + kRowGroup - 1) / kRowG
 // 4 blocks ahead into L1 (before): 10.0 GB/s on 1 thread, 20 GB/s on 2; 32 blocks (9 KB) ahead
 // into L2: 13.0 and 25 GB/s (16 and 64 blocks: 24.4 and 23.7 GB/s on 2 threads).
 //
-// Not prefetchnta, though decode reads each row group once: on the Zen 4 VM it gained 8B-A1B
-// decode ~8% on 1 thread, but on Sapphire Rapids it held a Q4_0 GEMV from DRAM to 6-7 GB/s a
-// thread (against 21-24 with prefetcht1).
+// Not prefetchnta, though decode reads each row group once: on Sapphire Rapids it held a Q4_0
+// GEMV from DRAM to 6-7 GB/s a thread (against 21-24 with prefetcht1). AMD's CPUs prefer it
+// (Zen 4: 8B-A1B decode ~8% faster on 1 thread): prefetch_weights_nontemporal below.
 constexpr int64_t kPrefetchAhead = 9216;
 
 static inline void prefetch_weights(const void* block, int64_t bytes) {
