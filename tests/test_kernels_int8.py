@@ -5,6 +5,10 @@ and build can run, and on 1 and 2 threads."""
 from __future__ import annotations
 
 import mmap
+import platform
+import re
+import shutil
+import subprocess
 import sys
 from functools import cache
 
@@ -360,3 +364,19 @@ def test_decode_streaming_follows_the_cpu_vendor_and_can_be_changed():
     with pytest.raises(LfmEdgeError, match="decode streaming 'fast' is not one of prefetch-l2, nontemporal"):
         with native.use_decode_streaming("fast"):
             pass
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("objdump") is None,
+                    reason="the x86-64 kernels' machine code, read with objdump")
+def test_the_built_kernels_keep_their_weight_prefetches():
+    # A prefetch has no effect a test can see but speed, and gcc 12 once dropped every one of the
+    # AVX-512 kernels' (a branch between the two kinds in the block loop): count them in the module.
+    from lfm_edge import _C
+
+    code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", _C.__file__], capture_output=True, text=True,
+                          check=True).stdout
+    counts = {kind: len(re.findall(rf"\b{kind}\b", code)) for kind in ("prefetcht1", "prefetchnta")}
+    if "avx512" in native.available_isas() or "avx2" in native.available_isas():
+        assert counts["prefetcht1"] >= 100, counts  # every AVX table's decode and prompt tiles
+    if "avx512" in native.available_isas():
+        assert counts["prefetchnta"] >= 100, counts  # the AVX-512 decode tiles on AMD
