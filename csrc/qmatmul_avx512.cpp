@@ -28,21 +28,27 @@ constexpr int kDecodeStreams = 4;
 static inline bool decode_side_by_side() { return decode_streaming() == DecodeStreaming::kPrefetchL2; }
 
 // Asks for the weights ahead: prompts (and decode on Intel) into L2, decode on AMD
-// non-temporally (kernels.h, DecodeStreaming; packed.h).
+// non-temporally (kernels.h, DecodeStreaming; packed.h). A prompt's later token tiles find the
+// row group's weights in cache, where the first tile left them, and ask for nothing.
 struct PrefetchL2 {
     void operator()(const void* p, int64_t bytes) const { prefetch_weights(p, bytes); }
 };
 struct PrefetchNonTemporal {
     void operator()(const void* p, int64_t bytes) const { prefetch_weights_nontemporal(p, bytes); }
 };
+struct NoPrefetch {
+    void operator()(const void*, int64_t) const {}
+};
 
-// body(prefetch) with the prefetch a tile of TT tokens asks for its weights with. The choice is
-// made here, once a tile, and each kind compiled on its own: with a branch between the two in
-// the block loop, gcc 12 dropped both prefetches.
+// body(prefetch) with the prefetch the tile of TT tokens from t0 asks for its weights with. The
+// choice is made here, once a tile, and each kind compiled on its own: with a branch between two
+// kinds in the block loop, gcc 12 dropped both prefetches.
 template <int TT, class Body>
-static inline void with_weight_prefetch(const Body& body) {
+static inline void with_weight_prefetch(int64_t t0, const Body& body) {
     if (TT <= 2 && decode_streaming() == DecodeStreaming::kNonTemporal) {
         body(PrefetchNonTemporal{});
+    } else if (TT > 2 && t0 > 0) {
+        body(NoPrefetch{});
     } else {
         body(PrefetchL2{});
     }
@@ -168,7 +174,7 @@ static inline int32_t unpack(const IQ4_NLx16& blk, __m512i w[8]) {
 template <class Block, int TT, int G = 1>
 void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nb,
                     int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
-    with_weight_prefetch<TT>([&](auto prefetch) {
+    with_weight_prefetch<TT>(t0, [&](auto prefetch) {
         over_groups<TT, G>(blocks, nb, streams.spacing, nb, rows, y, ldy, t0, row0,
                            [&](const Block* group, int64_t b, __m512 (&acc)[TT]) {
             const Block& blk = group[b];
@@ -218,7 +224,7 @@ template <class Block, int TT, int G = 1>
 void k_affine_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb,
                    int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
     const int64_t nb = x.k / kQuantBlock;
-    with_weight_prefetch<TT>([&](auto prefetch) {
+    with_weight_prefetch<TT>(t0, [&](auto prefetch) {
         over_groups<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
                            [&](const Block* group, int64_t b, __m512 (&acc)[TT]) {
             const Block& blk = group[b / 8];
@@ -284,7 +290,7 @@ template <class Block, int TT, int G = 1>
 void scaled16_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb,
                    int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
     const int64_t nb = x.k / kQuantBlock;
-    with_weight_prefetch<TT>([&](auto prefetch) {
+    with_weight_prefetch<TT>(t0, [&](auto prefetch) {
         over_groups<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
                            [&](const Block* group, int64_t b, __m512 (&acc)[TT]) {
             const Block& blk = group[b / 8];
@@ -319,7 +325,7 @@ void q2_k_tile(const QuantizedRows& x, int64_t t0, const Q2_Kx16* blocks, int64_
                int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
     const int64_t nb = x.k / kQuantBlock;
     const __m512i nibble = _mm512_set1_epi32(0x0f);
-    with_weight_prefetch<TT>([&](auto prefetch) {
+    with_weight_prefetch<TT>(t0, [&](auto prefetch) {
         over_groups<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
                            [&](const Q2_Kx16* group, int64_t b, __m512 (&acc)[TT]) {
             const Q2_Kx16& blk = group[b / 8];
@@ -359,7 +365,7 @@ template <int TT, int G = 1>
 void iq4_xs_tile(const QuantizedRows& x, int64_t t0, const IQ4_XSx16* blocks, int64_t nsb,
                  int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
     const int64_t nb = x.k / kQuantBlock;
-    with_weight_prefetch<TT>([&](auto prefetch) {
+    with_weight_prefetch<TT>(t0, [&](auto prefetch) {
         over_groups<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
                            [&](const IQ4_XSx16* group, int64_t b, __m512 (&acc)[TT]) {
             const IQ4_XSx16& blk = group[b / 8];

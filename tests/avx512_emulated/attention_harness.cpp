@@ -13,6 +13,7 @@
 #include <random>
 #include <vector>
 
+#include "decode_streaming.h"
 #include "kernels.h"
 #include "qmatmul.h"
 

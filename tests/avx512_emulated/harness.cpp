@@ -1,6 +1,7 @@
 // Test-only: the AVX-512 int8-activation kernels (compiled against SIMDe, see immintrin.h here)
-// bit for bit against their scalar twins, for every packed type, on random valid matrices; or,
-// built with -DLFM_EDGE_EMULATED_ISA=avxvnni, the AVX-VNNI ones (test_avxvnni_emulated.py).
+// bit for bit against their scalar twins, for every packed type, on random valid matrices (one and
+// two tokens both ways decode may stream the weights); or, built with
+// -DLFM_EDGE_EMULATED_ISA=avxvnni, the AVX-VNNI ones (test_avxvnni_emulated.py).
 // Prints one line per mismatch and exits non-zero if there was any.
 #include <cmath>
 #include <cstdio>
@@ -9,6 +10,7 @@
 #include <random>
 #include <vector>
 
+#include "decode_streaming.h"
 #include "kernels.h"
 #include "pack.h"
 #include "packed.h"
@@ -68,7 +70,7 @@ int main() {
     int failures = 0, checked = 0;
     for (const Kernels& c : all) {
         const char* name = qtype_info(c.qtype).name;
-        for (int64_t n : {1, 17, 40}) {
+        for (int64_t n : {1, 17, 70}) {  // 70: four whole row groups, read side by side in decode
             for (int64_t k : {256, 768}) {
                 const std::vector<uint8_t> raw = random_matrix(c, n, k, rng);
                 const int64_t groups = row_groups(n);
@@ -107,23 +109,29 @@ int main() {
                     const QuantizedRows rows{q.data(), d.data(), sum.data(), sum16.data(), tokens, k};
                     // SIMDe's masked stores write whole vectors: 16 padding columns take them
                     const int64_t ldy = n + 16;
-                    std::vector<float> ys(static_cast<size_t>(tokens * ldy + 16)), ye(ys.size());
+                    std::vector<float> ys(static_cast<size_t>(tokens * ldy + 16));
                     c.scalar(rows, packed.data(), n, 0, groups, ys.data(), ldy);
-                    c.emulated(rows, packed.data(), n, 0, groups, ye.data(), ldy);
-                    int bad = 0;
-                    for (int64_t t = 0; t < tokens; ++t) {
-                        for (int64_t r = 0; r < n; ++r) {
-                            const float a = ys[t * ldy + r], b = ye[t * ldy + r];
-                            if (std::isnan(a) && std::isnan(b)) continue;  // payloads may differ
-                            const bool must_be_nan = tokens == 9 && t >= 1 && t <= 3;
-                            bad += must_be_nan || std::memcmp(&a, &b, 4) != 0;
+                    for (const DecodeStreaming way : {DecodeStreaming::kPrefetchL2, DecodeStreaming::kNonTemporal}) {
+                        if (tokens > 2 && way != DecodeStreaming::kPrefetchL2) continue;  // decode only
+                        set_decode_streaming(way);
+                        std::vector<float> ye(ys.size());
+                        c.emulated(rows, packed.data(), n, 0, groups, ye.data(), ldy);
+                        int bad = 0;
+                        for (int64_t t = 0; t < tokens; ++t) {
+                            for (int64_t r = 0; r < n; ++r) {
+                                const float a = ys[t * ldy + r], b = ye[t * ldy + r];
+                                if (std::isnan(a) && std::isnan(b)) continue;  // payloads may differ
+                                const bool must_be_nan = tokens == 9 && t >= 1 && t <= 3;
+                                bad += must_be_nan || std::memcmp(&a, &b, 4) != 0;
+                            }
                         }
-                    }
-                    ++checked;
-                    if (bad) {
-                        std::printf("%s n=%ld k=%ld T=%ld: %d of %ld outputs differ\n", name, static_cast<long>(n),
-                                    static_cast<long>(k), static_cast<long>(tokens), bad, static_cast<long>(tokens * n));
-                        ++failures;
+                        ++checked;
+                        if (bad) {
+                            std::printf("%s n=%ld k=%ld T=%ld streaming %d: %d of %ld outputs differ\n", name,
+                                        static_cast<long>(n), static_cast<long>(k), static_cast<long>(tokens),
+                                        static_cast<int>(way), bad, static_cast<long>(tokens * n));
+                            ++failures;
+                        }
                     }
                 }
             }
