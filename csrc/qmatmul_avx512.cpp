@@ -62,21 +62,24 @@ static inline __mmask16 row_mask(int rows) { return static_cast<__mmask16>((1u <
 // full row groups side by side, `spacing` groups apart (their outputs 16 * spacing rows apart):
 // G streams from memory at once instead of one, for the hardware prefetcher (qmatmul_impl.h,
 // kDecodeStreams). Each output is still the same sums in the same order, so G changes no bit.
+// Each step gets the prefetch to ask for its weights ahead with (with_weight_prefetch).
 template <int TT, int G, class Block, class Step>
 static inline void over_groups(const Block* blocks, int64_t n_blocks, int64_t spacing, int64_t n_steps,
                                int rows, float* y, int64_t ldy, int64_t t0, int64_t row0, const Step& step) {
     static_assert(G == 1 || TT <= 2, "row groups side by side are for decode: one or two tokens");
-    __m512 acc[G][TT];
-    for (int g = 0; g < G; ++g) {
-        for (int t = 0; t < TT; ++t) acc[g][t] = _mm512_setzero_ps();
-    }
-    for (int64_t i = 0; i < n_steps; ++i) {
-        for (int g = 0; g < G; ++g) step(blocks + g * spacing * n_blocks, i, acc[g]);
-    }
-    for (int g = 0; g < G; ++g) {
-        float* out = y + t0 * ldy + row0 + g * spacing * kRowGroup;
-        for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(out + t * ldy, row_mask(rows), acc[g][t]);
-    }
+    with_weight_prefetch<TT>(t0, [&](auto prefetch) {
+        __m512 acc[G][TT];
+        for (int g = 0; g < G; ++g) {
+            for (int t = 0; t < TT; ++t) acc[g][t] = _mm512_setzero_ps();
+        }
+        for (int64_t i = 0; i < n_steps; ++i) {
+            for (int g = 0; g < G; ++g) step(blocks + g * spacing * n_blocks, i, acc[g], prefetch);
+        }
+        for (int g = 0; g < G; ++g) {
+            float* out = y + t0 * ldy + row0 + g * spacing * kRowGroup;
+            for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(out + t * ldy, row_mask(rows), acc[g][t]);
+        }
+    });
 }
 
 static inline __m512i broadcast4(const int8_t* p) {  // 4 activation bytes into every lane
@@ -174,32 +177,30 @@ static inline int32_t unpack(const IQ4_NLx16& blk, __m512i w[8]) {
 template <class Block, int TT, int G = 1>
 void row_group_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nb,
                     int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
-    with_weight_prefetch<TT>(t0, [&](auto prefetch) {
-        over_groups<TT, G>(blocks, nb, streams.spacing, nb, rows, y, ldy, t0, row0,
-                           [&](const Block* group, int64_t b, __m512 (&acc)[TT]) {
-            const Block& blk = group[b];
-            prefetch(&blk, sizeof(Block));
-            const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
-            __m512i w[8];
-            const int32_t offset = unpack(blk, w);
-            const int8_t* a[TT];
-            __m512i dot[TT];
-            for (int t = 0; t < TT; ++t) {
-                a[t] = x.q + (t0 + t) * x.k + b * kQuantBlock;
-                dot[t] = _mm512_set1_epi32(-offset * x.sum[(t0 + t) * nb + b]);
+    over_groups<TT, G>(blocks, nb, streams.spacing, nb, rows, y, ldy, t0, row0,
+                       [&](const Block* group, int64_t b, __m512 (&acc)[TT], auto prefetch) {
+        const Block& blk = group[b];
+        prefetch(&blk, sizeof(Block));
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
+        __m512i w[8];
+        const int32_t offset = unpack(blk, w);
+        const int8_t* a[TT];
+        __m512i dot[TT];
+        for (int t = 0; t < TT; ++t) {
+            a[t] = x.q + (t0 + t) * x.k + b * kQuantBlock;
+            dot[t] = _mm512_set1_epi32(-offset * x.sum[(t0 + t) * nb + b]);
+        }
+        add_block_dots(w, a, dot);
+        for (int t = 0; t < TT; ++t) {
+            const int64_t token = t0 + t;
+            const __m512 dx = _mm512_set1_ps(x.d[token * nb + b]);
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(dot[t]), acc[t]);
+            if constexpr (kHasMin<Block>) {
+                const __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.m)));
+                const __m512 a_sum = _mm512_set1_ps(static_cast<float>(x.sum[token * nb + b]));
+                acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(mw, dx), a_sum, acc[t]);
             }
-            add_block_dots(w, a, dot);
-            for (int t = 0; t < TT; ++t) {
-                const int64_t token = t0 + t;
-                const __m512 dx = _mm512_set1_ps(x.d[token * nb + b]);
-                acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(dot[t]), acc[t]);
-                if constexpr (kHasMin<Block>) {
-                    const __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.m)));
-                    const __m512 a_sum = _mm512_set1_ps(static_cast<float>(x.sum[token * nb + b]));
-                    acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(mw, dx), a_sum, acc[t]);
-                }
-            }
-        });
+        }
     });
 }
 
@@ -224,34 +225,32 @@ template <class Block, int TT, int G = 1>
 void k_affine_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb,
                    int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
     const int64_t nb = x.k / kQuantBlock;
-    with_weight_prefetch<TT>(t0, [&](auto prefetch) {
-        over_groups<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
-                           [&](const Block* group, int64_t b, __m512 (&acc)[TT]) {
-            const Block& blk = group[b / 8];
-            const int j = static_cast<int>(b % 8);
-            prefetch(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
-            const Q4_Kx16& low = low_part(blk);
-            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low.d)));
-            const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low.dmin)));
-            const __m512 scale = _mm512_mul_ps(d, u8x16_to_ps(low.sc[j]));  // exact
-            const __m512 min = _mm512_mul_ps(dmin, u8x16_to_ps(low.m[j]));  // exact
-            __m512i w[8];
-            unpack_k(blk, j, w);
-            const int8_t* a[TT];
-            __m512i dot[TT];
-            for (int t = 0; t < TT; ++t) {
-                a[t] = x.q + (t0 + t) * x.k + b * kQuantBlock;
-                dot[t] = _mm512_setzero_si512();
-            }
-            add_block_dots(w, a, dot);
-            for (int t = 0; t < TT; ++t) {
-                const int64_t token = t0 + t;
-                const __m512 dx = _mm512_set1_ps(x.d[token * nb + b]);
-                const __m512 sum = _mm512_set1_ps(static_cast<float>(x.sum[token * nb + b]));
-                acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(scale, dx), _mm512_cvtepi32_ps(dot[t]), acc[t]);
-                acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(min, dx), sum, acc[t]);
-            }
-        });
+    over_groups<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
+                       [&](const Block* group, int64_t b, __m512 (&acc)[TT], auto prefetch) {
+        const Block& blk = group[b / 8];
+        const int j = static_cast<int>(b % 8);
+        prefetch(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+        const Q4_Kx16& low = low_part(blk);
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low.d)));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low.dmin)));
+        const __m512 scale = _mm512_mul_ps(d, u8x16_to_ps(low.sc[j]));  // exact
+        const __m512 min = _mm512_mul_ps(dmin, u8x16_to_ps(low.m[j]));  // exact
+        __m512i w[8];
+        unpack_k(blk, j, w);
+        const int8_t* a[TT];
+        __m512i dot[TT];
+        for (int t = 0; t < TT; ++t) {
+            a[t] = x.q + (t0 + t) * x.k + b * kQuantBlock;
+            dot[t] = _mm512_setzero_si512();
+        }
+        add_block_dots(w, a, dot);
+        for (int t = 0; t < TT; ++t) {
+            const int64_t token = t0 + t;
+            const __m512 dx = _mm512_set1_ps(x.d[token * nb + b]);
+            const __m512 sum = _mm512_set1_ps(static_cast<float>(x.sum[token * nb + b]));
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(scale, dx), _mm512_cvtepi32_ps(dot[t]), acc[t]);
+            acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(min, dx), sum, acc[t]);
+        }
     });
 }
 
@@ -290,32 +289,30 @@ template <class Block, int TT, int G = 1>
 void scaled16_tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t nsb,
                    int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
     const int64_t nb = x.k / kQuantBlock;
-    with_weight_prefetch<TT>(t0, [&](auto prefetch) {
-        over_groups<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
-                           [&](const Block* group, int64_t b, __m512 (&acc)[TT]) {
-            const Block& blk = group[b / 8];
-            const int j = static_cast<int>(b % 8);
-            prefetch(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
-            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
-            __m512i w[8];
-            const int32_t offset = unpack_scaled16(blk, j, w);
-            const __m512i sc0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sc[2 * j])));
-            const __m512i sc1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sc[2 * j + 1])));
-            for (int t = 0; t < TT; ++t) {
-                const int64_t token = t0 + t;
-                const int8_t* a = x.q + token * x.k + b * kQuantBlock;
-                const int32_t* s16 = x.sum16 + token * 2 * nb + 2 * b;
-                __m512i dot0 = _mm512_set1_epi32(-offset * s16[0]);
-                __m512i dot1 = _mm512_set1_epi32(-offset * s16[1]);
-                for (int i = 0; i < 4; ++i) {
-                    dot0 = _mm512_dpbusd_epi32(dot0, w[i], broadcast4(a + 4 * i));
-                    dot1 = _mm512_dpbusd_epi32(dot1, w[i + 4], broadcast4(a + 16 + 4 * i));
-                }
-                const __m512i combined = _mm512_add_epi32(_mm512_mullo_epi32(sc0, dot0), _mm512_mullo_epi32(sc1, dot1));
-                const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(x.d[token * nb + b]));
-                acc[t] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(combined), acc[t]);
+    over_groups<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
+                       [&](const Block* group, int64_t b, __m512 (&acc)[TT], auto prefetch) {
+        const Block& blk = group[b / 8];
+        const int j = static_cast<int>(b % 8);
+        prefetch(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
+        __m512i w[8];
+        const int32_t offset = unpack_scaled16(blk, j, w);
+        const __m512i sc0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sc[2 * j])));
+        const __m512i sc1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sc[2 * j + 1])));
+        for (int t = 0; t < TT; ++t) {
+            const int64_t token = t0 + t;
+            const int8_t* a = x.q + token * x.k + b * kQuantBlock;
+            const int32_t* s16 = x.sum16 + token * 2 * nb + 2 * b;
+            __m512i dot0 = _mm512_set1_epi32(-offset * s16[0]);
+            __m512i dot1 = _mm512_set1_epi32(-offset * s16[1]);
+            for (int i = 0; i < 4; ++i) {
+                dot0 = _mm512_dpbusd_epi32(dot0, w[i], broadcast4(a + 4 * i));
+                dot1 = _mm512_dpbusd_epi32(dot1, w[i + 4], broadcast4(a + 16 + 4 * i));
             }
-        });
+            const __m512i combined = _mm512_add_epi32(_mm512_mullo_epi32(sc0, dot0), _mm512_mullo_epi32(sc1, dot1));
+            const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(x.d[token * nb + b]));
+            acc[t] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(combined), acc[t]);
+        }
     });
 }
 
@@ -325,38 +322,36 @@ void q2_k_tile(const QuantizedRows& x, int64_t t0, const Q2_Kx16* blocks, int64_
                int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
     const int64_t nb = x.k / kQuantBlock;
     const __m512i nibble = _mm512_set1_epi32(0x0f);
-    with_weight_prefetch<TT>(t0, [&](auto prefetch) {
-        over_groups<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
-                           [&](const Q2_Kx16* group, int64_t b, __m512 (&acc)[TT]) {
-            const Q2_Kx16& blk = group[b / 8];
-            const int j = static_cast<int>(b % 8);
-            prefetch(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
-            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
-            const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.dmin)));
-            __m512i w[8];
-            unpack_pairs<0>(blk.q2[j], w);
-            const __m512i sm0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sm[2 * j])));
-            const __m512i sm1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sm[2 * j + 1])));
-            const __m512i sc0 = _mm512_and_si512(sm0, nibble), sc1 = _mm512_and_si512(sm1, nibble);
-            const __m512i m0 = _mm512_srli_epi32(sm0, 4), m1 = _mm512_srli_epi32(sm1, 4);
-            for (int t = 0; t < TT; ++t) {
-                const int64_t token = t0 + t;
-                const int8_t* a = x.q + token * x.k + b * kQuantBlock;
-                const int32_t* s16 = x.sum16 + token * 2 * nb + 2 * b;
-                __m512i dot0 = _mm512_setzero_si512();
-                __m512i dot1 = _mm512_setzero_si512();
-                for (int i = 0; i < 4; ++i) {
-                    dot0 = _mm512_dpbusd_epi32(dot0, w[i], broadcast4(a + 4 * i));
-                    dot1 = _mm512_dpbusd_epi32(dot1, w[i + 4], broadcast4(a + 16 + 4 * i));
-                }
-                const __m512i scaled = _mm512_add_epi32(_mm512_mullo_epi32(sc0, dot0), _mm512_mullo_epi32(sc1, dot1));
-                const __m512i mins = _mm512_add_epi32(_mm512_mullo_epi32(m0, _mm512_set1_epi32(s16[0])),
-                                                      _mm512_mullo_epi32(m1, _mm512_set1_epi32(s16[1])));
-                const __m512 dx = _mm512_set1_ps(x.d[token * nb + b]);
-                acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(d, dx), _mm512_cvtepi32_ps(scaled), acc[t]);
-                acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, dx), _mm512_cvtepi32_ps(mins), acc[t]);
+    over_groups<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
+                       [&](const Q2_Kx16* group, int64_t b, __m512 (&acc)[TT], auto prefetch) {
+        const Q2_Kx16& blk = group[b / 8];
+        const int j = static_cast<int>(b % 8);
+        prefetch(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.dmin)));
+        __m512i w[8];
+        unpack_pairs<0>(blk.q2[j], w);
+        const __m512i sm0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sm[2 * j])));
+        const __m512i sm1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sm[2 * j + 1])));
+        const __m512i sc0 = _mm512_and_si512(sm0, nibble), sc1 = _mm512_and_si512(sm1, nibble);
+        const __m512i m0 = _mm512_srli_epi32(sm0, 4), m1 = _mm512_srli_epi32(sm1, 4);
+        for (int t = 0; t < TT; ++t) {
+            const int64_t token = t0 + t;
+            const int8_t* a = x.q + token * x.k + b * kQuantBlock;
+            const int32_t* s16 = x.sum16 + token * 2 * nb + 2 * b;
+            __m512i dot0 = _mm512_setzero_si512();
+            __m512i dot1 = _mm512_setzero_si512();
+            for (int i = 0; i < 4; ++i) {
+                dot0 = _mm512_dpbusd_epi32(dot0, w[i], broadcast4(a + 4 * i));
+                dot1 = _mm512_dpbusd_epi32(dot1, w[i + 4], broadcast4(a + 16 + 4 * i));
             }
-        });
+            const __m512i scaled = _mm512_add_epi32(_mm512_mullo_epi32(sc0, dot0), _mm512_mullo_epi32(sc1, dot1));
+            const __m512i mins = _mm512_add_epi32(_mm512_mullo_epi32(m0, _mm512_set1_epi32(s16[0])),
+                                                  _mm512_mullo_epi32(m1, _mm512_set1_epi32(s16[1])));
+            const __m512 dx = _mm512_set1_ps(x.d[token * nb + b]);
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(d, dx), _mm512_cvtepi32_ps(scaled), acc[t]);
+            acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, dx), _mm512_cvtepi32_ps(mins), acc[t]);
+        }
     });
 }
 
@@ -365,29 +360,27 @@ template <int TT, int G = 1>
 void iq4_xs_tile(const QuantizedRows& x, int64_t t0, const IQ4_XSx16* blocks, int64_t nsb,
                  int rows, float* y, int64_t ldy, int64_t row0, RowGroupStreams<G> streams = {0}) {
     const int64_t nb = x.k / kQuantBlock;
-    with_weight_prefetch<TT>(t0, [&](auto prefetch) {
-        over_groups<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
-                           [&](const IQ4_XSx16* group, int64_t b, __m512 (&acc)[TT]) {
-            const IQ4_XSx16& blk = group[b / 8];
-            const int j = static_cast<int>(b % 8);
-            prefetch(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
-            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
-            __m512i w[8];
-            unpack_iq4(blk.qs[j], w);
-            const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sc[j])));
-            const int8_t* a[TT];
-            __m512i dot[TT];
-            for (int t = 0; t < TT; ++t) {
-                a[t] = x.q + (t0 + t) * x.k + b * kQuantBlock;
-                dot[t] = _mm512_set1_epi32(-128 * x.sum[(t0 + t) * nb + b]);
-            }
-            add_block_dots(w, a, dot);
-            for (int t = 0; t < TT; ++t) {
-                const __m512i combined = _mm512_mullo_epi32(sc, dot[t]);
-                const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(x.d[(t0 + t) * nb + b]));
-                acc[t] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(combined), acc[t]);
-            }
-        });
+    over_groups<TT, G>(blocks, nsb, streams.spacing, 8 * nsb, rows, y, ldy, t0, row0,
+                       [&](const IQ4_XSx16* group, int64_t b, __m512 (&acc)[TT], auto prefetch) {
+        const IQ4_XSx16& blk = group[b / 8];
+        const int j = static_cast<int>(b % 8);
+        prefetch(reinterpret_cast<const char*>(&blk) + sizeof blk / 8 * j, sizeof blk / 8);
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.d)));
+        __m512i w[8];
+        unpack_iq4(blk.qs[j], w);
+        const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.sc[j])));
+        const int8_t* a[TT];
+        __m512i dot[TT];
+        for (int t = 0; t < TT; ++t) {
+            a[t] = x.q + (t0 + t) * x.k + b * kQuantBlock;
+            dot[t] = _mm512_set1_epi32(-128 * x.sum[(t0 + t) * nb + b]);
+        }
+        add_block_dots(w, a, dot);
+        for (int t = 0; t < TT; ++t) {
+            const __m512i combined = _mm512_mullo_epi32(sc, dot[t]);
+            const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(x.d[(t0 + t) * nb + b]));
+            acc[t] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(combined), acc[t]);
+        }
     });
 }
 
