@@ -15,9 +15,11 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dispatch.h"
+#include "formats.h"
 #include "kernels.h"
 #include "ops.h"
 #include "pack.h"
@@ -546,8 +548,9 @@ py::array_t<float> rope(const py::array& x, const py::array& positions, double b
 
 // k, v: the head-major KV cache of one layer [n_kv, capacity, d], float32 or float16; the
 // first q_start + T positions are attended to.
-py::array_t<float> attention(const py::array& q, const py::array& k, const py::array& v, int64_t q_start) {
-    const std::vector<int64_t> qs = checked_f32(q, "q");
+// A layer's KV cache: keys and values [n_kv, capacity, d] of one dtype, float32 or float16,
+// C-contiguous and aligned. Returns its type and shape.
+std::pair<lfm::KvType, std::vector<int64_t>> checked_kv_cache(const py::array& k, const py::array& v) {
     lfm::KvType kv_type;
     if (k.dtype().equal(py::dtype::of<float>())) {
         kv_type = lfm::KvType::F32;
@@ -563,9 +566,16 @@ py::array_t<float> attention(const py::array& q, const py::array& k, const py::a
             throw py::value_error("k and v must be aligned to their element size");
         }
     }
-    const std::vector<int64_t> ks(k.shape(), k.shape() + k.ndim());
-    if (qs.size() != 3 || ks.size() != 3) throw py::value_error("q must be [T, n_heads, d] and k, v [n_kv, capacity, d]");
+    std::vector<int64_t> ks(k.shape(), k.shape() + k.ndim());
+    if (ks.size() != 3) throw py::value_error("k and v must be [n_kv, capacity, d]");
     expect_shape(std::vector<int64_t>(v.shape(), v.shape() + v.ndim()), ks, "v");
+    return {kv_type, ks};
+}
+
+py::array_t<float> attention(const py::array& q, const py::array& k, const py::array& v, int64_t q_start) {
+    const std::vector<int64_t> qs = checked_f32(q, "q");
+    const auto [kv_type, ks] = checked_kv_cache(k, v);
+    if (qs.size() != 3) throw py::value_error("q must be [T, n_heads, d] and k, v [n_kv, capacity, d]");
     const int64_t n_tokens = qs[0], n_heads = qs[1], d = qs[2], n_kv = ks[0], capacity = ks[1];
     if (ks[2] != d) throw py::value_error("q and k have different head sizes");
     if (n_kv <= 0 || n_heads % n_kv != 0 || n_heads / n_kv > 16) {
@@ -665,49 +675,64 @@ struct MoEWeights {
     }
 };
 
-// An LFM2 conv layer with its FFN, a dense SwiGLU or (given a router) a sparse MoE
-// (lfm::conv_layer), its weights checked once when made; it holds references to them, so they
-// live as long as it does.
+// The FFN that ends an LFM2 layer (lfm::FeedForward): a dense SwiGLU or, given a router, a sparse
+// MoE, its weights checked once when made. It holds references to them, so they live as long as it.
+class FeedForwardWeights {
+   public:
+    FeedForwardWeights(const py::array& norm, const py::object& gate, const py::object& up, const py::object& down,
+                       const py::object& router, const py::object& expert_bias, int64_t top_k, bool normalize,
+                       double scale)
+        : owners_{gate, up, down, router} {
+        const auto& g = gate.cast<const PackedMatrix&>();
+        const auto& u = up.cast<const PackedMatrix&>();
+        const auto& d = down.cast<const PackedMatrix&>();
+        if (router.is_none()) {
+            dense_.emplace(norm, g, u, d);
+            ffn_ = {static_cast<const float*>(dense_->norm.data()), dense_->gate, dense_->up, dense_->down, nullptr};
+        } else {
+            moe_.emplace(norm, router.cast<const PackedMatrix&>(), expert_bias, top_k, normalize, scale, g, u, d);
+            ffn_ = {static_cast<const float*>(moe_->norm.data()), moe_->gate, moe_->up, moe_->down, &moe_->router};
+        }
+    }
+    FeedForwardWeights(const FeedForwardWeights&) = delete;  // ffn_ points into its own members
+    FeedForwardWeights& operator=(const FeedForwardWeights&) = delete;
+
+    const lfm::FeedForward& ffn() const { return ffn_; }
+    int64_t hidden() const { return ffn_.gate->k; }
+
+   private:
+    std::optional<SwiGLUWeights> dense_;
+    std::optional<MoEWeights> moe_;
+    py::object owners_[4];  // the PackedMatrix objects ffn_ points into (the router: None if dense)
+    lfm::FeedForward ffn_{};
+};
+
+// An LFM2 conv layer with its FFN (lfm::conv_layer), its weights checked once when made; it
+// holds references to them, so they live as long as it does.
 class ConvLayer {
    public:
     ConvLayer(const py::array& operator_norm, const py::array& ffn_norm, double eps, const py::object& in_proj,
               const py::array& kernel, const py::object& out_proj, const py::object& gate, const py::object& up,
               const py::object& down, const py::object& router, const py::object& expert_bias, int64_t top_k,
               bool normalize, double scale)
-        : operator_norm_(operator_norm), kernel_(kernel), owners_{in_proj, out_proj, gate, up, down, router} {
-        const auto& g = gate.cast<const PackedMatrix&>();
-        const auto& u = up.cast<const PackedMatrix&>();
-        const auto& d = down.cast<const PackedMatrix&>();
-        const lfm::Matrix *gate_m, *up_m, *down_m;
-        const float* ffn_norm_data;
-        if (router.is_none()) {
-            dense_.emplace(ffn_norm, g, u, d);
-            gate_m = dense_->gate, up_m = dense_->up, down_m = dense_->down;
-            ffn_norm_data = static_cast<const float*>(dense_->norm.data());
-        } else {
-            moe_.emplace(ffn_norm, router.cast<const PackedMatrix&>(), expert_bias, top_k, normalize, scale, g, u, d);
-            gate_m = moe_->gate, up_m = moe_->up, down_m = moe_->down;
-            ffn_norm_data = static_cast<const float*>(moe_->norm.data());
-        }
-        const int64_t hidden = gate_m->k;
+        : ffn_(ffn_norm, gate, up, down, router, expert_bias, top_k, normalize, scale),
+          operator_norm_(operator_norm), kernel_(kernel), owners_{in_proj, out_proj} {
+        const int64_t hidden = ffn_.hidden();
         const std::vector<int64_t> ks = checked_f32(kernel, "kernel");
         if (ks.size() != 2 || ks[0] != hidden || ks[1] < 1) {
             throw py::value_error("kernel has shape " + shape_str(ks) + ", expected [" + std::to_string(hidden) + ", L]");
         }
         expect_shape(checked_f32(operator_norm, "operator_norm"), {hidden}, "operator_norm");
-        layer_ = {static_cast<const float*>(operator_norm_.data()), ffn_norm_data, static_cast<float>(eps),
+        layer_ = {static_cast<const float*>(operator_norm_.data()), static_cast<float>(eps),
                   &checked_block_matrix(in_proj.cast<const PackedMatrix&>(), 3 * hidden, hidden, "in_proj"),
                   static_cast<const float*>(kernel_.data()), ks[1],
                   &checked_block_matrix(out_proj.cast<const PackedMatrix&>(), hidden, hidden, "out_proj"),
-                  gate_m, up_m, down_m, moe_ ? &moe_->router : nullptr};
+                  ffn_.ffn()};
     }
-
-    ConvLayer(const ConvLayer&) = delete;  // layer_ points into its own members
-    ConvLayer& operator=(const ConvLayer&) = delete;
 
     // The layer's output for x [T, H] (a new array); state [L-1, H] is updated in place.
     py::array_t<float> operator()(const py::array& x, py::array& state) const {
-        const int64_t hidden = layer_.gate->k;
+        const int64_t hidden = ffn_.hidden();
         expect_shape(checked_f32(state, "state"), {layer_.width - 1, hidden}, "state");
         if (!state.writeable()) throw py::value_error("state must be writeable");
         py::array_t<float> out = residual_copy(x, hidden);
@@ -720,11 +745,78 @@ class ConvLayer {
     }
 
    private:
-    std::optional<SwiGLUWeights> dense_;
-    std::optional<MoEWeights> moe_;  // layer_.moe points into it
+    FeedForwardWeights ffn_;
     py::array operator_norm_, kernel_;
-    py::object owners_[6];  // the PackedMatrix objects layer_ points into (the router: None if dense)
+    py::object owners_[2];  // in_proj, out_proj: the PackedMatrix objects layer_ points into
     lfm::ConvLayer layer_{};
+};
+
+// An LFM2 attention layer with its FFN (lfm::attention_layer), its weights checked once when
+// made; it holds references to them, so they live as long as it does.
+class AttentionLayer {
+   public:
+    AttentionLayer(const py::array& operator_norm, const py::array& ffn_norm, double eps, const py::object& wq,
+                   const py::object& wk, const py::object& wv, const py::object& wo, const py::array& q_norm,
+                   const py::array& k_norm, int64_t n_heads, double rope_base, const py::object& gate,
+                   const py::object& up, const py::object& down, const py::object& router,
+                   const py::object& expert_bias, int64_t top_k, bool normalize, double scale)
+        : ffn_(ffn_norm, gate, up, down, router, expert_bias, top_k, normalize, scale),
+          operator_norm_(operator_norm), q_norm_(q_norm), k_norm_(k_norm), owners_{wq, wk, wv, wo} {
+        const int64_t hidden = ffn_.hidden();
+        expect_shape(checked_f32(operator_norm, "operator_norm"), {hidden}, "operator_norm");
+        if (n_heads < 1 || hidden % n_heads != 0) {
+            throw py::value_error("n_heads must divide the hidden size " + std::to_string(hidden) + ", got " +
+                                  std::to_string(n_heads));
+        }
+        const std::vector<int64_t> qn = checked_f32(q_norm, "q_norm");
+        if (qn.size() != 1 || qn[0] < 2 || qn[0] % 2 != 0 || qn[0] > 256) {
+            throw py::value_error("q_norm must be [head_dim] with head_dim even and at most 256, got " + shape_str(qn));
+        }
+        const int64_t d = qn[0];
+        expect_shape(checked_f32(k_norm, "k_norm"), {d}, "k_norm");
+        const lfm::Matrix& q = checked_block_matrix(wq.cast<const PackedMatrix&>(), n_heads * d, hidden, "wq");
+        const int64_t kv_rows = wk.cast<const PackedMatrix&>().matrix().n;
+        const int64_t n_kv = kv_rows / d;
+        if (kv_rows % d != 0 || n_kv < 1 || n_heads % n_kv != 0 || n_heads / n_kv > 16) {
+            throw py::value_error("wk has " + std::to_string(kv_rows) + " rows: it must hold n_kv heads of " +
+                                  std::to_string(d) + ", n_kv dividing n_heads with at most 16 query heads each");
+        }
+        layer_ = {static_cast<const float*>(operator_norm_.data()), static_cast<float>(eps), &q,
+                  &checked_block_matrix(wk.cast<const PackedMatrix&>(), n_kv * d, hidden, "wk"),
+                  &checked_block_matrix(wv.cast<const PackedMatrix&>(), n_kv * d, hidden, "wv"),
+                  &checked_block_matrix(wo.cast<const PackedMatrix&>(), hidden, n_heads * d, "wo"),
+                  static_cast<const float*>(q_norm_.data()), static_cast<const float*>(k_norm_.data()),
+                  n_heads, n_kv, d, rope_base, ffn_.ffn()};
+    }
+
+    // The layer's output for x [T, H] (a new array) of tokens at positions start ..; their keys and
+    // values are written into the cache k, v [n_kv, capacity, d] at those positions.
+    py::array_t<float> operator()(const py::array& x, py::array& k, py::array& v, int64_t start) const {
+        const auto [kv_type, ks] = checked_kv_cache(k, v);
+        if (ks[0] != layer_.n_kv || ks[2] != layer_.head_dim) {
+            throw py::value_error("the KV cache has shape " + shape_str(ks) + ", expected [" +
+                                  std::to_string(layer_.n_kv) + ", capacity, " + std::to_string(layer_.head_dim) + "]");
+        }
+        if (!k.writeable() || !v.writeable()) throw py::value_error("the KV cache must be writeable");
+        py::array_t<float> out = residual_copy(x, ffn_.hidden());
+        const int64_t n_tokens = out.shape(0), capacity = ks[1];
+        if (start < 0 || start > capacity - n_tokens) {
+            throw py::value_error("the KV cache holds " + std::to_string(capacity) + " positions, fewer than start + T = " +
+                                  std::to_string(start) + " + " + std::to_string(n_tokens));
+        }
+        const lfm::KvSlots slots{k.mutable_data(), v.mutable_data(), kv_type, capacity};
+        if (n_tokens > 0) {
+            KernelSection kernel;
+            lfm::attention_layer(layer_, out.mutable_data(), n_tokens, slots, start);
+        }
+        return out;
+    }
+
+   private:
+    FeedForwardWeights ffn_;
+    py::array operator_norm_, q_norm_, k_norm_;
+    py::object owners_[4];  // wq, wk, wv, wo: the PackedMatrix objects layer_ points into
+    lfm::AttentionLayer layer_{};
 };
 
 py::tuple route(const py::array& logits, const py::object& bias, int64_t top_k, bool normalize, double scale) {
@@ -867,6 +959,23 @@ PYBIND11_MODULE(_C, m) {
         .def("__call__", &ConvLayer::operator(), py::arg("x"), py::arg("state"),
              "The layer's output [T, H] for x [T, H] of one sequence; the conv state [L-1, H] is "
              "updated in place.");
+    py::class_<AttentionLayer>(m, "AttentionLayer",
+                               "An LFM2 attention layer and its FFN, run in one call: q, k, v = wq h, wk h, "
+                               "wv h (h = rms_norm(x)), per-head rms_norm and NeoX RoPE on q and k, k and v "
+                               "stored in the KV cache, x + wo(causal GQA attention), then the FFN as ConvLayer's. "
+                               "Keeps references to its weights.")
+        .def(py::init<const py::array&, const py::array&, double, const py::object&, const py::object&,
+                      const py::object&, const py::object&, const py::array&, const py::array&, int64_t, double,
+                      const py::object&, const py::object&, const py::object&, const py::object&,
+                      const py::object&, int64_t, bool, double>(),
+             py::arg("operator_norm"), py::arg("ffn_norm"), py::arg("eps"), py::arg("wq"), py::arg("wk"),
+             py::arg("wv"), py::arg("wo"), py::arg("q_norm"), py::arg("k_norm"), py::arg("n_heads"),
+             py::arg("rope_base"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("router") = py::none(),
+             py::arg("expert_bias") = py::none(), py::arg("top_k") = 0, py::arg("normalize") = true,
+             py::arg("scale") = 1.0)
+        .def("__call__", &AttentionLayer::operator(), py::arg("x"), py::arg("k"), py::arg("v"), py::arg("start"),
+             "The layer's output [T, H] for x [T, H] of one sequence at positions start ..; their keys and "
+             "values go into the cache k, v [n_kv, capacity, d] (float32 or float16) at those positions.");
     m.def("silu_mul", &silu_mul, py::arg("h"), py::arg("u"),
           "silu(h) * u = h / (1 + exp(-h)) * u elementwise, by the active kernels.");
     m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
@@ -884,6 +993,15 @@ PYBIND11_MODULE(_C, m) {
     m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_start"),
           "Causal GQA attention, online softmax: q [T, n_heads, d] over the first q_start + T positions of "
           "a KV cache k, v [n_kv, capacity, d] (float32 or float16) -> [T, n_heads * d].");
+    m.def("float_to_half_bits", [](const py::array& x) {
+              checked_f32(x, "x");
+              py::array_t<uint16_t> bits(std::vector<int64_t>(x.shape(), x.shape() + x.ndim()));
+              const auto* f = static_cast<const float*>(x.data());
+              uint16_t* h = bits.mutable_data();
+              for (py::ssize_t i = 0; i < x.size(); ++i) h[i] = lfm::f32_to_fp16(f[i]);
+              return bits;
+          }, py::arg("x"),
+          "The float16 bits the native KV cache stores for float32 x (to test against numpy's astype).");
     m.def("route", &route, py::arg("logits"), py::arg("expert_bias"), py::arg("top_k"),
           py::arg("normalize"), py::arg("scale"),
           "Sigmoid top-k routing: (experts int32 [T, k], weights float32 [T, k]).");

@@ -104,6 +104,29 @@ static inline float fp16_to_f32(uint16_t h) {
     return bits_to_f32(sign | ((exponent + (127 - 15)) << 23) | (mantissa << 13));
 }
 
+// float -> IEEE half, rounded to nearest even as numpy's astype(float16) and F16C's vcvtps2ph:
+// past 65504 (from the halfway point 65520 on) it is inf, below 2^-14 a subnormal. A NaN stays
+// a NaN, made quiet, with the top bits of its payload.
+static inline uint16_t f32_to_fp16(float f) {
+    const uint32_t bits = f32_to_bits(f);
+    const auto sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+    const uint32_t magnitude = bits & 0x7fffffffu;
+    if (magnitude > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((magnitude >> 13) & 0x3ffu));
+    if (magnitude >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // inf, or rounds to it
+    if (magnitude >= 0x38800000u) {  // a normal half: rebias the exponent by 127 - 15, round 13 bits away
+        const uint32_t rebiased = magnitude - 0x38000000u;
+        return static_cast<uint16_t>(sign | ((rebiased + 0xfffu + ((rebiased >> 13) & 1u)) >> 13));
+    }
+    if (magnitude <= 0x33000000u) return sign;  // at most half the smallest subnormal 2^-24: zero
+    // a subnormal half: the value in units of 2^-24 is the 24-bit significand >> shift
+    const uint32_t exponent = magnitude >> 23, significand = (magnitude & 0x7fffffu) | 0x800000u;
+    const uint32_t shift = 126u - exponent;  // 14 .. 24
+    uint32_t q = significand >> shift;
+    const uint32_t rest = significand & ((1u << shift) - 1u), halfway = 1u << (shift - 1u);
+    if (rest > halfway || (rest == halfway && (q & 1u))) ++q;  // may carry into the smallest normal
+    return static_cast<uint16_t>(sign | q);
+}
+
 // bfloat16 is the top half of a float32.
 static inline float bf16_to_f32(uint16_t h) {
     return bits_to_f32(static_cast<uint32_t>(h) << 16);

@@ -483,6 +483,14 @@ void moe_block(float* x, int64_t n_tokens, const float* norm, float eps, const M
     for (int64_t i = 0; i < n_tokens * hidden; ++i) x[i] += y[i];
 }
 
+void feed_forward_block(const FeedForward& ffn, float* x, int64_t n_tokens, float eps) {
+    if (ffn.moe != nullptr) {
+        moe_block(x, n_tokens, ffn.norm, eps, *ffn.moe, *ffn.gate, *ffn.up, *ffn.down);
+    } else {
+        swiglu_block(x, n_tokens, ffn.norm, eps, *ffn.gate, *ffn.up, *ffn.down);
+    }
+}
+
 void conv_layer(const ConvLayer& layer, float* x, int64_t n_tokens, float* state) {
     const int64_t hidden = layer.out_proj->n;
     Scratch<float> h(n_tokens * hidden), y(n_tokens * hidden);  // [T, H]
@@ -492,11 +500,55 @@ void conv_layer(const ConvLayer& layer, float* x, int64_t n_tokens, float* state
     gated_short_conv(bcx.get(), n_tokens, hidden, state, layer.kernel, layer.width, h.get());
     linear(*layer.out_proj, 0, h.get(), n_tokens, y.get());
     for (int64_t i = 0; i < n_tokens * hidden; ++i) x[i] += y[i];
-    if (layer.moe != nullptr) {
-        moe_block(x, n_tokens, layer.ffn_norm, layer.eps, *layer.moe, *layer.gate, *layer.up, *layer.down);
-    } else {
-        swiglu_block(x, n_tokens, layer.ffn_norm, layer.eps, *layer.gate, *layer.up, *layer.down);
+    feed_forward_block(layer.ffn, x, n_tokens, layer.eps);
+}
+
+namespace {
+
+// Rows [T, n_kv, d] of new keys or values into a head-major cache [n_kv, capacity, d] at
+// positions start .., as float16 (rounded as numpy's astype) or float32.
+void store_kv(const float* rows, int64_t n_tokens, int64_t n_kv, int64_t d, void* cache, KvType type,
+              int64_t capacity, int64_t start) {
+    for (int64_t head = 0; head < n_kv; ++head) {
+        for (int64_t t = 0; t < n_tokens; ++t) {
+            const float* src = rows + (t * n_kv + head) * d;
+            const int64_t at = (head * capacity + start + t) * d;
+            if (type == KvType::F16) {
+                uint16_t* dst = static_cast<uint16_t*>(cache) + at;
+                for (int64_t i = 0; i < d; ++i) dst[i] = f32_to_fp16(src[i]);
+            } else {
+                std::copy_n(src, d, static_cast<float*>(cache) + at);
+            }
+        }
     }
+}
+
+}  // namespace
+
+void attention_layer(const AttentionLayer& layer, float* x, int64_t n_tokens, const KvSlots& kv, int64_t start) {
+    const int64_t hidden = layer.wo->n, d = layer.head_dim;
+    const int64_t q_width = layer.n_heads * d, kv_width = layer.n_kv * d;
+    Scratch<float> h(n_tokens * hidden), y(n_tokens * hidden);  // [T, H]
+    Scratch<float> q(n_tokens * q_width), attended(n_tokens * q_width);  // [T, n_heads, d]
+    Scratch<float> k(n_tokens * kv_width), v(n_tokens * kv_width);  // [T, n_kv, d]
+    rms_norm(x, n_tokens, hidden, layer.operator_norm, layer.eps, h.get());
+    linear(*layer.wq, 0, h.get(), n_tokens, q.get());
+    linear(*layer.wk, 0, h.get(), n_tokens, k.get());
+    linear(*layer.wv, 0, h.get(), n_tokens, v.get());
+    std::vector<int64_t> positions(static_cast<size_t>(n_tokens));
+    for (int64_t t = 0; t < n_tokens; ++t) positions[t] = start + t;
+    rms_norm(q.get(), n_tokens * layer.n_heads, d, layer.q_norm, layer.eps, q.get());  // row by row: in place is safe
+    rms_norm(k.get(), n_tokens * layer.n_kv, d, layer.k_norm, layer.eps, k.get());
+    rope(q.get(), n_tokens, layer.n_heads, d, positions.data(), layer.rope_base);
+    rope(k.get(), n_tokens, layer.n_kv, d, positions.data(), layer.rope_base);
+    store_kv(k.get(), n_tokens, layer.n_kv, d, kv.keys, kv.type, kv.capacity, start);
+    store_kv(v.get(), n_tokens, layer.n_kv, d, kv.values, kv.type, kv.capacity, start);
+    const AttentionArgs args{q.get(), kv.keys, kv.values, attended.get(), layer.n_heads, layer.n_kv, d, start,
+                             kv.capacity * d, kv.type, static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)))};
+    attention(args, n_tokens);
+    linear(*layer.wo, 0, attended.get(), n_tokens, y.get());
+    for (int64_t i = 0; i < n_tokens * hidden; ++i) x[i] += y[i];
+    feed_forward_block(layer.ffn, x, n_tokens, layer.eps);
 }
 
 void rope(float* x, int64_t n_tokens, int64_t n_heads, int64_t d, const int64_t* positions,

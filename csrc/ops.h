@@ -77,26 +77,56 @@ struct MoERouter {
 void moe_block(float* x, int64_t n_tokens, const float* norm, float eps, const MoERouter& router,
                const Matrix& gate, const Matrix& up, const Matrix& down);
 
-// One LFM2 layer made of a gated short conv and a SwiGLU FFN, dense or a sparse MoE, for the T
-// tokens of one sequence:
+// The pre-norm FFN that ends every LFM2 layer, with its residual: swiglu_block, or with moe set,
+// moe_block.
+struct FeedForward {
+    const float* norm;     // [H]
+    const Matrix* gate;    // [F, H], or [E, F, H] with moe
+    const Matrix* up;      // as gate
+    const Matrix* down;    // [H, F], or [E, H, F] with moe
+    const MoERouter* moe;  // null: a dense SwiGLU
+};
+void feed_forward_block(const FeedForward& ffn, float* x, int64_t n_tokens, float eps);
+
+// One LFM2 layer made of a gated short conv and its FFN, for the T tokens of one sequence:
 //   x [T, H] += out_proj(C * conv(B * x')), (B, C, x') = in_proj(rms_norm(x, operator_norm)),
-// with the conv state [L-1, H] updated in place, then swiglu_block (or, with moe set, moe_block)
-// with ffn_norm. The ops of lfm_edge/models/lfm2.py's DecoderLayer in its order, in one call
-// (the same bits).
+// with the conv state [L-1, H] updated in place, then the FFN. The ops of
+// lfm_edge/models/lfm2.py's DecoderLayer in its order, in one call (the same bits).
 struct ConvLayer {
     const float* operator_norm;  // [H]
-    const float* ffn_norm;       // [H]
     float eps;
     const Matrix* in_proj;       // [3H, H]
     const float* kernel;         // [H, L]
     int64_t width;               // L
     const Matrix* out_proj;      // [H, H]
-    const Matrix* gate;          // [F, H], or [E, F, H] with moe
-    const Matrix* up;            // as gate
-    const Matrix* down;          // [H, F], or [E, H, F] with moe
-    const MoERouter* moe;        // null: a dense SwiGLU
+    FeedForward ffn;
 };
 void conv_layer(const ConvLayer& layer, float* x, int64_t n_tokens, float* state);
+
+// One LFM2 attention layer and its FFN, for the T tokens of one sequence at positions start ..:
+//   q, k, v = wq h, wk h, wv h with h = rms_norm(x, operator_norm)
+//   q, k = rope(rms_norm(q, q_norm)), rope(rms_norm(k, k_norm)), per head
+//   k, v stored in the cache at positions start .. start+T-1 (rounded to float16 for a float16 cache)
+//   x [T, H] += wo(attention(q, the cache's first start + T positions))
+// then the FFN. The ops of lfm_edge/models/lfm2.py's DecoderLayer in its order (the same bits).
+struct AttentionLayer {
+    const float* operator_norm;  // [H]
+    float eps;
+    const Matrix *wq, *wk, *wv;  // [n_heads d, H], [n_kv d, H], [n_kv d, H]
+    const Matrix* wo;            // [H, n_heads d]
+    const float *q_norm, *k_norm;  // [d]
+    int64_t n_heads, n_kv, head_dim;
+    double rope_base;
+    FeedForward ffn;
+};
+// One attention layer's keys and values, head-major [n_kv, capacity, d] each.
+struct KvSlots {
+    void* keys;
+    void* values;
+    KvType type;
+    int64_t capacity;
+};
+void attention_layer(const AttentionLayer& layer, float* x, int64_t n_tokens, const KvSlots& kv, int64_t start);
 
 // Sigmoid top-k routing, as ops.route: experts [T, top_k] best first (ties to the lower id),
 // weights the unbiased scores, renormalised if `normalize`, times `scale`.

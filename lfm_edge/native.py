@@ -49,6 +49,7 @@ except ImportError as error:
 __all__ = [
     "ISA_ENV_VAR",
     "KNOWN_ISAS",
+    "AttentionLayer",
     "ConvLayer",
     "DECODE_STREAMINGS",
     "PACK_FORMAT",
@@ -109,6 +110,10 @@ moe = _C.moe
 # in_proj, kernel, out_proj, gate, up, down[, router, expert_bias, top_k, normalize, scale]: a
 # sparse MoE of expert stacks), called as layer(x [T, H], state [L-1, H])
 ConvLayer = _C.ConvLayer
+# an attention layer and its FFN in one call (ops.attention_layer): AttentionLayer(operator_norm,
+# ffn_norm, eps, wq, wk, wv, wo, q_norm, k_norm, n_heads, rope_base, gate, up, down[, as
+# ConvLayer's]), called as layer(x [T, H], k, v [n_kv, capacity, d], start)
+AttentionLayer = _C.AttentionLayer
 # the int8 activations the packed kernels use: (q int8 [T, k], d [T, k/32], sum int32 [T, k/32])
 quantize_activations = _C.quantize_activations
 # the small ops, as lfm_edge.ops documents them

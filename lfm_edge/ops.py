@@ -72,6 +72,17 @@ def swiglu(x: np.ndarray, gate: Linear, up: Linear, down: Linear) -> np.ndarray:
     return native.moe(_f32(x), one_expert, np.ones((t, 1), dtype=np.float32), gate.native, up.native, down.native)
 
 
+def _native_ffn(w) -> dict | None:
+    """The FFN arguments of a native layer (ConvLayer, AttentionLayer) for w's FFN fields, or None
+    when one of its matrices was never packed."""
+    dense = w.router is None
+    matrices = (w.gate, w.up, w.down) + (() if dense else (w.router,))
+    if not all(isinstance(m, Linear) for m in matrices) or (dense and w.gate.n_mats != 1):
+        return None
+    return dict(gate=w.gate.native, up=w.up.native, down=w.down.native, router=None if dense else w.router.native,
+                expert_bias=w.expert_bias, top_k=w.top_k, normalize=w.normalize, scale=w.scale)
+
+
 @dataclass(frozen=True)
 class ConvLayerWeights:
     """A whole LFM2 layer of a gated short conv and its SwiGLU FFN, for `conv_layer`: its weights,
@@ -95,13 +106,10 @@ class ConvLayerWeights:
     native: object = field(init=False, default=None, compare=False)
 
     def __post_init__(self):
-        dense = self.router is None
-        matrices = (self.in_proj, self.out_proj, self.gate, self.up, self.down) + (() if dense else (self.router,))
-        if all(isinstance(w, Linear) for w in matrices) and (not dense or self.gate.n_mats == 1):
-            router = None if dense else self.router.native
+        ffn = _native_ffn(self)
+        if ffn is not None and all(isinstance(w, Linear) for w in (self.in_proj, self.out_proj)):
             layer = native.ConvLayer(self.operator_norm, self.ffn_norm, self.eps, self.in_proj.native, self.kernel,
-                                     self.out_proj.native, self.gate.native, self.up.native, self.down.native,
-                                     router, self.expert_bias, self.top_k, self.normalize, self.scale)
+                                     self.out_proj.native, **ffn)
             object.__setattr__(self, "native", layer)
 
 
@@ -117,6 +125,55 @@ def conv_layer(x: np.ndarray, state: np.ndarray, w: ConvLayerWeights) -> np.ndar
     if w.native is None:
         return reference.conv_layer(x, state, w)
     return w.native(_f32(x), state)
+
+
+@dataclass(frozen=True)
+class AttentionLayerWeights:
+    """A whole LFM2 attention layer and its FFN (as ConvLayerWeights'), for `attention_layer`: its
+    weights, and the native layer made from them once at load (None when a matrix was never packed)."""
+
+    operator_norm: np.ndarray  # [H]
+    ffn_norm: np.ndarray  # [H]
+    eps: float
+    wq: Linear  # [n_head * d, H]
+    wk: Linear  # [n_kv * d, H]
+    wv: Linear  # [n_kv * d, H]
+    wo: Linear  # [H, n_head * d]
+    q_norm: np.ndarray  # [d]
+    k_norm: np.ndarray  # [d]
+    n_head: int
+    rope_base: float
+    gate: Linear
+    up: Linear
+    down: Linear
+    router: Linear | None = None
+    expert_bias: np.ndarray | None = None
+    top_k: int = 0
+    normalize: bool = True
+    scale: float = 1.0
+    native: object = field(init=False, default=None, compare=False)
+
+    def __post_init__(self):
+        ffn = _native_ffn(self)
+        if ffn is not None and all(isinstance(w, Linear) for w in (self.wq, self.wk, self.wv, self.wo)):
+            layer = native.AttentionLayer(self.operator_norm, self.ffn_norm, self.eps, self.wq.native,
+                                          self.wk.native, self.wv.native, self.wo.native, self.q_norm, self.k_norm,
+                                          self.n_head, self.rope_base, **ffn)
+            object.__setattr__(self, "native", layer)
+
+
+def attention_layer(x: np.ndarray, cache: KVCache, start: int, w: AttentionLayerWeights) -> np.ndarray:
+    """One sequence's tokens x [T, H], at positions start .., through an attention layer and its FFN:
+        h = rms_norm(x, operator_norm)
+        q, k, v = linear(h, wq), linear(h, wk), linear(h, wv)          # per head: [T, heads, d]
+        q, k = rope(rms_norm(q, q_norm), ...), rope(rms_norm(k, k_norm), ...)
+        x = x + linear(attention(q, *cache.append(start, k, v), start), wo)
+        x = x + the FFN, as conv_layer's
+    in one native call with the same bits as the ops one by one (reference.attention_layer); the
+    keys and values are written into `cache` as KVCache.append writes them."""
+    if w.native is None:
+        return reference.attention_layer(x, cache, start, w)
+    return w.native(_f32(x), cache.keys, cache.values, start)
 
 
 def short_conv(bx: np.ndarray, state: np.ndarray, kernel: np.ndarray) -> np.ndarray:

@@ -54,6 +54,25 @@ def conv_layer(x: np.ndarray, state: np.ndarray, w) -> np.ndarray:
     """A conv layer and its FFN, dense or (with w.router) a sparse MoE (w: ops.ConvLayerWeights),
     for one sequence's x [T, H]."""
     x = x + linear(gated_short_conv(linear(rms_norm(x, w.operator_norm, w.eps), w.in_proj), state, w.kernel), w.out_proj)
+    return feed_forward_block(x, w)
+
+
+def attention_layer(x: np.ndarray, cache, start: int, w) -> np.ndarray:
+    """An attention layer and its FFN (w: ops.AttentionLayerWeights), for one sequence's x [T, H] at
+    positions start ..; their keys and values go into `cache` (a KVCache)."""
+    t, d = x.shape[0], w.q_norm.size
+    h = rms_norm(x, w.operator_norm, w.eps)
+    q, k, v = (linear(h, m).reshape(t, -1, d) for m in (w.wq, w.wk, w.wv))
+    positions = np.arange(start, start + t)
+    q = rope(rms_norm(q, w.q_norm, w.eps), positions, w.rope_base)
+    k = rope(rms_norm(k, w.k_norm, w.eps), positions, w.rope_base)
+    keys, values = cache.append(start, k, v)
+    x = x + linear(attention(q, keys, values, start), w.wo)
+    return feed_forward_block(x, w)
+
+
+def feed_forward_block(x: np.ndarray, w) -> np.ndarray:
+    """x + the layer's FFN of rms_norm(x, w.ffn_norm): a dense SwiGLU, or with w.router a sparse MoE."""
     h = rms_norm(x, w.ffn_norm, w.eps)
     if w.router is None:
         return x + swiglu(h, w.gate, w.up, w.down)
@@ -164,4 +183,4 @@ def moe(x: np.ndarray, experts: np.ndarray, weights: np.ndarray, gate, up, down)
 
 # The ops a model calls that have a reference here; tests swap them into `ops`.
 OPS = ("linear", "expert_linear", "rms_norm", "silu", "swiglu", "short_conv", "gated_short_conv",
-       "rope", "attention", "route", "moe", "conv_layer")
+       "rope", "attention", "route", "moe", "conv_layer", "attention_layer")

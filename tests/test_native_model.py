@@ -18,7 +18,7 @@ import pytest
 import lfm_edge
 from lfm_edge import native, ops, reference
 
-conv_layer = ops.conv_layer  # before any test patches it
+conv_layer, attention_layer = ops.conv_layer, ops.attention_layer  # before any test patches them
 
 # Float files: float32 sums in another order, and a polynomial exp in attention.
 FLOAT_RTOL = 2e-5
@@ -56,8 +56,10 @@ def native_and_reference(llm, ids, monkeypatch, patch_reference=lambda m: None):
 
     def op_by_op(m):  # the layers that route, so that every choice passes through ops.route
         for layer in llm.model.layers:
-            if layer.conv_layer is not None and layer.conv_layer.router is not None:
-                m.setattr(layer, "conv_layer", None)
+            for fused in ("conv_layer", "attention_layer"):
+                weights = getattr(layer, fused)
+                if weights is not None and weights.router is not None:
+                    m.setattr(layer, fused, None)
 
     with monkeypatch.context() as m:
         patch_reference(m)
@@ -184,6 +186,75 @@ def test_a_conv_layer_in_one_native_call_has_the_bits_of_its_ops(name, out_type,
     np.testing.assert_array_equal(fused, op_by_op)
 
 
+@pytest.mark.parametrize("name", ["dense", "moe"])
+@pytest.mark.parametrize("out_type", ["f32", "q8_0", "q4_0"])
+@pytest.mark.parametrize("kv_cache_type", ["f16", "f32"])
+def test_an_attention_layer_in_one_native_call_has_the_bits_of_its_ops(name, out_type, kv_cache_type, gguf_path, isa,
+                                                                      threads, monkeypatch):
+    """ops.attention_layer (an attention layer and its FFN in one native call, writing its keys and
+    values into the cache itself) against the same layer op by op: the same logits and the same
+    cache to the bit, over a prefill and decode steps."""
+    llm = lfm_edge.load(gguf_path(name, out_type))
+    ids = prompt(llm, 40)
+    dtype = {"f16": np.float16, "f32": np.float32}[kv_cache_type]
+
+    def run():
+        cache = llm.model.make_cache(64, dtype)
+        steps = [llm.model(np.array(ids[:33]), cache)]
+        steps += [llm.model(np.array([t]), cache) for t in ids[33:]]
+        return np.concatenate(steps), [(kv.keys.copy(), kv.values.copy()) for kv in cache.kv if kv is not None]
+
+    calls = []
+    with monkeypatch.context() as m:
+        m.setattr(ops, "attention_layer", lambda *a: calls.append(1) or attention_layer(*a))
+        fused, fused_kv = run()
+    fused_layers = [layer for layer in llm.model.layers if layer.attention_layer is not None]
+    assert len(fused_layers) == sum(llm.args.is_attention(i) for i in range(llm.args.n_layer)) > 0
+    assert all(layer.attention_layer.native is not None for layer in fused_layers)
+    if name == "moe":
+        assert any(layer.attention_layer.router is not None for layer in fused_layers)
+    assert len(calls) == 8 * len(fused_layers)  # 1 prefill + 7 steps, each layer
+    with monkeypatch.context() as m:
+        for layer in fused_layers:
+            m.setattr(layer, "attention_layer", None)
+        op_by_op, op_by_op_kv = run()
+    assert np.isfinite(fused).all()
+    np.testing.assert_array_equal(fused, op_by_op)
+    for (keys, values), (want_keys, want_values) in zip(fused_kv, op_by_op_kv, strict=True):
+        assert keys.dtype == dtype and np.any(keys[:, :40] != 0) and not np.any(keys[:, 40:])
+        np.testing.assert_array_equal(keys, want_keys)
+        np.testing.assert_array_equal(values, want_values)
+
+
+def every_half_boundary() -> np.ndarray:
+    """float32 values at and around each point where rounding to float16 changes: every half, the
+    midpoints between neighbours and one float32 step either side of them, both signs, and the
+    specials."""
+    halves = np.arange(0x7C00, dtype=np.uint16).view(np.float16).astype(np.float32)  # +0 .. 65504
+    above = np.append(halves[1:], np.float32(65536.0))  # the next half (65504's: where inf begins)
+    midpoints = (halves.astype(np.float64) + above) / 2  # exact in float32: halves have 11 bits
+    points = np.concatenate([halves, midpoints.astype(np.float32)])
+    around = np.concatenate([points, np.nextafter(points, np.float32(np.inf)), np.nextafter(points, np.float32(0))])
+    specials = np.array([np.inf, np.nan, 1e-45, 2.0**-25, 2.0**-24, 3.4e38, 65519.996, 65520.0], dtype=np.float32)
+    x = np.concatenate([around, specials])
+    return np.concatenate([x, -x])
+
+
+def test_the_native_kv_cache_rounds_to_float16_as_numpy_does():
+    x = every_half_boundary()
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).view(np.uint16)
+    got = native._C.float_to_half_bits(x)
+    differ = np.nonzero(got != want)[0]
+    assert differ.size == 0, f"{differ.size} differ, e.g. {x[differ[:4]]}: {got[differ[:4]]} != {want[differ[:4]]}"
+    # and a spread of ordinary values, every exponent float32 has
+    rng = np.random.default_rng(0)
+    x = np.ldexp(rng.random(1 << 16, dtype=np.float32) * 2 - 1, rng.integers(-150, 128, 1 << 16, dtype=np.int32))
+    assert x.dtype == np.float32
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(native._C.float_to_half_bits(x), x.astype(np.float16).view(np.uint16))
+
+
 def test_conv_layer_refuses_weights_of_the_wrong_shape(gguf_path):
     layer = next(l for l in lfm_edge.load(gguf_path("dense", "q8_0")).model.layers if l.conv_layer is not None)
     w = layer.conv_layer
@@ -216,3 +287,47 @@ def test_a_moe_conv_layer_refuses_a_wrong_router_bias_or_top_k(gguf_path):
             make(top_k=top_k)
     with pytest.raises(ValueError, match=r"\[E, F, H\]"):
         make(down=w.gate.native)
+
+
+def test_attention_layer_refuses_weights_a_cache_or_a_start_that_do_not_fit(gguf_path):
+    llm = lfm_edge.load(gguf_path("dense", "q8_0"))
+    layer = next(l for l in llm.model.layers if l.attention_layer is not None)
+    w = layer.attention_layer
+    hidden, d = w.operator_norm.size, w.q_norm.size
+    n_kv = w.wk.native.n // d
+
+    def make(**change):
+        args = dict(operator_norm=w.operator_norm, ffn_norm=w.ffn_norm, eps=w.eps, wq=w.wq.native, wk=w.wk.native,
+                    wv=w.wv.native, wo=w.wo.native, q_norm=w.q_norm, k_norm=w.k_norm, n_heads=w.n_head,
+                    rope_base=w.rope_base, gate=w.gate.native, up=w.up.native, down=w.down.native) | change
+        return native.AttentionLayer(**args)
+
+    made = make()  # as loaded
+    with pytest.raises(ValueError, match="wo"):
+        make(wo=w.wq.native if w.wq.native.n != hidden else w.gate.native)
+    with pytest.raises(ValueError, match="n_heads"):
+        make(n_heads=hidden + 1)
+    with pytest.raises(ValueError, match="k_norm"):
+        make(k_norm=np.ones(d + 2, np.float32))
+    with pytest.raises(ValueError, match="q_norm"):
+        make(q_norm=np.ones(3, np.float32))
+    x = np.zeros((2, hidden), np.float32)
+    cache = np.zeros((n_kv, 8, d), np.float16)
+    assert made(x, cache, cache.copy(), 6).shape == (2, hidden)
+    with pytest.raises(ValueError, match="holds 8 positions"):
+        made(x, cache, cache.copy(), 7)
+    with pytest.raises(ValueError, match="holds 8 positions"):
+        made(x, cache, cache.copy(), -1)
+    with pytest.raises(ValueError, match="KV cache has shape"):
+        made(x, np.zeros((n_kv + 1, 8, d), np.float16), np.zeros((n_kv + 1, 8, d), np.float16), 0)
+    with pytest.raises(ValueError, match="same dtype"):
+        made(x, cache, cache.astype(np.float32), 0)
+    with pytest.raises(ValueError, match="float32 or float16"):
+        made(x, cache.astype(np.float64), cache.astype(np.float64), 0)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        made(x, np.zeros((n_kv, d, 8), np.float16).transpose(0, 2, 1), cache.copy(), 0)
+    cache.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        made(x, cache, cache, 0)
+    with pytest.raises(ValueError, match="columns"):
+        made(np.zeros((2, hidden + 1), np.float32), cache.copy(), cache.copy(), 0)

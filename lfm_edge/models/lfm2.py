@@ -171,8 +171,8 @@ class MLP:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return ops.swiglu(x, self.gate, self.up, self.down)
 
-    def conv_layer_weights(self) -> dict:
-        """This FFN's part of an ops.ConvLayerWeights."""
+    def layer_weights(self) -> dict:
+        """This FFN's part of an ops.ConvLayerWeights or ops.AttentionLayerWeights."""
         return dict(gate=self.gate, up=self.up, down=self.down)
 
 
@@ -185,19 +185,30 @@ class DecoderLayer:
         self.ffn_norm = w.vector(f"blk.{i}.ffn_norm.weight", (args.hidden,))
         self.operator = Attention(args, w, i) if args.is_attention(i) else ShortConv(args, w, i)
         self.feed_forward = feed_forward
-        # A conv layer also runs as one op (ops.conv_layer: one native call), which __call__
-        # below spells out op by op with the same bits (tests/test_native_model.py).
-        self.conv_layer = None
-        if isinstance(self.operator, ShortConv):
-            conv = self.operator
-            self.conv_layer = ops.ConvLayerWeights(self.operator_norm, self.ffn_norm, self.eps, conv.in_proj,
-                                                   conv.kernel, conv.out_proj, **feed_forward.conv_layer_weights())
+        # Each layer also runs as one op (one native call: ops.conv_layer, ops.attention_layer),
+        # which __call__ below spells out op by op with the same bits (tests/test_native_model.py).
+        ffn = feed_forward.layer_weights()
+        op = self.operator
+        self.conv_layer = self.attention_layer = None
+        if isinstance(op, ShortConv):
+            self.conv_layer = ops.ConvLayerWeights(self.operator_norm, self.ffn_norm, self.eps, op.in_proj,
+                                                   op.kernel, op.out_proj, **ffn)
+        else:
+            self.attention_layer = ops.AttentionLayerWeights(self.operator_norm, self.ffn_norm, self.eps, op.wq, op.wk,
+                                                             op.wv, op.wo, op.q_norm, op.k_norm, op.n_head,
+                                                             op.rope_base, **ffn)
 
     def __call__(self, x: np.ndarray, batch: Batch) -> np.ndarray:
+        # one sequence: the whole layer in one op (several: each its own conv window or cache, below)
         if self.conv_layer is not None:
             windows = batch.conv(self.operator.layer)
-            if len(windows) == 1:  # one sequence (several: each its own conv window, below)
+            if len(windows) == 1:
                 return ops.conv_layer(x, windows[0][1], self.conv_layer)
+        if self.attention_layer is not None:
+            caches = batch.kv(self.operator.layer)
+            if len(caches) == 1:
+                _, cache, start = caches[0]
+                return ops.attention_layer(x, cache, start, self.attention_layer)
         x = x + self.operator(ops.rms_norm(x, self.operator_norm, self.eps), batch)
         return x + self.feed_forward(ops.rms_norm(x, self.ffn_norm, self.eps))
 

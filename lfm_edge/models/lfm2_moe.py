@@ -69,8 +69,8 @@ class SparseMoE:
         experts, weights = ops.route(logits, self.expert_bias, self.top_k, self.normalize, self.scale)
         return ops.moe(x, experts, weights, self.gate, self.up, self.down)
 
-    def conv_layer_weights(self) -> dict:
-        """This FFN's part of an ops.ConvLayerWeights."""
+    def layer_weights(self) -> dict:
+        """This FFN's part of an ops.ConvLayerWeights or ops.AttentionLayerWeights."""
         return dict(gate=self.gate, up=self.up, down=self.down, router=self.router, expert_bias=self.expert_bias,
                     top_k=self.top_k, normalize=self.normalize, scale=self.scale)
 
