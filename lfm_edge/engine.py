@@ -45,7 +45,12 @@ from .sampling import Sampler
 if TYPE_CHECKING:
     from .llm import LLM
 
-PREFILL_CHUNK = 2048  # prompt tokens per step while no sequence is decoding
+# Prompt tokens per step while no sequence is decoding: llama.cpp's ubatch. Longer chunks are
+# slower, not faster: a 4096-token prompt on the 8B-A1B (Zen 5, interleaved runs) took 288.8 tok/s
+# in chunks of 512 and 261.4 in chunks of 2048 (2 threads; 141.7 and 128.7 on 1), as each
+# chunk's activations and the MoE's buffers (4x the size) fall out of the caches; the weights'
+# extra passes cost less. Ctrl-C waits for at most one chunk.
+PREFILL_CHUNK = 512
 # while others decode, a step's prompt chunk is sized to take about STEP_BUDGET_S, within
 # MIN_CHUNK..SHARED_CHUNK tokens (the 8B model prefills ~40 tokens/s on 2 AVX2 cores: ~40 a step)
 STEP_BUDGET_S = 1.0
