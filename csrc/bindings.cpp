@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -744,6 +745,9 @@ class ConvLayer {
         return out;
     }
 
+    const lfm::ConvLayer& layer() const { return layer_; }
+    int64_t hidden() const { return ffn_.hidden(); }
+
    private:
     FeedForwardWeights ffn_;
     py::array operator_norm_, kernel_;
@@ -792,19 +796,9 @@ class AttentionLayer {
     // The layer's output for x [T, H] (a new array) of tokens at positions start ..; their keys and
     // values are written into the cache k, v [n_kv, capacity, d] at those positions.
     py::array_t<float> operator()(const py::array& x, py::array& k, py::array& v, int64_t start) const {
-        const auto [kv_type, ks] = checked_kv_cache(k, v);
-        if (ks[0] != layer_.n_kv || ks[2] != layer_.head_dim) {
-            throw py::value_error("the KV cache has shape " + shape_str(ks) + ", expected [" +
-                                  std::to_string(layer_.n_kv) + ", capacity, " + std::to_string(layer_.head_dim) + "]");
-        }
-        if (!k.writeable() || !v.writeable()) throw py::value_error("the KV cache must be writeable");
         py::array_t<float> out = residual_copy(x, ffn_.hidden());
-        const int64_t n_tokens = out.shape(0), capacity = ks[1];
-        if (start < 0 || start > capacity - n_tokens) {
-            throw py::value_error("the KV cache holds " + std::to_string(capacity) + " positions, fewer than start + T = " +
-                                  std::to_string(start) + " + " + std::to_string(n_tokens));
-        }
-        const lfm::KvSlots slots{k.mutable_data(), v.mutable_data(), kv_type, capacity};
+        const int64_t n_tokens = out.shape(0);
+        const lfm::KvSlots slots = checked_slots(k, v, n_tokens, start);
         if (n_tokens > 0) {
             KernelSection kernel;
             lfm::attention_layer(layer_, out.mutable_data(), n_tokens, slots, start);
@@ -812,11 +806,106 @@ class AttentionLayer {
         return out;
     }
 
+    // This layer's cache k, v [n_kv, capacity, d] (float32 or float16, writeable), with room for T
+    // tokens at positions start ..
+    lfm::KvSlots checked_slots(py::array& k, py::array& v, int64_t n_tokens, int64_t start) const {
+        const auto [kv_type, ks] = checked_kv_cache(k, v);
+        if (ks[0] != layer_.n_kv || ks[2] != layer_.head_dim) {
+            throw py::value_error("the KV cache has shape " + shape_str(ks) + ", expected [" +
+                                  std::to_string(layer_.n_kv) + ", capacity, " + std::to_string(layer_.head_dim) + "]");
+        }
+        if (!k.writeable() || !v.writeable()) throw py::value_error("the KV cache must be writeable");
+        const int64_t capacity = ks[1];
+        if (start < 0 || start > capacity - n_tokens) {
+            throw py::value_error("the KV cache holds " + std::to_string(capacity) + " positions, fewer than start + T = " +
+                                  std::to_string(start) + " + " + std::to_string(n_tokens));
+        }
+        return {k.mutable_data(), v.mutable_data(), kv_type, capacity};
+    }
+
+    const lfm::AttentionLayer& layer() const { return layer_; }
+    int64_t hidden() const { return ffn_.hidden(); }
+
    private:
     FeedForwardWeights ffn_;
     py::array operator_norm_, q_norm_, k_norm_;
     py::object owners_[4];  // wq, wk, wv, wo: the PackedMatrix objects layer_ points into
     lfm::AttentionLayer layer_{};
+};
+
+// A model's decoder layers (ConvLayer and AttentionLayer objects, in order) run in one call for
+// one sequence (lfm::decoder_layers): the Python between the layers of a decode step, gone. It
+// holds references to the layers.
+class LayerStack {
+   public:
+    explicit LayerStack(const py::list& layers) : owners_(layers) {
+        if (layers.empty()) throw py::value_error("a layer stack needs at least one layer");
+        for (const py::handle item : layers) {
+            int64_t hidden;
+            if (py::isinstance<ConvLayer>(item)) {
+                const auto& conv = item.cast<const ConvLayer&>();
+                hidden = conv.hidden();
+                if (n_conv_ > 0 && conv.layer().width != width_) {
+                    throw py::value_error("the conv layers have different widths");
+                }
+                width_ = conv.layer().width;
+                layers_.push_back({&conv.layer(), nullptr});
+                ++n_conv_;
+            } else if (py::isinstance<AttentionLayer>(item)) {
+                const auto& attention = item.cast<const AttentionLayer&>();
+                hidden = attention.hidden();
+                attention_.push_back(&attention);
+                layers_.push_back({nullptr, &attention.layer()});
+            } else {
+                throw py::value_error("a layer stack takes ConvLayer and AttentionLayer objects, got " +
+                                      std::string(py::str(py::type::of(item).attr("__name__"))));
+            }
+            if (hidden_ > 0 && hidden != hidden_) throw py::value_error("the layers have different hidden sizes");
+            hidden_ = hidden;
+        }
+    }
+
+    // The layers' output for x [T, H] of one sequence at positions start .. (a new array). conv_states
+    // [n_conv, L-1, H] (the conv layers' states in order) is updated in place; kv holds one (k, v)
+    // pair per attention layer, in order, which get the tokens' keys and values.
+    py::array_t<float> operator()(const py::array& x, py::array& conv_states, const py::sequence& kv, int64_t start) const {
+        py::array_t<float> out = residual_copy(x, hidden_);
+        const int64_t n_tokens = out.shape(0);
+        expect_shape(checked_f32(conv_states, "conv_states"), {n_conv_, std::max<int64_t>(width_ - 1, 0), hidden_},
+                     "conv_states");
+        if (!conv_states.writeable()) throw py::value_error("conv_states must be writeable");
+        if (static_cast<size_t>(py::len(kv)) != attention_.size()) {
+            throw py::value_error("kv has " + std::to_string(py::len(kv)) + " (k, v) pairs for " +
+                                  std::to_string(attention_.size()) + " attention layers");
+        }
+        std::vector<lfm::KvSlots> slots;
+        for (size_t i = 0; i < attention_.size(); ++i) {
+            const py::object item = kv[i];
+            if (!py::isinstance<py::sequence>(item) || py::len(item) != 2) {
+                throw py::value_error("kv must hold (k, v) pairs of arrays");
+            }
+            const auto pair = item.cast<py::sequence>();
+            const py::object k_item = pair[0], v_item = pair[1];
+            if (!py::isinstance<py::array>(k_item) || !py::isinstance<py::array>(v_item)) {
+                throw py::value_error("kv must hold (k, v) pairs of arrays");
+            }
+            auto k = k_item.cast<py::array>(), v = v_item.cast<py::array>();
+            slots.push_back(attention_[i]->checked_slots(k, v, n_tokens, start));
+        }
+        auto* states = static_cast<float*>(conv_states.mutable_data());
+        if (n_tokens > 0) {
+            KernelSection kernel;
+            lfm::decoder_layers(layers_.data(), static_cast<int64_t>(layers_.size()), out.mutable_data(), n_tokens,
+                                states, slots.data(), start);
+        }
+        return out;
+    }
+
+   private:
+    py::list owners_;
+    std::vector<lfm::DecoderLayer> layers_;
+    std::vector<const AttentionLayer*> attention_;
+    int64_t n_conv_ = 0, width_ = 0, hidden_ = 0;
 };
 
 py::tuple route(const py::array& logits, const py::object& bias, int64_t top_k, bool normalize, double scale) {
@@ -956,7 +1045,7 @@ PYBIND11_MODULE(_C, m) {
              py::arg("out_proj"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("router") = py::none(),
              py::arg("expert_bias") = py::none(), py::arg("top_k") = 0, py::arg("normalize") = true,
              py::arg("scale") = 1.0)
-        .def("__call__", &ConvLayer::operator(), py::arg("x"), py::arg("state"),
+        .def("__call__", &ConvLayer::operator(), py::arg("x"), py::arg("state").noconvert(),
              "The layer's output [T, H] for x [T, H] of one sequence; the conv state [L-1, H] is "
              "updated in place.");
     py::class_<AttentionLayer>(m, "AttentionLayer",
@@ -973,9 +1062,19 @@ PYBIND11_MODULE(_C, m) {
              py::arg("rope_base"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("router") = py::none(),
              py::arg("expert_bias") = py::none(), py::arg("top_k") = 0, py::arg("normalize") = true,
              py::arg("scale") = 1.0)
-        .def("__call__", &AttentionLayer::operator(), py::arg("x"), py::arg("k"), py::arg("v"), py::arg("start"),
+        .def("__call__", &AttentionLayer::operator(), py::arg("x"), py::arg("k").noconvert(), py::arg("v").noconvert(),
+             py::arg("start"),
              "The layer's output [T, H] for x [T, H] of one sequence at positions start ..; their keys and "
              "values go into the cache k, v [n_kv, capacity, d] (float32 or float16) at those positions.");
+    py::class_<LayerStack>(m, "LayerStack",
+                           "A model's decoder layers (ConvLayer and AttentionLayer objects, in order) run in one "
+                           "call for one sequence. Keeps references to them.")
+        .def(py::init<const py::list&>(), py::arg("layers"))
+        .def("__call__", &LayerStack::operator(), py::arg("x"), py::arg("conv_states").noconvert(), py::arg("kv"),
+             py::arg("start"),
+             "The layers' output [T, H] for x [T, H] of one sequence at positions start ..; conv_states "
+             "[n_conv, L-1, H] (the conv layers' in order) is updated in place, and kv, one (k, v) cache "
+             "pair per attention layer in order, gets the tokens' keys and values.");
     m.def("silu_mul", &silu_mul, py::arg("h"), py::arg("u"),
           "silu(h) * u = h / (1 + exp(-h)) * u elementwise, by the active kernels.");
     m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),

@@ -551,6 +551,18 @@ void attention_layer(const AttentionLayer& layer, float* x, int64_t n_tokens, co
     feed_forward_block(layer.ffn, x, n_tokens, layer.eps);
 }
 
+void decoder_layers(const DecoderLayer* layers, int64_t n_layers, float* x, int64_t n_tokens, float* conv_states,
+                    const KvSlots* kv, int64_t start) {
+    for (int64_t i = 0; i < n_layers; ++i) {
+        if (const ConvLayer* conv = layers[i].conv) {
+            conv_layer(*conv, x, n_tokens, conv_states);
+            conv_states += (conv->width - 1) * conv->out_proj->n;
+        } else {
+            attention_layer(*layers[i].attention, x, n_tokens, *kv++, start);
+        }
+    }
+}
+
 void rope(float* x, int64_t n_tokens, int64_t n_heads, int64_t d, const int64_t* positions,
           double base) {
     const int64_t half = d / 2;

@@ -128,6 +128,17 @@ struct KvSlots {
 };
 void attention_layer(const AttentionLayer& layer, float* x, int64_t n_tokens, const KvSlots& kv, int64_t start);
 
+// A model's decoder layers for the T tokens of one sequence at positions start .., in one call:
+// each a ConvLayer (conv set) or an AttentionLayer, in order. The conv layers' states are
+// consecutive [L-1, H] slices of conv_states (the first conv layer's first); the attention
+// layers' caches are kv[0], kv[1], ... in the same way.
+struct DecoderLayer {
+    const ConvLayer* conv;            // or null, and then
+    const AttentionLayer* attention;  // this one
+};
+void decoder_layers(const DecoderLayer* layers, int64_t n_layers, float* x, int64_t n_tokens, float* conv_states,
+                    const KvSlots* kv, int64_t start);
+
 // Sigmoid top-k routing, as ops.route: experts [T, top_k] best first (ties to the lower id),
 // weights the unbiased scores, renormalised if `normalize`, times `scale`.
 void route(const float* logits, int64_t n_tokens, int64_t n_expert, const float* bias,

@@ -115,6 +115,10 @@ class Batch:
         """Each sequence's rows and its (new) conv window [L-1, H] of `layer`, updated in place."""
         return [(rows, conv[c.conv_index[layer]]) for rows, conv, c in zip(self.rows, self._conv, self.caches)]
 
+    def conv_states(self, i: int) -> np.ndarray:
+        """Sequence i's (new) conv windows of every conv layer [n_conv_layers, L-1, H], updated in place."""
+        return self._conv[i]
+
     def kv(self, layer: int) -> list[tuple[slice, KVCache, int]]:
         """Each sequence's rows, its KVCache of `layer` and the position of its first row."""
         return [(rows, c.kv[layer], start) for rows, c, start in zip(self.rows, self.caches, self.starts)]

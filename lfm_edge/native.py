@@ -51,6 +51,7 @@ __all__ = [
     "KNOWN_ISAS",
     "AttentionLayer",
     "ConvLayer",
+    "LayerStack",
     "DECODE_STREAMINGS",
     "PACK_FORMAT",
     "PackedMatrix",
@@ -114,6 +115,9 @@ ConvLayer = _C.ConvLayer
 # ffn_norm, eps, wq, wk, wv, wo, q_norm, k_norm, n_heads, rope_base, gate, up, down[, as
 # ConvLayer's]), called as layer(x [T, H], k, v [n_kv, capacity, d], start)
 AttentionLayer = _C.AttentionLayer
+# a model's decoder layers in one call (ops.decoder_layers): LayerStack([ConvLayer | AttentionLayer,
+# ...]), called as stack(x [T, H], conv_states [n_conv, L-1, H], [(k, v) per attention layer], start)
+LayerStack = _C.LayerStack
 # the int8 activations the packed kernels use: (q int8 [T, k], d [T, k/32], sum int32 [T, k/32])
 quantize_activations = _C.quantize_activations
 # the small ops, as lfm_edge.ops documents them

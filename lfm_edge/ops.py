@@ -176,6 +176,30 @@ def attention_layer(x: np.ndarray, cache: KVCache, start: int, w: AttentionLayer
     return w.native(_f32(x), cache.keys, cache.values, start)
 
 
+@dataclass(frozen=True)
+class LayerStack:
+    """A model's decoder layers (each a ConvLayerWeights or an AttentionLayerWeights), for
+    `decoder_layers`, and the native stack made from them once at load (None when a layer has no
+    native form)."""
+
+    layers: tuple  # of ConvLayerWeights | AttentionLayerWeights, in order
+    native: object = field(init=False, default=None, compare=False)
+
+    def __post_init__(self):
+        if all(layer.native is not None for layer in self.layers):
+            object.__setattr__(self, "native", native.LayerStack([layer.native for layer in self.layers]))
+
+
+def decoder_layers(x: np.ndarray, conv_states: np.ndarray, kv: list[KVCache], start: int, stack: LayerStack) -> np.ndarray:
+    """One sequence's tokens x [T, H], at positions start .., through all of a model's layers:
+    conv_layer and attention_layer in turn, the conv layers' states the rows of conv_states
+    [n_conv, L-1, H] (updated in place) and the attention layers' caches kv, in order. One native
+    call for a whole decode step's layers, with the same bits as the layers one by one."""
+    if stack.native is None:
+        return reference.decoder_layers(x, conv_states, kv, start, stack)
+    return stack.native(_f32(x), conv_states, [(c.keys, c.values) for c in kv], start)
+
+
 def short_conv(bx: np.ndarray, state: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """Causal depthwise convolution of width L over the sequence, with carried state.
 

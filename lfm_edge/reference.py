@@ -71,6 +71,18 @@ def attention_layer(x: np.ndarray, cache, start: int, w) -> np.ndarray:
     return feed_forward_block(x, w)
 
 
+def decoder_layers(x: np.ndarray, conv_states: np.ndarray, kv: list, start: int, stack) -> np.ndarray:
+    """All of a model's layers (stack: ops.LayerStack) for one sequence's x [T, H] at positions start ..:
+    the conv layers on the rows of conv_states in turn, the attention layers on the caches kv."""
+    convs, caches = iter(conv_states), iter(kv)
+    for layer in stack.layers:
+        if hasattr(layer, "kernel"):  # a ConvLayerWeights
+            x = conv_layer(x, next(convs), layer)
+        else:
+            x = attention_layer(x, next(caches), start, layer)
+    return x
+
+
 def feed_forward_block(x: np.ndarray, w) -> np.ndarray:
     """x + the layer's FFN of rms_norm(x, w.ffn_norm): a dense SwiGLU, or with w.router a sparse MoE."""
     h = rms_norm(x, w.ffn_norm, w.eps)
@@ -183,4 +195,4 @@ def moe(x: np.ndarray, experts: np.ndarray, weights: np.ndarray, gate, up, down)
 
 # The ops a model calls that have a reference here; tests swap them into `ops`.
 OPS = ("linear", "expert_linear", "rms_norm", "silu", "swiglu", "short_conv", "gated_short_conv",
-       "rope", "attention", "route", "moe", "conv_layer", "attention_layer")
+       "rope", "attention", "route", "moe", "conv_layer", "attention_layer", "decoder_layers")

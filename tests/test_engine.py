@@ -174,6 +174,7 @@ class Tripwire:
 
 def layer_calls(llm, monkeypatch, at=0, error=None):
     calls = [0]
+    monkeypatch.setattr(llm.model, "layer_stack", None)  # a call per layer, each a place to stop
     monkeypatch.setattr(llm.model, "layers", [Tripwire(layer, calls, at, error) for layer in llm.model.layers])
     return calls
 

@@ -17,8 +17,9 @@ import pytest
 
 import lfm_edge
 from lfm_edge import native, ops, reference
+from lfm_edge.cache import Batch
 
-conv_layer, attention_layer = ops.conv_layer, ops.attention_layer  # before any test patches them
+conv_layer, attention_layer, decoder_layers = ops.conv_layer, ops.attention_layer, ops.decoder_layers  # unpatched
 
 # Float files: float32 sums in another order, and a polynomial exp in attention.
 FLOAT_RTOL = 2e-5
@@ -55,6 +56,7 @@ def native_and_reference(llm, ids, monkeypatch, patch_reference=lambda m: None):
     routes = []
 
     def op_by_op(m):  # the layers that route, so that every choice passes through ops.route
+        m.setattr(llm.model, "layer_stack", None)
         for layer in llm.model.layers:
             for fused in ("conv_layer", "attention_layer"):
                 weights = getattr(layer, fused)
@@ -168,6 +170,7 @@ def test_a_conv_layer_in_one_native_call_has_the_bits_of_its_ops(name, out_type,
         steps += [llm.model(np.array([t]), cache) for t in ids[33:]]
         return np.concatenate(steps)
 
+    monkeypatch.setattr(llm.model, "layer_stack", None)  # layer by layer
     calls = []
     with monkeypatch.context() as m:
         m.setattr(ops, "conv_layer", lambda *a: calls.append(1) or conv_layer(*a))
@@ -204,6 +207,7 @@ def test_an_attention_layer_in_one_native_call_has_the_bits_of_its_ops(name, out
         steps += [llm.model(np.array([t]), cache) for t in ids[33:]]
         return np.concatenate(steps), [(kv.keys.copy(), kv.values.copy()) for kv in cache.kv if kv is not None]
 
+    monkeypatch.setattr(llm.model, "layer_stack", None)  # layer by layer
     calls = []
     with monkeypatch.context() as m:
         m.setattr(ops, "attention_layer", lambda *a: calls.append(1) or attention_layer(*a))
@@ -224,6 +228,54 @@ def test_an_attention_layer_in_one_native_call_has_the_bits_of_its_ops(name, out
         assert keys.dtype == dtype and np.any(keys[:, :40] != 0) and not np.any(keys[:, 40:])
         np.testing.assert_array_equal(keys, want_keys)
         np.testing.assert_array_equal(values, want_values)
+
+
+@pytest.mark.parametrize("name", ["dense", "moe"])
+@pytest.mark.parametrize("out_type", ["f32", "q4_0"])
+@pytest.mark.parametrize("kv_cache_type", ["f16", "f32"])
+def test_all_layers_in_one_native_call_have_the_bits_of_the_layers_one_by_one(name, out_type, kv_cache_type, gguf_path,
+                                                                             isa, threads, monkeypatch):
+    """ops.decoder_layers (every layer of a forward call in one native call) against the layers one
+    native call each: the same logits, keys, values and conv windows to the bit, over a prefill and
+    decode steps; and a batch of two sequences still runs layer by layer."""
+    llm = lfm_edge.load(gguf_path(name, out_type))
+    ids = prompt(llm, 40)
+    dtype = {"f16": np.float16, "f32": np.float32}[kv_cache_type]
+
+    def run():
+        cache = llm.model.make_cache(64, dtype)
+        steps = [llm.model(np.array(ids[:33]), cache)]
+        steps += [llm.model(np.array([t]), cache) for t in ids[33:]]
+        kv = [(c.keys.copy(), c.values.copy()) for c in cache.kv if c is not None]
+        return np.concatenate(steps), kv, cache.state.conv.copy()
+
+    stack = llm.model.layer_stack
+    assert stack is not None and stack.native is not None and len(stack.layers) == llm.args.n_layer
+    calls = []
+    with monkeypatch.context() as m:
+        m.setattr(ops, "decoder_layers", lambda *a: calls.append(1) or decoder_layers(*a))
+        m.setattr(ops, "conv_layer", lambda *a: pytest.fail("a layer ran on its own"))
+        stacked = run()
+    assert len(calls) == 8  # 1 prefill + 7 steps
+    with monkeypatch.context() as m:
+        m.setattr(llm.model, "layer_stack", None)
+        m.setattr(ops, "decoder_layers", lambda *a: pytest.fail("the stack ran"))
+        layer_by_layer = run()
+    assert np.isfinite(stacked[0]).all() and np.any(stacked[2])
+    np.testing.assert_array_equal(stacked[0], layer_by_layer[0])
+    for (k, v), (want_k, want_v) in zip(stacked[1], layer_by_layer[1], strict=True):
+        np.testing.assert_array_equal(k, want_k)
+        np.testing.assert_array_equal(v, want_v)
+    np.testing.assert_array_equal(stacked[2], layer_by_layer[2])
+
+    # two sequences in one forward call: each its own windows and cache, so layer by layer
+    caches = [llm.model.make_cache(64, dtype) for _ in range(2)]
+    with monkeypatch.context() as m:
+        m.setattr(ops, "decoder_layers", lambda *a: pytest.fail("the stack ran for a batch"))
+        batch = Batch(caches, [3, 2])
+        llm.model.forward(np.array(ids[:3] + ids[:2]), batch)
+        batch.commit()
+    assert [c.pos for c in caches] == [3, 2]
 
 
 def every_half_boundary() -> np.ndarray:
@@ -331,3 +383,37 @@ def test_attention_layer_refuses_weights_a_cache_or_a_start_that_do_not_fit(gguf
         made(x, cache, cache, 0)
     with pytest.raises(ValueError, match="columns"):
         made(np.zeros((2, hidden + 1), np.float32), cache.copy(), cache.copy(), 0)
+
+
+def test_a_layer_stack_refuses_what_does_not_fit_its_layers(gguf_path):
+    llm = lfm_edge.load(gguf_path("moe", "q8_0"))
+    stack = llm.model.layer_stack.native
+    layers = llm.model.layer_stack.layers
+    hidden = layers[0].operator_norm.size
+    caches = [c for c in llm.model.make_cache(16).kv if c is not None]
+    kv = [(c.keys, c.values) for c in caches]
+    n_conv = sum(hasattr(layer, "kernel") for layer in layers)
+    width = next(layer.kernel.shape[1] for layer in layers if hasattr(layer, "kernel"))
+    conv = np.zeros((n_conv, width - 1, hidden), np.float32)
+    x = np.zeros((2, hidden), np.float32)
+    assert stack(x, conv, kv, 0).shape == (2, hidden)
+    with pytest.raises(ValueError, match="conv_states"):
+        stack(x, conv[1:], kv, 0)
+    with pytest.raises(ValueError, match="pairs for"):
+        stack(x, conv, kv[1:], 0)
+    with pytest.raises(ValueError, match=r"\(k, v\) pairs of arrays"):
+        stack(x, conv, [(k,) for k, _ in kv], 0)
+    with pytest.raises(ValueError, match=r"\(k, v\) pairs of arrays"):
+        stack(x, conv, [(k.tolist(), v) for k, v in kv], 0)
+    with pytest.raises(ValueError, match="holds 16 positions"):
+        stack(x, conv, kv, 15)
+    with pytest.raises(ValueError, match="columns"):
+        stack(np.zeros((2, hidden + 1), np.float32), conv, kv, 0)
+    with pytest.raises(ValueError, match="at least one"):
+        native.LayerStack([])
+    with pytest.raises(ValueError, match="ConvLayer and AttentionLayer"):
+        native.LayerStack([layers[0].native, "a layer"])
+    wider = lfm_edge.load(gguf_path("moe_alt", "q8_0")).model.layer_stack.layers
+    assert wider[0].operator_norm.size != hidden
+    with pytest.raises(ValueError, match="hidden sizes"):
+        native.LayerStack([layers[0].native, wider[0].native])

@@ -225,6 +225,9 @@ class Model:
         # tied embeddings: without output.weight the head reuses token_embd
         self.output = w.linear("output.weight" if w.has("output.weight") else "token_embd.weight", (v, h))
         self.layers = [DecoderLayer(args, w, i, self.feed_forward(args, w, i)) for i in range(args.n_layer)]
+        # A sequence's tokens also run through every layer in one op (ops.decoder_layers: one native
+        # call), which forward() spells out layer by layer with the same bits; None runs them so.
+        self.layer_stack = ops.LayerStack(tuple(layer.conv_layer or layer.attention_layer for layer in self.layers))
         self.matrices = list(w.matrices)  # every weight matrix, in the order asked for (the weight cache's)
 
     def feed_forward(self, args: ModelArgs, w: Weights, i: int):
@@ -240,8 +243,13 @@ class Model:
         `logit_rows` (all rows if None), [len(logit_rows), V]. The caches move on only
         when the caller commits the batch."""
         x = ops.embedding(self.embed, ids)  # [T, H]
-        for layer in self.layers:
-            x = layer(x, batch)
+        if self.layer_stack is not None and len(batch.caches) == 1:
+            cache = batch.caches[0]
+            kv = [c for c in cache.kv if c is not None]
+            x = ops.decoder_layers(x, batch.conv_states(0), kv, batch.starts[0], self.layer_stack)
+        else:
+            for layer in self.layers:
+                x = layer(x, batch)
         if logit_rows is not None:
             x = x[logit_rows]
         return ops.linear(ops.rms_norm(x, self.norm, self.args.norm_eps), self.output)
