@@ -272,12 +272,16 @@ def test_tokenizing_happens_off_the_generation_path(server, llm):
     conn = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
     body = {"messages": USER, "max_tokens": N_CTX - 50, "temperature": 0, "stream": True}
     conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    sock = conn.sock
     resp = conn.getresponse()
     gaps, last, stop_reading = [], [time.perf_counter()], threading.Event()
 
     def read():
         while not stop_reading.is_set():
-            line = resp.fp.readline()
+            try:
+                line = resp.fp.readline()
+            except (OSError, ValueError):  # the test closed the stream under it (or it timed out)
+                break
             if not line:
                 break
             now = time.perf_counter()
@@ -291,8 +295,10 @@ def test_tokenizing_happens_off_the_generation_path(server, llm):
     status, _, reply, took = request(server, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": text}]})
     time.sleep(0.2)
     stop_reading.set()
+    sock.shutdown(socket.SHUT_RDWR)  # the reader may be waiting in readline: this ends it
     conn.close()
     reader.join(10)
+    assert not reader.is_alive()
     assert status == 400 and "context holds" in reply["error"]["message"]
     worst = max(gaps[1:])
     print(f"\n[hardening] a {len(text)}-byte prompt tokenized in {took:.2f} s; the other stream's longest pause "
