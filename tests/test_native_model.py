@@ -155,6 +155,17 @@ def test_weights_are_packed_once_at_load(gguf_path):
     assert moe.gate.nbytes >= moe.gate.tensor.nbytes
 
 
+def prefill_and_steps(llm, ids, kv_dtype=np.float16):
+    """A prefill of all but the last 7 of ids, then a decode step for each of those: the logits of
+    every call, and what the cache then holds (each attention layer's keys and values, and the
+    conv windows)."""
+    cache = llm.model.make_cache(64, kv_dtype)
+    steps = [llm.model(np.array(ids[:-7]), cache)]
+    steps += [llm.model(np.array([t]), cache) for t in ids[-7:]]
+    kv = [(c.keys.copy(), c.values.copy()) for c in cache.kv if c is not None]
+    return np.concatenate(steps), kv, cache.state.conv.copy()
+
+
 @pytest.mark.parametrize("name", ["dense", "moe"])
 @pytest.mark.parametrize("out_type", ["f32", "q8_0", "q4_0"])
 def test_a_conv_layer_in_one_native_call_has_the_bits_of_its_ops(name, out_type, gguf_path, isa, threads, monkeypatch):
@@ -165,10 +176,7 @@ def test_a_conv_layer_in_one_native_call_has_the_bits_of_its_ops(name, out_type,
     ids = prompt(llm, 40)
 
     def run():
-        cache = llm.model.make_cache(64)
-        steps = [llm.model(np.array(ids[:33]), cache)]
-        steps += [llm.model(np.array([t]), cache) for t in ids[33:]]
-        return np.concatenate(steps)
+        return prefill_and_steps(llm, ids)[0]
 
     monkeypatch.setattr(llm.model, "layer_stack", None)  # layer by layer
     calls = []
@@ -202,10 +210,7 @@ def test_an_attention_layer_in_one_native_call_has_the_bits_of_its_ops(name, out
     dtype = {"f16": np.float16, "f32": np.float32}[kv_cache_type]
 
     def run():
-        cache = llm.model.make_cache(64, dtype)
-        steps = [llm.model(np.array(ids[:33]), cache)]
-        steps += [llm.model(np.array([t]), cache) for t in ids[33:]]
-        return np.concatenate(steps), [(kv.keys.copy(), kv.values.copy()) for kv in cache.kv if kv is not None]
+        return prefill_and_steps(llm, ids, dtype)[:2]
 
     monkeypatch.setattr(llm.model, "layer_stack", None)  # layer by layer
     calls = []
@@ -243,11 +248,7 @@ def test_all_layers_in_one_native_call_have_the_bits_of_the_layers_one_by_one(na
     dtype = {"f16": np.float16, "f32": np.float32}[kv_cache_type]
 
     def run():
-        cache = llm.model.make_cache(64, dtype)
-        steps = [llm.model(np.array(ids[:33]), cache)]
-        steps += [llm.model(np.array([t]), cache) for t in ids[33:]]
-        kv = [(c.keys.copy(), c.values.copy()) for c in cache.kv if c is not None]
-        return np.concatenate(steps), kv, cache.state.conv.copy()
+        return prefill_and_steps(llm, ids, dtype)
 
     stack = llm.model.layer_stack
     assert stack is not None and stack.native is not None and len(stack.layers) == llm.args.n_layer
