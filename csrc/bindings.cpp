@@ -871,8 +871,10 @@ class LayerStack {
     py::array_t<float> operator()(const py::array& x, py::array& conv_states, const py::sequence& kv, int64_t start) const {
         py::array_t<float> out = residual_copy(x, hidden_);
         const int64_t n_tokens = out.shape(0);
-        expect_shape(checked_f32(conv_states, "conv_states"), {n_conv_, std::max<int64_t>(width_ - 1, 0), hidden_},
-                     "conv_states");
+        const std::vector<int64_t> cs = checked_f32(conv_states, "conv_states");
+        // without conv layers there is no width to check: a cache holds [0, L-1, H] of them
+        const int64_t carried = n_conv_ > 0 ? width_ - 1 : (cs.size() == 3 ? cs[1] : 0);
+        expect_shape(cs, {n_conv_, carried, hidden_}, "conv_states");
         if (!conv_states.writeable()) throw py::value_error("conv_states must be writeable");
         if (static_cast<size_t>(py::len(kv)) != attention_.size()) {
             throw py::value_error("kv has " + std::to_string(py::len(kv)) + " (k, v) pairs for " +

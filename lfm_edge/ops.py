@@ -186,7 +186,7 @@ class LayerStack:
     native: object = field(init=False, default=None, compare=False)
 
     def __post_init__(self):
-        if all(layer.native is not None for layer in self.layers):
+        if self.layers and all(layer.native is not None for layer in self.layers):
             object.__setattr__(self, "native", native.LayerStack([layer.native for layer in self.layers]))
 
 

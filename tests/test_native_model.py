@@ -412,6 +412,12 @@ def test_a_layer_stack_refuses_what_does_not_fit_its_layers(gguf_path):
         stack(np.zeros((2, hidden + 1), np.float32), conv, kv, 0)
     with pytest.raises(ValueError, match="at least one"):
         native.LayerStack([])
+    # attention layers only: no conv state to carry, whatever width a cache gives its empty array
+    attention_only = native.LayerStack([layer.native for layer in layers if not hasattr(layer, "kernel")])
+    for carried in (0, width - 1):
+        assert attention_only(x, np.zeros((0, carried, hidden), np.float32), kv, 0).shape == (2, hidden)
+    with pytest.raises(ValueError, match="conv_states"):
+        attention_only(x, conv, kv, 0)
     with pytest.raises(ValueError, match="ConvLayer and AttentionLayer"):
         native.LayerStack([layers[0].native, "a layer"])
     wider = lfm_edge.load(gguf_path("moe_alt", "q8_0")).model.layer_stack.layers

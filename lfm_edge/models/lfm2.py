@@ -226,8 +226,10 @@ class Model:
         self.output = w.linear("output.weight" if w.has("output.weight") else "token_embd.weight", (v, h))
         self.layers = [DecoderLayer(args, w, i, self.feed_forward(args, w, i)) for i in range(args.n_layer)]
         # A sequence's tokens also run through every layer in one op (ops.decoder_layers: one native
-        # call), which forward() spells out layer by layer with the same bits; None runs them so.
-        self.layer_stack = ops.LayerStack(tuple(layer.conv_layer or layer.attention_layer for layer in self.layers))
+        # call), which forward() spells out layer by layer with the same bits; None runs them so
+        # (as when a layer has no native form: the others then still run natively).
+        stack = ops.LayerStack(tuple(layer.conv_layer or layer.attention_layer for layer in self.layers))
+        self.layer_stack = stack if stack.native is not None else None
         self.matrices = list(w.matrices)  # every weight matrix, in the order asked for (the weight cache's)
 
     def feed_forward(self, args: ModelArgs, w: Weights, i: int):
