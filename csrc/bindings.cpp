@@ -573,16 +573,21 @@ std::pair<lfm::KvType, std::vector<int64_t>> checked_kv_cache(const py::array& k
     return {kv_type, ks};
 }
 
+// The head shapes the attention kernels take (attention_impl.h: kMaxGroup, kMaxHeadDim).
+void check_attention_heads(int64_t n_heads, int64_t n_kv, int64_t d) {
+    if (n_kv <= 0 || n_heads % n_kv != 0 || n_heads / n_kv > 16) {
+        throw py::value_error("n_heads must be a multiple of n_kv, at most 16 per KV head");
+    }
+    if (d > 256) throw py::value_error("head_dim above 256 is not supported");
+}
+
 py::array_t<float> attention(const py::array& q, const py::array& k, const py::array& v, int64_t q_start) {
     const std::vector<int64_t> qs = checked_f32(q, "q");
     const auto [kv_type, ks] = checked_kv_cache(k, v);
     if (qs.size() != 3) throw py::value_error("q must be [T, n_heads, d] and k, v [n_kv, capacity, d]");
     const int64_t n_tokens = qs[0], n_heads = qs[1], d = qs[2], n_kv = ks[0], capacity = ks[1];
     if (ks[2] != d) throw py::value_error("q and k have different head sizes");
-    if (n_kv <= 0 || n_heads % n_kv != 0 || n_heads / n_kv > 16) {
-        throw py::value_error("n_heads must be a multiple of n_kv, at most 16 per KV head");
-    }
-    if (d > 256) throw py::value_error("head_dim above 256 is not supported");
+    check_attention_heads(n_heads, n_kv, d);
     if (q_start < 0 || q_start + n_tokens > capacity) {
         throw py::value_error("k holds " + std::to_string(capacity) + " positions, fewer than q_start + T = " +
                               std::to_string(q_start + n_tokens));
@@ -773,18 +778,18 @@ class AttentionLayer {
                                   std::to_string(n_heads));
         }
         const std::vector<int64_t> qn = checked_f32(q_norm, "q_norm");
-        if (qn.size() != 1 || qn[0] < 2 || qn[0] % 2 != 0 || qn[0] > 256) {
-            throw py::value_error("q_norm must be [head_dim] with head_dim even and at most 256, got " + shape_str(qn));
+        if (qn.size() != 1 || qn[0] < 2 || qn[0] % 2 != 0) {  // RoPE turns the head's two halves
+            throw py::value_error("q_norm must be [head_dim] with head_dim even, got " + shape_str(qn));
         }
         const int64_t d = qn[0];
         expect_shape(checked_f32(k_norm, "k_norm"), {d}, "k_norm");
         const lfm::Matrix& q = checked_block_matrix(wq.cast<const PackedMatrix&>(), n_heads * d, hidden, "wq");
         const int64_t kv_rows = wk.cast<const PackedMatrix&>().matrix().n;
-        const int64_t n_kv = kv_rows / d;
-        if (kv_rows % d != 0 || n_kv < 1 || n_heads % n_kv != 0 || n_heads / n_kv > 16) {
-            throw py::value_error("wk has " + std::to_string(kv_rows) + " rows: it must hold n_kv heads of " +
-                                  std::to_string(d) + ", n_kv dividing n_heads with at most 16 query heads each");
+        if (kv_rows % d != 0) {
+            throw py::value_error("wk has " + std::to_string(kv_rows) + " rows, not whole heads of " + std::to_string(d));
         }
+        const int64_t n_kv = kv_rows / d;
+        check_attention_heads(n_heads, n_kv, d);
         layer_ = {static_cast<const float*>(operator_norm_.data()), static_cast<float>(eps), &q,
                   &checked_block_matrix(wk.cast<const PackedMatrix&>(), n_kv * d, hidden, "wk"),
                   &checked_block_matrix(wv.cast<const PackedMatrix&>(), n_kv * d, hidden, "wv"),
