@@ -72,29 +72,12 @@ def swiglu(x: np.ndarray, gate: Linear, up: Linear, down: Linear) -> np.ndarray:
     return native.moe(_f32(x), one_expert, np.ones((t, 1), dtype=np.float32), gate.native, up.native, down.native)
 
 
-def _native_ffn(w) -> dict | None:
-    """The FFN arguments of a native layer (ConvLayer, AttentionLayer) for w's FFN fields, or None
-    when one of its matrices was never packed."""
-    dense = w.router is None
-    matrices = (w.gate, w.up, w.down) + (() if dense else (w.router,))
-    if not all(isinstance(m, Linear) for m in matrices) or (dense and w.gate.n_mats != 1):
-        return None
-    return dict(gate=w.gate.native, up=w.up.native, down=w.down.native, router=None if dense else w.router.native,
-                expert_bias=w.expert_bias, top_k=w.top_k, normalize=w.normalize, scale=w.scale)
+@dataclass(frozen=True, kw_only=True)
+class FeedForwardWeights:
+    """The FFN that ends every LFM2 layer, as ConvLayerWeights and AttentionLayerWeights hold it
+    (keyword fields, after each layer's own): a dense SwiGLU, or with a router LFM2-MoE's sparse
+    MoE, whose gate, up and down are stacks of experts."""
 
-
-@dataclass(frozen=True)
-class ConvLayerWeights:
-    """A whole LFM2 layer of a gated short conv and its SwiGLU FFN, for `conv_layer`: its weights,
-    and the native layer made from them once at load (None when a matrix was never packed).
-    With a router the FFN is LFM2-MoE's sparse MoE: gate, up and down are stacks of experts."""
-
-    operator_norm: np.ndarray  # [H]
-    ffn_norm: np.ndarray  # [H]
-    eps: float
-    in_proj: Linear  # [3H, H]
-    kernel: np.ndarray  # [H, L]
-    out_proj: Linear  # [H, H]
     gate: Linear  # [F, H], or [E, F, H] with a router
     up: Linear  # as gate
     down: Linear  # [H, F], or [E, H, F] with a router
@@ -103,10 +86,34 @@ class ConvLayerWeights:
     top_k: int = 0
     normalize: bool = True
     scale: float = 1.0
+
+    def native_ffn(self) -> dict | None:
+        """The FFN arguments of a native layer (ConvLayer, AttentionLayer), or None when one of its
+        matrices was never packed."""
+        dense = self.router is None
+        matrices = (self.gate, self.up, self.down) + (() if dense else (self.router,))
+        if not all(isinstance(m, Linear) for m in matrices) or (dense and self.gate.n_mats != 1):
+            return None
+        return dict(gate=self.gate.native, up=self.up.native, down=self.down.native,
+                    router=None if dense else self.router.native, expert_bias=self.expert_bias, top_k=self.top_k,
+                    normalize=self.normalize, scale=self.scale)
+
+
+@dataclass(frozen=True)
+class ConvLayerWeights(FeedForwardWeights):
+    """A whole LFM2 layer of a gated short conv and its FFN, for `conv_layer`: its weights, and the
+    native layer made from them once at load (None when a matrix was never packed)."""
+
+    operator_norm: np.ndarray  # [H]
+    ffn_norm: np.ndarray  # [H]
+    eps: float
+    in_proj: Linear  # [3H, H]
+    kernel: np.ndarray  # [H, L]
+    out_proj: Linear  # [H, H]
     native: object = field(init=False, default=None, compare=False)
 
     def __post_init__(self):
-        ffn = _native_ffn(self)
+        ffn = self.native_ffn()
         if ffn is not None and all(isinstance(w, Linear) for w in (self.in_proj, self.out_proj)):
             layer = native.ConvLayer(self.operator_norm, self.ffn_norm, self.eps, self.in_proj.native, self.kernel,
                                      self.out_proj.native, **ffn)
@@ -128,9 +135,9 @@ def conv_layer(x: np.ndarray, state: np.ndarray, w: ConvLayerWeights) -> np.ndar
 
 
 @dataclass(frozen=True)
-class AttentionLayerWeights:
-    """A whole LFM2 attention layer and its FFN (as ConvLayerWeights'), for `attention_layer`: its
-    weights, and the native layer made from them once at load (None when a matrix was never packed)."""
+class AttentionLayerWeights(FeedForwardWeights):
+    """A whole LFM2 attention layer and its FFN, for `attention_layer`: its weights, and the native
+    layer made from them once at load (None when a matrix was never packed)."""
 
     operator_norm: np.ndarray  # [H]
     ffn_norm: np.ndarray  # [H]
@@ -143,18 +150,10 @@ class AttentionLayerWeights:
     k_norm: np.ndarray  # [d]
     n_head: int
     rope_base: float
-    gate: Linear
-    up: Linear
-    down: Linear
-    router: Linear | None = None
-    expert_bias: np.ndarray | None = None
-    top_k: int = 0
-    normalize: bool = True
-    scale: float = 1.0
     native: object = field(init=False, default=None, compare=False)
 
     def __post_init__(self):
-        ffn = _native_ffn(self)
+        ffn = self.native_ffn()
         if ffn is not None and all(isinstance(w, Linear) for w in (self.wq, self.wk, self.wv, self.wo)):
             layer = native.AttentionLayer(self.operator_norm, self.ffn_norm, self.eps, self.wq.native,
                                           self.wk.native, self.wv.native, self.wo.native, self.q_norm, self.k_norm,
