@@ -223,6 +223,13 @@ void rows_on_pool(int64_t n, int64_t values, const std::function<void(int64_t, i
     }
 }
 
+// x [T, H] += y [T, H], a prompt's rows on the pool.
+void add_rows(float* x, const float* y, int64_t n_tokens, int64_t hidden) {
+    rows_on_pool(n_tokens, hidden, [&](int64_t t0, int64_t t1) {
+        for (int64_t i = t0 * hidden; i < t1 * hidden; ++i) x[i] += y[i];
+    });
+}
+
 // What pack_matrices asks of the pages it touches (Linux's madvise; elsewhere nothing):
 // - kPopulate: the destination is made present a piece at a time just before it is packed, one
 //   MADV_POPULATE_WRITE call (Linux >= 5.14) instead of a page fault per 4 KiB page, and the
@@ -413,14 +420,17 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
 }
 
 void rms_norm(const float* x, int64_t rows, int64_t n, const float* w, float eps, float* out) {
-    for (int64_t r = 0; r < rows; ++r) {
-        const float* xr = x + r * n;
-        double squares = 0.0;
-        for (int64_t i = 0; i < n; ++i) squares += static_cast<double>(xr[i]) * xr[i];
-        const float denominator = std::sqrt(static_cast<float>(squares / static_cast<double>(n)) + eps);
-        float* o = out + r * n;
-        for (int64_t i = 0; i < n; ++i) o[i] = (xr[i] / denominator) * w[i];
-    }
+    // a prompt's rows on the pool (each row on its own: the same bits on any number of threads)
+    rows_on_pool(rows, n, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            const float* xr = x + r * n;
+            double squares = 0.0;
+            for (int64_t i = 0; i < n; ++i) squares += static_cast<double>(xr[i]) * xr[i];
+            const float denominator = std::sqrt(static_cast<float>(squares / static_cast<double>(n)) + eps);
+            float* o = out + r * n;
+            for (int64_t i = 0; i < n; ++i) o[i] = (xr[i] / denominator) * w[i];
+        }
+    });
 }
 
 void short_conv(const float* bx, int64_t n_tokens, int64_t hidden, float* state,
@@ -428,14 +438,16 @@ void short_conv(const float* bx, int64_t n_tokens, int64_t hidden, float* state,
     // window = [state; bx], rows 0 .. L-2 + T; y[t] = sum_j window[t + j] * kernel[:, j]
     const int64_t carried = width - 1;
     auto window = [&](int64_t row) { return row < carried ? state + row * hidden : bx + (row - carried) * hidden; };
-    for (int64_t t = 0; t < n_tokens; ++t) {
-        float* yt = y + t * hidden;
-        std::fill_n(yt, hidden, 0.0f);
-        for (int64_t j = 0; j < width; ++j) {
-            const float* in = window(t + j);
-            for (int64_t c = 0; c < hidden; ++c) yt[c] += in[c] * kernel[c * width + j];
+    rows_on_pool(n_tokens, width * hidden, [&](int64_t t0, int64_t t1) {  // each token on its own
+        for (int64_t t = t0; t < t1; ++t) {
+            float* yt = y + t * hidden;
+            std::fill_n(yt, hidden, 0.0f);
+            for (int64_t j = 0; j < width; ++j) {
+                const float* in = window(t + j);
+                for (int64_t c = 0; c < hidden; ++c) yt[c] += in[c] * kernel[c * width + j];
+            }
         }
-    }
+    });
     // the new state: the last L-1 rows of the window
     std::vector<float> last(static_cast<size_t>(carried * hidden));
     for (int64_t r = 0; r < carried; ++r) std::copy_n(window(n_tokens + r), hidden, last.data() + r * hidden);
@@ -445,16 +457,20 @@ void short_conv(const float* bx, int64_t n_tokens, int64_t hidden, float* state,
 void gated_short_conv(const float* bcx, int64_t n_tokens, int64_t hidden, float* state,
                       const float* kernel, int64_t width, float* y) {
     Scratch<float> bx(n_tokens * hidden);  // [T, H]
-    for (int64_t t = 0; t < n_tokens; ++t) {
-        const float* b = bcx + t * 3 * hidden;
-        const float* xx = b + 2 * hidden;
-        for (int64_t c = 0; c < hidden; ++c) bx[t * hidden + c] = b[c] * xx[c];
-    }
+    rows_on_pool(n_tokens, hidden, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+            const float* b = bcx + t * 3 * hidden;
+            const float* xx = b + 2 * hidden;
+            for (int64_t c = 0; c < hidden; ++c) bx[t * hidden + c] = b[c] * xx[c];
+        }
+    });
     short_conv(bx.get(), n_tokens, hidden, state, kernel, width, y);
-    for (int64_t t = 0; t < n_tokens; ++t) {
-        const float* c_gate = bcx + t * 3 * hidden + hidden;
-        for (int64_t c = 0; c < hidden; ++c) y[t * hidden + c] *= c_gate[c];
-    }
+    rows_on_pool(n_tokens, hidden, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+            const float* c_gate = bcx + t * 3 * hidden + hidden;
+            for (int64_t c = 0; c < hidden; ++c) y[t * hidden + c] *= c_gate[c];
+        }
+    });
 }
 
 void swiglu_block(float* x, int64_t n_tokens, const float* norm, float eps, const Matrix& gate,
@@ -466,7 +482,7 @@ void swiglu_block(float* x, int64_t n_tokens, const float* norm, float eps, cons
     const std::vector<int32_t> expert(static_cast<size_t>(n_tokens), 0);
     const std::vector<float> weight(static_cast<size_t>(n_tokens), 1.0f);
     moe(h.get(), n_tokens, expert.data(), weight.data(), 1, gate, up, down, y.get());
-    for (int64_t i = 0; i < n_tokens * hidden; ++i) x[i] += y[i];
+    add_rows(x, y.get(), n_tokens, hidden);
 }
 
 void moe_block(float* x, int64_t n_tokens, const float* norm, float eps, const MoERouter& router,
@@ -480,7 +496,7 @@ void moe_block(float* x, int64_t n_tokens, const float* norm, float eps, const M
     route(logits.get(), n_tokens, n_expert, router.expert_bias, top_k, router.normalize, router.scale,
           experts.data(), weights.get());
     moe(h.get(), n_tokens, experts.data(), weights.get(), top_k, gate, up, down, y.get());
-    for (int64_t i = 0; i < n_tokens * hidden; ++i) x[i] += y[i];
+    add_rows(x, y.get(), n_tokens, hidden);
 }
 
 void feed_forward_block(const FeedForward& ffn, float* x, int64_t n_tokens, float eps) {
@@ -499,7 +515,7 @@ void conv_layer(const ConvLayer& layer, float* x, int64_t n_tokens, float* state
     linear(*layer.in_proj, 0, h.get(), n_tokens, bcx.get());
     gated_short_conv(bcx.get(), n_tokens, hidden, state, layer.kernel, layer.width, h.get());
     linear(*layer.out_proj, 0, h.get(), n_tokens, y.get());
-    for (int64_t i = 0; i < n_tokens * hidden; ++i) x[i] += y[i];
+    add_rows(x, y.get(), n_tokens, hidden);
     feed_forward_block(layer.ffn, x, n_tokens, layer.eps);
 }
 
@@ -547,7 +563,7 @@ void attention_layer(const AttentionLayer& layer, float* x, int64_t n_tokens, co
                              kv.capacity * d, kv.type, static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)))};
     attention(args, n_tokens);
     linear(*layer.wo, 0, attended.get(), n_tokens, y.get());
-    for (int64_t i = 0; i < n_tokens * hidden; ++i) x[i] += y[i];
+    add_rows(x, y.get(), n_tokens, hidden);
     feed_forward_block(layer.ffn, x, n_tokens, layer.eps);
 }
 
