@@ -132,11 +132,26 @@ static inline void add_block_dots(const __m512i w[8], const int8_t* const (&a)[T
     }
 }
 
+// 64 bytes of weights loaded once, into a register. Without the empty asm, gcc 12 folds the load
+// into every instruction that reads it: the nibble split's vpsrlw and vpandd each read the same
+// 64 bytes from memory, twice the loads (four times for the 2-bit fields of unpack_pairs). On the
+// 2-core Zen 5 VM that held a Q4_0 prompt tile (1792 x 2048 weights, 64 tokens, one thread) to
+// 268 GMAC/s against 311 with one load (clang makes one load of the intrinsics as they are);
+// interleaved pp512 runs: LFM2-8B-A1B 174-185 -> 188-197 tok/s on 1 thread, LFM2-350M 1417-1566
+// -> 1574-1729 on 2. Decode, which waits on DRAM, moved within its noise.
+static inline __m512i load_once(const void* p) {
+    __m512i v = _mm512_loadu_si512(p);
+#if defined(__AVX512F__) && defined(__GNUC__)
+    asm("" : "+v"(v));
+#endif
+    return v;
+}
+
 // The 8 VNNI operands of a Q4_0x16-style nibble array qs[256] (operand o = weights 4o..4o+3).
 static inline void unpack_nibbles(const uint8_t* qs, __m512i w[8]) {
     const __m512i low = _mm512_set1_epi8(0x0f);
     for (int c = 0; c < 4; ++c) {
-        const __m512i v = _mm512_loadu_si512(qs + 64 * c);
+        const __m512i v = load_once(qs + 64 * c);
         w[c] = _mm512_and_si512(v, low);
         w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
     }
@@ -282,7 +297,7 @@ template <int kShift>
 static inline void unpack_pairs(const uint8_t* q2, __m512i w[8]) {
     const __m512i two_bits = _mm512_set1_epi8(static_cast<char>(3 << kShift));
     for (int v = 0; v < 2; ++v) {
-        const __m512i h = _mm512_loadu_si512(q2 + 64 * v);
+        const __m512i h = load_once(q2 + 64 * v);
         for (int s4 = 0; s4 < 4; ++s4) {
             const int move = kShift - 2 * s4;  // 16-bit shifts: the mask drops the neighbours' bits
             const __m512i moved = move >= 0 ? _mm512_slli_epi16(h, static_cast<unsigned>(move))
