@@ -95,7 +95,7 @@ tests/test_quant_mix_model.py tests/test_weight_cache.py"
 
 emulated() {  # tests/test_$1_emulated.py's kernel harness (avx512 | avxvnni), built with the sanitizers
     local isa=$1 simde flags obj=()
-    simde=$("$PYTHON" -c "import simde_py; print(simde_py.get_include())") || return 1
+    simde=$("$PYTHON" "$ROOT/tests/simde_headers.py") || return 1
     flags=(-std=c++17 -O1 -g -mavx2 -mfma -mf16c -w -fsanitize=$SANITIZE -fno-sanitize-recover=all
            -fno-omit-frame-pointer)
     for src in qmatmul_$isa.cpp qmatmul_scalar.cpp pack.cpp; do

@@ -16,17 +16,10 @@ from pathlib import Path
 import pytest
 
 from lfm_edge import native
+from simde_headers import simde_include
 
 HERE = Path(__file__).parent / "avx512_emulated"
 CSRC = Path(__file__).parent.parent / "csrc"
-
-
-def simde_include() -> str | None:
-    try:
-        import simde_py
-    except ImportError:
-        return None
-    return simde_py.get_include()
 
 
 FLAGS = ["-std=c++17", "-O1", "-mavx2", "-mfma", "-mf16c", "-w"]

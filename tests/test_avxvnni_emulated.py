@@ -14,18 +14,11 @@ from pathlib import Path
 import pytest
 
 from lfm_edge import native
+from simde_headers import simde_include
 
 HERE = Path(__file__).parent / "avx512_emulated"
 CSRC = Path(__file__).parent.parent / "csrc"
 FLAGS = ["-std=c++17", "-O1", "-mavx2", "-mfma", "-mf16c", "-w"]
-
-
-def simde_include() -> str | None:
-    try:
-        import simde_py
-    except ImportError:
-        return None
-    return simde_py.get_include()
 
 
 @pytest.mark.skipif("avxvnni" in native.available_isas(), reason="AVX-VNNI runs natively: the other kernel tests cover it")
