@@ -94,8 +94,9 @@ static inline __m512i broadcast4(const int8_t* p) {  // 4 activation bytes into 
 // 2-core Zen 5 VM (`pytest bench/ -k "moe_gemm and avx512" --kernel-threads 1`, medians of 3 and
 // 6 runs): the expert GEMM 87.0 -> 83.3 ms at Q4_0, Q4_K 91.5 -> 88.0, IQ4_XS 90.9 -> 84.0, Q8_0
 // 95.4 -> 93.6; LFM2-350M pp512 on 1 thread 723-817 -> 808-855 tok/s. Not more: the tiles do not
-// wait on issue alone (8 tokens a tile instead of 4 gained nothing either). The intrinsics where this unit is compiled without VNNI (the SIMDe emulation in
-// tests/avx512_emulated/) or by a compiler without GNU inline assembly.
+// wait on issue alone (8 tokens a tile instead of 4 gained nothing either). The intrinsics where
+// this unit is compiled without VNNI (the SIMDe emulation in tests/avx512_emulated/) or by a
+// compiler without GNU inline assembly.
 struct ActivationQuad {
     int8_t bytes[4];
 };
