@@ -8,11 +8,12 @@
 // Two ways through, chosen by how many query vectors (rows x the group's heads) a call has:
 // - rows: one query row at a time, each key row read once for the group's heads (decode, and
 //   the last few rows of a prompt). Memory traffic: all keys and values per query row.
-// - tiles (flash attention): up to kTileQueries query vectors at once against tiles of
-//   kTileKeys keys, so that each key and value is read once per tile of queries. The scores
-//   S^T = K Q^T and the update O += P V are register-blocked products on float32 copies of the
-//   tile; tiles wholly past the last query's position are never visited, and the one or two
-//   tiles on the diagonal are masked per query.
+// - tiles (flash attention): tiles of up to kTileQueries query vectors (passes) against tiles
+//   of kTileKeys keys. Up to kPasses passes go through the keys together, so that each key and
+//   value tile is read and converted to float32 once for all of them. The scores S^T = K Q^T
+//   and the update O += P V are register-blocked products on those float32 copies; tiles wholly
+//   past a pass's last query are never visited, and the one or two tiles on its diagonal are
+//   masked per query. A query's arithmetic does not depend on the pass it falls in.
 // Internal linkage only (see kernels.h).
 #pragma once
 
@@ -81,8 +82,7 @@ static inline Vec vselect_nonnegative(Vec v, Vec a, Vec b) {  // a where v >= 0,
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GE_OQ), b, a);
 }
 static inline Vec vtimes_pow2(Vec a, Vec n) {  // a * 2^n, n integral in [-126, 127]
-    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(a, _mm512_castsi512_ps(bits));
+    return _mm512_scalef_ps(a, n);  // one rounding, as the multiply by 2^n
 }
 static inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
 static inline float vmax_all(Vec a) { return _mm512_reduce_max_ps(a); }
@@ -326,24 +326,33 @@ constexpr int64_t kTileKeys = 64;
 constexpr int64_t kQueryBlock = kWidth * kScoreVecs;  // query vectors are padded to this
 static_assert(kTileQueries % kQueryBlock == 0 && kQueryBlock % kPvRows == 0, "query blocks");
 static_assert(kTileKeys % kScoreKeys == 0 && kMaxHeadDim % (kWidth * kPvVecs) == 0, "tile sizes");
+static_assert(kScoreKeys % 4 == 0, "the softmax's max runs four chains over the padded keys");
 // Fewer query vectors than this take the row path: too few to pay for copying the tiles.
 constexpr int64_t kMinTiledQueries = 8;
 
 static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
-// The float32 tiles of one pass, flat with the pass's own row lengths (a fixed 256-float stride
-// would put every row of a 64-wide head in the same few L1 sets). 272 KB: one per thread, made
-// at its first prompt and kept, rather than on its stack (musl gives a thread 128 KB of stack).
-struct TileBuffers {
-    alignas(64) float qt[kMaxHeadDim * kTileQueries];  // queries transposed [d][mp]
-    alignas(64) float k[kTileKeys * kMaxHeadDim];      // one key tile [keys][d]
-    alignas(64) float v[kTileKeys * kMaxHeadDim];      // one value tile [keys][dp]
-    alignas(64) float s[kTileKeys * kTileQueries];     // scores, then probabilities [keys][mp]
+// What one tile of queries (a pass) carries from key tile to key tile, flat with the pass's own
+// row lengths (a fixed 256-float stride would put every row of a 64-wide head in the same few
+// L1 sets).
+struct PassState {
+    alignas(64) float qt[kMaxHeadDim * kTileQueries];   // queries transposed [d][mp]
     alignas(64) float acc[kTileQueries * kMaxHeadDim];  // running sum of p * v [mp][dp]
-    alignas(64) float m[kTileQueries];  // running max of the scores
-    alignas(64) float l[kTileQueries];  // running sum of p
-    alignas(64) float correction[kTileQueries];
-    int64_t visible[kTileQueries];  // keys of the current tile each query vector may see
+    alignas(64) float m[kTileQueries];                   // running max of the scores
+    alignas(64) float l[kTileQueries];                   // running sum of p
+};
+// kPasses query tiles go through the keys together: each key and value tile is converted to
+// float32 once for all of them (a prompt's keys come from L2 or L3; reading them once per pass
+// was an eighth of a 4096-token prompt's attention). 660 KB: one per thread, made at its first
+// prompt and kept, rather than on its stack (musl gives a thread 128 KB of stack).
+constexpr int kPasses = static_cast<int>(kAttentionTaskQueries / kTileQueries);
+struct TileBuffers {
+    PassState pass[kPasses];
+    alignas(64) float k[kTileKeys * kMaxHeadDim];   // one key tile [keys][d]
+    alignas(64) float v[kTileKeys * kMaxHeadDim];   // one value tile [keys][dp]
+    alignas(64) float s[kTileKeys * kTileQueries];  // one pass's scores, then probabilities [keys][mp]
+    alignas(64) float correction[kTileQueries];     // the factor for what a pass summed before
+    alignas(64) float visible[kTileQueries];  // keys of the current tile each query vector may see
 };
 
 // s[j][i] = (k_j . q_i) * scale for R keys from jb and R * kWidth query vectors from ib:
@@ -373,10 +382,11 @@ static inline void score_block(const float* k, int64_t d, const float* qt, int64
 // broadcast against kPvVecs vectors of a value row.
 template <int R, int C>
 static inline void value_block(const float* p, int64_t mp, const float* v, int64_t dp, int64_t n,
-                               float* acc, int64_t ib, int64_t cb) {
+                               const float* correction, float* acc, int64_t ib, int64_t cb) {
     Vec o[R][C];
     for (int r = 0; r < R; ++r) {
-        for (int x = 0; x < C; ++x) o[r][x] = vload(acc + (ib + r) * dp + cb + x * kWidth);
+        const Vec f = vset1(correction[ib + r]);
+        for (int x = 0; x < C; ++x) o[r][x] = vmul(vload(acc + (ib + r) * dp + cb + x * kWidth), f);
     }
     for (int64_t j = 0; j < n; ++j) {
         Vec value[C];
@@ -408,114 +418,150 @@ static inline void load_tile(const KV* src, int64_t n, int64_t d, int64_t rows, 
     }
 }
 
-// Query rows [t0, t1) of KV head kvh, (t1 - t0) * group <= kTileQueries query vectors: query
-// vector i is head g = i % group of row t0 + i / group.
+// One pass's query rows [t0, t1) of KV head kvh, (t1 - t0) * group <= kTileQueries query
+// vectors: query vector i is head g = i % group of row t0 + i / group.
+struct Pass {
+    int64_t t0, t1;
+    int64_t nq, mp;  // query vectors, padded to kQueryBlock
+};
+
+// The pass's queries into its state, transposed, with an empty running softmax.
+static inline void begin_pass(const AttentionArgs& a, int64_t kvh, const Pass& pass, int64_t dp, PassState& st) {
+    const int64_t d = a.head_dim, group = a.n_heads / a.n_kv;
+    for (int64_t i = 0; i < pass.mp; ++i) {
+        const float* q = i < pass.nq ? a.q + ((pass.t0 + i / group) * a.n_heads + kvh * group + i % group) * d : nullptr;
+        for (int64_t c = 0; c < d; ++c) st.qt[c * pass.mp + i] = q ? q[c] : 0.0f;
+        st.m[i] = -3.0e38f;
+        st.l[i] = 0.0f;
+    }
+    for (int64_t x = 0; x < pass.mp * dp; ++x) st.acc[x] = 0.0f;
+}
+
+// One key tile (keys j0 .., n of them this pass may see, already in b.k and b.v as float32) for
+// one pass: scores, the online softmax, O += P V.
+static inline void attend_pass_tile(const AttentionArgs& a, const Pass& pass, int64_t dp, int64_t j0, int64_t n,
+                                    TileBuffers& b, PassState& st) {
+    const int64_t d = a.head_dim, group = a.n_heads / a.n_kv, mp = pass.mp, nq = pass.nq;
+    const int64_t np = round_up(n, kScoreKeys);
+    const int64_t first_position = a.q_start + pass.t0;  // the pass's first query sees keys 0 .. this
+    // whole: every query vector sees every key of the tile (no mask, no padding)
+    const bool whole = n == kTileKeys && j0 + n - 1 <= first_position;
+
+    for (int64_t jb = 0; jb < np; jb += kScoreKeys) {
+        for (int64_t ib = 0; ib < mp; ib += kQueryBlock) {
+            score_block<kScoreKeys, kScoreVecs>(b.k, d, st.qt, mp, a.scale, b.s, jb, ib);
+        }
+    }
+    if (!whole) {  // masked scores are -inf for the max, and 0 after the exponential
+        for (int64_t i = 0; i < mp; ++i) {
+            const int64_t seen = i < nq ? first_position + i / group - j0 + 1 : 0;
+            b.visible[i] = static_cast<float>(seen < 0 ? 0 : (seen > n ? n : seen));
+        }
+        const Vec minus_inf = vset1(-__builtin_inff());
+        for (int64_t i = 0; i < mp; i += kWidth) {
+            const Vec visible = vload(b.visible + i);
+            for (int64_t j = 0; j < np; ++j) {
+                float* s = b.s + j * mp + i;
+                vstore(s, vselect_nonnegative(vsub(visible, vset1(static_cast<float>(j + 1))), vload(s), minus_inf));
+            }
+        }
+    }
+
+    // The online softmax, kWidth query vectors a lane each: the new maxima, the factor that
+    // rescales what was summed before (applied in value_block), then the probabilities and
+    // their sums in one pass over the tile's scores.
+    for (int64_t i = 0; i < mp; i += kWidth) {
+        const Vec old_max = vload(st.m + i);
+        Vec mx[4] = {old_max, old_max, old_max, old_max};  // four chains: max is exact
+        for (int64_t j = 0; j < np; j += 4) {
+            for (int u = 0; u < 4; ++u) mx[u] = vmax(mx[u], vload(b.s + (j + u) * mp + i));
+        }
+        const Vec tile_max = vmax(vmax(mx[0], mx[1]), vmax(mx[2], mx[3]));
+        const Vec correction = vexp_nonpositive(vsub(old_max, tile_max));
+        Vec sum = vzero();
+        if (whole) {
+            for (int64_t j = 0; j < np; ++j) {
+                const Vec p = vexp_nonpositive(vsub(vload(b.s + j * mp + i), tile_max));
+                vstore(b.s + j * mp + i, p);
+                sum = vadd(sum, p);
+            }
+        } else {  // a probability is 0 from the first key its query may not see
+            const Vec visible = vload(b.visible + i);
+            for (int64_t j = 0; j < np; ++j) {
+                Vec p = vexp_nonpositive(vsub(vload(b.s + j * mp + i), tile_max));
+                p = vselect_nonnegative(vsub(visible, vset1(static_cast<float>(j + 1))), p, vzero());
+                vstore(b.s + j * mp + i, p);
+                sum = vadd(sum, p);
+            }
+        }
+        vstore(st.m + i, tile_max);
+        vstore(b.correction + i, correction);
+        vstore(st.l + i, vfma(vload(st.l + i), correction, sum));
+    }
+
+    // O += P V. On a masked tile a block of query vectors runs together over the keys all of
+    // them see, then each alone over the rest of its own: a key it may not see never meets
+    // its accumulator (0 * an infinite value would be NaN).
+    for (int64_t ib = 0; ib < mp; ib += kPvRows) {
+        int64_t common = n;
+        if (!whole) {
+            for (int64_t r = 0; r < kPvRows; ++r) {
+                const int64_t seen = static_cast<int64_t>(b.visible[ib + r]);
+                common = seen < common ? seen : common;
+            }
+        }
+        for (int64_t cb = 0; cb < dp; cb += kWidth * kPvVecs) {
+            value_block<kPvRows, kPvVecs>(b.s, mp, b.v, dp, common, b.correction, st.acc, ib, cb);
+        }
+        if (whole) continue;
+        for (int64_t i = ib; i < ib + kPvRows; ++i) {
+            for (int64_t j = common; j < static_cast<int64_t>(b.visible[i]); ++j) {
+                const Vec p = vset1(b.s[j * mp + i]);
+                for (int64_t c = 0; c < dp; c += kWidth) {
+                    vstore(st.acc + i * dp + c, vfma(p, vload(b.v + j * dp + c), vload(st.acc + i * dp + c)));
+                }
+            }
+        }
+    }
+}
+
+// Up to kPasses passes of consecutive query rows from t_begin to t_end, through the keys together.
 template <typename KV>
-static void attention_pass(const AttentionArgs& a, int64_t kvh, int64_t t0, int64_t t1, TileBuffers& b) {
-    const int64_t d = a.head_dim;
-    const int64_t group = a.n_heads / a.n_kv;
+static void attention_passes(const AttentionArgs& a, int64_t kvh, int64_t t_begin, int64_t t_end, TileBuffers& b) {
+    const int64_t d = a.head_dim, group = a.n_heads / a.n_kv;
+    const int64_t rows = kTileQueries / group;  // >= 4: group <= kMaxGroup
+    const int64_t dp = round_up(d, kWidth * kPvVecs);
     const KV* keys = static_cast<const KV*>(a.k) + kvh * a.head_stride;  // [capacity, d]
     const KV* values = static_cast<const KV*>(a.v) + kvh * a.head_stride;
-    const int64_t nq = (t1 - t0) * group;
-    const int64_t mp = round_up(nq, kQueryBlock);
-    const int64_t dp = round_up(d, kWidth * kPvVecs);
-    for (int64_t i = 0; i < mp; ++i) {
-        const float* q = i < nq ? a.q + ((t0 + i / group) * a.n_heads + kvh * group + i % group) * d : nullptr;
-        for (int64_t c = 0; c < d; ++c) b.qt[c * mp + i] = q ? q[c] : 0.0f;
-        b.m[i] = -3.0e38f;
-        b.l[i] = 0.0f;
+    Pass passes[kPasses];
+    int n_passes = 0;
+    for (int64_t t0 = t_begin; t0 < t_end && n_passes < kPasses; t0 += rows) {
+        Pass& pass = passes[n_passes];
+        pass.t0 = t0;
+        pass.t1 = t_end - t0 < rows ? t_end : t0 + rows;
+        pass.nq = (pass.t1 - pass.t0) * group;
+        pass.mp = round_up(pass.nq, kQueryBlock);
+        begin_pass(a, kvh, pass, dp, b.pass[n_passes]);
+        ++n_passes;
     }
-    for (int64_t x = 0; x < mp * dp; ++x) b.acc[x] = 0.0f;
-
-    const int64_t first_position = a.q_start + t0;  // the pass's first query sees keys 0 .. this
-    const int64_t n_keys = a.q_start + t1;          // and its last all of these
+    const int64_t n_keys = a.q_start + passes[n_passes - 1].t1;  // the last query sees them all
     for (int64_t j0 = 0; j0 < n_keys; j0 += kTileKeys) {
         const int64_t n = n_keys - j0 < kTileKeys ? n_keys - j0 : kTileKeys;
-        const int64_t np = round_up(n, kScoreKeys);
-        // whole: every query vector sees every key of the tile (no mask, no padding)
-        const bool whole = n == kTileKeys && j0 + n - 1 <= first_position;
-        load_tile(keys + j0 * d, n, d, np, d, b.k);
+        load_tile(keys + j0 * d, n, d, round_up(n, kScoreKeys), d, b.k);
         load_tile(values + j0 * d, n, d, n, dp, b.v);
-
-        for (int64_t jb = 0; jb < np; jb += kScoreKeys) {
-            for (int64_t ib = 0; ib < mp; ib += kQueryBlock) {
-                score_block<kScoreKeys, kScoreVecs>(b.k, d, b.qt, mp, a.scale, b.s, jb, ib);
-            }
-        }
-        if (!whole) {  // masked scores are -inf for the max, and 0 after the exponential
-            for (int64_t i = 0; i < mp; ++i) {
-                const int64_t seen = i < nq ? first_position + i / group - j0 + 1 : 0;
-                b.visible[i] = seen < 0 ? 0 : (seen > n ? n : seen);
-            }
-            for (int64_t j = 0; j < np; ++j) {
-                for (int64_t i = 0; i < mp; ++i) {
-                    if (j >= b.visible[i]) b.s[j * mp + i] = -__builtin_inff();
-                }
-            }
-        }
-
-        // The online softmax, a query vector per lane: new maxima, the factor that rescales what
-        // was summed before, then the probabilities and their sums.
-        for (int64_t i = 0; i < mp; i += kWidth) {
-            Vec mx = vload(b.m + i);
-            for (int64_t j = 0; j < np; ++j) mx = vmax(mx, vload(b.s + j * mp + i));
-            vstore(b.correction + i, mx);  // the new maxima, for now
-        }
-        for (int64_t i = 0; i < mp; i += kWidth) {
-            const Vec tile_max = vload(b.correction + i);
-            vstore(b.correction + i, vexp_nonpositive(vsub(vload(b.m + i), tile_max)));
-            vstore(b.m + i, tile_max);
-        }
-        for (int64_t j = 0; j < np; ++j) {
-            float* p = b.s + j * mp;
-            for (int64_t i = 0; i < mp; i += kWidth) vstore(p + i, vexp_nonpositive(vsub(vload(p + i), vload(b.m + i))));
-        }
-        if (!whole) {
-            for (int64_t j = 0; j < np; ++j) {
-                for (int64_t i = 0; i < mp; ++i) {
-                    if (j >= b.visible[i]) b.s[j * mp + i] = 0.0f;
-                }
-            }
-        }
-        for (int64_t i = 0; i < mp; i += kWidth) {
-            Vec sum = vzero();
-            for (int64_t j = 0; j < np; ++j) sum = vadd(sum, vload(b.s + j * mp + i));
-            vstore(b.l + i, vfma(vload(b.l + i), vload(b.correction + i), sum));
-        }
-        for (int64_t i = 0; i < mp; ++i) {
-            const float f = b.correction[i];
-            if (f != 1.0f) {
-                for (int64_t c = 0; c < dp; ++c) b.acc[i * dp + c] *= f;
-            }
-        }
-
-        // O += P V. On a masked tile a block of query vectors runs together over the keys all of
-        // them see, then each alone over the rest of its own: a key it may not see never meets
-        // its accumulator (0 * an infinite value would be NaN).
-        for (int64_t ib = 0; ib < mp; ib += kPvRows) {
-            int64_t common = n;
-            if (!whole) {
-                for (int64_t r = 0; r < kPvRows; ++r) common = b.visible[ib + r] < common ? b.visible[ib + r] : common;
-            }
-            for (int64_t cb = 0; cb < dp; cb += kWidth * kPvVecs) {
-                value_block<kPvRows, kPvVecs>(b.s, mp, b.v, dp, common, b.acc, ib, cb);
-            }
-            if (whole) continue;
-            for (int64_t i = ib; i < ib + kPvRows; ++i) {
-                for (int64_t j = common; j < b.visible[i]; ++j) {
-                    const Vec p = vset1(b.s[j * mp + i]);
-                    for (int64_t c = 0; c < dp; c += kWidth) {
-                        vstore(b.acc + i * dp + c, vfma(p, vload(b.v + j * dp + c), vload(b.acc + i * dp + c)));
-                    }
-                }
-            }
+        for (int p = 0; p < n_passes; ++p) {
+            const int64_t seen = a.q_start + passes[p].t1 - j0;  // keys of this tile the pass's last query sees
+            if (seen > 0) attend_pass_tile(a, passes[p], dp, j0, seen < n ? seen : n, b, b.pass[p]);
         }
     }
-
-    for (int64_t i = 0; i < nq; ++i) {
-        float* out = a.out + ((t0 + i / group) * a.n_heads + kvh * group + i % group) * d;
-        const float inverse = 1.0f / b.l[i];
-        for (int64_t c = 0; c < d; ++c) out[c] = b.acc[i * dp + c] * inverse;
+    for (int p = 0; p < n_passes; ++p) {
+        const Pass& pass = passes[p];
+        const PassState& st = b.pass[p];
+        for (int64_t i = 0; i < pass.nq; ++i) {
+            float* out = a.out + ((pass.t0 + i / group) * a.n_heads + kvh * group + i % group) * d;
+            const float inverse = 1.0f / st.l[i];
+            for (int64_t c = 0; c < d; ++c) out[c] = st.acc[i * dp + c] * inverse;
+        }
     }
 }
 
@@ -527,10 +573,9 @@ static TileBuffers& tile_buffers() {
 template <typename KV>
 static void attention_tiles_of(const AttentionArgs& a, int64_t kvh, int64_t t_begin, int64_t t_end) {
     TileBuffers& buffers = tile_buffers();
-    const int64_t group = a.n_heads / a.n_kv;
-    const int64_t rows = kTileQueries / group;  // >= 4: group <= kMaxGroup
+    const int64_t rows = kPasses * (kTileQueries / (a.n_heads / a.n_kv));
     for (int64_t t0 = t_begin; t0 < t_end; t0 += rows) {
-        attention_pass<KV>(a, kvh, t0, t_end - t0 < rows ? t_end : t0 + rows, buffers);
+        attention_passes<KV>(a, kvh, t0, t_end - t0 < rows ? t_end : t0 + rows, buffers);
     }
 }
 

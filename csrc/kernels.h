@@ -102,10 +102,12 @@ struct AttentionArgs {
 };
 using AttentionFn = void (*)(const AttentionArgs& a, int64_t kv_head, int64_t t_begin,
                              int64_t t_end);
-// Query vectors (query rows x the query heads of one KV head) the kernels take at once when a
-// prompt is long enough: each key and value tile is read once for all of them. ops.cpp gives a
-// call as many rows as make this many vectors.
+// Query vectors (query rows x the query heads of one KV head) the kernels take in one tile when
+// a prompt is long enough, and in one call at most: each key and value tile is read once for
+// all of a call's (kAttentionTaskQueries / kAttentionTileQueries tiles). ops.cpp gives a call
+// as many rows as make kAttentionTaskQueries vectors.
 constexpr int64_t kAttentionTileQueries = 64;
+constexpr int64_t kAttentionTaskQueries = 4 * kAttentionTileQueries;
 
 // The SwiGLU product in place: h[i] = silu(h[i]) * u[i] = h[i] / (1 + e^-h[i]) * u[i] for i < n.
 // Each element takes the same steps wherever it falls (a tail shorter than a vector runs through
