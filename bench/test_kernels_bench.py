@@ -18,7 +18,8 @@ bandwidth, or the int8 peak of the same instruction set) on the same threads.
 - moe_gemm: prefill's expert-grouped GEMM (native.moe): 512 tokens, 32 experts [1792, 2048], top 4
   (about 64 tokens an expert), gate + up + down.
 - attention: decode (1 token over 32,768 positions of float16 KV: 8 KV heads x 64, 67 MB, from
-  DRAM) in GB/s of KV read, and prefill (512 tokens, causal) in GMAC/s of QK^T and PV.
+  DRAM) in GB/s of KV read, and prefill (512 and 4096 tokens, causal, one call as a prompt's
+  first chunk) in GMAC/s of QK^T and PV.
 - short_conv: the gated short conv of a conv layer (2048 wide, width 3), for 1 and 512 tokens, in
   GB/s of activations read and written; it has one implementation for every instruction set.
 """
@@ -103,9 +104,11 @@ def test_attention_decode(benchmark, rooflines, record, isa):
     record(benchmark, isa, gbps, "gbps", rooflines.read_gbps(), ctx=ctx, kv="f16")
 
 
+@pytest.mark.parametrize("tokens", [512, 4096])
 @pytest.mark.parametrize("isa", ISAS)
-def test_attention_prefill(benchmark, record, isa):
-    tokens = 512
+def test_attention_prefill(benchmark, record, isa, tokens):
+    if isa == "scalar" and tokens > 512:
+        pytest.skip("the scalar twin takes minutes at 4096 tokens")
     rng = np.random.default_rng(3)
     q = rng.standard_normal((tokens, N_HEAD, HEAD_DIM)).astype(np.float32)
     k = rng.standard_normal((N_KV, tokens, HEAD_DIM)).astype(np.float16)
