@@ -4,7 +4,8 @@ instruction set this CPU and build can run, for decode (one query over S keys) a
 float32 and float16 KV caches with room to spare past the attended positions. Prompts of odd
 lengths, alone and after a cached prefix, go through both of the kernel's paths: a call with
 fewer than 8 query vectors (rows x the heads of one KV head) takes the row path, more take the
-tiles of up to 64 query vectors x 64 keys (ops.cpp gives a call 64 / group rows)."""
+tiles of up to 64 query vectors x 64 keys, up to four such tiles a call going through the keys
+together (ops.cpp gives a call 256 / group rows)."""
 
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def test_peaked_scores_do_not_overflow(isa, kv_dtype):
     check(q, k, v, 1022, atol_rel=10 * ATOL_REL)
 
 
-@pytest.mark.parametrize("t, s", [(1, 4100), (1, 33), (9, 1023)])
+@pytest.mark.parametrize("t, s", [(1, 4100), (1, 33), (9, 1023), (70, 1100)])
 def test_thread_count_does_not_change_a_bit(isa, t, s):
     q, k, v = inputs(t, s, 32, 8, 64)
     before = native.threads()
@@ -113,6 +114,17 @@ def test_thread_count_does_not_change_a_bit(isa, t, s):
         native.set_threads(before)
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
+
+
+def test_a_querys_bits_do_not_depend_on_the_rows_beside_it(isa, kv_dtype):
+    """A prompt's rows in one call (its tiles of 64 query vectors going through the keys
+    together) or in two calls of other sizes and starts: the same bits for every row, as long as
+    each call is long enough for the tiles (8 query vectors or more)."""
+    q, k, v = inputs(150, 1100, 32, 8, 64, kv_dtype=kv_dtype)
+    start = 1100 - 150
+    whole = native.attention(q, k, v, start)
+    split = np.concatenate([native.attention(q[:37], k, v, start), native.attention(q[37:], k, v, start + 37)])
+    np.testing.assert_array_equal(whole, split)
 
 
 @pytest.mark.parametrize("t", [1, 40])
