@@ -342,10 +342,11 @@ struct PassState {
     alignas(64) float l[kTileQueries];                   // running sum of p
 };
 // kPasses query tiles go through the keys together: each key and value tile is converted to
-// float32 once for all of them (a prompt's keys come from L2 or L3; reading them once per pass
-// was an eighth of a 4096-token prompt's attention). 660 KB: one per thread, made at its first
+// float32 once for all of them (a prompt's keys come from L2 or L3; converting them once per
+// pass took up to an eighth of a 4096-token prompt's attention, measured by leaving it out). 660 KB: one per thread, made at its first
 // prompt and kept, rather than on its stack (musl gives a thread 128 KB of stack).
 constexpr int kPasses = static_cast<int>(kAttentionTaskQueries / kTileQueries);
+static_assert(kPasses >= 1 && kAttentionTaskQueries % kTileQueries == 0, "whole tiles a call");
 struct TileBuffers {
     PassState pass[kPasses];
     alignas(64) float k[kTileKeys * kMaxHeadDim];   // one key tile [keys][d]
