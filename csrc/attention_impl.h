@@ -75,15 +75,14 @@ static inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 static inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c
 static inline Vec vfnma(Vec a, Vec b, Vec c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
 static inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
-static inline Vec vmin(Vec a, Vec b) { return _mm512_min_ps(a, b); }
 static inline Vec vdiv(Vec a, Vec b) { return _mm512_div_ps(a, b); }
 static inline Vec vabs(Vec a) { return _mm512_abs_ps(a); }
 static inline Vec vselect_nonnegative(Vec v, Vec a, Vec b) {  // a where v >= 0, else b
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GE_OQ), b, a);
 }
-static inline Vec vtimes_pow2(Vec a, Vec n) {  // a * 2^n, n integral in [-126, 127]
-    return _mm512_scalef_ps(a, n);  // one rounding, as the multiply by 2^n
-}
+// a * 2^n for n integral in [-126, 0] (vexp_nonpositive's), or NaN where a is NaN: one
+// rounding, as the multiply by 2^n in the AVX2 unit, and no clamp needed for the range.
+static inline Vec vtimes_pow2(Vec a, Vec n) { return _mm512_scalef_ps(a, n); }
 static inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
 static inline float vmax_all(Vec a) { return _mm512_reduce_max_ps(a); }
 #elif defined(__AVX2__)
@@ -99,13 +98,14 @@ static inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 static inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline Vec vfnma(Vec a, Vec b, Vec c) { return _mm256_fnmadd_ps(a, b, c); }
 static inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
-static inline Vec vmin(Vec a, Vec b) { return _mm256_min_ps(a, b); }
 static inline Vec vdiv(Vec a, Vec b) { return _mm256_div_ps(a, b); }
 static inline Vec vabs(Vec a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
 static inline Vec vselect_nonnegative(Vec v, Vec a, Vec b) {  // a where v >= 0, else b
     return _mm256_blendv_ps(b, a, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GE_OQ));
 }
-static inline Vec vtimes_pow2(Vec a, Vec n) {
+static inline Vec vtimes_pow2(Vec a, Vec n) {  // as the AVX-512 one: a * 2^n, n in [-126, 0] or NaN
+    // clamped so that the int conversion and the shift stay defined: NaN -> -126 (a is NaN there)
+    n = _mm256_min_ps(_mm256_max_ps(n, _mm256_set1_ps(-126.0f)), _mm256_set1_ps(127.0f));
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(a, _mm256_castsi256_ps(bits));
 }
@@ -157,7 +157,7 @@ static inline Vec vexp_nonpositive(Vec x) {
     p = vfma(p, r, vset1(1.6666665459e-1f));
     p = vfma(p, r, vset1(5.0000001201e-1f));
     const Vec e = vadd(vfma(vmul(p, r), r, r), vset1(1.0f));
-    return vtimes_pow2(e, vmin(vmax(n, vset1(-126.0f)), vset1(127.0f)));  // NaN -> -126
+    return vtimes_pow2(e, n);  // n in [-126, 0] for x in [-87, 0]
 }
 #else
 static inline Vec vexp_nonpositive(Vec x) { return exp_nonpositive(x); }
