@@ -332,6 +332,12 @@ constexpr int64_t kMinTiledQueries = 8;
 
 static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
+// seen where key j of the tile is one a lane's query may see (j < visible, a count of keys in
+// each lane), else unseen: the causal mask of a diagonal tile.
+static inline Vec vmask_keys(Vec visible, int64_t j, Vec seen, Vec unseen) {
+    return vselect_nonnegative(vsub(visible, vset1(static_cast<float>(j + 1))), seen, unseen);
+}
+
 // What one tile of queries (a pass) carries from key tile to key tile, flat with the pass's own
 // row lengths (a fixed 256-float stride would put every row of a 64-wide head in the same few
 // L1 sets).
@@ -343,8 +349,9 @@ struct PassState {
 };
 // kPasses query tiles go through the keys together: each key and value tile is converted to
 // float32 once for all of them (a prompt's keys come from L2 or L3; converting them once per
-// pass took up to an eighth of a 4096-token prompt's attention, measured by leaving it out). 660 KB: one per thread, made at its first
-// prompt and kept, rather than on its stack (musl gives a thread 128 KB of stack).
+// pass took up to an eighth of a 4096-token prompt's attention, measured by leaving it out).
+// 660 KB: one per thread, made at its first prompt and kept, rather than on its stack (musl
+// gives a thread 128 KB of stack).
 constexpr int kPasses = static_cast<int>(kAttentionTaskQueries / kTileQueries);
 static_assert(kPasses >= 1 && kAttentionTaskQueries % kTileQueries == 0, "whole tiles a call");
 struct TileBuffers {
@@ -463,7 +470,7 @@ static inline void attend_pass_tile(const AttentionArgs& a, const Pass& pass, in
             const Vec visible = vload(b.visible + i);
             for (int64_t j = 0; j < np; ++j) {
                 float* s = b.s + j * mp + i;
-                vstore(s, vselect_nonnegative(vsub(visible, vset1(static_cast<float>(j + 1))), vload(s), minus_inf));
+                vstore(s, vmask_keys(visible, j, vload(s), minus_inf));
             }
         }
     }
@@ -490,7 +497,7 @@ static inline void attend_pass_tile(const AttentionArgs& a, const Pass& pass, in
             const Vec visible = vload(b.visible + i);
             for (int64_t j = 0; j < np; ++j) {
                 Vec p = vexp_nonpositive(vsub(vload(b.s + j * mp + i), tile_max));
-                p = vselect_nonnegative(vsub(visible, vset1(static_cast<float>(j + 1))), p, vzero());
+                p = vmask_keys(visible, j, p, vzero());
                 vstore(b.s + j * mp + i, p);
                 sum = vadd(sum, p);
             }
@@ -574,7 +581,7 @@ static TileBuffers& tile_buffers() {
 template <typename KV>
 static void attention_tiles_of(const AttentionArgs& a, int64_t kvh, int64_t t_begin, int64_t t_end) {
     TileBuffers& buffers = tile_buffers();
-    const int64_t rows = kPasses * (kTileQueries / (a.n_heads / a.n_kv));
+    const int64_t rows = attention_call_rows(a.n_heads / a.n_kv);  // kPasses passes' rows
     for (int64_t t0 = t_begin; t0 < t_end; t0 += rows) {
         attention_passes<KV>(a, kvh, t0, t_end - t0 < rows ? t_end : t0 + rows, buffers);
     }

@@ -105,9 +105,14 @@ using AttentionFn = void (*)(const AttentionArgs& a, int64_t kv_head, int64_t t_
 // Query vectors (query rows x the query heads of one KV head) the kernels take in one tile when
 // a prompt is long enough, and in one call at most: each key and value tile is read once for
 // all of a call's (kAttentionTaskQueries / kAttentionTileQueries tiles). ops.cpp gives a call
-// as many rows as make kAttentionTaskQueries vectors.
+// attention_call_rows rows.
 constexpr int64_t kAttentionTileQueries = 64;
 constexpr int64_t kAttentionTaskQueries = 4 * kAttentionTileQueries;
+// Query rows of one call for `group` query heads per KV head: whole rows a tile, whole tiles a
+// call (the kernels cut a call at the same rows, so that no call ends in a sliver of a tile).
+constexpr int64_t attention_call_rows(int64_t group) {
+    return kAttentionTaskQueries / kAttentionTileQueries * (group < kAttentionTileQueries ? kAttentionTileQueries / group : 1);
+}
 
 // The SwiGLU product in place: h[i] = silu(h[i]) * u[i] = h[i] / (1 + e^-h[i]) * u[i] for i < n.
 // Each element takes the same steps wherever it falls (a tail shorter than a vector runs through

@@ -610,7 +610,7 @@ void attention(const AttentionArgs& args, int64_t n_tokens) {
     // balances itself. A KV head's tasks run one after the other, so that the threads share its
     // keys and values in the caches (KV head by KV head: a 4096-token prompt's attention took a
     // third longer when the tasks went row block by row block through all the heads).
-    const int64_t rows = std::max<int64_t>(1, kAttentionTaskQueries / (args.n_heads / args.n_kv));
+    const int64_t rows = attention_call_rows(args.n_heads / args.n_kv);
     const int64_t tiles = (n_tokens + rows - 1) / rows;
     parallel_for(args.n_kv * tiles, 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {

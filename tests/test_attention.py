@@ -5,7 +5,7 @@ float32 and float16 KV caches with room to spare past the attended positions. Pr
 lengths, alone and after a cached prefix, go through both of the kernel's paths: a call with
 fewer than 8 query vectors (rows x the heads of one KV head) takes the row path, more take the
 tiles of up to 64 query vectors x 64 keys, up to four such tiles a call going through the keys
-together (ops.cpp gives a call 256 / group rows)."""
+together (ops.cpp gives a call 4 x (64 // group) rows: whole rows a tile)."""
 
 from __future__ import annotations
 

@@ -34,11 +34,9 @@ uint16_t random_half(std::mt19937& rng) {
     return static_cast<uint16_t>((r & 0x8000u) | ((12u + (r >> 16) % 4u) << 10) | (r & 0x3ffu));
 }
 
-// Calls the kernel as ops.cpp does: every KV head, in calls of kAttentionTaskQueries / group
-// query rows.
+// Calls the kernel as ops.cpp does: every KV head, in calls of attention_call_rows rows.
 void run(void (*attention)(const AttentionArgs&, int64_t, int64_t, int64_t), const AttentionArgs& a, int64_t tokens) {
-    const int64_t group = a.n_heads / a.n_kv;
-    const int64_t rows = kAttentionTaskQueries / group > 0 ? kAttentionTaskQueries / group : 1;
+    const int64_t rows = attention_call_rows(a.n_heads / a.n_kv);
     for (int64_t kvh = 0; kvh < a.n_kv; ++kvh) {
         for (int64_t t0 = 0; t0 < tokens; t0 += rows) attention(a, kvh, t0, t0 + rows < tokens ? t0 + rows : tokens);
     }
