@@ -83,26 +83,29 @@ uint8_t* thread_buffer(int64_t bytes) {
     return buffer.data;
 }
 
-// A row group's nb blocks of int8 weights, as tile 1 reads them: [nb][8 quads][16 rows][4], into
-// `buffer` (nb x 512 bytes), once for every tile of tokens that then reads them.
-static inline void signed_weights(const Q8_0x16* group, int64_t nb, uint8_t* buffer) {
+// One block of int8 weights as tile 1 reads them, [8 quads][16 rows][4], into out (512 bytes).
+static inline void signed_block(const Q8_0x16& block, uint8_t* out) {
     const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
-    for (int64_t b = 0; b < nb; ++b) {
-        for (int c = 0; c < 8; ++c) {  // byte - 128 = byte ^ 0x80, as int8
-            const __m512i v = _mm512_loadu_si512(group[b].qs + 64 * c);
-            _mm512_store_si512(buffer + b * 512 + 64 * c, _mm512_xor_si512(v, offset));
-        }
+    for (int c = 0; c < 8; ++c) {  // byte - 128 = byte ^ 0x80, as int8
+        const __m512i v = _mm512_loadu_si512(block.qs + 64 * c);
+        _mm512_store_si512(out + 64 * c, _mm512_xor_si512(v, offset));
     }
 }
-static inline void signed_weights(const Q4_0x16* group, int64_t nb, uint8_t* buffer) {
+static inline void signed_block(const Q4_0x16& block, uint8_t* out) {
     const __m512i low = _mm512_set1_epi8(0x0f), eight = _mm512_set1_epi8(8);
-    for (int64_t b = 0; b < nb; ++b) {
-        uint8_t* out = buffer + b * 512;
-        for (int c = 0; c < 4; ++c) {  // the low nibbles of 64 bytes are quad c, the high ones c + 4
-            const __m512i v = _mm512_loadu_si512(group[b].qs + 64 * c);
-            _mm512_store_si512(out + 64 * c, _mm512_sub_epi8(_mm512_and_si512(v, low), eight));
-            _mm512_store_si512(out + 64 * (c + 4), _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), eight));
-        }
+    for (int c = 0; c < 4; ++c) {  // the low nibbles of 64 bytes are quad c, the high ones c + 4
+        const __m512i v = _mm512_loadu_si512(block.qs + 64 * c);
+        _mm512_store_si512(out + 64 * c, _mm512_sub_epi8(_mm512_and_si512(v, low), eight));
+        _mm512_store_si512(out + 64 * (c + 4), _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), eight));
+    }
+}
+
+// Asks for n blocks from `first` into L2 (prefetcht1).
+template <class Block>
+static inline void ask_for_blocks(const Block* first, int64_t n) {
+    const char* p = reinterpret_cast<const char*>(first);
+    for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(Block)); offset += 64) {
+        _mm_prefetch(p + offset, _MM_HINT_T1);
     }
 }
 
@@ -121,9 +124,15 @@ static inline void signed_weights(const Q4_0x16* group, int64_t nb, uint8_t* buf
 // 16 tokens against one row group (nb blocks), into rows 0 .. 15 of y, columns row0 .. row0 + rows
 // - 1. Blocks go in pairs on two sets of tiles (0-2, 3-5); the scaling keeps block order, so the
 // bits are the AVX-512 kernels'.
+//
+// The first tile of a row group (first: true) also makes the group's int8 weights in w, a pair of
+// blocks ahead of its own dot products (so a tile load never waits for the stores of a block just
+// made), and asks for the next row group's blocks (next, unless nullptr) one or two at a time:
+// the conversion runs beside the tile work, and the next group's bytes arrive from memory while
+// this group's tiles run instead of stalling its conversion. The tiles after it read w.
 template <class Block>
-void tile16(const QuantizedRows& x, int64_t t0, const Block* blocks, const uint8_t* w, int64_t nb, int rows,
-            float* y, int64_t ldy, int64_t row0) {
+void tile16(const QuantizedRows& x, int64_t t0, const Block* blocks, uint8_t* w, int64_t nb, int rows,
+            float* y, int64_t ldy, int64_t row0, bool first, const Block* next) {
     const int8_t* a = x.q + t0 * x.k;
     const float* d_x = x.d + t0 * nb;
     constexpr int64_t kWeightBytes = 8 * 64;  // one block's tile 1
@@ -138,11 +147,19 @@ void tile16(const QuantizedRows& x, int64_t t0, const Block* blocks, const uint8
             acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(dx[t * nb])), dot, acc[t]);
         }
     };
+    auto make = [&](int64_t from, int64_t to) {  // blocks [from, to) of w, those of them that exist
+        for (int64_t i = from; i < to && i < nb; ++i) signed_block(blocks[i], w + i * kWeightBytes);
+    };
+    if (first) make(0, 2);
     // A pair's products are scaled one pair later: loads cannot take data from a tile store
     // still in flight, and would wait for it to retire, draining the pipeline at every block.
     int64_t b = 0;
     int slot = 0;  // which two of dots the pair being computed writes
     for (; b + 2 <= nb; b += 2) {
+        if (first) {
+            make(b + 2, b + 4);
+            if (next != nullptr) ask_for_blocks(next + b, 2);
+        }
         LFM_EDGE_BLOCK_DOTS(0, 1, 2, a + b * kQuantBlock, x.k, w + b * kWeightBytes, dots[2 * slot]);
         LFM_EDGE_BLOCK_DOTS(3, 4, 5, a + (b + 1) * kQuantBlock, x.k, w + (b + 1) * kWeightBytes, dots[2 * slot + 1]);
         slot ^= 1;
@@ -157,6 +174,7 @@ void tile16(const QuantizedRows& x, int64_t t0, const Block* blocks, const uint8
         scale(b - 1, dots[2 * slot + 1]);
     }
     if (b < nb) {
+        if (first && next != nullptr) ask_for_blocks(next + b, 1);
         LFM_EDGE_BLOCK_DOTS(0, 1, 2, a + b * kQuantBlock, x.k, w + b * kWeightBytes, dots[0]);
         scale(b, dots[0]);
     }
@@ -181,9 +199,9 @@ void matmul(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t gr
         for (int64_t g = group_begin; g < group_end; ++g) {
             const int64_t row0 = g * kRowGroup;
             const int rows = static_cast<int>(n_rows - row0 < kRowGroup ? n_rows - row0 : kRowGroup);
-            signed_weights(blocks + g * nb, nb, weights);
+            const Block* next = g + 1 < group_end ? blocks + (g + 1) * nb : nullptr;
             for (int64_t t0 = 0; t0 < whole; t0 += kTileTokens) {
-                tile16(x, t0, blocks + g * nb, weights, nb, rows, y + t0 * ldy, ldy, row0);
+                tile16(x, t0, blocks + g * nb, weights, nb, rows, y + t0 * ldy, ldy, row0, t0 == 0, next);
             }
         }
     }
