@@ -95,7 +95,9 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     # huggingface_hub: hub downloads into the shared cache, with resume and progress bars
     # llguidance: constrained decoding (JSON schema / regex / Lark token masks); MIT, abi3 wheels
-    install_requires=["numpy", "gguf", "tokenizers", "jinja2>=3.1.5", "huggingface_hub", "llguidance"],
+    # isal: ISA-L's CRC-32 for the weight cache's check, where it has wheels (else zlib's)
+    install_requires=["numpy", "gguf", "tokenizers", "jinja2>=3.1.5", "huggingface_hub", "llguidance",
+                      "isal; platform_machine in 'x86_64 AMD64 aarch64 arm64'"],
     # simde-py: SIMDe's headers, so tests/test_avx512_emulated.py can check the AVX-512 kernels
     # on a CPU without AVX-512
     extras_require={"test": ["pytest", "pytest-benchmark", "safetensors", "pexpect", "openai", "ollama", "simde-py"]},
