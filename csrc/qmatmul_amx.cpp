@@ -7,8 +7,9 @@
 // the integer the AVX-512 kernels reach with unsigned weights and the block's offset term
 // (-offset x sum of the activations), so acc += (dw dx) * float(dot), one fused multiply-add per
 // block in block order, gives every output the AVX-512 kernels' bits and hence the scalar twin's
-// (tests/test_kernels_int8.py). The tokens left over (fewer than 16, decode among them) go to the
-// AVX-512 kernels.
+// (tests/test_kernels_int8.py). The tokens left over after whole tiles of 16 go through tiles of
+// fewer rows (tiles 6 and 7); fewer than 16 tokens in all (decode among them) go to the AVX-512
+// kernels.
 //
 // Compiled with the AVX-512 flags plus -mamx-tile -mamx-int8; dispatch offers the table only
 // where the CPU has AMX-INT8 and Linux grants the process the tile data state (arch_prctl).
@@ -46,9 +47,11 @@ static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
 
 // Tiles 0, 1 and 2 as above (and 3, 4, 5 alike), configured for the kernel's scope and released
 // after it (a thread holding configured tiles saves 8 KB more state at every context switch).
+// Given the tokens of a last, partial tile (1 .. 15), tiles 6 and 7 are its activations and its
+// products, that many rows each (it borrows tiles 1 and 4 for the weights).
 class Tiles {
    public:
-    Tiles() {
+    explicit Tiles(int tail) {
         TileConfig config;
         for (int set = 0; set < 2; ++set) {  // tiles 0-2 and 3-5
             const int activations = 3 * set, weights = 3 * set + 1, dots = 3 * set + 2;
@@ -58,6 +61,12 @@ class Tiles {
             config.colsb[weights] = 4 * kRowGroup;
             config.rows[dots] = kTileTokens;  // [16 tokens][16 rows] int32
             config.colsb[dots] = 4 * kRowGroup;
+        }
+        if (tail > 0) {
+            config.rows[6] = static_cast<uint8_t>(tail);
+            config.colsb[6] = kQuantBlock;
+            config.rows[7] = static_cast<uint8_t>(tail);
+            config.colsb[7] = 4 * kRowGroup;
         }
         __asm__ volatile("ldtilecfg %0" ::"m"(config));
     }
@@ -123,16 +132,17 @@ static inline void ask_for_blocks(const Block* first, int64_t n) {
 
 // 16 tokens against one row group (nb blocks), into rows 0 .. 15 of y, columns row0 .. row0 + rows
 // - 1. Blocks go in pairs on two sets of tiles (0-2, 3-5); the scaling keeps block order, so the
-// bits are the AVX-512 kernels'.
+// bits are the AVX-512 kernels'. kPartial: the last `tokens` (< 16) tokens instead, on tiles 6
+// and 7 (Tiles), one block after the other: their work shrinks with their rows.
 //
 // The first tile of a row group (first: true) also makes the group's int8 weights in w, a pair of
 // blocks ahead of its own dot products (so a tile load never waits for the stores of a block just
 // made), and asks for the next row group's blocks (next, unless nullptr) one or two at a time:
 // the conversion runs beside the tile work, and the next group's bytes arrive from memory while
 // this group's tiles run instead of stalling its conversion. The tiles after it read w.
-template <class Block>
+template <class Block, bool kPartial = false>
 void tile16(const QuantizedRows& x, int64_t t0, const Block* blocks, uint8_t* w, int64_t nb, int rows,
-            float* y, int64_t ldy, int64_t row0, bool first, const Block* next) {
+            float* y, int64_t ldy, int64_t row0, bool first, const Block* next, int tokens = kTileTokens) {
     const int8_t* a = x.q + t0 * x.k;
     const float* d_x = x.d + t0 * nb;
     constexpr int64_t kWeightBytes = 8 * 64;  // one block's tile 1
@@ -143,6 +153,7 @@ void tile16(const QuantizedRows& x, int64_t t0, const Block* blocks, uint8_t* w,
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blocks[b].d)));
         const float* dx = d_x + b;
         for (int t = 0; t < kTileTokens; ++t) {
+            if (kPartial && t >= tokens) break;
             const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(d[t]));
             acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(dx[t * nb])), dot, acc[t]);
         }
@@ -160,8 +171,13 @@ void tile16(const QuantizedRows& x, int64_t t0, const Block* blocks, uint8_t* w,
             make(b + 2, b + 4);
             if (next != nullptr) ask_for_blocks(next + b, 2);
         }
-        LFM_EDGE_BLOCK_DOTS(0, 1, 2, a + b * kQuantBlock, x.k, w + b * kWeightBytes, dots[2 * slot]);
-        LFM_EDGE_BLOCK_DOTS(3, 4, 5, a + (b + 1) * kQuantBlock, x.k, w + (b + 1) * kWeightBytes, dots[2 * slot + 1]);
+        if constexpr (kPartial) {
+            LFM_EDGE_BLOCK_DOTS(6, 1, 7, a + b * kQuantBlock, x.k, w + b * kWeightBytes, dots[2 * slot]);
+            LFM_EDGE_BLOCK_DOTS(6, 4, 7, a + (b + 1) * kQuantBlock, x.k, w + (b + 1) * kWeightBytes, dots[2 * slot + 1]);
+        } else {
+            LFM_EDGE_BLOCK_DOTS(0, 1, 2, a + b * kQuantBlock, x.k, w + b * kWeightBytes, dots[2 * slot]);
+            LFM_EDGE_BLOCK_DOTS(3, 4, 5, a + (b + 1) * kQuantBlock, x.k, w + (b + 1) * kWeightBytes, dots[2 * slot + 1]);
+        }
         slot ^= 1;
         if (b >= 2) {
             scale(b - 2, dots[2 * slot]);
@@ -175,27 +191,40 @@ void tile16(const QuantizedRows& x, int64_t t0, const Block* blocks, uint8_t* w,
     }
     if (b < nb) {
         if (first && next != nullptr) ask_for_blocks(next + b, 1);
-        LFM_EDGE_BLOCK_DOTS(0, 1, 2, a + b * kQuantBlock, x.k, w + b * kWeightBytes, dots[0]);
+        if constexpr (kPartial) {
+            LFM_EDGE_BLOCK_DOTS(6, 1, 7, a + b * kQuantBlock, x.k, w + b * kWeightBytes, dots[0]);
+        } else {
+            LFM_EDGE_BLOCK_DOTS(0, 1, 2, a + b * kQuantBlock, x.k, w + b * kWeightBytes, dots[0]);
+        }
         scale(b, dots[0]);
     }
     const auto mask = static_cast<__mmask16>((1u << rows) - 1);
-    for (int t = 0; t < kTileTokens; ++t) _mm512_mask_storeu_ps(y + t * ldy + row0, mask, acc[t]);
+    for (int t = 0; t < kTileTokens; ++t) {
+        if (kPartial && t >= tokens) break;
+        _mm512_mask_storeu_ps(y + t * ldy + row0, mask, acc[t]);
+    }
 }
 
 #undef LFM_EDGE_BLOCK_DOTS
 #undef LFM_EDGE_TILE_LOAD
 
-// PackedMatmulFn (kernels.h) for Block: whole tiles of 16 tokens here, the rest by `rest`.
+// PackedMatmulFn (kernels.h) for Block: whole tiles of 16 tokens here, then the tokens left over
+// as a partial tile on the weights the whole tiles converted. Fewer than 16 tokens in all (decode,
+// and several sequences decoding together) go to `rest`, the AVX-512 kernels, which stream the
+// weights from memory once without converting them (a partial tile alone there: batched decode of
+// 4 and 8 sequences -4%, 8B-A1B).
 template <class Block>
 void matmul(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t group_begin, int64_t group_end,
             float* y, int64_t ldy, PackedMatmul& rest) {
     const int64_t nb = x.k / kQuantBlock;
-    int64_t whole = x.n_tokens / kTileTokens * kTileTokens;
-    uint8_t* weights = whole > 0 ? thread_buffer(nb * 8 * 64) : nullptr;
-    if (weights == nullptr) whole = 0;  // no memory for the copies: all on AVX-512
-    if (whole > 0) {
+    const int64_t whole = x.n_tokens / kTileTokens * kTileTokens;
+    const int tail = whole > 0 ? static_cast<int>(x.n_tokens - whole) : 0;
+    int64_t done = whole + tail;  // the tokens the tiles take
+    uint8_t* weights = done > 0 ? thread_buffer(nb * 8 * 64) : nullptr;
+    if (weights == nullptr) done = 0;  // no memory for the copies: all on AVX-512
+    if (done > 0) {
         const auto* blocks = reinterpret_cast<const Block*>(w);  // [groups][nb]
-        const Tiles tiles;
+        const Tiles tiles(tail);
         for (int64_t g = group_begin; g < group_end; ++g) {
             const int64_t row0 = g * kRowGroup;
             const int rows = static_cast<int>(n_rows - row0 < kRowGroup ? n_rows - row0 : kRowGroup);
@@ -203,16 +232,20 @@ void matmul(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t gr
             for (int64_t t0 = 0; t0 < whole; t0 += kTileTokens) {
                 tile16(x, t0, blocks + g * nb, weights, nb, rows, y + t0 * ldy, ldy, row0, t0 == 0, next);
             }
+            if (tail > 0) {
+                tile16<Block, true>(x, whole, blocks + g * nb, weights, nb, rows, y + whole * ldy, ldy, row0,
+                                    false, next, tail);
+            }
         }
     }
-    if (whole < x.n_tokens) {
+    if (done < x.n_tokens) {
         QuantizedRows left = x;
-        left.q += whole * x.k;
-        left.d += whole * nb;
-        left.sum += whole * nb;
-        if (left.sum16 != nullptr) left.sum16 += whole * 2 * nb;
-        left.n_tokens = x.n_tokens - whole;
-        rest(left, w, n_rows, group_begin, group_end, y + whole * ldy, ldy);
+        left.q += done * x.k;
+        left.d += done * nb;
+        left.sum += done * nb;
+        if (left.sum16 != nullptr) left.sum16 += done * 2 * nb;
+        left.n_tokens = x.n_tokens - done;
+        rest(left, w, n_rows, group_begin, group_end, y + done * ldy, ldy);
     }
 }
 
