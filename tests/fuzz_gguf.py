@@ -23,9 +23,12 @@ live in tests/fuzz/ and are replayed by tests/test_gguf_reader.py.
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import json
+import os
 import random
+import shutil
 import struct
 import sys
 import tempfile
@@ -601,6 +604,11 @@ def replay(folder: Path, jobs: int, timeout: float) -> int:
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "--worker":
         return worker(argv[1:])
+    # the cases' packed weights go to a folder of this run's (the workers inherit it), not to the
+    # user's weight cache, which a run of 2000 cases filled with hundreds of files
+    cache = tempfile.mkdtemp(prefix="lfm-edge-fuzz-weight-cache-")
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    os.environ["LFM_EDGE_WEIGHT_CACHE"] = cache
     ap = argparse.ArgumentParser(description="GGUF mutation fuzzer (see the module docstring)")
     ap.add_argument("--cases", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=1)
