@@ -303,6 +303,17 @@ def _map_cache_file(path: Path) -> tuple[mmap.mmap, dict[str, Any]] | None:
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError):
         return None
+    # Transparent huge pages for the weights (Linux; a no-op where the filesystem keeps no large
+    # folios): pages read from disk from now on come in 2 MB folios mapped whole, instead of the
+    # mix readahead makes. After the file had been dropped from the page cache (Sapphire Rapids
+    # VM, ext4, 8B-A1B): 100% of it PMD-mapped instead of 60%, decode 13.7-14.1 -> 14.9-15.3
+    # tok/s on 1 thread and 24.9-25.8 -> 26.7-28.8 on 2; a cold load 2.7-2.9 -> 4.3 s. Pages
+    # already cached keep their size: a warm load is unchanged.
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
     index, data_start = _read_index(mapping, size)
     tensors = index.get("tensors") if index is not None else None
     if not isinstance(tensors, dict) or not all(_entry_fits(e, size - data_start) for e in tensors.values()):
