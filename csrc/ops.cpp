@@ -424,8 +424,16 @@ void rms_norm(const float* x, int64_t rows, int64_t n, const float* w, float eps
     rows_on_pool(rows, n, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
             const float* xr = x + r * n;
-            double squares = 0.0;
-            for (int64_t i = 0; i < n; ++i) squares += static_cast<double>(xr[i]) * xr[i];
+            // the squares summed in double as eight interleaved partial sums (element i into sum
+            // i % 8), added in a fixed order: a row's own bits wherever it runs, and eight chains
+            // of additions instead of one, whose latency had made the norms 2-3% of a prompt
+            double part[8] = {};
+            int64_t i = 0;
+            for (; i + 8 <= n; i += 8) {
+                for (int j = 0; j < 8; ++j) part[j] += static_cast<double>(xr[i + j]) * xr[i + j];
+            }
+            for (int j = 0; i < n; ++i, ++j) part[j] += static_cast<double>(xr[i]) * xr[i];
+            const double squares = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
             const float denominator = std::sqrt(static_cast<float>(squares / static_cast<double>(n)) + eps);
             float* o = out + r * n;
             for (int64_t i = 0; i < n; ++i) o[i] = (xr[i] / denominator) * w[i];
