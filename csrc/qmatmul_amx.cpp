@@ -234,7 +234,7 @@ void matmul(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t gr
             }
             if (tail > 0) {
                 tile16<Block, true>(x, whole, blocks + g * nb, weights, nb, rows, y + whole * ldy, ldy, row0,
-                                    false, next, tail);
+                                    false, nullptr, tail);  // the first whole tile made w and asked for the next group
             }
         }
     }
