@@ -147,6 +147,14 @@ struct QuantizedBuffer {
             s16[h] = total;
         }
     }
+    // Row t of this buffer as a copy of row s of `from` (the same k).
+    void copy_row(int64_t t, const QuantizedBuffer& from, int64_t s) {
+        const int64_t nb = k / kQuantBlock;
+        std::copy_n(from.q.get() + s * k, k, q.get() + t * k);
+        std::copy_n(from.d.get() + s * nb, nb, d.get() + t * nb);
+        std::copy_n(from.sum.get() + s * nb, nb, sum.get() + t * nb);
+        std::copy_n(from.sum16.get() + s * (k / 16), k / 16, sum16.get() + t * (k / 16));
+    }
 };
 
 void quantize_all(const KernelTable& table, const float* x, int64_t n_tokens, int64_t k,
@@ -354,24 +362,31 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
     }
     const auto n_spans = static_cast<int64_t>(spans.size());
 
-    // Each row's input: quantized from its token's row if the weights are packed, else copied.
-    QuantizedBuffer xq;
+    // Each row's input, its token's row: quantized once per token (xt) and copied to each of the
+    // token's rows (xq; none to copy where the rows are the tokens in order, as in a dense FFN) if
+    // the weights are packed, else copied as floats.
+    QuantizedBuffer xt, xq;
     Scratch<float> xs;  // [n_rows, H]
+    bool rows_are_tokens = n_rows == n_tokens;
+    for (int64_t r = 0; rows_are_tokens && r < n_rows; ++r) rows_are_tokens = row_token[r] == r;
     if (gate.packed()) {
-        xq.resize(n_rows, hidden);
+        quantize_all(table, x, n_tokens, hidden, xt);
+        if (!rows_are_tokens) xq.resize(n_rows, hidden);
     } else {
         xs = Scratch<float>(n_rows * hidden);
     }
-    rows_on_pool(n_rows, hidden, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-            const float* xr = x + row_token[r] * hidden;
-            if (gate.packed()) {
-                xq.set_row(table, r, xr);
-            } else {
-                std::copy_n(xr, hidden, xs.get() + r * hidden);
+    if (!gate.packed() || !rows_are_tokens) {
+        rows_on_pool(n_rows, hidden, [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) {
+                if (gate.packed()) {
+                    xq.copy_row(r, xt, row_token[r]);
+                } else {
+                    std::copy_n(x + row_token[r] * hidden, hidden, xs.get() + r * hidden);
+                }
             }
-        }
-    });
+        });
+    }
+    const QuantizedBuffer& x_rows = rows_are_tokens ? xt : xq;
 
     // h = silu(gate(x)) * up(x): tasks (span, row group), each both matrices' group and then
     // the product over the group's columns while they are in cache.
@@ -380,7 +395,7 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
     parallel_for(n_spans * ffn_groups, expert_grain(n_spans, ffn_groups), [&](int64_t begin, int64_t end) {
         for_group_runs(begin, end, ffn_groups, [&](int64_t span, int64_t g0, int64_t g1) {
             const Span& s = spans[span];
-            const QuantizedRows rows = gate.packed() ? xq.rows(s.first, s.count) : QuantizedRows{};
+            const QuantizedRows rows = gate.packed() ? x_rows.rows(s.first, s.count) : QuantizedRows{};
             const float* xf = gate.packed() ? nullptr : xs.get() + s.first * hidden;
             matmul_groups(table, gate, gate.mat(s.expert), xf, &rows, s.count, g0, g1, h.get() + s.first * ffn, ffn);
             matmul_groups(table, up, up.mat(s.expert), xf, &rows, s.count, g0, g1, u.get() + s.first * ffn, ffn);
