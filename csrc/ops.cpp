@@ -362,20 +362,20 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
     }
     const auto n_spans = static_cast<int64_t>(spans.size());
 
-    // Each row's input, its token's row: quantized once per token (xt) and copied to each of the
-    // token's rows (xq; none to copy where the rows are the tokens in order, as in a dense FFN) if
-    // the weights are packed, else copied as floats.
-    QuantizedBuffer xt, xq;
-    Scratch<float> xs;  // [n_rows, H]
+    // Each row's input is its token's row: quantized once per token (xt) if the weights are
+    // packed, else the floats. Where the rows are the tokens in order (a dense FFN) they are read
+    // in place; otherwise copied to each of the token's rows (xq, xs).
     bool rows_are_tokens = n_rows == n_tokens;
     for (int64_t r = 0; rows_are_tokens && r < n_rows; ++r) rows_are_tokens = row_token[r] == r;
-    if (gate.packed()) {
-        quantize_all(table, x, n_tokens, hidden, xt);
-        if (!rows_are_tokens) xq.resize(n_rows, hidden);
-    } else {
-        xs = Scratch<float>(n_rows * hidden);
-    }
-    if (!gate.packed() || !rows_are_tokens) {
+    QuantizedBuffer xt, xq;
+    Scratch<float> xs;  // [n_rows, H]
+    if (gate.packed()) quantize_all(table, x, n_tokens, hidden, xt);
+    if (!rows_are_tokens) {
+        if (gate.packed()) {
+            xq.resize(n_rows, hidden);
+        } else {
+            xs = Scratch<float>(n_rows * hidden);
+        }
         rows_on_pool(n_rows, hidden, [&](int64_t r0, int64_t r1) {
             for (int64_t r = r0; r < r1; ++r) {
                 if (gate.packed()) {
@@ -387,6 +387,7 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
         });
     }
     const QuantizedBuffer& x_rows = rows_are_tokens ? xt : xq;
+    const float* x_floats = rows_are_tokens ? x : xs.get();
 
     // h = silu(gate(x)) * up(x): tasks (span, row group), each both matrices' group and then
     // the product over the group's columns while they are in cache.
@@ -396,7 +397,7 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
         for_group_runs(begin, end, ffn_groups, [&](int64_t span, int64_t g0, int64_t g1) {
             const Span& s = spans[span];
             const QuantizedRows rows = gate.packed() ? x_rows.rows(s.first, s.count) : QuantizedRows{};
-            const float* xf = gate.packed() ? nullptr : xs.get() + s.first * hidden;
+            const float* xf = gate.packed() ? nullptr : x_floats + s.first * hidden;
             matmul_groups(table, gate, gate.mat(s.expert), xf, &rows, s.count, g0, g1, h.get() + s.first * ffn, ffn);
             matmul_groups(table, up, up.mat(s.expert), xf, &rows, s.count, g0, g1, u.get() + s.first * ffn, ffn);
             const int64_t c0 = g0 * kRowGroup, c1 = std::min(g1 * kRowGroup, ffn);
