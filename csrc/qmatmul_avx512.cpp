@@ -4,6 +4,7 @@
 // entries (see kernels.h).
 #include <immintrin.h>
 
+#include <array>
 #include <limits>
 
 #include "formats.h"
@@ -422,37 +423,126 @@ void iq4_xs_tile(const QuantizedRows& x, int64_t t0, const IQ4_XSx16* blocks, in
     });
 }
 
+// One block of 32 activations: q = round(x / d) with d = max|x| / 127 (and q = 0 where d is below
+// the normal floats), sum = the sum of q; a block with an inf or NaN gets q = 0, d = NaN, sum = 0,
+// as in the scalar twin. The reductions over a block's lanes are in-register shuffles.
+static inline void quantize_block(const float* x, int8_t* q, float* d, int32_t* sum) {
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    const __m512 infinity = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+    const __m512 lo = _mm512_loadu_ps(x);
+    const __m512 hi = _mm512_loadu_ps(x + 16);
+    const __m512 abs_lo = _mm512_andnot_ps(sign, lo), abs_hi = _mm512_andnot_ps(sign, hi);
+    const __mmask16 nonfinite = _mm512_cmp_ps_mask(abs_lo, infinity, _CMP_NLT_UQ) |
+                                _mm512_cmp_ps_mask(abs_hi, infinity, _CMP_NLT_UQ);
+    if (nonfinite != 0) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_setzero_si256());
+        *d = std::numeric_limits<float>::quiet_NaN();
+        *sum = 0;
+        return;
+    }
+    const float scale = _mm512_reduce_max_ps(_mm512_max_ps(abs_lo, abs_hi)) / 127.0f;
+    const __m512 inverse = _mm512_set1_ps(scale >= std::numeric_limits<float>::min() ? 1.0f / scale : 0.0f);
+    // cvtps rounds to nearest even (the default MXCSR mode), like nearbyint in the twin
+    const __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));
+    const __m512i q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(q_lo));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(q_hi));
+    *d = scale;
+    *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
+}
+
+// The lanes reduce_level pairs: for half 0 the first w lanes of each run of 2w, for half 1 the
+// last w; result lanes 0-7 from the first vector (indices 0-15), 8-15 from the second (16-31).
+template <int W, int Half>
+constexpr std::array<int32_t, 16> reduce_lanes() {
+    std::array<int32_t, 16> lanes{};
+    for (int lane = 0; lane < 16; ++lane) lanes[lane] = (lane < 8 ? 0 : 16) + (lane % 8) / W * 2 * W + Half * W + lane % W;
+    return lanes;
+}
+
+// One level of reduce16: v[i] (i < n) hold, in runs of 2w lanes, partial results of 16 / n
+// blocks each; pairs (v[2i], v[2i + 1]) become u[i] with the runs halved to w lanes: lanes 0-7
+// from v[2i]'s, 8-15 from v[2i + 1]'s, block order kept.
+template <int W, class Op>
+static inline void reduce_level(const __m512i* v, __m512i* u, int n, Op op) {
+    alignas(64) static constexpr std::array<int32_t, 16> first = reduce_lanes<W, 0>(), second = reduce_lanes<W, 1>();
+    const __m512i a = _mm512_load_si512(first.data()), b = _mm512_load_si512(second.data());
+    for (int i = 0; i < n / 2; ++i) {
+        u[i] = op(_mm512_permutex2var_epi32(v[2 * i], a, v[2 * i + 1]),
+                  _mm512_permutex2var_epi32(v[2 * i], b, v[2 * i + 1]));
+    }
+}
+
+// Lane b of the result = op over the 16 lanes of v[b]: 15 shuffle pairs for 16 vectors, where
+// reducing each on its own takes 4 each.
+template <class Op>
+static inline __m512i reduce16(const __m512i (&v)[16], Op op) {
+    __m512i r8[8], r4[4], r2[2], r1[1];
+    reduce_level<8>(v, r8, 16, op);
+    reduce_level<4>(r8, r4, 8, op);
+    reduce_level<2>(r4, r2, 4, op);
+    reduce_level<1>(r2, r1, 2, op);
+    return r1[0];
+}
+
 }  // namespace
 
 namespace avx512 {
 
+// 16 blocks (512 activations) at a time: their maxima and sums reduced together (reduce16), the
+// scales and their inverses as one vector each (the same IEEE divisions as one block at a time),
+// and two blocks' int8 values packed with one permute. The same bits as quantize_block, which
+// takes the blocks left over and any 16 with an inf or NaN among them. The maximum is taken over
+// the absolute values' bits as integers: the same order as the floats for finite values, and
+// inf and NaN bits are above every finite one.
 void quantize_row(const float* x, int64_t k, int8_t* q, float* d, int32_t* sum) {
-    const __m512 sign = _mm512_set1_ps(-0.0f);
-    const __m512 infinity = _mm512_set1_ps(std::numeric_limits<float>::infinity());
-    for (int64_t b = 0; b < k / kQuantBlock; ++b) {
-        const __m512 lo = _mm512_loadu_ps(x + b * kQuantBlock);
-        const __m512 hi = _mm512_loadu_ps(x + b * kQuantBlock + 16);
-        const __m512 abs_lo = _mm512_andnot_ps(sign, lo), abs_hi = _mm512_andnot_ps(sign, hi);
-        const __mmask16 nonfinite = _mm512_cmp_ps_mask(abs_lo, infinity, _CMP_NLT_UQ) |
-                                    _mm512_cmp_ps_mask(abs_hi, infinity, _CMP_NLT_UQ);
-        if (nonfinite != 0) {  // inf or NaN: the block is NaN, as in the scalar twin
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kQuantBlock), _mm256_setzero_si256());
-            d[b] = std::numeric_limits<float>::quiet_NaN();
-            sum[b] = 0;
+    constexpr int kBlocks = 16;
+    const int64_t nb = k / kQuantBlock;
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+    const __m512i max_finite = _mm512_set1_epi32(0x7f7fffff);
+    const __m512i pack_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    auto max32 = [](__m512i a, __m512i b) { return _mm512_max_epi32(a, b); };
+    auto add32 = [](__m512i a, __m512i b) { return _mm512_add_epi32(a, b); };
+    int64_t b0 = 0;
+    for (; b0 + kBlocks <= nb; b0 += kBlocks) {
+        const float* xb = x + b0 * kQuantBlock;
+        __m512i amax[kBlocks];
+        for (int b = 0; b < kBlocks; ++b) {
+            const __m512i lo = _mm512_and_si512(_mm512_loadu_si512(xb + b * kQuantBlock), magnitude);
+            const __m512i hi = _mm512_and_si512(_mm512_loadu_si512(xb + b * kQuantBlock + 16), magnitude);
+            amax[b] = _mm512_max_epi32(lo, hi);
+        }
+        const __m512i top = reduce16(amax, max32);
+        if (_mm512_cmpgt_epi32_mask(top, max_finite) != 0) {  // an inf or NaN: block by block
+            for (int b = 0; b < kBlocks; ++b) {
+                const int64_t i = b0 + b;
+                quantize_block(x + i * kQuantBlock, q + i * kQuantBlock, d + i, sum + i);
+            }
             continue;
         }
-        const __m512 amax = _mm512_max_ps(abs_lo, abs_hi);
-        const float scale = _mm512_reduce_max_ps(amax) / 127.0f;
-        const __m512 inverse =
-            _mm512_set1_ps(scale >= std::numeric_limits<float>::min() ? 1.0f / scale : 0.0f);
-        // cvtps rounds to nearest even (the default MXCSR mode), like nearbyint in the twin
-        const __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));
-        const __m512i q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kQuantBlock), _mm512_cvtepi32_epi8(q_lo));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kQuantBlock + 16), _mm512_cvtepi32_epi8(q_hi));
-        d[b] = scale;
-        sum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
+        const __m512 scale = _mm512_div_ps(_mm512_castsi512_ps(top), _mm512_set1_ps(127.0f));
+        const __mmask16 normal = _mm512_cmp_ps_mask(scale, _mm512_set1_ps(std::numeric_limits<float>::min()), _CMP_GE_OQ);
+        alignas(64) float inverse[kBlocks];
+        _mm512_store_ps(inverse, _mm512_maskz_div_ps(normal, _mm512_set1_ps(1.0f), scale));
+        __m512i sums[kBlocks];
+        for (int b = 0; b < kBlocks; b += 2) {
+            __m512i v[4];  // blocks b and b + 1, low and high halves
+            for (int j = 0; j < 4; ++j) {
+                const __m512 xs = _mm512_loadu_ps(xb + b * kQuantBlock + 16 * j);
+                // cvtps rounds to nearest even (the default MXCSR mode), like nearbyint in the twin
+                v[j] = _mm512_cvtps_epi32(_mm512_mul_ps(xs, _mm512_set1_ps(inverse[b + j / 2])));
+            }
+            sums[b] = _mm512_add_epi32(v[0], v[1]);
+            sums[b + 1] = _mm512_add_epi32(v[2], v[3]);
+            // |v| <= 127: the saturating packs keep every value; they interleave 128-bit lanes,
+            // which the permute puts back in order
+            const __m512i bytes = _mm512_packs_epi16(_mm512_packs_epi32(v[0], v[1]), _mm512_packs_epi32(v[2], v[3]));
+            _mm512_storeu_si512(q + (b0 + b) * kQuantBlock, _mm512_permutexvar_epi32(pack_order, bytes));
+        }
+        _mm512_storeu_ps(d + b0, scale);
+        _mm512_storeu_si512(sum + b0, reduce16(sums, add32));
     }
+    for (int64_t i = b0; i < nb; ++i) quantize_block(x + i * kQuantBlock, q + i * kQuantBlock, d + i, sum + i);
 }
 
 }  // namespace avx512

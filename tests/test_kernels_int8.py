@@ -87,6 +87,32 @@ def test_activation_quantization_is_exact(isa, t, k):
     np.testing.assert_array_equal(s, s_want)
 
 
+@pytest.mark.parametrize("k", [512, 1792, 4608])
+def test_activation_quantization_matches_the_scalar_twin(isa, k):
+    """The AVX-512 kernel quantizes 16 blocks at a time and the blocks left over one by one (k =
+    1792: 8 left over); an inf or NaN sends its 16 to the one-by-one path. Every path gives the
+    scalar twin's bits: blocks of zeros, of subnormals (scale below the normal floats: q = 0),
+    exact ties, huge values, and an inf or NaN in the first, a middle and the last block."""
+    rng = np.random.default_rng(k)
+    x = (rng.standard_normal((8, k)) * rng.choice([1e-3, 1.0, 1e3], size=(8, 1))).astype(np.float32)
+    nb = k // 32
+    x[1, 32 * 3 : 32 * 4] = 0.0
+    x[2, 32 * 5 : 32 * 6] *= np.float32(1e-39)
+    x[3, :32] = np.arange(32, dtype=np.float32) - 15.5  # halves: ties to even
+    x[3, 32 : 64] = np.float32(3e38) * np.sign(x[3, 32:64])
+    x[4, 7] = np.nan
+    x[5, 32 * (nb // 2) + 5] = np.inf
+    x[6, k - 1] = -np.inf
+    x[7, 32 * (nb - 1) :] = np.float32(1e-45)  # the smallest subnormal, in the last block
+    got = [np.asarray(a) for a in native.quantize_activations(x)]
+    with native.use_isa("scalar"):
+        want = [np.asarray(a) for a in native.quantize_activations(x)]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.view(np.uint8), w.view(np.uint8))
+    assert np.isnan(got[1][4, 0]) and np.isnan(got[1][5, nb // 2]) and np.isnan(got[1][6, nb - 1])
+    assert not got[0][7, 32 * (nb - 1) :].any() and got[2][7, nb - 1] == 0
+
+
 def test_activation_quantization_rounds_ties_to_even(isa):
     x = np.zeros((1, 32), np.float32)
     x[0, :4] = [127.0, 0.5, 1.5, -2.5]  # scale exactly 1: the halves are ties
