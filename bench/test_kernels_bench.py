@@ -20,6 +20,9 @@ bandwidth, or the int8 peak of the same instruction set) on the same threads.
 - attention: decode (1 token over 32,768 positions of float16 KV: 8 KV heads x 64, 67 MB, from
   DRAM) in GB/s of KV read, and prefill (512 and 4096 tokens, causal, one call as a prompt's
   first chunk) in GMAC/s of QK^T and PV.
+- quantize_activations: a prompt's activations (512 tokens x the hidden 2048 or the experts' 1792,
+  whose 56 blocks of 32 leave 8 over the AVX-512 kernel's 16 at a time) quantized to int8 blocks,
+  in GB/s of floats read: from L2/L3, so no probe applies.
 - short_conv: the gated short conv of a conv layer (2048 wide, width 3), for 1 and 512 tokens, in
   GB/s of activations read and written; it has one implementation for every instruction set.
 """
@@ -129,3 +132,13 @@ def test_short_conv(benchmark, rooflines, record, tokens):
     benchmark(native.gated_short_conv, bcx, state, kernel)
     gbps = (bcx.nbytes + tokens * HIDDEN * 4) / benchmark.stats.stats.mean * 1e-9
     record(benchmark, native.isa(), gbps, "gbps", rooflines.read_gbps(), tokens=tokens, hidden=HIDDEN)
+
+
+@pytest.mark.parametrize("k", [HIDDEN, EXPERT_FFN])
+@pytest.mark.parametrize("isa", ISAS)
+def test_quantize_activations(benchmark, record, isa, k):
+    tokens = 512
+    x = np.random.default_rng(5).standard_normal((tokens, k)).astype(np.float32)
+    with native.use_isa(isa):
+        benchmark(native.quantize_activations, x)
+    record(benchmark, isa, x.nbytes / benchmark.stats.stats.mean * 1e-9, "gbps", None, tokens=tokens, k=k)
