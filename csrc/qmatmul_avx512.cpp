@@ -21,7 +21,11 @@ constexpr int kTokenTile = 4;  // tokens that share each unpacked weight block (
 // memory instead of one keep Sapphire Rapids' L2 streamer busier. A Q4_0 / Q8_0 / Q4_K GEMV from
 // DRAM (`pytest bench/ -k gemv`, 2-core SPR VM): 16.0 / 20.2 / 14.6 GB/s with one stream, 21.5 /
 // 23.7 / 20.9 with four on 1 thread; 33.1 / 42.6 / 29.3 and 35.9-47.5 / 43.2-48.9 / 45.2-46.4 on
-// 2. On the Zen 4 VM they had made no difference to decode.
+// 2. On the Zen 4 VM they had made no difference to decode. (Those GEMV rates came from a 160 MB
+// stack, which a VM's large reported L3 (480 MB on the AMX VMs) partly held: the four-stream
+// rates are above the read probe's. The benchmark now sizes its stack from the cache.) From
+// DRAM on the AMX VM (2026-12-03, interleaved builds, 8B-A1B decode on 1 / 2 threads): one
+// stream 15.6-15.8 / 27.9-28.9 tok/s, four 17.1-17.7 / 30.1-31.8, eight 17.2-17.5 / 29.1-30.0.
 // On AMD (kernels.h, DecodeStreaming) decode reads one row group at a time instead.
 template <class Block>
 constexpr int kDecodeStreams = 4;
