@@ -27,6 +27,9 @@
 
 #include "formats.h"
 #include "kernels.h"
+#if defined(__AVX512F__)
+#include "reduce_avx512.h"
+#endif
 
 namespace lfm {
 namespace {
@@ -202,20 +205,88 @@ static inline void score_heads(const float* q, int64_t d, const KV* key, float s
     }
 }
 
-// acc[g][c .. c + kWidth) += sum_j p[g][j] * v_j[c ..] for NG query heads starting at g0: the NG
-// accumulators stay in registers while the tile's value rows (already in L1 after the first
-// column) stream past.
-template <int NG, typename KV>
+#if defined(__AVX512F__)
+// p[g0 + k][j + r] for 4 query heads (k) x 4 keys (r) from key: each key row is loaded once
+// for the four heads, the 16 dot products run as independent chains, and their lanes are
+// summed together (sum16) instead of one by one (score_heads). d is a multiple of 16.
+template <typename KV>
+static inline void score_heads_4x4(const float* q, int64_t d, const KV* key, float scale,
+                                   float (*p)[kKeyTile], int64_t g0, int64_t j) {
+    Vec s[16];  // s[4k + r]: head g0 + k, key j + r
+    for (Vec& v : s) v = vzero();
+    for (int64_t i = 0; i < d; i += kWidth) {
+        Vec keys[4];
+        for (int r = 0; r < 4; ++r) keys[r] = kv_load(key + r * d + i);
+        for (int k = 0; k < 4; ++k) {
+            const Vec qk = vload(q + (g0 + k) * d + i);
+            for (int r = 0; r < 4; ++r) s[4 * k + r] = vfma(qk, keys[r], s[4 * k + r]);
+        }
+    }
+    alignas(64) float scores[16];
+    vstore(scores, vmul(sum16(s), vset1(scale)));
+    for (int k = 0; k < 4; ++k) std::memcpy(p[g0 + k] + j, scores + 4 * k, 4 * sizeof(float));
+}
+#endif
+
+// acc[g][c .. c + C * kWidth) += sum_j p[g][j] * v_j[c ..] for NG query heads starting at g0:
+// the NG x C accumulators stay in registers while the tile's value rows (already in L1 after
+// the first columns) stream past. Each accumulator is one chain of fused multiply-adds over the
+// keys in order, so C changes no bit; C vectors a value row give NG x C chains instead of NG,
+// enough to keep both FMA pipes busy (NG = 4 chains of 4-cycle FMAs fill half of them).
+template <int NG, int C, typename KV>
 static inline void accumulate_values(float (*acc)[kMaxHeadDim], const float (*p)[kKeyTile],
                                      int64_t g0, const KV* values, int64_t d, int64_t n,
                                      int64_t c) {
-    Vec a[NG];
-    for (int k = 0; k < NG; ++k) a[k] = vload(acc[g0 + k] + c);
-    for (int64_t j = 0; j < n; ++j) {
-        const Vec v = kv_load(values + j * d + c);
-        for (int k = 0; k < NG; ++k) a[k] = vfma(vset1(p[g0 + k][j]), v, a[k]);
+    Vec a[NG][C];
+    for (int k = 0; k < NG; ++k) {
+        for (int x = 0; x < C; ++x) a[k][x] = vload(acc[g0 + k] + c + x * kWidth);
     }
-    for (int k = 0; k < NG; ++k) vstore(acc[g0 + k] + c, a[k]);
+    for (int64_t j = 0; j < n; ++j) {
+        Vec v[C];
+        for (int x = 0; x < C; ++x) v[x] = kv_load(values + j * d + c + x * kWidth);
+        for (int k = 0; k < NG; ++k) {
+            const Vec pk = vset1(p[g0 + k][j]);
+            for (int x = 0; x < C; ++x) a[k][x] = vfma(pk, v[x], a[k][x]);
+        }
+    }
+    for (int k = 0; k < NG; ++k) {
+        for (int x = 0; x < C; ++x) vstore(acc[g0 + k] + c + x * kWidth, a[k][x]);
+    }
+}
+
+// Vectors of a value row that accumulate_values takes at once: 16 accumulators for 4 heads with
+// AVX-512 (of 32 registers), 8 with AVX2 (of 16).
+#if defined(__AVX512F__)
+constexpr int kRowValueVecs = 4;
+#elif defined(__AVX2__)
+constexpr int kRowValueVecs = 2;
+#else
+constexpr int kRowValueVecs = 1;
+#endif
+
+// accumulate_values over the group's heads, four at a time, for columns [c, c + C * kWidth).
+template <int C, typename KV>
+static inline void accumulate_group_values(float (*acc)[kMaxHeadDim], const float (*p)[kKeyTile],
+                                           int64_t group, const KV* values, int64_t d, int64_t n,
+                                           int64_t c) {
+    int64_t g = 0;
+    for (; g + 4 <= group; g += 4) accumulate_values<4, C>(acc, p, g, values, d, n, c);
+    switch (group - g) {
+        case 3: accumulate_values<3, C>(acc, p, g, values, d, n, c); break;
+        case 2: accumulate_values<2, C>(acc, p, g, values, d, n, c); break;
+        case 1: accumulate_values<1, C>(acc, p, g, values, d, n, c); break;
+        default: break;
+    }
+}
+
+// Asks for byte b of the key row kKeyTile rows after `key`: the next tile's keys, which the
+// hardware prefetcher alone brought too late once the scores went four keys at a time (decode
+// over 32k positions of f16 KV from DRAM, AVX-512, 2 threads: 20-26 -> 28 GB/s). Past the
+// cache's last key this names memory the call was not handed: as an address only (a prefetch
+// never faults), made without pointer arithmetic beyond the array.
+static inline void prefetch_next_tile(const void* key, int64_t row_bytes, int64_t b) {
+    __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(key) +
+                                                     static_cast<uintptr_t>(kKeyTile * row_bytes + b)));
 }
 
 // One tile of n consecutive keys and values [n, d] for the `group` query heads q [group, d].
@@ -224,13 +295,38 @@ static inline void attend_tile(const float* q, int64_t group, int64_t d, float s
                                const KV* keys, const KV* values, int64_t n,
                                float (*acc)[kMaxHeadDim], float (*p)[kKeyTile], float* m, float* l) {
     // Scores, key-major: each key row is read from memory once, for every head of the group.
-    // The keys stream past the hardware prefetcher; ask for the tile's values now, so that
-    // they arrive while the scores are computed.
+    // Ask for the tile's values now, so that they arrive while the scores are computed, and for
+    // the next tile's keys. (The next tile's values asked for instead: 22 against 26 GB/s.)
     const int64_t row_bytes = d * static_cast<int64_t>(sizeof(KV));
-    for (int64_t j = 0; j < n; ++j) {
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    if (d % kWidth == 0 && group >= 4) {  // four keys at a time for each four heads
+        for (; j + 4 <= n; j += 4) {
+            const char* value = reinterpret_cast<const char*>(values + j * d);
+            for (int64_t b = 0; b < 4 * row_bytes; b += 64) {
+                __builtin_prefetch(value + b);
+                prefetch_next_tile(keys + j * d, row_bytes, b);
+            }
+            int64_t g = 0;
+            for (; g + 4 <= group; g += 4) score_heads_4x4(q, d, keys + j * d, scale, p, g, j);
+            for (int64_t r = 0; r < 4 && g < group; ++r) {
+                switch (group - g) {
+                    case 3: score_heads<3>(q, d, keys + (j + r) * d, scale, p, g, j + r); break;
+                    case 2: score_heads<2>(q, d, keys + (j + r) * d, scale, p, g, j + r); break;
+                    case 1: score_heads<1>(q, d, keys + (j + r) * d, scale, p, g, j + r); break;
+                    default: break;
+                }
+            }
+        }
+    }
+#endif
+    for (; j < n; ++j) {
         const KV* key = keys + j * d;
         const char* value = reinterpret_cast<const char*>(values + j * d);
-        for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(value + b);
+        for (int64_t b = 0; b < row_bytes; b += 64) {
+            __builtin_prefetch(value + b);
+            prefetch_next_tile(key, row_bytes, b);
+        }
         int64_t g = 0;
         for (; g + 4 <= group; g += 4) score_heads<4>(q, d, key, scale, p, g, j);
         switch (group - g) {
@@ -262,16 +358,11 @@ static inline void attend_tile(const float* q, int64_t group, int64_t d, float s
         }
     }
     const int64_t d_vec = d - d % kWidth;
-    for (int64_t c = 0; c < d_vec; c += kWidth) {
-        int64_t g = 0;
-        for (; g + 4 <= group; g += 4) accumulate_values<4>(acc, p, g, values, d, n, c);
-        switch (group - g) {
-            case 3: accumulate_values<3>(acc, p, g, values, d, n, c); break;
-            case 2: accumulate_values<2>(acc, p, g, values, d, n, c); break;
-            case 1: accumulate_values<1>(acc, p, g, values, d, n, c); break;
-            default: break;
-        }
+    int64_t c = 0;
+    for (; c + kRowValueVecs * kWidth <= d_vec; c += kRowValueVecs * kWidth) {
+        accumulate_group_values<kRowValueVecs>(acc, p, group, values, d, n, c);
     }
+    for (; c < d_vec; c += kWidth) accumulate_group_values<1>(acc, p, group, values, d, n, c);
     for (int64_t g = 0; g < group; ++g) {  // the columns past the last whole vector
         for (int64_t j = 0; j < n; ++j) {
             const KV* v = values + j * d;

@@ -17,8 +17,9 @@ from lfm_edge import native, reference
 ISAS = native.available_isas()
 CONTEXTS = (1, 3, 17, 33, 1023, 4100)  # S: 64-key tiles, 16/8-lane vectors, ends off both
 # (n_heads, n_kv, head_dim): LFM2's 32/8/64, one KV head for many queries, odd groups, head
-# sizes that are not a multiple of any vector width, the largest group and head the bindings take
-HEADS = ((32, 8, 64), (4, 1, 16), (6, 2, 40), (3, 3, 17), (16, 1, 256), (10, 2, 24))
+# sizes that are not a multiple of any vector width, the largest group and head the bindings take,
+# and a group of 6 (AVX-512 decode: four heads x four keys at a time, then two heads alone)
+HEADS = ((32, 8, 64), (4, 1, 16), (6, 2, 40), (3, 3, 17), (16, 1, 256), (10, 2, 24), (12, 2, 32))
 # Against a float64 reference: the kernel's exp is good to ~2 ulp and its float32 sums run in
 # another order (fused multiply-adds on AVX2/AVX-512), so |got - want| <= ATOL_REL * max|want|.
 # Measured worst 1.7e-6 (scalar, S = 4100); the existing model tests use the same 2e-5.
