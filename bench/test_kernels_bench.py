@@ -18,8 +18,9 @@ bandwidth, or the int8 peak of the same instruction set) on the same threads.
 - moe_gemm: prefill's expert-grouped GEMM (native.moe): 512 tokens, 32 experts [1792, 2048], top 4
   (about 64 tokens an expert), gate + up + down.
 - attention: decode (1 token over 32,768 positions of float16 KV: 8 KV heads x 64, 67 MB, a
-  different copy each call out of DRAM_BYTES of them, so from DRAM) in GB/s of KV read, and prefill (512 and 4096 tokens, causal, one call as a prompt's
-  first chunk) in GMAC/s of QK^T and PV.
+  different copy each call out of DRAM_BYTES of them, so from DRAM) in GB/s of KV read, and
+  prefill (512 and 4096 tokens, causal, one call as a prompt's first chunk) in GMAC/s of QK^T
+  and PV.
 - quantize_activations: a prompt's activations (512 tokens x the hidden 2048 or the experts' 1792,
   whose 56 blocks of 32 leave 8 over the AVX-512 kernel's 16 at a time) quantized to int8 blocks,
   in GB/s of floats read: from L2/L3, so no probe applies.
