@@ -8,8 +8,8 @@
 // (-offset x sum of the activations), so acc += (dw dx) * float(dot), one fused multiply-add per
 // block in block order, gives every output the AVX-512 kernels' bits and hence the scalar twin's
 // (tests/test_kernels_int8.py). The tokens left over after whole tiles of 16 go through tiles of
-// fewer rows (tiles 6 and 7); fewer than 16 tokens in all (decode among them) go to the AVX-512
-// kernels.
+// fewer rows (tiles 6 and 7), and so do 8 to 15 tokens in all; fewer than 8 (decode among them)
+// go to the AVX-512 kernels (kMinTileTokens).
 //
 // Compiled with the AVX-512 flags plus -mamx-tile -mamx-int8; dispatch offers the table only
 // where the CPU has AMX-INT8 and Linux grants the process the tile data state (arch_prctl).
@@ -208,17 +208,27 @@ void tile16(const QuantizedRows& x, int64_t t0, const Block* blocks, uint8_t* w,
 #undef LFM_EDGE_BLOCK_DOTS
 #undef LFM_EDGE_TILE_LOAD
 
+// Fewer tokens than this in all go to the AVX-512 kernels, which stream a row group's weights from
+// memory once without converting them; from here on the conversion pays for itself. Measured on
+// the AMX VM (2026-12-03): one [1792, 2048] Q4_0 matrix of a 1 GB stack (from DRAM), per call,
+// best of three passes, AVX-512 against a partial tile alone:
+//   tokens     4          6          8          10         12         14
+//   1 thread   183 / 255  234 / 230  261 / 235  315 / 245  332 / 261  386 / 271 us
+//   2 threads  116 / 135  141 / 145  158 / 151  194 / 189  203 / 168  231 / 176 us
+// Batched decode of the 1.2B on 2 threads (lfm-edge bench -np): 8 sequences 162 -> 162 tok/s,
+// 12 sequences 187 -> 224. A prompt's experts with 8 to 15 tokens take the tiles too.
+constexpr int64_t kMinTileTokens = 8;
+
 // PackedMatmulFn (kernels.h) for Block: whole tiles of 16 tokens here, then the tokens left over
-// as a partial tile on the weights the whole tiles converted. Fewer than 16 tokens in all (decode,
-// and several sequences decoding together) go to `rest`, the AVX-512 kernels, which stream the
-// weights from memory once without converting them (a partial tile alone there: batched decode of
-// 4 and 8 sequences -4%, 8B-A1B).
+// as a partial tile on the weights the whole tiles converted (or, from kMinTileTokens to 15 tokens
+// in all, a partial tile alone, which converts them). Fewer tokens in all (decode, and a few
+// sequences decoding together) go to `rest`, the AVX-512 kernels.
 template <class Block>
 void matmul(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t group_begin, int64_t group_end,
             float* y, int64_t ldy, PackedMatmul& rest) {
     const int64_t nb = x.k / kQuantBlock;
     const int64_t whole = x.n_tokens / kTileTokens * kTileTokens;
-    const int tail = whole > 0 ? static_cast<int>(x.n_tokens - whole) : 0;
+    const int tail = whole > 0 || x.n_tokens >= kMinTileTokens ? static_cast<int>(x.n_tokens - whole) : 0;
     int64_t done = whole + tail;  // the tokens the tiles take
     uint8_t* weights = done > 0 ? thread_buffer(nb * 8 * 64) : nullptr;
     if (weights == nullptr) done = 0;  // no memory for the copies: all on AVX-512
@@ -232,9 +242,10 @@ void matmul(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t gr
             for (int64_t t0 = 0; t0 < whole; t0 += kTileTokens) {
                 tile16(x, t0, blocks + g * nb, weights, nb, rows, y + t0 * ldy, ldy, row0, t0 == 0, next);
             }
-            if (tail > 0) {
+            if (tail > 0) {  // after whole tiles, the first of them made w and asked for the next group
+                const bool alone = whole == 0;
                 tile16<Block, true>(x, whole, blocks + g * nb, weights, nb, rows, y + whole * ldy, ldy, row0,
-                                    false, nullptr, tail);  // the first whole tile made w and asked for the next group
+                                    alone, alone ? next : nullptr, tail);
             }
         }
     }
