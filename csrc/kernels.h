@@ -141,10 +141,11 @@ struct KernelTable {
     SiluMulFn silu_mul;
 };
 
-// How the AVX-512 decode tiles (one or two tokens) stream a matrix's weights from memory: each
+// How the AVX-512 decode tiles (one to four tokens) stream a matrix's weights from memory: each
 // CPU vendor's memory system wants its own way, and the bits are the same either way.
-//   kPrefetchL2: four row groups read side by side, each block asking for the bytes 9 KB past
-//     it into L2 (prefetcht1). Intel (Sapphire Rapids: prefetchnta held a GEMV to a third).
+//   kPrefetchL2: four row groups read side by side (two for two to four tokens), each block
+//     asking for the bytes 9 KB past it into L2 (prefetcht1). Intel (Sapphire Rapids:
+//     prefetchnta held a GEMV to a third).
 //   kNonTemporal: one row group at a time, each block asking for the bytes 18 KB past it with
 //     prefetchnta. AMD (Zen 4 and Zen 5: side by side and L2 prefetches read slower there).
 // The default follows the CPU's vendor (AMD: kNonTemporal); set_decode_streaming changes it

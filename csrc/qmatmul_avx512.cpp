@@ -63,15 +63,16 @@ static inline void with_weight_prefetch(int64_t t0, const Body& body) {
 static inline __mmask16 row_mask(int rows) { return static_cast<__mmask16>((1u << rows) - 1); }
 
 // Runs `step` over the n_steps steps (blocks or sub-blocks) of one row group for TT tokens, each
-// step adding to the TT accumulators of the group's 16 rows, then stores them. Decode may run G
-// full row groups side by side, `spacing` groups apart (their outputs 16 * spacing rows apart):
-// G streams from memory at once instead of one, for the hardware prefetcher (qmatmul_impl.h,
-// kDecodeStreams). Each output is still the same sums in the same order, so G changes no bit.
+// step adding to the TT accumulators of the group's 16 rows, then stores them. Decode (one to four
+// tokens: qmatmul_impl.h, kStreamsFor) may run G full row groups side by side, `spacing` groups
+// apart (their outputs 16 * spacing rows apart): G streams from memory at once instead of one,
+// for the hardware prefetcher (kDecodeStreams). Each output is still the same sums in the same
+// order, so G changes no bit.
 // Each step gets the prefetch to ask for its weights ahead with (with_weight_prefetch).
 template <int TT, int G, class Block, class Step>
 static inline void over_groups(const Block* blocks, int64_t n_blocks, int64_t spacing, int64_t n_steps,
                                int rows, float* y, int64_t ldy, int64_t t0, int64_t row0, const Step& step) {
-    static_assert(G == 1 || TT <= 2, "row groups side by side are for decode: one or two tokens");
+    static_assert(G == 1 || TT <= 4, "row groups side by side are for one to four tokens");
     with_weight_prefetch<TT>(t0, [&](auto prefetch) {
         __m512 acc[G][TT];
         for (int g = 0; g < G; ++g) {

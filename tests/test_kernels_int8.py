@@ -149,9 +149,10 @@ def test_int8_linear_matches_numpy_model(isa, qtype, t, n, k):
 
 
 @pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda q: q.name)
-# AMX: 5 and 7 tokens go to the AVX-512 kernels, 8 and 15 to a partial tile alone, and 37 to two
-# 16-token tiles and a partial tile of 5
-@pytest.mark.parametrize("t", [5, 7, 8, 15, 37])
+# AVX-512: 1 to 4 tokens read row groups side by side, 5 and 7 a tile of 4 and the rest. AMX: up
+# to 7 tokens go to the AVX-512 kernels, 8 and 15 to a partial tile alone, and 37 to two 16-token
+# tiles and a partial tile of 5
+@pytest.mark.parametrize("t", [3, 4, 5, 7, 8, 15, 37])
 def test_int8_linear_is_the_same_on_every_isa_and_thread_count(qtype, t):
     n, k = 1023, 2048
     assert_linear_bits_agree(activations(t, k), packed(qtype, n, k), weights(qtype, n, k)[0], qtype, n, k)
