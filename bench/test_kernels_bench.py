@@ -15,6 +15,10 @@ bandwidth, or the int8 peak of the same instruction set) on the same threads.
 - gemv: decode's matrix-vector product (native.linear, one token) over a stack of [7168, 2048]
   matrices (the dense FFN's) of DRAM_BYTES (4x the largest cache the CPU reports, at least
   160 MB), a different one each call, so weights come from DRAM as in a decode step.
+- linear_few_tokens: 2 to 12 tokens (several sequences decoding together, a short prompt's
+  experts) through one expert's [1792, 2048] Q4_0 matrix, a different one each call from a stack of
+  DRAM_BYTES, in GB/s of weights read: the AVX-512 kernels read two row groups side by side up to 4
+  tokens, and the AMX table takes a tile from 8.
 - moe_gemm: prefill's expert-grouped GEMM (native.moe): 512 tokens, 32 experts [1792, 2048], top 4
   (about 64 tokens an expert), gate + up + down.
 - attention: decode (1 token over 32,768 positions of float16 KV: 8 KV heads x 64, 67 MB, a
@@ -96,6 +100,24 @@ def test_gemv(benchmark, rooflines, record, isa, qtype):
         benchmark(lambda: native.linear(x, w, next(index)))
     gbps = w.nbytes / w.n_mats / benchmark.stats.stats.mean * 1e-9
     record(benchmark, isa, gbps, "gbps", rooflines.read_gbps(), n=FFN, k=HIDDEN, n_mats=w.n_mats)
+
+
+@lru_cache(maxsize=1)
+def expert_matrix_stack(qtype: Q):
+    one = native.row_bytes(int(qtype), HIDDEN) * EXPERT_FFN
+    return weight_stack(qtype, -(-DRAM_BYTES // one), EXPERT_FFN, HIDDEN)
+
+
+@pytest.mark.parametrize("tokens", [2, 3, 4, 8, 12])
+@pytest.mark.parametrize("isa", ISAS)
+def test_linear_few_tokens(benchmark, rooflines, record, isa, tokens):
+    w = expert_matrix_stack(Q.Q4_0)
+    x = np.random.default_rng(6).standard_normal((tokens, HIDDEN)).astype(np.float32)
+    index = itertools.cycle(range(w.n_mats))
+    with native.use_isa(isa):
+        benchmark(lambda: native.linear(x, w, next(index)))
+    gbps = w.nbytes / w.n_mats / benchmark.stats.stats.mean * 1e-9
+    record(benchmark, isa, gbps, "gbps", rooflines.read_gbps(), tokens=tokens, n=EXPERT_FFN, k=HIDDEN, n_mats=w.n_mats)
 
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
