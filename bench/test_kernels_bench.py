@@ -79,9 +79,10 @@ def weight_stack(qtype: Q, n_mats: int, n: int, k: int):
 
 
 @lru_cache(maxsize=1)
-def gemv_stack(qtype: Q):
-    one = native.row_bytes(int(qtype), HIDDEN) * FFN
-    return weight_stack(qtype, -(-DRAM_BYTES // one), FFN, HIDDEN)
+def dram_stack(qtype: Q, n: int, k: int):
+    """DRAM_BYTES of random [n, k] matrices of qtype, packed: each read from DRAM when cycled through."""
+    one = native.row_bytes(int(qtype), k) * n
+    return weight_stack(qtype, -(-DRAM_BYTES // one), n, k)
 
 
 @lru_cache(maxsize=1)
@@ -93,7 +94,7 @@ def expert_stacks(qtype: Q):
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize("isa", ISAS)
 def test_gemv(benchmark, rooflines, record, isa, qtype):
-    w = gemv_stack(qtype)
+    w = dram_stack(qtype, FFN, HIDDEN)
     x = np.random.default_rng(0).standard_normal((1, HIDDEN)).astype(np.float32)
     index = itertools.cycle(range(w.n_mats))
     with native.use_isa(isa):
@@ -102,16 +103,10 @@ def test_gemv(benchmark, rooflines, record, isa, qtype):
     record(benchmark, isa, gbps, "gbps", rooflines.read_gbps(), n=FFN, k=HIDDEN, n_mats=w.n_mats)
 
 
-@lru_cache(maxsize=1)
-def expert_matrix_stack(qtype: Q):
-    one = native.row_bytes(int(qtype), HIDDEN) * EXPERT_FFN
-    return weight_stack(qtype, -(-DRAM_BYTES // one), EXPERT_FFN, HIDDEN)
-
-
 @pytest.mark.parametrize("tokens", [2, 3, 4, 8, 12])
 @pytest.mark.parametrize("isa", ISAS)
 def test_linear_few_tokens(benchmark, rooflines, record, isa, tokens):
-    w = expert_matrix_stack(Q.Q4_0)
+    w = dram_stack(Q.Q4_0, EXPERT_FFN, HIDDEN)
     x = np.random.default_rng(6).standard_normal((tokens, HIDDEN)).astype(np.float32)
     index = itertools.cycle(range(w.n_mats))
     with native.use_isa(isa):

@@ -74,12 +74,12 @@ void tile(const QuantizedRows& x, int64_t t0, const Block* blocks, int64_t n_blo
 // sequences 111-112 -> 116-117. Four streams were no faster on 1 thread and slower on 2. AVX2
 // has 16 registers: one stream from three tokens on.
 #if defined(__AVX512F__)
-template <class Block, int TT>
-constexpr int kStreamsFor = TT == 1 ? kDecodeStreams<Block> : TT <= 4 ? kDecodeStreams<Block> / 2 : 1;
+constexpr int kMaxStreamedTokens = 4;
 #else
-template <class Block, int TT>
-constexpr int kStreamsFor = TT == 1 ? kDecodeStreams<Block> : TT == 2 ? kDecodeStreams<Block> / 2 : 1;
+constexpr int kMaxStreamedTokens = 2;
 #endif
+template <class Block, int TT>
+constexpr int kStreamsFor = TT == 1 ? kDecodeStreams<Block> : TT <= kMaxStreamedTokens ? kDecodeStreams<Block> / 2 : 1;
 
 // The first of [group_begin, group_end) that a TT-token tile reading kStreamsFor<Block, TT> row
 // groups side by side leaves: the range's full row groups cut into that many equal runs, the
@@ -115,12 +115,10 @@ void matmul_row_groups(const QuantizedRows& x, const uint8_t* w, int64_t n_rows,
         group_begin = side_by_side<Block, 1>(x, blocks, n_blocks, n_rows, group_begin, group_end, y, ldy);
     } else if (x.n_tokens == 2) {
         group_begin = side_by_side<Block, 2>(x, blocks, n_blocks, n_rows, group_begin, group_end, y, ldy);
-    } else if constexpr (kTokenTile == 4) {
-        if (x.n_tokens == 3) {
-            group_begin = side_by_side<Block, 3>(x, blocks, n_blocks, n_rows, group_begin, group_end, y, ldy);
-        } else if (x.n_tokens == 4) {
-            group_begin = side_by_side<Block, 4>(x, blocks, n_blocks, n_rows, group_begin, group_end, y, ldy);
-        }
+    } else if (x.n_tokens == 3) {
+        group_begin = side_by_side<Block, 3>(x, blocks, n_blocks, n_rows, group_begin, group_end, y, ldy);
+    } else if (x.n_tokens == 4) {
+        group_begin = side_by_side<Block, 4>(x, blocks, n_blocks, n_rows, group_begin, group_end, y, ldy);
     }
     for (int64_t g = group_begin; g < group_end; ++g) {
         const int64_t row0 = g * kRowGroup;
