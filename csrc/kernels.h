@@ -60,7 +60,18 @@ struct QuantizedRows {
     const int32_t* sum16;  // [n_tokens, k / 16] sum of q over each half block (scales per 16)
     int64_t n_tokens;
     int64_t k;  // a multiple of 32
+    // The rows' whole tiles of 16 tokens laid out for kernels that read them so (a KernelTable
+    // with pack_tiles), or nullptr, and the kernel lays them out itself: tile i (tokens 16i ..
+    // 16i + 15) at tiles + 16 i k, [k/32 blocks][16 tokens][32], and its scales at tile_d + 16 i
+    // (k/32), [k/32 blocks][16 tokens].
+    const int8_t* tiles = nullptr;
+    const float* tile_d = nullptr;
 };
+
+// Lays out x's whole tiles of 16 tokens (floor(n_tokens / 16) of them) as QuantizedRows::tiles
+// and tile_d describe, into tiles (16 k bytes a tile, 64-byte aligned) and tile_d (16 (k/32)
+// floats a tile, 64-byte aligned).
+using PackTilesFn = void (*)(const QuantizedRows& x, int8_t* tiles, float* tile_d);
 
 // Quantizes one row of k values (k % 32 == 0) as QuantizedRows describes. Bit-identical on
 // every instruction set: each step is one correctly rounded float32 operation.
@@ -139,6 +150,7 @@ struct KernelTable {
     QuantizeRowFn quantize_row;
     AttentionFn attention;
     SiluMulFn silu_mul;
+    PackTilesFn pack_tiles;  // nullptr where no kernel reads QuantizedRows::tiles (all but AMX)
 };
 
 // How the AVX-512 decode tiles (one to four tokens) stream a matrix's weights from memory: each

@@ -87,6 +87,7 @@ constexpr KernelTable amx_table() {
     KernelTable table = LFM_EDGE_KERNEL_TABLE("amx", avx512);
     table.q4_0.matmul_packed = amx::matmul_q4_0_packed;
     table.q8_0.matmul_packed = amx::matmul_q8_0_packed;
+    table.pack_tiles = amx::pack_tiles;
     return table;
 }
 constexpr KernelTable kAmxTable = amx_table();

@@ -152,6 +152,7 @@ constexpr QTypeKernels kernels_of(PackedMatmulFn matmul_packed = nullptr) {
         isa::quantize_row,                             \
         isa::attention,                                \
         isa::silu_mul,                                 \
+        nullptr, /* pack_tiles: AMX only */            \
     }
 
 constexpr KernelTable kTable = LFM_EDGE_KERNEL_TABLE(kIsaName, this_isa);

@@ -157,6 +157,55 @@ struct QuantizedBuffer {
     }
 };
 
+// Rows [first, first + count) of a quantized buffer that a matmul takes as one piece (a token
+// chunk, an expert's span).
+struct Part {
+    int64_t first, count;
+};
+
+// Where the active kernels read whole tiles of 16 tokens laid out for them (KernelTable::
+// pack_tiles: AMX), the tiles of a quantized buffer's parts, each from its first row, laid out
+// once on the pool for all the row groups and threads that read them rather than in every
+// kernel call. Elsewhere, and for parts of fewer than 16 rows, it holds nothing.
+class TileLayout {
+  public:
+    TileLayout(const KernelTable& table, const QuantizedBuffer& x, std::vector<Part> parts)
+        : x_(x), parts_(std::move(parts)), offset_(parts_.size() + 1, 0) {
+        for (size_t i = 0; i < parts_.size(); ++i) offset_[i + 1] = offset_[i] + parts_[i].count / kTile * kTile;
+        const int64_t n = offset_.back();  // rows in whole tiles
+        if (table.pack_tiles == nullptr || n == 0) return;
+        tiles_ = Scratch<int8_t>(n * x.k);
+        tile_d_ = Scratch<float>(n * (x.k / kQuantBlock));
+        parallel_for(static_cast<int64_t>(parts_.size()), 1, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) {
+                if (offset_[i + 1] > offset_[i]) {
+                    table.pack_tiles(x_.rows(parts_[i].first, parts_[i].count), tiles_.get() + offset_[i] * x_.k,
+                                     tile_d_.get() + offset_[i] * (x_.k / kQuantBlock));
+                }
+            }
+        });
+    }
+
+    // Part i's rows, with their tiles where laid out.
+    QuantizedRows rows(int64_t i) const {
+        QuantizedRows r = x_.rows(parts_[i].first, parts_[i].count);
+        if (tiles_.get() != nullptr && offset_[i + 1] > offset_[i]) {
+            r.tiles = tiles_.get() + offset_[i] * x_.k;
+            r.tile_d = tile_d_.get() + offset_[i] * (x_.k / kQuantBlock);
+        }
+        return r;
+    }
+    const Part& part(int64_t i) const { return parts_[i]; }
+
+  private:
+    static constexpr int64_t kTile = 16;  // tokens a tile
+    const QuantizedBuffer& x_;
+    std::vector<Part> parts_;
+    std::vector<int64_t> offset_;  // part i's tiles: rows [offset_[i], offset_[i + 1]) of tiles_
+    Scratch<int8_t> tiles_;
+    Scratch<float> tile_d_;
+};
+
 void quantize_all(const KernelTable& table, const float* x, int64_t n_tokens, int64_t k,
                   QuantizedBuffer& out) {
     out.resize(n_tokens, k);
@@ -308,10 +357,13 @@ void linear(const Matrix& w, int64_t index, const float* x, int64_t n_tokens, fl
     // in L2, a chunk's do, and every row group then reads them from there.
     const int64_t chunk = token_chunk(w.k);
     const int64_t n_chunks = (n_tokens + chunk - 1) / chunk;
+    std::vector<Part> chunks;
+    for (int64_t t0 = 0; t0 < n_tokens; t0 += chunk) chunks.push_back({t0, std::min(chunk, n_tokens - t0)});
+    const TileLayout tiles(table, xq, w.packed() ? std::move(chunks) : std::vector<Part>{});
     parallel_for(n_chunks * groups, grain_for(groups, n_tokens), [&](int64_t begin, int64_t end) {
         for_group_runs(begin, end, groups, [&](int64_t c, int64_t g0, int64_t g1) {
             const int64_t t0 = c * chunk, count = std::min(chunk, n_tokens - t0);
-            const QuantizedRows rows = w.packed() ? xq.rows(t0, count) : QuantizedRows{};
+            const QuantizedRows rows = w.packed() ? tiles.rows(c) : QuantizedRows{};
             matmul_groups(table, w, mat, x + t0 * w.k, &rows, count, g0, g1, y + t0 * w.n, w.n);
         });
     });
@@ -354,10 +406,12 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
         int64_t expert, first, count;
     };
     std::vector<Span> spans;
+    std::vector<Part> span_rows;  // each span's rows, for its tiles
     const int64_t chunk = token_chunk(std::max(hidden, ffn));
     for (int64_t e = 0; e < n_expert; ++e) {
         for (int64_t r = first[e]; r < first[e + 1]; r += chunk) {
             spans.push_back({e, r, std::min(chunk, first[e + 1] - r)});
+            span_rows.push_back({r, spans.back().count});
         }
     }
     const auto n_spans = static_cast<int64_t>(spans.size());
@@ -388,6 +442,7 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
     }
     const QuantizedBuffer& x_rows = rows_are_tokens ? xt : xq;
     const float* x_floats = rows_are_tokens ? x : xs.get();
+    const TileLayout x_tiles(table, x_rows, gate.packed() ? span_rows : std::vector<Part>{});
 
     // h = silu(gate(x)) * up(x): tasks (span, row group), each both matrices' group and then
     // the product over the group's columns while they are in cache.
@@ -396,7 +451,7 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
     parallel_for(n_spans * ffn_groups, expert_grain(n_spans, ffn_groups), [&](int64_t begin, int64_t end) {
         for_group_runs(begin, end, ffn_groups, [&](int64_t span, int64_t g0, int64_t g1) {
             const Span& s = spans[span];
-            const QuantizedRows rows = gate.packed() ? x_rows.rows(s.first, s.count) : QuantizedRows{};
+            const QuantizedRows rows = gate.packed() ? x_tiles.rows(span) : QuantizedRows{};
             const float* xf = gate.packed() ? nullptr : x_floats + s.first * hidden;
             matmul_groups(table, gate, gate.mat(s.expert), xf, &rows, s.count, g0, g1, h.get() + s.first * ffn, ffn);
             matmul_groups(table, up, up.mat(s.expert), xf, &rows, s.count, g0, g1, u.get() + s.first * ffn, ffn);
@@ -408,13 +463,14 @@ void moe(const float* x, int64_t n_tokens, const int32_t* experts, const float* 
     });
     QuantizedBuffer hq;
     if (down.packed()) quantize_all(table, h.get(), n_rows, ffn, hq);
+    const TileLayout h_tiles(table, hq, down.packed() ? std::move(span_rows) : std::vector<Part>{});
 
     const int64_t hidden_groups = row_groups(hidden);
     Scratch<float> yd(n_rows * hidden);  // [n_rows, H]
     parallel_for(n_spans * hidden_groups, expert_grain(n_spans, hidden_groups), [&](int64_t begin, int64_t end) {
         for_group_runs(begin, end, hidden_groups, [&](int64_t span, int64_t g0, int64_t g1) {
             const Span& s = spans[span];
-            const QuantizedRows rows = down.packed() ? hq.rows(s.first, s.count) : QuantizedRows{};
+            const QuantizedRows rows = down.packed() ? h_tiles.rows(span) : QuantizedRows{};
             matmul_groups(table, down, down.mat(s.expert), h.get() + s.first * ffn, &rows, s.count, g0, g1,
                           yd.get() + s.first * hidden, hidden);
         });

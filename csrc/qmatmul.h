@@ -30,9 +30,11 @@ LFM_EDGE_DECLARE_QMATMUL(avx512)
 
 #undef LFM_EDGE_DECLARE_QMATMUL
 
-// qmatmul_amx.cpp: the AVX-512 table's Q4_0 and Q8_0 entries on AMX tiles (16 tokens at a time).
+// qmatmul_amx.cpp: the AVX-512 table's Q4_0 and Q8_0 entries on AMX tiles (16 tokens at a time),
+// and the layout of the activations they read (PackTilesFn).
 namespace amx {
 PackedMatmul matmul_q4_0_packed, matmul_q8_0_packed;
+void pack_tiles(const QuantizedRows& x, int8_t* tiles, float* tile_d);
 }
 
 }  // namespace lfm

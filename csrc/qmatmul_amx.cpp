@@ -1,15 +1,24 @@
 // AMX (AMX-TILE, AMX-INT8) prompt kernels for Q4_0 and Q8_0: the "amx" table is the AVX-512 one
 // with these two entries. 16 tokens at a time against one row group: each 32-weight block is one
-// TDPBSSD of the tokens' int8 activations (tile 0, [16 tokens][32 bytes], read in place, rows k
-// bytes apart) by the block's 16 rows of int8 weights (tile 1, [8 quads][16 rows x 4 bytes]:
-// VNNI's operand layout, which the packed blocks keep, their offset taken off once per row group:
-// nibble - 8, byte - 128), giving [16 tokens][16 rows] exact int32 dot products (tile 2). Each is
-// the integer the AVX-512 kernels reach with unsigned weights and the block's offset term
-// (-offset x sum of the activations), so acc += (dw dx) * float(dot), one fused multiply-add per
-// block in block order, gives every output the AVX-512 kernels' bits and hence the scalar twin's
-// (tests/test_kernels_int8.py). The tokens left over after whole tiles of 16 go through tiles of
-// fewer rows (tiles 6 and 7), and so do 8 to 15 tokens in all; fewer than 8 (decode among them)
-// go to the AVX-512 kernels (kMinTileTokens).
+// TDPBSSD of the tokens' int8 activations (tile 0, [16 tokens][32 bytes]) by the block's 16 rows
+// of int8 weights (tile 1, [8 quads][16 rows x 4 bytes]: VNNI's operand layout, which the packed
+// blocks keep, their offset taken off once per row group: nibble - 8, byte - 128), giving
+// [16 tokens][16 rows] exact int32 dot products (tile 2). Each is the integer the AVX-512 kernels
+// reach with unsigned weights and the block's offset term (-offset x sum of the activations), so
+// acc += (dw dx) * float(dot), one fused multiply-add per block in block order, gives every output
+// the AVX-512 kernels' bits and hence the scalar twin's (tests/test_kernels_int8.py). The tokens
+// left over after whole tiles of 16 go through tiles of fewer rows (tiles 6 and 7), and so do 8 to
+// 15 tokens in all; fewer than 8 (decode among them) go to the AVX-512 kernels (kMinTileTokens).
+//
+// What a whole tile's block costs (the AMX VM, 2026-12-03, a standalone harness, weights and
+// activations in L2): the tile work (two loads, the dot product, the store) and the scaling (16 x
+// convert, multiply, fused multiply-add) hardly run beside each other, so a block takes at least
+// the sum of the two (about 47 + 33 cycles). Reading the activations in place (tile 0's 16 rows
+// k bytes apart) and storing each product right after its dot product took 88-92 cycles a block;
+// now the whole tiles' activations are laid out once per matmul in the order tile 0 reads them
+// (512 contiguous bytes a block, with their 16 scales as one vector: pack_tiles, ops.cpp's
+// TileLayout), and a block's product is stored after the next block's dot product has started
+// (whole_tile): 75-77 cycles.
 //
 // Compiled with the AVX-512 flags plus -mamx-tile -mamx-int8; dispatch offers the table only
 // where the CPU has AMX-INT8 and Linux grants the process the tile data state (arch_prctl).
@@ -130,30 +139,99 @@ static inline void ask_for_blocks(const Block* first, int64_t n) {
         _tile_stored(C, dots, 4 * kRowGroup);      \
     } while (0)
 
-// 16 tokens against one row group (nb blocks), into rows 0 .. 15 of y, columns row0 .. row0 + rows
-// - 1. Blocks go in pairs on two sets of tiles (0-2, 3-5); the scaling keeps block order, so the
-// bits are the AVX-512 kernels'. kPartial: the last `tokens` (< 16) tokens instead, on tiles 6
-// and 7 (Tiles), one block after the other: their work shrinks with their rows.
+// One whole tile's 16 tokens (a, dx: a tile of QuantizedRows::tiles, tile_d) against one row group
+// (nb blocks), into rows 0 .. 15 of y, columns row0 .. row0 + rows - 1. Blocks alternate between
+// the tiles 0-2 and 3-5;
+// a block's product is stored after the next block's dot product has started and scaled after
+// the one after that has (loads cannot take data from a tile store still in flight), in block
+// order, so the bits are the AVX-512 kernels'.
 //
-// The first tile of a row group (first: true) also makes the group's int8 weights in w, a pair of
+// The first tile of a row group (first: true) also makes the group's int8 weights in w, a few
 // blocks ahead of its own dot products (so a tile load never waits for the stores of a block just
-// made), and asks for the next row group's blocks (next, unless nullptr) one or two at a time:
-// the conversion runs beside the tile work, and the next group's bytes arrive from memory while
-// this group's tiles run instead of stalling its conversion. The tiles after it read w.
-template <class Block, bool kPartial = false>
-void tile16(const QuantizedRows& x, int64_t t0, const Block* blocks, uint8_t* w, int64_t nb, int rows,
-            float* y, int64_t ldy, int64_t row0, bool first, const Block* next, int tokens = kTileTokens) {
+// made), and asks for the next row group's blocks (next, unless nullptr) two at a time: the
+// conversion runs beside the tile work, and the next group's bytes arrive from memory while this
+// group's tiles run instead of stalling its conversion. The tiles after it read w.
+template <class Block>
+void whole_tile(const int8_t* a, const float* dx, const Block* blocks, uint8_t* w, int64_t nb, int rows, float* y,
+                int64_t ldy, int64_t row0, bool first, const Block* next) {
+    constexpr int64_t kWeightBytes = 8 * 64;                   // one block's tile 1
+    constexpr int64_t kTileBytes = kTileTokens * kQuantBlock;  // one block's tile 0
+    constexpr int kSlots = 4;                                  // products stored, not yet scaled
+    alignas(64) int32_t dots[kSlots][kTileTokens][kRowGroup];
+    __m512 acc[kTileTokens];
+    for (__m512& v : acc) v = _mm512_setzero_ps();
+    auto scale = [&](int64_t b) {
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blocks[b].d)));
+        const float* dxb = dx + b * kTileTokens;
+        const int32_t (&d)[kTileTokens][kRowGroup] = dots[b % kSlots];
+        for (int t = 0; t < kTileTokens; ++t) {
+            const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(d[t]));
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(dxb[t])), dot, acc[t]);
+        }
+    };
+    auto make = [&](int64_t from, int64_t to) {  // blocks [from, to) of w, those of them that exist
+        for (int64_t i = from; i < to && i < nb; ++i) signed_block(blocks[i], w + i * kWeightBytes);
+    };
+#define LFM_EDGE_START_DOTS(A, B, C, b)                                        \
+    do {                                                                       \
+        LFM_EDGE_TILE_LOAD(A, a + (b) * kTileBytes, kQuantBlock);              \
+        LFM_EDGE_TILE_LOAD(B, w + (b) * kWeightBytes, 4 * kRowGroup);          \
+        _tile_zero(C);                                                         \
+        _tile_dpbssd(C, A, B);                                                 \
+    } while (0)
+#define LFM_EDGE_STORE_DOTS(C, b) _tile_stored(C, dots[(b) % kSlots], 4 * kRowGroup)
+    if (first) make(0, 4);
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        if (first) {
+            make(b + 4, b + 6);
+            if (next != nullptr) ask_for_blocks(next + b, 2);
+        }
+        LFM_EDGE_START_DOTS(0, 1, 2, b);
+        if (b >= 2) scale(b - 2);
+        if (b >= 1) LFM_EDGE_STORE_DOTS(5, b - 1);
+        LFM_EDGE_START_DOTS(3, 4, 5, b + 1);
+        if (b >= 1) scale(b - 1);
+        LFM_EDGE_STORE_DOTS(2, b);
+    }
+    if (b < nb) {  // an odd block count: block b on tiles 0-2
+        if (first && next != nullptr) ask_for_blocks(next + b, 1);
+        LFM_EDGE_START_DOTS(0, 1, 2, b);
+        if (b >= 2) scale(b - 2);
+        if (b >= 1) LFM_EDGE_STORE_DOTS(5, b - 1);
+        LFM_EDGE_STORE_DOTS(2, b);
+        if (b >= 1) scale(b - 1);
+        scale(b);
+    } else {
+        LFM_EDGE_STORE_DOTS(5, b - 1);
+        if (b >= 2) scale(b - 2);
+        scale(b - 1);
+    }
+#undef LFM_EDGE_START_DOTS
+#undef LFM_EDGE_STORE_DOTS
+    const auto mask = static_cast<__mmask16>((1u << rows) - 1);
+    for (int t = 0; t < kTileTokens; ++t) _mm512_mask_storeu_ps(y + t * ldy + row0, mask, acc[t]);
+}
+
+// The last `tokens` (1 .. 15) tokens of x from token t0, read in place (rows k bytes apart),
+// against one row group (nb blocks), into rows 0 .. tokens - 1 of y, columns row0 .. row0 + rows
+// - 1: on tiles 6 and 7 (Tiles), borrowing tiles 1 and 4 for the weights, one block after the
+// other; their work shrinks with their rows. A pair's products are scaled one pair later (loads
+// cannot take data from a tile store still in flight), in block order, so the bits are the
+// AVX-512 kernels'. first and next as in whole_tile: a partial tile alone makes the weights.
+template <class Block>
+void partial_tile(const QuantizedRows& x, int64_t t0, int tokens, const Block* blocks, uint8_t* w, int64_t nb,
+                  int rows, float* y, int64_t ldy, int64_t row0, bool first, const Block* next) {
     const int8_t* a = x.q + t0 * x.k;
     const float* d_x = x.d + t0 * nb;
     constexpr int64_t kWeightBytes = 8 * 64;  // one block's tile 1
     alignas(64) int32_t dots[4][kTileTokens][kRowGroup];
     __m512 acc[kTileTokens];
-    for (__m512& a : acc) a = _mm512_setzero_ps();
+    for (__m512& v : acc) v = _mm512_setzero_ps();
     auto scale = [&](int64_t b, const int32_t (&d)[kTileTokens][kRowGroup]) {
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blocks[b].d)));
         const float* dx = d_x + b;
-        for (int t = 0; t < kTileTokens; ++t) {
-            if (kPartial && t >= tokens) break;
+        for (int t = 0; t < tokens; ++t) {
             const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(d[t]));
             acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(dx[t * nb])), dot, acc[t]);
         }
@@ -162,8 +240,6 @@ void tile16(const QuantizedRows& x, int64_t t0, const Block* blocks, uint8_t* w,
         for (int64_t i = from; i < to && i < nb; ++i) signed_block(blocks[i], w + i * kWeightBytes);
     };
     if (first) make(0, 2);
-    // A pair's products are scaled one pair later: loads cannot take data from a tile store
-    // still in flight, and would wait for it to retire, draining the pipeline at every block.
     int64_t b = 0;
     int slot = 0;  // which two of dots the pair being computed writes
     for (; b + 2 <= nb; b += 2) {
@@ -171,13 +247,8 @@ void tile16(const QuantizedRows& x, int64_t t0, const Block* blocks, uint8_t* w,
             make(b + 2, b + 4);
             if (next != nullptr) ask_for_blocks(next + b, 2);
         }
-        if constexpr (kPartial) {
-            LFM_EDGE_BLOCK_DOTS(6, 1, 7, a + b * kQuantBlock, x.k, w + b * kWeightBytes, dots[2 * slot]);
-            LFM_EDGE_BLOCK_DOTS(6, 4, 7, a + (b + 1) * kQuantBlock, x.k, w + (b + 1) * kWeightBytes, dots[2 * slot + 1]);
-        } else {
-            LFM_EDGE_BLOCK_DOTS(0, 1, 2, a + b * kQuantBlock, x.k, w + b * kWeightBytes, dots[2 * slot]);
-            LFM_EDGE_BLOCK_DOTS(3, 4, 5, a + (b + 1) * kQuantBlock, x.k, w + (b + 1) * kWeightBytes, dots[2 * slot + 1]);
-        }
+        LFM_EDGE_BLOCK_DOTS(6, 1, 7, a + b * kQuantBlock, x.k, w + b * kWeightBytes, dots[2 * slot]);
+        LFM_EDGE_BLOCK_DOTS(6, 4, 7, a + (b + 1) * kQuantBlock, x.k, w + (b + 1) * kWeightBytes, dots[2 * slot + 1]);
         slot ^= 1;
         if (b >= 2) {
             scale(b - 2, dots[2 * slot]);
@@ -191,18 +262,11 @@ void tile16(const QuantizedRows& x, int64_t t0, const Block* blocks, uint8_t* w,
     }
     if (b < nb) {
         if (first && next != nullptr) ask_for_blocks(next + b, 1);
-        if constexpr (kPartial) {
-            LFM_EDGE_BLOCK_DOTS(6, 1, 7, a + b * kQuantBlock, x.k, w + b * kWeightBytes, dots[0]);
-        } else {
-            LFM_EDGE_BLOCK_DOTS(0, 1, 2, a + b * kQuantBlock, x.k, w + b * kWeightBytes, dots[0]);
-        }
+        LFM_EDGE_BLOCK_DOTS(6, 1, 7, a + b * kQuantBlock, x.k, w + b * kWeightBytes, dots[0]);
         scale(b, dots[0]);
     }
     const auto mask = static_cast<__mmask16>((1u << rows) - 1);
-    for (int t = 0; t < kTileTokens; ++t) {
-        if (kPartial && t >= tokens) break;
-        _mm512_mask_storeu_ps(y + t * ldy + row0, mask, acc[t]);
-    }
+    for (int t = 0; t < tokens; ++t) _mm512_mask_storeu_ps(y + t * ldy + row0, mask, acc[t]);
 }
 
 #undef LFM_EDGE_BLOCK_DOTS
@@ -230,27 +294,44 @@ void matmul(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t gr
     const int64_t whole = x.n_tokens / kTileTokens * kTileTokens;
     const int tail = whole > 0 || x.n_tokens >= kMinTileTokens ? static_cast<int>(x.n_tokens - whole) : 0;
     int64_t done = whole + tail;  // the tokens the tiles take
-    uint8_t* weights = done > 0 ? thread_buffer(nb * 8 * 64) : nullptr;
+    // one buffer: the row group's int8 weights [nb][512], then, unless the caller laid them out
+    // (x.tiles), the whole tiles' activations and scales
+    const bool laid_out = x.tiles != nullptr;
+    const int64_t weight_bytes = nb * 8 * 64, tile_bytes = laid_out ? 0 : whole * x.k;
+    const int64_t scale_bytes = laid_out ? 0 : whole * nb * static_cast<int64_t>(sizeof(float));
+    uint8_t* weights = done > 0 ? thread_buffer(weight_bytes + tile_bytes + scale_bytes) : nullptr;
     if (weights == nullptr) done = 0;  // no memory for the copies: all on AVX-512
     if (done > 0) {
         const auto* blocks = reinterpret_cast<const Block*>(w);  // [groups][nb]
+        const int8_t* a = x.tiles;
+        const float* dx = x.tile_d;
+        if (!laid_out) {
+            auto* own_a = reinterpret_cast<int8_t*>(weights + weight_bytes);
+            auto* own_dx = reinterpret_cast<float*>(weights + weight_bytes + tile_bytes);
+            amx::pack_tiles(x, own_a, own_dx);
+            a = own_a;
+            dx = own_dx;
+        }
         const Tiles tiles(tail);
         for (int64_t g = group_begin; g < group_end; ++g) {
             const int64_t row0 = g * kRowGroup;
             const int rows = static_cast<int>(n_rows - row0 < kRowGroup ? n_rows - row0 : kRowGroup);
             const Block* next = g + 1 < group_end ? blocks + (g + 1) * nb : nullptr;
             for (int64_t t0 = 0; t0 < whole; t0 += kTileTokens) {
-                tile16(x, t0, blocks + g * nb, weights, nb, rows, y + t0 * ldy, ldy, row0, t0 == 0, next);
+                whole_tile(a + t0 * x.k, dx + t0 * nb, blocks + g * nb, weights, nb, rows, y + t0 * ldy, ldy, row0,
+                           t0 == 0, next);
             }
             if (tail > 0) {  // after whole tiles, the first of them made w and asked for the next group
                 const bool alone = whole == 0;
-                tile16<Block, true>(x, whole, blocks + g * nb, weights, nb, rows, y + whole * ldy, ldy, row0,
-                                    alone, alone ? next : nullptr, tail);
+                partial_tile(x, whole, tail, blocks + g * nb, weights, nb, rows, y + whole * ldy, ldy, row0, alone,
+                             alone ? next : nullptr);
             }
         }
     }
     if (done < x.n_tokens) {
         QuantizedRows left = x;
+        left.tiles = nullptr;  // they start at x's first token
+        left.tile_d = nullptr;
         left.q += done * x.k;
         left.d += done * nb;
         left.sum += done * nb;
@@ -263,6 +344,28 @@ void matmul(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t gr
 }  // namespace
 
 namespace amx {
+
+// Tile i's activations are what tile 0 loads for each block, one after the other: 512 contiguous
+// bytes a block instead of 16 rows k bytes apart; its scales are a vector per block.
+void pack_tiles(const QuantizedRows& x, int8_t* tiles, float* tile_d) {
+    const int64_t nb = x.k / kQuantBlock;
+    const __m512i token_rows = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(static_cast<int>(nb)));
+    for (int64_t t0 = 0; t0 + kTileTokens <= x.n_tokens; t0 += kTileTokens) {
+        int8_t* tile = tiles + t0 * x.k;
+        for (int t = 0; t < kTileTokens; ++t) {
+            const int8_t* row = x.q + (t0 + t) * x.k;
+            for (int64_t b = 0; b < nb; ++b) {
+                _mm256_store_si256(reinterpret_cast<__m256i*>(tile + (b * kTileTokens + t) * kQuantBlock),
+                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kQuantBlock)));
+            }
+        }
+        for (int64_t b = 0; b < nb; ++b) {
+            _mm512_store_ps(tile_d + t0 * nb + b * kTileTokens,
+                            _mm512_i32gather_ps(token_rows, x.d + t0 * nb + b, sizeof(float)));
+        }
+    }
+}
 
 void matmul_q4_0_packed(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t group_begin,
                         int64_t group_end, float* y, int64_t ldy) {

@@ -158,6 +158,16 @@ def test_int8_linear_is_the_same_on_every_isa_and_thread_count(qtype, t):
     assert_linear_bits_agree(activations(t, k), packed(qtype, n, k), weights(qtype, n, k)[0], qtype, n, k)
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("k", [32, 96, 1056, 1792])
+def test_int8_linear_whole_tiles_are_the_same_for_any_block_count(qtype, k):
+    # AMX runs a whole tile's blocks two at a time, each product scaled two blocks later: one
+    # block, odd counts and an even one that is not a power of two, through two whole tiles and
+    # a partial one (37 tokens)
+    n, t = 45, 37
+    assert_linear_bits_agree(activations(t, k), packed(qtype, n, k), weights(qtype, n, k)[0], qtype, n, k)
+
+
 @pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16], ids=lambda q: q.name)
 def test_float_linear_is_the_exact_float32_path(isa, threads, qtype):
     n, k, t = 33, 96, 5
