@@ -176,12 +176,15 @@ class TileLayout {
         if (table.pack_tiles == nullptr || n == 0) return;
         tiles_ = Scratch<int8_t>(n * x.k);
         tile_d_ = Scratch<float>(n * (x.k / kQuantBlock));
-        parallel_for(static_cast<int64_t>(parts_.size()), 1, [&](int64_t begin, int64_t end) {
-            for (int64_t i = begin; i < end; ++i) {
-                if (offset_[i + 1] > offset_[i]) {
-                    table.pack_tiles(x_.rows(parts_[i].first, parts_[i].count), tiles_.get() + offset_[i] * x_.k,
-                                     tile_d_.get() + offset_[i] * (x_.k / kQuantBlock));
-                }
+        // one task a tile (a prompt shorter than a chunk is one part): tile j of them all is tile
+        // j - offset_[i] / 16 of the part i that holds it
+        parallel_for(n / kTile, 0, [&](int64_t begin, int64_t end) {
+            size_t i = 0;
+            for (int64_t j = begin; j < end; ++j) {
+                while (offset_[i + 1] <= j * kTile) ++i;
+                const int64_t row = j * kTile - offset_[i];  // in part i
+                table.pack_tiles(x_.rows(parts_[i].first + row, kTile), tiles_.get() + j * kTile * x_.k,
+                                 tile_d_.get() + j * kTile * (x_.k / kQuantBlock));
             }
         });
     }
@@ -195,7 +198,6 @@ class TileLayout {
         }
         return r;
     }
-    const Part& part(int64_t i) const { return parts_[i]; }
 
   private:
     static constexpr int64_t kTile = 16;  // tokens a tile
