@@ -19,6 +19,8 @@ bandwidth, or the int8 peak of the same instruction set) on the same threads.
   experts) through one expert's [1792, 2048] Q4_0 matrix, a different one each call from a stack of
   DRAM_BYTES, in GB/s of weights read: the AVX-512 kernels read two row groups side by side up to 4
   tokens, and the AMX table takes a tile from 8.
+- linear_prompt: a prompt's dense matmul (native.linear, 512 tokens) through one [7168, 2048]
+  matrix (the dense FFN's), in GMAC/s: on AMX, whole tiles of 16 tokens laid out once a matmul.
 - moe_gemm: prefill's expert-grouped GEMM (native.moe): 512 tokens, 32 experts [1792, 2048], top 4
   (about 64 tokens an expert), gate + up + down.
 - attention: decode (1 token over 32,768 positions of float16 KV: 8 KV heads x 64, 67 MB, a
@@ -113,6 +115,20 @@ def test_linear_few_tokens(benchmark, rooflines, record, isa, tokens):
         benchmark(lambda: native.linear(x, w, next(index)))
     gbps = w.nbytes / w.n_mats / benchmark.stats.stats.mean * 1e-9
     record(benchmark, isa, gbps, "gbps", rooflines.read_gbps(), tokens=tokens, n=EXPERT_FFN, k=HIDDEN, n_mats=w.n_mats)
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("isa", ISAS)
+def test_linear_prompt(benchmark, rooflines, record, isa, qtype):
+    w = weight_stack(qtype, 1, FFN, HIDDEN)
+    tokens = 512
+    x = np.random.default_rng(7).standard_normal((tokens, HIDDEN)).astype(np.float32)
+    with native.use_isa(isa):
+        # scalar takes seconds a call: fewer rounds
+        benchmark.pedantic(native.linear, args=(x, w), rounds=1 if isa == "scalar" else 5,
+                           warmup_rounds=0 if isa == "scalar" else 1)
+    gmacs = tokens * FFN * HIDDEN / benchmark.stats.stats.mean * 1e-9
+    record(benchmark, isa, gmacs, "gmacs", rooflines.int8_gmacs(isa), tokens=tokens, n=FFN, k=HIDDEN)
 
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
