@@ -61,9 +61,9 @@ struct QuantizedRows {
     int64_t n_tokens;
     int64_t k;  // a multiple of 32
     // The rows' whole tiles of 16 tokens laid out for kernels that read them so (a KernelTable
-    // with pack_tiles), or nullptr, and the kernel lays them out itself: tile i (tokens 16i ..
-    // 16i + 15) at tiles + 16 i k, [k/32 blocks][16 tokens][32], and its scales at tile_d + 16 i
-    // (k/32), [k/32 blocks][16 tokens].
+    // with pack_tiles), or nullptr, and those kernels hand the rows to others that read them in
+    // place (the same bits, slower): tile i (tokens 16i .. 16i + 15) at tiles + 16 i k, [k/32
+    // blocks][16 tokens][32], and its scales at tile_d + 16 i (k/32), [k/32 blocks][16 tokens].
     const int8_t* tiles = nullptr;
     const float* tile_d = nullptr;
 };

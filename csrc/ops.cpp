@@ -170,10 +170,12 @@ struct Part {
 class TileLayout {
   public:
     TileLayout(const KernelTable& table, const QuantizedBuffer& x, std::vector<Part> parts)
-        : x_(x), parts_(std::move(parts)), offset_(parts_.size() + 1, 0) {
-        for (size_t i = 0; i < parts_.size(); ++i) offset_[i + 1] = offset_[i] + parts_[i].count / kTile * kTile;
-        const int64_t n = offset_.back();  // rows in whole tiles
-        if (table.pack_tiles == nullptr || n == 0) return;
+        : x_(x), parts_(std::move(parts)) {
+        int64_t n = 0;  // rows in whole tiles
+        for (const Part& part : parts_) n += whole_rows(part);
+        if (table.pack_tiles == nullptr || n == 0) return;  // decode, or kernels that read rows in place
+        offset_.assign(parts_.size() + 1, 0);
+        for (size_t i = 0; i < parts_.size(); ++i) offset_[i + 1] = offset_[i] + whole_rows(parts_[i]);
         tiles_ = Scratch<int8_t>(n * x.k);
         tile_d_ = Scratch<float>(n * (x.k / kQuantBlock));
         // one task a tile (a prompt shorter than a chunk is one part): tile j of them all is tile
@@ -201,6 +203,7 @@ class TileLayout {
 
   private:
     static constexpr int64_t kTile = 16;  // tokens a tile
+    static int64_t whole_rows(const Part& part) { return part.count / kTile * kTile; }
     const QuantizedBuffer& x_;
     std::vector<Part> parts_;
     std::vector<int64_t> offset_;  // part i's tiles: rows [offset_[i], offset_[i + 1]) of tiles_

@@ -283,46 +283,33 @@ void partial_tile(const QuantizedRows& x, int64_t t0, int tokens, const Block* b
 // 12 sequences 187 -> 224. A prompt's experts with 8 to 15 tokens take the tiles too.
 constexpr int64_t kMinTileTokens = 8;
 
-// PackedMatmulFn (kernels.h) for Block: whole tiles of 16 tokens here, then the tokens left over
-// as a partial tile on the weights the whole tiles converted (or, from kMinTileTokens to 15 tokens
-// in all, a partial tile alone, which converts them). Fewer tokens in all (decode, and a few
-// sequences decoding together) go to `rest`, the AVX-512 kernels.
+// PackedMatmulFn (kernels.h) for Block: whole tiles of 16 tokens here, on the activations the caller
+// laid out (x.tiles: ops.cpp's TileLayout), then the tokens left over as a partial tile on the
+// weights the whole tiles converted (or, from kMinTileTokens to 15 tokens in all, a partial tile
+// alone, which converts them). Fewer tokens in all (decode, and a few sequences decoding
+// together), and 16 or more that nobody laid out, go to `rest`, the AVX-512 kernels: the same bits.
 template <class Block>
 void matmul(const QuantizedRows& x, const uint8_t* w, int64_t n_rows, int64_t group_begin, int64_t group_end,
             float* y, int64_t ldy, PackedMatmul& rest) {
     const int64_t nb = x.k / kQuantBlock;
-    const int64_t whole = x.n_tokens / kTileTokens * kTileTokens;
-    const int tail = whole > 0 || x.n_tokens >= kMinTileTokens ? static_cast<int>(x.n_tokens - whole) : 0;
+    const int64_t whole = x.tiles != nullptr ? x.n_tokens / kTileTokens * kTileTokens : 0;
+    const bool alone = x.n_tokens >= kMinTileTokens && x.n_tokens < kTileTokens;
+    const int tail = whole > 0 || alone ? static_cast<int>(x.n_tokens - whole) : 0;
     int64_t done = whole + tail;  // the tokens the tiles take
-    // one buffer: the row group's int8 weights [nb][512], then, unless the caller laid them out
-    // (x.tiles), the whole tiles' activations and scales
-    const bool laid_out = x.tiles != nullptr;
-    const int64_t weight_bytes = nb * 8 * 64, tile_bytes = laid_out ? 0 : whole * x.k;
-    const int64_t scale_bytes = laid_out ? 0 : whole * nb * static_cast<int64_t>(sizeof(float));
-    uint8_t* weights = done > 0 ? thread_buffer(weight_bytes + tile_bytes + scale_bytes) : nullptr;
+    uint8_t* weights = done > 0 ? thread_buffer(nb * 8 * 64) : nullptr;  // the row group's int8 weights
     if (weights == nullptr) done = 0;  // no memory for the copies: all on AVX-512
     if (done > 0) {
         const auto* blocks = reinterpret_cast<const Block*>(w);  // [groups][nb]
-        const int8_t* a = x.tiles;
-        const float* dx = x.tile_d;
-        if (!laid_out) {
-            auto* own_a = reinterpret_cast<int8_t*>(weights + weight_bytes);
-            auto* own_dx = reinterpret_cast<float*>(weights + weight_bytes + tile_bytes);
-            amx::pack_tiles(x, own_a, own_dx);
-            a = own_a;
-            dx = own_dx;
-        }
         const Tiles tiles(tail);
         for (int64_t g = group_begin; g < group_end; ++g) {
             const int64_t row0 = g * kRowGroup;
             const int rows = static_cast<int>(n_rows - row0 < kRowGroup ? n_rows - row0 : kRowGroup);
             const Block* next = g + 1 < group_end ? blocks + (g + 1) * nb : nullptr;
             for (int64_t t0 = 0; t0 < whole; t0 += kTileTokens) {
-                whole_tile(a + t0 * x.k, dx + t0 * nb, blocks + g * nb, weights, nb, rows, y + t0 * ldy, ldy, row0,
-                           t0 == 0, next);
+                whole_tile(x.tiles + t0 * x.k, x.tile_d + t0 * nb, blocks + g * nb, weights, nb, rows, y + t0 * ldy,
+                           ldy, row0, t0 == 0, next);
             }
             if (tail > 0) {  // after whole tiles, the first of them made w and asked for the next group
-                const bool alone = whole == 0;
                 partial_tile(x, whole, tail, blocks + g * nb, weights, nb, rows, y + whole * ldy, ldy, row0, alone,
                              alone ? next : nullptr);
             }
